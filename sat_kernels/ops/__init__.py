@@ -1,0 +1,168 @@
+"""Functional SAT ops: argument checks, autocast, backend dispatch. The kernels live one module per operation."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..selection import METRICS, STRATEGIES, activation_scores, check_choice, check_omission_rate, num_kept, \
+    select_neurons
+from .sat_mlp import ACTIVATIONS, act_fwd, dense_mlp
+
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_mlp_inputs(x, w_gate, w_up, w_down):
+    """Validate the MLP operands; returns ``(I, h)``."""
+    named = {"x": x, "w_gate": w_gate, "w_up": w_up, "w_down": w_down}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a float tensor (float64/32/16, bfloat16), got {t.dtype}")
+    dtypes = {name: t.dtype for name, t in named.items()}
+    if len(set(dtypes.values())) != 1:
+        raise TypeError(f"x, w_gate, w_up and w_down must share one dtype, got {dtypes}")
+    devices = {name: str(t.device) for name, t in named.items()}
+    if len(set(devices.values())) != 1:
+        raise ValueError(f"x, w_gate, w_up and w_down must be on one device, got {devices}")
+    if w_gate.dim() != 2:
+        raise ValueError(f"w_gate must be 2-D [I, h], got shape {tuple(w_gate.shape)}")
+    inter, hidden = w_gate.shape
+    if tuple(w_up.shape) != (inter, hidden):
+        raise ValueError(f"w_up must have the shape of w_gate {(inter, hidden)}, got {tuple(w_up.shape)}")
+    if tuple(w_down.shape) != (hidden, inter):
+        raise ValueError(f"w_down must be [h, I] = {(hidden, inter)}, got {tuple(w_down.shape)}")
+    if x.dim() < 1 or x.shape[-1] != hidden:
+        raise ValueError(f"x must be [..., h] with h = {hidden} (w_gate.shape[1]), got shape {tuple(x.shape)}")
+    return inter, hidden
+
+
+def check_indices(indices, n: int, device: torch.device) -> torch.Tensor:
+    """Validate a kept-index set: 1-D integer, non-empty, strictly ascending, in ``[0, n)``; returns int64.
+
+    The sortedness and range checks read the values, which synchronises with a GPU.
+    """
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"indices must be a torch.Tensor of integers, got {type(indices).__name__}")
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
+    if indices.dim() != 1 or indices.numel() == 0:
+        raise ValueError(f"indices must be a non-empty 1-D tensor, got shape {tuple(indices.shape)}")
+    if indices.device != device:
+        raise ValueError(f"indices must be on {device} (the device of x), got {indices.device}")
+    if indices.numel() > n:
+        raise ValueError(f"indices has {indices.numel()} entries, more than the {n} neurons")
+    idx = indices.long()
+    if bool(idx[0] < 0) or bool(idx[-1] >= n):
+        raise ValueError(f"indices must be in [0, {n}), got values from {int(idx.min())} to {int(idx.max())}")
+    if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+        raise ValueError("indices must be sorted strictly ascending (unique); use torch.sort(...).values")
+    return idx.contiguous()
+
+
+def _autocast_operands(tensors):
+    """Cast the operands like ``F.linear`` under ``torch.autocast``; returns (tensors, device_type or None)."""
+    device_type = tensors[0].device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return [t.to(dtype) for t in tensors], device_type
+    return list(tensors), None
+
+
+def _run(launcher, x, w_gate, w_up, w_down, select, act):
+    hidden = w_gate.shape[1]
+    (x, w_gate, w_up, w_down), autocast_device = _autocast_operands((x, w_gate, w_up, w_down))
+    x2 = x.reshape(-1, hidden).contiguous()
+    if autocast_device is None:
+        y2, idx = launcher(x2, w_gate, w_up, w_down, select, act)
+    else:
+        with torch.autocast(autocast_device, enabled=False):
+            y2, idx = launcher(x2, w_gate, w_up, w_down, select, act)
+    return y2.reshape(*x.shape[:-1], hidden), idx
+
+
+def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, omission_rate: float,
+            *, metric: str = "l2", strategy: str = "topk", generator: Optional[torch.Generator] = None,
+            act: str = "silu", backend: str = "auto", return_indices: bool = False):
+    """SAT SwiGLU MLP with in-step neuron selection, differentiable w.r.t. ``x`` and all three weights.
+
+    Computes gate/up for all ``I`` neurons once, scores them (``metric``), keeps ``k = num_kept(I, omission_rate)``
+    (``strategy``) and runs the down projection and the whole backward over the kept neurons only. Omitted neurons
+    contribute nothing to ``y``; their rows of ``w_gate``/``w_up`` and columns of ``w_down`` get exactly zero gradient.
+    At ``omission_rate`` 0 (or whenever ``k == I``) this is the dense MLP.
+
+    Args:
+        x: ``[..., h]`` activations.
+        w_gate, w_up: ``[I, h]`` (``nn.Linear`` layout); w_down: ``[h, I]``. Same dtype and device as ``x``.
+        omission_rate: fraction of neurons to omit, in ``[0, 1)``.
+        metric: ``"l2"`` (default), ``"l1"`` or ``"contrib"`` (see :func:`neuron_scores`).
+        strategy: ``"topk"`` (default), ``"sample"`` or ``"random"`` (see :func:`select_neurons`).
+        generator: ``torch.Generator`` for ``"sample"``/``"random"``; ``None`` uses the global RNG (checkpoint-safe).
+        act: ``"silu"`` (Llama, Mistral, Qwen) or ``"gelu_tanh"`` (Gemma).
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (see :func:`available_backends`).
+        return_indices: also return the sorted int64 kept indices ``[k]``.
+
+    Returns:
+        ``y`` of shape ``[..., h]``, or ``(y, indices)``.
+
+    Example:
+        >>> y, idx = sat_mlp(x, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, 0.5,
+        ...                  return_indices=True)
+    """
+    inter, _ = check_mlp_inputs(x, w_gate, w_up, w_down)
+    check_choice(metric, METRICS, "metric")
+    check_choice(strategy, STRATEGIES, "strategy")
+    check_choice(act, ACTIVATIONS, "act")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    from ..backends import resolve_backend
+    launcher = resolve_backend(backend, x)
+    k = num_kept(inter, check_omission_rate(omission_rate))
+    if k == inter:
+        y = dense_mlp(x, w_gate, w_up, w_down, act)
+        return (y, torch.arange(inter, device=x.device)) if return_indices else y
+
+    def select(a: torch.Tensor) -> torch.Tensor:
+        return select_neurons(activation_scores(a, metric, w_down), k, strategy=strategy, generator=generator)
+
+    y, idx = _run(launcher, x, w_gate, w_up, w_down, select, act)
+    return (y, idx) if return_indices else y
+
+
+def gathered_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                 indices: torch.Tensor, *, act: str = "silu", backend: str = "auto",
+                 validate: bool = True) -> torch.Tensor:
+    """The SwiGLU MLP restricted to the neurons ``indices`` (sorted ascending), forward and backward.
+
+    ``y = W_down[:, S] (act(W_gate[S] x) * (W_up[S] x))``; only the kept rows/columns get (non-zero) gradients.
+
+    Args:
+        x, w_gate, w_up, w_down, act, backend: as in :func:`sat_mlp`.
+        indices: 1-D integer tensor of kept neurons, strictly ascending, in ``[0, I)``, on ``x``'s device.
+        validate: check ``indices``' values (a host sync on GPU); pass ``False`` for indices from
+            :func:`select_neurons`, which are valid by construction.
+    """
+    inter, _ = check_mlp_inputs(x, w_gate, w_up, w_down)
+    check_choice(act, ACTIVATIONS, "act")
+    from ..backends import resolve_backend
+    launcher = resolve_backend(backend, x)
+    idx = check_indices(indices, inter, x.device) if validate else indices.long()
+    y, _ = _run(launcher, x, w_gate, w_up, w_down, idx, act)
+    return y
+
+
+@torch.no_grad()
+def neuron_scores(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, *,
+                  metric: str = "l2", act: str = "silu") -> torch.Tensor:
+    """fp32 ``[I]`` importance of every intermediate neuron over all tokens of ``x`` (not differentiable).
+
+    ``"l2"``: ``||a[:, i]||_2``; ``"l1"``: ``sum_t |a[t, i]|``; ``"contrib"``: ``||a[:, i]||_2 * ||w_down[:, i]||_2``,
+    where ``a = act(x W_gate^T) * (x W_up^T)``.
+    """
+    check_mlp_inputs(x, w_gate, w_up, w_down)
+    check_choice(metric, METRICS, "metric")
+    check_choice(act, ACTIVATIONS, "act")
+    x2 = x.reshape(-1, x.shape[-1])
+    a = act_fwd(x2 @ w_gate.t(), act) * (x2 @ w_up.t())
+    return activation_scores(a, metric, w_down)

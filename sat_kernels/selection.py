@@ -1,0 +1,121 @@
+"""Neuron scoring and selection: the SAT semantics of DESIGN.md section 2.
+
+Scores are one fp32 value per neuron, aggregated over all tokens of the batch. Selection returns the indices of the
+kept neurons, sorted ascending, on the scores' device, without a host synchronisation (``torch.topk`` + ``sort``).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+
+METRICS = ("l2", "l1", "contrib")
+STRATEGIES = ("topk", "sample", "random")
+
+
+def check_omission_rate(omission_rate, name: str = "omission_rate") -> float:
+    """Return ``omission_rate`` as a float, or raise if it is not a real number in [0, 1)."""
+    if isinstance(omission_rate, bool) or not isinstance(omission_rate, numbers.Real):
+        raise TypeError(f"{name} must be a real number in [0, 1), got {type(omission_rate).__name__}")
+    rate = float(omission_rate)
+    if math.isnan(rate) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {rate}")
+    return rate
+
+
+def check_choice(value, choices, name: str) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def num_kept(n: int, omission_rate: float, *, multiple_of: int = 1) -> int:
+    """Number of neurons SAT keeps out of ``n`` at ``omission_rate``.
+
+    ``k = max(1, round_half_up((1 - omission_rate) * n))``, then rounded up to a multiple of ``multiple_of`` (capped at
+    ``n``), so kernels can ask for aligned kept counts and callers can reproduce ``k``.
+
+    Example:
+        >>> num_kept(11008, 0.5)
+        5504
+    """
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if isinstance(multiple_of, bool) or not isinstance(multiple_of, numbers.Integral) or multiple_of < 1:
+        raise ValueError(f"multiple_of must be a positive integer, got {multiple_of!r}")
+    rate = check_omission_rate(omission_rate)
+    k = max(1, int(math.floor((1.0 - rate) * n + 0.5)))
+    k = -(-k // multiple_of) * multiple_of
+    return min(int(n), k)
+
+
+def activation_scores(a: torch.Tensor, metric: str = "l2", w_down: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-neuron fp32 scores from intermediate activations ``a`` of shape ``[T, I]``.
+
+    ``l2``: ``||a[:, i]||_2``; ``l1``: ``sum_t |a[t, i]|``; ``contrib``: ``||a[:, i]||_2 * ||w_down[:, i]||_2``.
+    """
+    check_choice(metric, METRICS, "metric")
+    if metric == "l1":
+        return _norm(a, 1)
+    s = _norm(a, 2)
+    if metric == "contrib":
+        if w_down is None:
+            raise ValueError("metric='contrib' needs w_down")
+        s = s * _norm(w_down, 2)
+    return s
+
+
+def _norm(t: torch.Tensor, order: int) -> torch.Tensor:
+    """Column norms accumulated in at least fp32, returned as fp32 (one pass, no fp32 copy of ``t``)."""
+    if t.dtype == torch.float64:
+        return torch.linalg.vector_norm(t, ord=order, dim=0).float()
+    return torch.linalg.vector_norm(t, ord=order, dim=0, dtype=torch.float32)
+
+
+def _uniform(n: int, device: torch.device, generator: Optional[torch.Generator]) -> torch.Tensor:
+    if generator is None:
+        return torch.rand(n, device=device)
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return torch.rand(n, device=generator.device, generator=generator).to(device, non_blocking=True)
+
+
+def select_neurons(scores: torch.Tensor, k: int, *, strategy: str = "topk",
+                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Indices of the ``k`` kept neurons, sorted ascending (int64, on ``scores.device``).
+
+    Args:
+        scores: ``[n]`` non-negative scores (any float dtype; compared in fp32).
+        k: kept count in ``[1, n]`` (see :func:`num_kept`).
+        strategy: ``"topk"`` (the k highest scores), ``"sample"`` (without replacement, probability proportional to
+            the score: Gumbel-top-k on ``log(score)``) or ``"random"`` (uniform without replacement).
+        generator: makes ``"sample"``/``"random"`` reproducible. With ``None`` the global RNG of the scores' device is
+            used, which activation checkpointing saves and restores, so a recomputed forward draws the same set.
+
+    Example:
+        >>> select_neurons(torch.tensor([0.1, 3.0, 2.0, 0.5]), 2)
+        tensor([1, 2])
+    """
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 1 or not scores.is_floating_point():
+        raise ValueError(f"scores must be a 1-D float tensor, got "
+                         f"{type(scores).__name__ if not isinstance(scores, torch.Tensor) else (scores.dtype, tuple(scores.shape))}")
+    n = scores.numel()
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n:
+        raise ValueError(f"k must be an integer in [1, {n}] (the number of scores), got {k!r}")
+    check_choice(strategy, STRATEGIES, "strategy")
+    k = int(k)
+    if k == n:
+        return torch.arange(n, device=scores.device)
+    if strategy == "topk":
+        keys = scores.float()
+    elif strategy == "sample":
+        u = _uniform(n, scores.device, generator)
+        # Gumbel-top-k: argtop_k(log s_i + G_i), G_i = -log(-log u_i), samples k without replacement with p ~ s.
+        gumbel = -torch.log(-torch.log(u.clamp_(min=torch.finfo(torch.float32).tiny)))
+        keys = torch.log(scores.float()) + gumbel
+    else:
+        keys = _uniform(n, scores.device, generator)
+    idx = torch.topk(keys, k, sorted=False).indices
+    return torch.sort(idx).values
