@@ -1,14 +1,26 @@
 """sat_kernels: Sparsity-Accelerated Training (SAT) kernels for Llama-family models.
 
-See README.md for the API and DESIGN.md for the semantics. Public names are stable.
+SAT scores the intermediate neurons of every MLP in each training step, keeps the most important ones and runs the
+rest of the forward and the whole backward over them only. See README.md for usage.
 """
 from .backends import available_backends, unavailable_backends
+from .modules import SATMLP
 from .ops import gathered_mlp, neuron_scores, sat_mlp
+from .patching import replace_mlp, revert, set_omission_rate
+from .schedules import ConstantOmissionScheduler, LadderOmissionScheduler, LinearOmissionScheduler
 from .selection import num_kept, select_neurons
 
 __version__ = "0.1.0"
 
 __all__ = [
     "sat_mlp", "gathered_mlp", "neuron_scores", "select_neurons", "num_kept", "available_backends",
-    "unavailable_backends",
+    "unavailable_backends", "replace_mlp", "set_omission_rate", "revert", "SATMLP", "LadderOmissionScheduler",
+    "ConstantOmissionScheduler", "LinearOmissionScheduler", "SATCallback",
 ]
+
+
+def __getattr__(name):
+    if name == "SATCallback":  # needs transformers: imported on first use only
+        from .integrations import SATCallback
+        return SATCallback
+    raise AttributeError(f"module 'sat_kernels' has no attribute {name!r}")

@@ -6,7 +6,7 @@ sorted index tensor or a callable that picks the kept set from the full activati
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -31,8 +31,11 @@ def unavailable_backends() -> Dict[str, str]:
     return dict(_MISSING)
 
 
-def resolve_backend(backend: str, x: torch.Tensor) -> Callable:
-    """The launcher for ``backend`` (``"auto"`` picks the fastest usable one for ``x``'s device and dtype)."""
+def resolve_backend(backend: str, x: Optional[torch.Tensor] = None) -> Callable:
+    """The launcher for ``backend``; raises if it is unknown or unusable here.
+
+    ``"auto"`` picks the fastest usable backend for ``x``'s device, dtype and shape.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if backend == "auto":

@@ -1,0 +1,123 @@
+"""Omission-rate schedules. ``rate(step)`` gives the omission rate for optimizer step ``step`` (0-based).
+
+:class:`LadderOmissionScheduler` (LORS) is the default of SAT: it starts sparse, lowers the rate in a few equal rungs
+and ends with a dense phase, so the last updates are ordinary dense training and the result is a normal dense model.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+from .selection import check_omission_rate
+
+
+def _check_fraction(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_steps(value, name: str, allow_none: bool = True) -> Optional[int]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
+    return int(value)
+
+
+class OmissionScheduler:
+    """Base class: subclasses implement :meth:`rate`. ``total_steps`` may be left ``None`` and filled in by
+    :class:`sat_kernels.SATCallback` from the Trainer's ``max_steps``."""
+
+    total_steps: Optional[int] = None
+
+    def rate(self, step: int) -> float:
+        raise NotImplementedError
+
+    def __call__(self, step: int) -> float:
+        return self.rate(step)
+
+    def _total(self) -> int:
+        if self.total_steps is None:
+            raise ValueError(f"{type(self).__name__}.total_steps is not set: pass total_steps=, or let SATCallback "
+                             f"take it from the Trainer")
+        return self.total_steps
+
+    @staticmethod
+    def _check_step(step) -> int:
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        return int(step)
+
+
+class ConstantOmissionScheduler(OmissionScheduler):
+    """The same rate at every step (ablation baseline)."""
+
+    def __init__(self, rate: float = 0.5):
+        self.value = check_omission_rate(rate, "rate")
+
+    def rate(self, step: int) -> float:
+        self._check_step(step)
+        return self.value
+
+    def __repr__(self) -> str:
+        return f"ConstantOmissionScheduler(rate={self.value})"
+
+
+class LinearOmissionScheduler(OmissionScheduler):
+    """Linear decay from ``initial_rate`` to 0 over the first ``1 - dense_fraction`` of ``total_steps``, then dense."""
+
+    def __init__(self, initial_rate: float = 0.5, total_steps: Optional[int] = None, dense_fraction: float = 0.1):
+        self.initial_rate = check_omission_rate(initial_rate, "initial_rate")
+        self.total_steps = _check_steps(total_steps, "total_steps")
+        self.dense_fraction = _check_fraction(dense_fraction, "dense_fraction")
+
+    def rate(self, step: int) -> float:
+        step = self._check_step(step)
+        sparse_steps = int((1.0 - self.dense_fraction) * self._total())
+        if step >= sparse_steps:
+            return 0.0
+        return self.initial_rate * (1.0 - step / sparse_steps)
+
+    def __repr__(self) -> str:
+        return (f"LinearOmissionScheduler(initial_rate={self.initial_rate}, total_steps={self.total_steps}, "
+                f"dense_fraction={self.dense_fraction})")
+
+
+class LadderOmissionScheduler(OmissionScheduler):
+    """Ladder Omission Rate Scheduler (LORS): piecewise constant, non-increasing, ending dense.
+
+    The first ``1 - dense_fraction`` of the steps are split into ``num_rungs`` equal rungs; rung ``j`` (0-based) uses
+    ``initial_rate * (num_rungs - j) / num_rungs``; the remaining ``dense_fraction`` of the steps run at rate 0, as does
+    any step at or past ``total_steps``.
+
+    Args:
+        initial_rate: omission rate of the first rung, in ``[0, 1)``. Default 0.5.
+        total_steps: number of optimizer steps of the run; ``None`` lets :class:`SATCallback` set it.
+        num_rungs: number of sparse rungs. Default 2 (0.5 then 0.25 with the default ``initial_rate``).
+        dense_fraction: share of the steps trained dense at the end, in ``[0, 1]``. Default 0.1.
+
+    Example:
+        >>> s = LadderOmissionScheduler(0.5, total_steps=100)
+        >>> [s.rate(t) for t in (0, 44, 45, 89, 90, 99)]
+        [0.5, 0.5, 0.25, 0.25, 0.0, 0.0]
+    """
+
+    def __init__(self, initial_rate: float = 0.5, total_steps: Optional[int] = None, *, num_rungs: int = 2,
+                 dense_fraction: float = 0.1):
+        self.initial_rate = check_omission_rate(initial_rate, "initial_rate")
+        self.total_steps = _check_steps(total_steps, "total_steps")
+        self.num_rungs = _check_steps(num_rungs, "num_rungs", allow_none=False)
+        self.dense_fraction = _check_fraction(dense_fraction, "dense_fraction")
+
+    def rate(self, step: int) -> float:
+        step = self._check_step(step)
+        sparse_steps = int((1.0 - self.dense_fraction) * self._total())
+        if step >= sparse_steps:
+            return 0.0
+        rung = step * self.num_rungs // sparse_steps
+        return self.initial_rate * (self.num_rungs - rung) / self.num_rungs
+
+    def __repr__(self) -> str:
+        return (f"LadderOmissionScheduler(initial_rate={self.initial_rate}, total_steps={self.total_steps}, "
+                f"num_rungs={self.num_rungs}, dense_fraction={self.dense_fraction})")

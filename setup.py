@@ -1,0 +1,20 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="sat_kernels",
+    version="0.1.0",
+    description="Sparsity-Accelerated Training (SAT) kernels for Llama-family LLMs: neuron omission in forward "
+                "and backward, as autograd ops and a one-call Hugging Face patch",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["sat_kernels", "sat_kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4"],
+    extras_require={
+        "hf": ["transformers>=4.45", "accelerate>=0.34"],
+        "test": ["pytest>=7", "transformers>=4.45", "accelerate>=0.34"],
+    },
+)

@@ -1,0 +1,77 @@
+"""Shared test helpers: operands, the fp64 comparison rule, tiny Hugging Face models."""
+from __future__ import annotations
+
+import torch
+
+from sat_kernels.ops.reference import reference_mlp
+
+
+def make_operands(T, h, inter, dtype, seed=0, lead=None, device="cpu"):
+    """``x`` (shape ``lead + [h]`` or ``[T, h]``), the three weights and an upstream gradient, all leaf tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = tuple(lead) + (h,) if lead else (T, h)
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    wg = torch.randn(inter, h, generator=gen, dtype=torch.float64) / h ** 0.5
+    wu = torch.randn(inter, h, generator=gen, dtype=torch.float64) / h ** 0.5
+    wd = torch.randn(h, inter, generator=gen, dtype=torch.float64) / inter ** 0.5
+    dy = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    return [t.to(device=device, dtype=dtype).requires_grad_() for t in (x, wg, wu, wd)], dy.to(device, dtype)
+
+
+def out_and_grads(fn, operands, dy):
+    for t in operands:
+        t.grad = None
+    y = fn(*operands)
+    grads = torch.autograd.grad(y, operands, dy)
+    return [y.detach(), *grads]
+
+
+def fp64_copies(operands):
+    return [t.detach().double().requires_grad_() for t in operands]
+
+
+def rel_rms(a, ref):
+    ref = ref.double()
+    return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+NAMES = ("y", "dx", "dw_gate", "dw_up", "dw_down")
+
+
+def assert_matches_reference(fn, operands, dy, indices, act="silu"):
+    """``fn`` (y and every gradient) against the fp64 masked-dense reference, within 2x plain PyTorch's error at the
+    operands' dtype (flash-attention's rule) plus a few ulps of headroom."""
+    ours = out_and_grads(fn, operands, dy)
+    ref = out_and_grads(lambda *o: reference_mlp(*o, indices, act=act), fp64_copies(operands), dy.double())
+    plain = out_and_grads(lambda *o: reference_mlp(*o, indices, act=act), [t.detach().clone().requires_grad_()
+                                                                           for t in operands], dy)
+    eps = torch.finfo(operands[0].dtype).eps
+    for name, o, r, p in zip(NAMES, ours, ref, plain):
+        assert o.shape == r.shape and o.dtype == operands[0].dtype, name
+        assert not torch.isnan(o).any(), f"{name} has NaN"
+        err, err_plain = rel_rms(o, r), rel_rms(p, r)
+        assert err <= 2 * err_plain + 8 * eps, f"{name}: rel-RMS error {err:.3e} > 2 x plain PyTorch {err_plain:.3e}"
+    return ours
+
+
+def tiny_config(family="llama", **overrides):
+    """A tiny config of one of the supported decoder families (random weights, no downloads)."""
+    import transformers
+
+    cls = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
+           "gemma": "GemmaConfig"}[family]
+    kwargs = dict(vocab_size=96, hidden_size=48, intermediate_size=136, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    if family in ("qwen3", "gemma"):
+        kwargs["head_dim"] = 12
+    kwargs.update(overrides)
+    return getattr(transformers, cls)(**kwargs)
+
+
+def tiny_model(family="llama", seed=0, **overrides):
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    return model.float()
