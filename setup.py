@@ -16,5 +16,6 @@ setup(
     extras_require={
         "hf": ["transformers>=4.45", "accelerate>=0.34"],
         "test": ["pytest>=7", "transformers>=4.45", "accelerate>=0.34"],
+        "train": ["transformers>=4.45", "accelerate>=0.34", "gguf>=0.10", "matplotlib>=3.7", "tqdm>=4.60"],
     },
 )

@@ -1,0 +1,151 @@
+"""replace_mlp / set_omission_rate / revert on tiny random Hugging Face models (no downloads)."""
+import pytest
+import torch
+from torch import nn
+
+import sat_kernels as sk
+
+from helpers import tiny_model
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma"]
+
+
+def _ids(seed=0, shape=(2, 13)):
+    return torch.randint(0, 96, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patch_keeps_parameters_and_eval_is_exact(family):
+    model = tiny_model(family).eval()
+    ids = _ids()
+    with torch.no_grad():
+        dense = model(ids).logits
+    params = {n: p for n, p in model.named_parameters()}
+    keys = list(model.state_dict())
+    originals = [layer.mlp for layer in model.model.layers]
+
+    assert sk.replace_mlp(model, 0.5) is model
+    assert all(isinstance(layer.mlp, sk.SATMLP) for layer in model.model.layers)
+    assert list(model.state_dict()) == keys
+    assert all(p is params[n] for n, p in model.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, dense), "eval() must be exactly the dense model"
+
+    model.train()
+    with torch.no_grad():
+        sparse = model(ids).logits
+    assert not torch.allclose(sparse, dense), "training mode must omit neurons"
+
+    sk.revert(model)
+    assert [layer.mlp for layer in model.model.layers] == originals
+    assert all(layer.mlp.training for layer in model.model.layers)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, dense)
+
+
+def test_expected_activation_detected():
+    llama, gemma = sk.replace_mlp(tiny_model("llama"), 0.5), sk.replace_mlp(tiny_model("gemma"), 0.5)
+    assert llama.model.layers[0].mlp.act == "silu"
+    assert gemma.model.layers[0].mlp.act == "gelu_tanh"
+
+
+def test_training_forward_equals_functional_op():
+    model = tiny_model("llama").train()
+    sk.replace_mlp(model, 0.5, strategy="topk")
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(2, 5, 48)
+    y = mlp(x)
+    ref = sk.sat_mlp(x, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, 0.5)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+
+
+def test_set_omission_rate_and_repatch():
+    model = sk.replace_mlp(tiny_model("llama"), 0.5)
+    sk.set_omission_rate(model, 0.25)
+    assert all(m.omission_rate == 0.25 for m in model.modules() if isinstance(m, sk.SATMLP))
+    sk.replace_mlp(model, 0.75, strategy="random")
+    mlps = [m for m in model.modules() if isinstance(m, sk.SATMLP)]
+    assert len(mlps) == 2 and all(m.omission_rate == 0.75 and m.strategy == "random" for m in mlps)
+    sk.set_omission_rate(model, 0.0)
+    model.train()
+    ids = _ids()
+    with torch.no_grad():
+        at_zero = model(ids).logits
+    sk.revert(model)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, at_zero), "rate 0 in training mode is the dense model"
+
+
+def test_omitted_neurons_get_zero_grad_in_the_model():
+    model = sk.replace_mlp(tiny_model("llama"), 0.75).train()
+    ids = _ids()
+    model(ids, labels=ids).loss.backward()
+    k = sk.num_kept(136, 0.75)
+    for layer in model.model.layers:
+        g, u, d = (getattr(layer.mlp, n).weight.grad for n in ("gate_proj", "up_proj", "down_proj"))
+        kept = g.abs().sum(1) != 0
+        assert int(kept.sum()) == k
+        assert torch.equal(kept, u.abs().sum(1) != 0) and torch.equal(kept, d.abs().sum(0) != 0)
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+@pytest.mark.parametrize("strategy", ["topk", "sample", "random"])
+def test_gradient_checkpointing_gives_the_same_gradients(strategy, reentrant):
+    def grads(checkpoint):
+        model = sk.replace_mlp(tiny_model("llama"), 0.5, strategy=strategy).train()
+        if checkpoint:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        ids = _ids()
+        torch.manual_seed(11)
+        model(ids, labels=ids, use_cache=False).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    plain, ckpt = grads(False), grads(True)
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=0, atol=0, msg=name)
+
+
+def test_unsupported_models_get_clear_errors():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=16))
+    with pytest.raises(ValueError, match="has no SwiGLU MLP.*gate_proj"):
+        sk.replace_mlp(gpt2)
+    with pytest.raises(ValueError, match="has a bias"):
+        sk.replace_mlp(tiny_model("llama", mlp_bias=True))
+    with pytest.raises(ValueError, match="neither SiLU nor tanh-GELU"):
+        sk.replace_mlp(tiny_model("llama", hidden_act="relu"))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        sk.replace_mlp("llama")
+    with pytest.raises(ValueError, match="no SAT modules"):
+        sk.set_omission_rate(tiny_model("llama"), 0.5)
+    with pytest.raises(ValueError, match="model is itself an MLP"):
+        sk.replace_mlp(tiny_model("llama").model.layers[0].mlp)
+
+
+@pytest.mark.parametrize("kw,exc,match", [({"omission_rate": 1.0}, ValueError, "omission_rate"),
+                                          ({"metric": "max"}, ValueError, "metric"),
+                                          ({"strategy": "greedy"}, ValueError, "strategy"),
+                                          ({"backend": "triton"}, ValueError, "not available")])
+def test_replace_mlp_bad_arguments(kw, exc, match):
+    model = tiny_model("llama")
+    with pytest.raises(exc, match=match):
+        sk.replace_mlp(model, **kw)
+    assert not any(isinstance(m, sk.SATMLP) for m in model.modules()), "a failed call must not patch"
+
+
+def test_adapter_added_after_patching_is_refused():
+    model = sk.replace_mlp(tiny_model("llama"), 0.5).train()
+
+    class Adapter(nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def forward(self, x):
+            return self.base(x)
+
+    model.model.layers[0].mlp.up_proj = Adapter(model.model.layers[0].mlp.up_proj)
+    with pytest.raises(TypeError, match="up_proj must be a bias-free nn.Linear"):
+        model(_ids())

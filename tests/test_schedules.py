@@ -1,0 +1,87 @@
+"""Omission-rate schedules and the Trainer callback."""
+import pytest
+import torch
+
+import sat_kernels as sk
+
+from helpers import tiny_model
+
+
+@pytest.mark.parametrize("total", [1, 7, 10, 100, 1001])
+@pytest.mark.parametrize("rungs", [1, 2, 4])
+def test_ladder_is_piecewise_constant_non_increasing_and_ends_dense(total, rungs):
+    s = sk.LadderOmissionScheduler(0.5, total, num_rungs=rungs, dense_fraction=0.1)
+    rates = [s.rate(t) for t in range(total + 5)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    assert rates[-1] == 0.0 and rates[total - 1] == 0.0
+    assert set(rates) <= {0.5 * (rungs - j) / rungs for j in range(rungs)} | {0.0}
+    if total >= 10:
+        assert rates[0] == 0.5 and len(set(rates)) == rungs + 1
+
+
+def test_ladder_defaults():
+    s = sk.LadderOmissionScheduler(0.5, total_steps=100)
+    assert [s.rate(t) for t in (0, 44, 45, 89, 90, 99, 150)] == [0.5, 0.5, 0.25, 0.25, 0.0, 0.0, 0.0]
+    assert s(0) == 0.5
+
+
+def test_constant_and_linear():
+    assert sk.ConstantOmissionScheduler(0.3).rate(10 ** 6) == 0.3
+    lin = sk.LinearOmissionScheduler(0.5, total_steps=20, dense_fraction=0.0)
+    assert lin.rate(0) == 0.5 and lin.rate(10) == 0.25 and lin.rate(20) == 0.0
+    rates = [lin.rate(t) for t in range(25)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+
+
+def test_schedule_errors():
+    with pytest.raises(ValueError, match="initial_rate"):
+        sk.LadderOmissionScheduler(1.0, 10)
+    with pytest.raises(ValueError, match="total_steps"):
+        sk.LadderOmissionScheduler(0.5, 0)
+    with pytest.raises(ValueError, match="num_rungs"):
+        sk.LadderOmissionScheduler(0.5, 10, num_rungs=0)
+    with pytest.raises(ValueError, match="dense_fraction"):
+        sk.LadderOmissionScheduler(0.5, 10, dense_fraction=1.5)
+    with pytest.raises(ValueError, match="total_steps is not set"):
+        sk.LadderOmissionScheduler(0.5).rate(0)
+    with pytest.raises(ValueError, match="step"):
+        sk.LadderOmissionScheduler(0.5, 10).rate(-1)
+    with pytest.raises(ValueError, match="rate"):
+        sk.ConstantOmissionScheduler(-0.5)
+
+
+def test_callback_drives_the_rate_through_trainer(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = sk.replace_mlp(tiny_model("llama"), 0.5)
+    ids = torch.randint(0, 96, (16, 12), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    seen = []
+
+    class Record(sk.SATCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            super().on_step_begin(args, state, control, model=model, **kwargs)
+            seen.append(next(m for m in model.modules() if isinstance(m, sk.SATMLP)).omission_rate)
+
+    sched = sk.LadderOmissionScheduler(0.5, num_rungs=2, dense_fraction=0.25)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=2, logging_steps=1,
+                             report_to=[], save_strategy="no", use_cpu=True, learning_rate=1e-3, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[Record(sched)])
+    trainer.train()
+    assert sched.total_steps == 8
+    assert seen == [0.5, 0.5, 0.5, 0.25, 0.25, 0.25, 0.0, 0.0]
+    logged = [h["sat_omission_rate"] for h in trainer.state.log_history if "loss" in h]
+    assert logged == seen
+
+
+def test_callback_requires_a_patched_model(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    ids = torch.randint(0, 96, (4, 12))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], save_strategy="no", use_cpu=True)
+    trainer = Trainer(model=tiny_model("llama"), args=args, train_dataset=[{"input_ids": r, "labels": r} for r in ids],
+                      callbacks=[sk.SATCallback(sk.ConstantOmissionScheduler(0.5))])
+    with pytest.raises(ValueError, match="replace_mlp"):
+        trainer.train()
+    with pytest.raises(TypeError, match="rate"):
+        sk.SATCallback(0.5)
