@@ -13,6 +13,7 @@ setup(
     packages=find_packages(include=["sat_kernels", "sat_kernels.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
+    entry_points={"console_scripts": ["sat-train=sat_kernels.train.cli:main", "sat-bench=sat_kernels.bench.cli:main"]},
     extras_require={
         "hf": ["transformers>=4.45", "accelerate>=0.34"],
         "test": ["pytest>=7", "transformers>=4.45", "accelerate>=0.34"],
