@@ -1,0 +1,57 @@
+"""Timing: ``triton.testing.do_bench`` on CUDA; interleaved repeats with ``perf_counter`` on CPU.
+
+Both report the median and the 20th/80th percentiles in milliseconds.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+QUANTILES = (0.5, 0.2, 0.8)
+
+
+def _quantiles(samples: List[float]):
+    samples = sorted(samples)
+    pick = lambda q: samples[min(len(samples) - 1, int(round(q * (len(samples) - 1))))]  # noqa: E731
+    return statistics.median(samples), pick(0.2), pick(0.8)
+
+
+def bench_cpu_interleaved(fns: Dict[str, Callable[[], None]], repeats: int, warmup: int = 2):
+    """Run every function once per round, ``repeats`` rounds, so all see the same machine state.
+
+    Returns ``{name: (median_ms, p20_ms, p80_ms)}`` and, for ratios, the per-round samples ``{name: [ms, ...]}``.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(1e3 * (time.perf_counter() - t0))
+    return {name: _quantiles(s) for name, s in samples.items()}, samples
+
+
+def bench_cuda(fn: Callable[[], None], rep_ms: int = 100):
+    """``(median_ms, p20_ms, p80_ms)`` from ``triton.testing.do_bench`` (clears L2 between runs)."""
+    from triton.testing import do_bench
+
+    return tuple(do_bench(fn, warmup=25, rep=rep_ms, quantiles=list(QUANTILES)))
+
+
+def bench(fns: Dict[str, Callable[[], None]], device: torch.device, repeats: int):
+    """Time each function; returns ``{name: (median_ms, p20_ms, p80_ms)}`` and the median per-round ratio to the
+    first function (CPU) or the ratio of medians (CUDA)."""
+    names = list(fns)
+    if device.type == "cuda":
+        stats = {name: bench_cuda(fn) for name, fn in fns.items()}
+        base = stats[names[0]][0]
+        return stats, {name: stats[name][0] / base for name in names}
+    stats, samples = bench_cpu_interleaved(fns, repeats)
+    base = samples[names[0]]
+    ratios = {name: statistics.median(s / b for s, b in zip(samples[name], base)) for name in names}
+    return stats, ratios

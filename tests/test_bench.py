@@ -1,0 +1,62 @@
+"""sat-bench end to end on tiny sizes: tables, JSONL rows with the environment, plots, argument errors."""
+import json
+
+import pytest
+import torch
+
+from sat_kernels.bench.cli import main
+from sat_kernels.bench.mlp import flops, run_shape, saved_activation_bytes
+
+
+def test_mlp_bench_appends_rows_and_plots(tmp_path, capsys):
+    main(["--results-dir", str(tmp_path), "--device", "cpu", "mlp", "--shapes", "smollm2-135m", "--tokens", "48",
+          "--rates", "0.0", "0.5", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "| smollm2-135m | 48 | 0.5 | torch | full |" in out
+    rows = [json.loads(line) for line in (tmp_path / "mlp.jsonl").read_text().splitlines()]
+    assert {r["provider"] for r in rows} >= {"dense", "dense_k", "masked", "torch"}
+    assert {r["mode"] for r in rows} == {"fwd", "bwd", "full"}
+    for key in ("device", "torch", "git", "date", "median_ms", "p20_ms", "p80_ms", "ratio_to_dense", "tflops"):
+        assert key in rows[0]
+    full = {r["provider"]: r for r in rows if r["mode"] == "full" and r["omission_rate"] == 0.5}
+    assert full["torch"]["saved_bytes"] < full["dense"]["saved_bytes"]
+    assert 0 < full["torch"]["select_share"] < 1
+    main(["--results-dir", str(tmp_path), "plot"])
+    assert list(tmp_path.glob("mlp_full_*.png"))
+
+
+def test_train_step_bench(tmp_path, capsys, monkeypatch):
+    from sat_kernels.bench import train_step
+
+    monkeypatch.setitem(train_step.CONFIGS, "tiny", dict(vocab_size=64, hidden_size=32, intermediate_size=96,
+                                                         num_hidden_layers=2, num_attention_heads=4,
+                                                         num_key_value_heads=2))
+    rows = train_step.run_train_step("tiny", batch=2, seq=16, steps=2, rate=0.5, dtype=torch.float32,
+                                     device=torch.device("cpu"), repeats=1)
+    assert [r["run"] for r in rows] == ["dense", "sat"]
+    assert rows[1]["speedup"] > 0 and rows[1]["mlp_only_ceiling"] >= 1.0
+    assert all(r["tokens_per_s"] > 0 and 0 <= r["mlp_share"] for r in rows)
+
+
+def test_flop_model_matches_design():
+    T, h, inter = 10, 4, 100
+    assert flops("torch", "full", T, h, inter, 50) / flops("dense", "full", T, h, inter, 50) == pytest.approx(11 / 18)
+    assert flops("dense_k", "full", T, h, inter, 25) == flops("dense", "full", T, h, inter, 25) / 4
+
+
+def test_saved_bytes_scale_with_kept_fraction():
+    rows = run_shape(64, 16, 200, 0.75, dtype=torch.float32, device=torch.device("cpu"),
+                     providers=["dense", "torch"], modes=["full"], repeats=1)
+    dense, sat = rows
+    assert sat["saved_bytes"] == 2 * 64 * 50 * 4 + 50 * 8      # G[:, S], U[:, S] and the int64 indices
+    assert dense["saved_bytes"] > 2 * sat["saved_bytes"]
+    assert saved_activation_bytes(lambda: torch.ones(3, requires_grad=True).exp(), []) > 0
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(SystemExit, match="not usable here"):
+        main(["--results-dir", str(tmp_path), "--device", "cpu", "mlp", "--providers", "liger"])
+    with pytest.raises(SystemExit, match="unknown shape"):
+        main(["--results-dir", str(tmp_path), "--device", "cpu", "mlp", "--shapes", "gpt5"])
+    with pytest.raises(SystemExit, match="no results"):
+        main(["--results-dir", str(tmp_path / "empty"), "plot"])
