@@ -79,7 +79,11 @@ def _norm(t: torch.Tensor, order: int) -> torch.Tensor:
     return (t * t).sum(0, dtype=acc).sqrt_().float()
 
 
-def _uniform(n: int, device: torch.device, generator: Optional[torch.Generator]) -> torch.Tensor:
+def draw_uniform(n: int, strategy: str, device: torch.device,
+                 generator: Optional[torch.Generator] = None) -> Optional[torch.Tensor]:
+    """The U(0, 1) noise ``[n]`` (fp32) that ``strategy`` consumes, or ``None`` for ``"topk"``."""
+    if strategy == "topk":
+        return None
     if generator is None:
         return torch.rand(n, device=device)
     if not isinstance(generator, torch.Generator):
@@ -88,7 +92,7 @@ def _uniform(n: int, device: torch.device, generator: Optional[torch.Generator])
 
 
 def select_neurons(scores: torch.Tensor, k: int, *, strategy: str = "topk",
-                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                   generator: Optional[torch.Generator] = None, uniform: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Indices of the ``k`` kept neurons, sorted ascending (int64, on ``scores.device``).
 
     Args:
@@ -98,14 +102,16 @@ def select_neurons(scores: torch.Tensor, k: int, *, strategy: str = "topk",
             the score: Gumbel-top-k on ``log(score)``) or ``"random"`` (uniform without replacement).
         generator: makes ``"sample"``/``"random"`` reproducible. With ``None`` the global RNG of the scores' device is
             used, which activation checkpointing saves and restores, so a recomputed forward draws the same set.
+        uniform: pre-drawn U(0, 1) noise ``[n]`` for ``"sample"``/``"random"`` (e.g. one draw shared by all
+            data-parallel ranks); by default it is drawn from ``generator``.
 
     Example:
         >>> select_neurons(torch.tensor([0.1, 3.0, 2.0, 0.5]), 2)
         tensor([1, 2])
     """
     if not isinstance(scores, torch.Tensor) or scores.dim() != 1 or not scores.is_floating_point():
-        raise ValueError(f"scores must be a 1-D float tensor, got "
-                         f"{type(scores).__name__ if not isinstance(scores, torch.Tensor) else (scores.dtype, tuple(scores.shape))}")
+        got = (scores.dtype, tuple(scores.shape)) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(f"scores must be a 1-D float tensor, got {got}")
     n = scores.numel()
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n:
         raise ValueError(f"k must be an integer in [1, {n}] (the number of scores), got {k!r}")
@@ -113,14 +119,17 @@ def select_neurons(scores: torch.Tensor, k: int, *, strategy: str = "topk",
     k = int(k)
     if k == n:
         return torch.arange(n, device=scores.device)
+    if uniform is None:
+        uniform = draw_uniform(n, strategy, scores.device, generator)
+    elif not isinstance(uniform, torch.Tensor) or uniform.shape != (n,):
+        raise ValueError(f"uniform must be a tensor of shape ({n},), got {getattr(uniform, 'shape', uniform)!r}")
     if strategy == "topk":
         keys = scores.float()
     elif strategy == "sample":
-        u = _uniform(n, scores.device, generator)
         # Gumbel-top-k: argtop_k(log s_i + G_i), G_i = -log(-log u_i), samples k without replacement with p ~ s.
-        gumbel = -torch.log(-torch.log(u.clamp_(min=torch.finfo(torch.float32).tiny)))
+        gumbel = -torch.log(-torch.log(uniform.float().clamp(min=torch.finfo(torch.float32).tiny)))
         keys = torch.log(scores.float()) + gumbel
     else:
-        keys = _uniform(n, scores.device, generator)
+        keys = uniform.float()
     idx = torch.topk(keys, k, sorted=False).indices
     return torch.sort(idx).values

@@ -5,8 +5,9 @@ from typing import Optional
 
 import torch
 
-from ..selection import METRICS, STRATEGIES, activation_scores, check_choice, check_omission_rate, num_kept, \
-    select_neurons
+from ..distributed import all_reduce_scores, default_sync_group
+from ..selection import METRICS, STRATEGIES, activation_scores, check_choice, check_omission_rate, draw_uniform, \
+    num_kept, select_neurons
 from .sat_mlp import ACTIVATIONS, act_fwd, dense_mlp
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -84,7 +85,7 @@ def _run(launcher, x, w_gate, w_up, w_down, select, act):
 
 def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, omission_rate: float,
             *, metric: str = "l2", strategy: str = "topk", generator: Optional[torch.Generator] = None,
-            act: str = "silu", backend: str = "auto", return_indices: bool = False):
+            act: str = "silu", backend: str = "auto", return_indices: bool = False, sync_selection=False):
     """SAT SwiGLU MLP with in-step neuron selection, differentiable w.r.t. ``x`` and all three weights.
 
     Computes gate/up for all ``I`` neurons once, scores them (``metric``), keeps ``k = num_kept(I, omission_rate)``
@@ -102,6 +103,10 @@ def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: t
         act: ``"silu"`` (Llama, Mistral, Qwen) or ``"gelu_tanh"`` (Gemma).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (see :func:`available_backends`).
         return_indices: also return the sorted int64 kept indices ``[k]``.
+        sync_selection: select from the scores of the global batch of all data-parallel ranks (one fp32 all-reduce
+            of ``I`` floats) so every rank keeps the same neurons: ``True`` (default group), a ``ProcessGroup``,
+            ``None`` (auto: on when torch.distributed is initialised with several ranks) or ``False`` (default).
+            See :mod:`sat_kernels.distributed`.
 
     Returns:
         ``y`` of shape ``[..., h]``, or ``(y, indices)``.
@@ -118,13 +123,18 @@ def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: t
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     from ..backends import resolve_backend
     launcher = resolve_backend(backend, x)
+    group = default_sync_group(sync_selection)
     k = num_kept(inter, check_omission_rate(omission_rate))
     if k == inter:
         y = dense_mlp(x, w_gate, w_up, w_down, act)
         return (y, torch.arange(inter, device=x.device)) if return_indices else y
 
     def select(a: torch.Tensor) -> torch.Tensor:
-        return select_neurons(activation_scores(a, metric, w_down), k, strategy=strategy, generator=generator)
+        scores = activation_scores(a, metric, w_down)
+        uniform = draw_uniform(inter, strategy, scores.device, generator)
+        if group is not None:
+            scores, uniform = all_reduce_scores(scores, metric, uniform, group)
+        return select_neurons(scores, k, strategy=strategy, generator=generator, uniform=uniform)
 
     y, idx = _run(launcher, x, w_gate, w_up, w_down, select, act)
     return (y, idx) if return_indices else y
