@@ -20,10 +20,12 @@ class SATMLP(nn.Module):
         mlp: the module to wrap (kept, unregistered, for eval and for :func:`sat_kernels.revert`).
         act: ``"silu"`` or ``"gelu_tanh"``, the activation of ``mlp.act_fn``.
         omission_rate, metric, strategy, backend: as in :func:`sat_kernels.sat_mlp`.
+        sync_selection: as in :func:`sat_kernels.sat_mlp`, but ``None`` (auto) by default: under DDP/FSDP every rank
+            keeps the neurons chosen from the global batch.
     """
 
     def __init__(self, mlp: nn.Module, act: str, omission_rate: float = 0.5, *, metric: str = "l2",
-                 strategy: str = "topk", backend: str = "auto"):
+                 strategy: str = "topk", backend: str = "auto", sync_selection=None):
         super().__init__()
         self.gate_proj = mlp.gate_proj
         self.up_proj = mlp.up_proj
@@ -35,6 +37,7 @@ class SATMLP(nn.Module):
         self.metric = metric
         self.strategy = strategy
         self.backend = backend
+        self.sync_selection = sync_selection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.omission_rate == 0.0:
@@ -45,7 +48,8 @@ class SATMLP(nn.Module):
                 raise TypeError(f"SATMLP.{name} must be a bias-free nn.Linear, got {type(proj).__name__}; adapters "
                                 f"such as PEFT LoRA on the MLP are not supported: revert(model) before adding them")
         return sat_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, self.omission_rate,
-                       metric=self.metric, strategy=self.strategy, act=self.act, backend=self.backend)
+                       metric=self.metric, strategy=self.strategy, act=self.act, backend=self.backend,
+                       sync_selection=self.sync_selection)
 
     def extra_repr(self) -> str:
         return (f"omission_rate={self.omission_rate}, metric={self.metric!r}, strategy={self.strategy!r}, "

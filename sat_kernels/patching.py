@@ -71,7 +71,7 @@ def _check_mlp(name: str, mlp: nn.Module) -> str:
 
 
 def replace_mlp(model: nn.Module, omission_rate: float = 0.5, *, metric: str = "l2", strategy: str = "topk",
-                backend: str = "auto") -> nn.Module:
+                backend: str = "auto", sync_selection=None) -> nn.Module:
     """Replace every SwiGLU MLP of ``model`` by a :class:`SATMLP` sharing its parameters, in place.
 
     Training-mode forwards then keep ``1 - omission_rate`` of the intermediate neurons per layer and step; ``eval()``
@@ -81,6 +81,9 @@ def replace_mlp(model: nn.Module, omission_rate: float = 0.5, *, metric: str = "
         model: e.g. ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``.
         omission_rate: in ``[0, 1)``; usually driven by a schedule through :class:`SATCallback` afterwards.
         metric, strategy, backend: as in :func:`sat_kernels.sat_mlp`.
+        sync_selection: ``None`` (auto: synchronized across ranks when torch.distributed is initialised with several
+            ranks, as under DDP/FSDP), ``True``/a ``ProcessGroup``, or ``False`` (each rank selects from its own
+            batch). See :mod:`sat_kernels.distributed`.
 
     Example:
         >>> model = sk.replace_mlp(AutoModelForCausalLM.from_pretrained(path), omission_rate=0.5)
@@ -100,9 +103,11 @@ def replace_mlp(model: nn.Module, omission_rate: float = 0.5, *, metric: str = "
                          f"down_proj and act_fn); supported: Llama, Mistral, Qwen2, Qwen3 and decoders with that layout")
     acts = {name: _check_mlp(name, mlp) for name, mlp in found}   # check all before changing any
     for name, mlp in found:
-        _set_child(model, name, SATMLP(mlp, acts[name], rate, metric=metric, strategy=strategy, backend=backend))
+        _set_child(model, name, SATMLP(mlp, acts[name], rate, metric=metric, strategy=strategy, backend=backend,
+                                       sync_selection=sync_selection))
     for _, module in patched:
-        module.omission_rate, module.metric, module.strategy, module.backend = rate, metric, strategy, backend
+        module.omission_rate, module.metric, module.strategy = rate, metric, strategy
+        module.backend, module.sync_selection = backend, sync_selection
     return model
 
 
