@@ -1,0 +1,112 @@
+"""DDP and FSDP2 on 2 CPU processes (gloo): SAT training matches single-process training on the global batch, and
+synchronized selection gives every rank the same kept neurons."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import sat_kernels as sk
+
+from helpers import tiny_model
+
+WORLD, STEPS, PER_RANK = 2, 3, 2
+
+
+def _batches():
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 96, (WORLD * PER_RANK, 11), generator=gen) for _ in range(STEPS)]
+
+
+def _kept_rows(model_or_layers):
+    """Per layer, the rows of gate_proj with non-zero gradient (the kept neurons), as a bool mask."""
+    masks = []
+    for layer in model_or_layers:
+        g = layer.mlp.gate_proj.weight.grad
+        g = g.full_tensor() if hasattr(g, "full_tensor") else g
+        masks.append(g.abs().sum(1) != 0)
+    return torch.stack(masks)
+
+
+def _train(model, layers, batches, rank=0, world=1):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses, kept = [], []
+    for ids in batches:
+        local = ids[rank * PER_RANK:(rank + 1) * PER_RANK] if world > 1 else ids
+        loss = model(input_ids=local, labels=local).loss
+        loss.backward()
+        kept.append(_kept_rows(layers))
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.detach())
+    return torch.stack(losses), torch.stack(kept)
+
+
+def _full_state(model):
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in model.state_dict().items()}
+
+
+def _worker(rank, init_file, wrap, sync, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    model = sk.replace_mlp(tiny_model("llama"), 0.5, sync_selection=sync).train()
+    layers = model.model.layers
+    if wrap == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        wrapped = DistributedDataParallel(model)
+    else:
+        from torch.distributed.fsdp import fully_shard
+        for layer in layers:
+            fully_shard(layer)
+        wrapped = fully_shard(model)
+    losses, kept = _train(wrapped, layers, _batches(), rank, WORLD)
+    dist.all_reduce(losses)
+    state = _full_state(model)
+    torch.save({"losses": losses / WORLD, "kept": kept, "state": state}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _spawn(tmp_path, wrap, sync):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), wrap, sync, str(tmp_path)), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    torch.manual_seed(0)
+    model = sk.replace_mlp(tiny_model("llama"), 0.5).train()
+    keys = list(tiny_model("llama").state_dict())
+    losses, kept = _train(model, model.model.layers, _batches())
+    return {"losses": losses, "kept": kept, "state": _full_state(model), "keys": keys}
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
+def test_synchronized_selection_matches_single_process(tmp_path, wrap, single_process):
+    ranks = _spawn(tmp_path, wrap, None)   # sync_selection=None: on, since a 2-rank group is initialised
+    ref = single_process
+    for out in ranks:
+        assert torch.equal(out["kept"], ranks[0]["kept"]), "every rank must keep the same neurons"
+        assert torch.equal(out["kept"], ref["kept"]), "the kept set must be the one of the global batch"
+        assert int(out["kept"][0, 0].sum()) == sk.num_kept(136, 0.5)
+        torch.testing.assert_close(out["losses"], ref["losses"], rtol=1e-5, atol=1e-6)
+        assert list(out["state"]) == ref["keys"], "state_dict keys must stay the original ones"
+        for name, value in ref["state"].items():
+            torch.testing.assert_close(out["state"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_unsynchronized_ranks_select_from_their_own_batch(tmp_path):
+    ranks = _spawn(tmp_path, "ddp", False)
+    # DDP averages the ranks' gradients: without sync, rows kept by either rank get gradient (the union of two sets)
+    rows_with_grad = ranks[0]["kept"].sum(-1)
+    assert (rows_with_grad > sk.num_kept(136, 0.5)).any(), "local selections differ, so their union exceeds k"
+
+
+def test_sync_selection_argument_errors():
+    x, w = torch.randn(4, 8), [torch.randn(16, 8), torch.randn(16, 8), torch.randn(8, 16)]
+    with pytest.raises(ValueError, match="sync_selection=True needs an initialised"):
+        sk.sat_mlp(x, *w, 0.5, sync_selection=True)
+    with pytest.raises(TypeError, match="sync_selection must be"):
+        sk.sat_mlp(x, *w, 0.5, sync_selection="world")
+    assert sk.sat_mlp(x, *w, 0.5, sync_selection=None).shape == x.shape   # auto without a process group: local
