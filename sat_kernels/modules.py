@@ -47,6 +47,9 @@ class SATMLP(nn.Module):
             if not isinstance(proj, nn.Linear) or proj.bias is not None:
                 raise TypeError(f"SATMLP.{name} must be a bias-free nn.Linear, got {type(proj).__name__}; adapters "
                                 f"such as PEFT LoRA on the MLP are not supported: revert(model) before adding them")
+            if type(proj.weight).__name__ == "DTensor":
+                raise ValueError(f"SATMLP.{name}.weight is a sharded DTensor: fully_shard the decoder layers (or the "
+                                 f"MLP module), not the projections inside the MLP, whose own forward SAT bypasses")
         return sat_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, self.omission_rate,
                        metric=self.metric, strategy=self.strategy, act=self.act, backend=self.backend,
                        sync_selection=self.sync_selection)

@@ -110,3 +110,16 @@ def test_sync_selection_argument_errors():
     with pytest.raises(TypeError, match="sync_selection must be"):
         sk.sat_mlp(x, *w, 0.5, sync_selection="world")
     assert sk.sat_mlp(x, *w, 0.5, sync_selection=None).shape == x.shape   # auto without a process group: local
+
+
+def test_projections_sharded_on_their_own_are_refused(tmp_path):
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        model = sk.replace_mlp(tiny_model("llama"), 0.5).train()
+        fully_shard(model.model.layers[0].mlp.gate_proj)
+        with pytest.raises(ValueError, match="fully_shard the decoder layers"):
+            model(torch.randint(0, 96, (1, 5)))
+    finally:
+        dist.destroy_process_group()
