@@ -1,0 +1,43 @@
+"""The torch backend on CUDA (marker gpu: skipped without a GPU): every dtype, small and Llama shapes, no host sync."""
+import pytest
+import torch
+
+import sat_kernels as sk
+
+from helpers import assert_matches_reference, make_operands
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(97, 123, 431), (1024, 576, 1536), (2048, 4096, 11008)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-h{}-I{}".format(*s))
+def test_sat_mlp_cuda_matches_fp64_reference(shape, dtype):
+    operands, dy = make_operands(*shape, dtype, device="cuda")
+    _, idx = sk.sat_mlp(*operands, 0.5, backend="torch", return_indices=True)
+    assert idx.is_cuda and torch.equal(idx, torch.unique(idx))
+    ours = assert_matches_reference(lambda *o: sk.sat_mlp(*o, 0.5, backend="torch"), operands, dy, idx)
+    omitted = torch.ones(shape[2], dtype=torch.bool, device="cuda")
+    omitted[idx] = False
+    assert (ours[2][omitted] == 0).all() and (ours[4][:, omitted] == 0).all()
+
+
+@pytest.mark.parametrize("strategy", ["topk", "sample", "random"])
+def test_no_host_sync_in_forward_and_backward(strategy):
+    operands, dy = make_operands(256, 128, 512, torch.bfloat16, device="cuda")
+    sk.sat_mlp(*operands, 0.5, strategy=strategy).backward(dy)   # warm-up (lazy init may sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sk.sat_mlp(*operands, 0.5, strategy=strategy).backward(dy)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_cuda_generator_reproducible():
+    operands, _ = make_operands(64, 32, 128, torch.float32, device="cuda")
+    picks = [sk.sat_mlp(*operands, 0.5, strategy="sample", return_indices=True,
+                        generator=torch.Generator(device="cuda").manual_seed(3))[1] for _ in range(2)]
+    assert torch.equal(*picks)
