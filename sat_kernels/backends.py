@@ -6,19 +6,42 @@ sorted index tensor or a callable that picks the kept set from the full activati
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from .ops.sat_mlp import sat_mlp_torch
+from .ops.triton import unavailable_reason as _triton_unavailable_reason
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
 _LAUNCHERS: Dict[str, Callable] = {"torch": sat_mlp_torch}
 _MISSING: Dict[str, str] = {
-    "triton": "the Triton kernels are not part of this version of sat_kernels",
     "cuda": "the CUDA extension (sat_kernels._C) is not part of this version of sat_kernels",
 }
+
+
+def _register_triton() -> None:
+    """Register the Triton launcher where it can run (CUDA + triton, or TRITON_INTERPRET=1), else the reason."""
+    reason = _triton_unavailable_reason()
+    if reason is None:
+        try:
+            from .ops.triton.sat_mlp import sat_mlp_triton
+        except Exception as exc:  # a broken triton install must not break `import sat_kernels`
+            reason = f"triton failed to import: {type(exc).__name__}: {exc}"
+        else:
+            _LAUNCHERS["triton"] = sat_mlp_triton
+            return
+    _MISSING["triton"] = reason
+
+
+_register_triton()
+
+# Measured fwd+bwd time of the triton backend over the torch backend, keyed on (torch.cuda.get_device_name(), dtype):
+# "auto" picks triton on CUDA where the ratio is below 1. Entries must come from a GPU run of
+# benchmarks/triton_mlp_speed.py (its "triton_over_torch" ratios), committed with the GPU, versions and date. Empty:
+# the Triton kernels have not been measured on a GPU yet, so "auto" is the torch backend everywhere.
+_AUTO_TRITON_OVER_TORCH: Dict[Tuple[str, torch.dtype], float] = {}
 
 
 def available_backends() -> List[str]:
@@ -39,7 +62,9 @@ def resolve_backend(backend: str, x: Optional[torch.Tensor] = None) -> Callable:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if backend == "auto":
-        # "torch" is the only backend in this version: it is the fastest usable one everywhere.
+        if (_AUTO_TRITON_OVER_TORCH and "triton" in _LAUNCHERS and x is not None and x.is_cuda
+                and _AUTO_TRITON_OVER_TORCH.get((torch.cuda.get_device_name(x.device), x.dtype), 1.0) < 1.0):
+            return _LAUNCHERS["triton"]
         return _LAUNCHERS["torch"]
     if backend not in _LAUNCHERS:
         raise ValueError(f"backend {backend!r} is not available: {_MISSING[backend]}; "
