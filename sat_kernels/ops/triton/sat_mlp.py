@@ -1,0 +1,168 @@
+"""SAT SwiGLU MLP on the ``"triton"`` backend: custom ops, autograd formula, launcher.
+
+Forward of ``sat_mlp`` (in-step selection, DESIGN.md section 2)::
+
+    G, U, s = gate_up_fwd(x)                    one kernel: both projections of all I neurons, fp32 score partials
+                                                of act(G) * U per row tile in the epilogue (no [T, I] re-read)
+    S = select(scores=s)                        torch.topk + sort on the fp32 scores, no host sync
+    G_S, U_S, A_S = kept_act_fwd(G, U, S)       compaction of the kept columns, A_S = act(G_S) * U_S
+    y = down_fwd(A_S, W_down[:, S])             [T, h], fp32 accumulation
+
+``gathered_mlp`` (a given ``S``) runs ``gate_up_fwd`` over the rows ``S`` of the weights instead (``[T, k]`` directly,
+no scores, no compaction). Saved for backward: ``x``, the weights, ``S``, ``G_S``, ``U_S`` (never a ``[T, I]``
+tensor). Backward, only over the kept neurons (``k = |S|``)::
+
+    dG_S, dU_S, A_S = down_bwd(dy, W_down[:, S], G_S, U_S)     dA_S = dy W_down[:, S], SwiGLU backward in the epilogue
+    dW_down[:, S] = dy^T A_S                                   written into the columns S of a zero [h, I] gradient
+    dW_gate[S], dW_up[S] = dG_S^T x, dU_S^T x                  one kernel (x loaded once), rows S of zero gradients
+    dx = dG_S W_gate[S] + dU_S W_up[S]                         one kernel, weight rows gathered through S
+
+Everything accumulates in fp32; there are no atomics (every output element has exactly one writer), so results are
+deterministic and the kernels are safe to re-run while autotuning. The kernels are ``torch.library`` custom ops with
+fake implementations, so ``torch.compile`` traces the op without a graph break.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ...selection import _norm
+from ..sat_mlp import act_fwd
+from .down import down_bwd, down_fwd, down_weight_bwd
+from .gate_up import gate_up_fwd, gate_up_input_bwd, gate_up_weight_bwd, kept_act_fwd
+from .utils import check_tensors
+
+# Gather the kept columns of w_down into a compact [h, k] copy (one pass over h * I) instead of gathering them inside
+# the down GEMMs, where they are the contiguous dimension (2-byte scalar loads). Chosen by that reasoning, not
+# measured on a GPU yet: benchmarks/triton_mlp_speed.py times both variants.
+COMPACT_W_DOWN = True
+
+
+def _w_down_operand(w_down: Tensor, indices: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(w_down operand, index for the in-kernel gather or None)`` of the down GEMMs."""
+    if COMPACT_W_DOWN:
+        return w_down.index_select(1, indices), None
+    return w_down, indices
+
+
+@torch.library.custom_op("sat_kernels::triton_gate_up_scores", mutates_args=())
+def _gate_up_scores_op(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, act: str,
+                       metric: Optional[str]) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(G [T, I], U [T, I], scores [I] fp32)``; ``scores`` is empty when ``metric`` is ``None``."""
+    g, u, _, part = gate_up_fwd(x, w_gate, w_up, act, score=metric)
+    if metric is None:
+        return g, u, x.new_empty(0, dtype=torch.float32)
+    scores = part.sum(0)
+    if metric != "l1":
+        scores = scores.sqrt_()
+    if metric == "contrib":
+        scores = scores * _norm(w_down, 2)
+    return g, u, scores
+
+
+@_gate_up_scores_op.register_fake
+def _(x, w_gate, w_up, w_down, act, metric):
+    T, inter = x.shape[0], w_gate.shape[0]
+    return x.new_empty(T, inter), x.new_empty(T, inter), x.new_empty(inter if metric else 0, dtype=torch.float32)
+
+
+@torch.library.custom_op("sat_kernels::triton_kept_act", mutates_args=())
+def _kept_act_op(g: Tensor, u: Tensor, indices: Tensor, act: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(G_S, U_S, A_S)`` ``[T, k]`` from the full ``[T, I]`` pre-activations."""
+    return kept_act_fwd(g, u, indices, act)
+
+
+@_kept_act_op.register_fake
+def _(g, u, indices, act):
+    return tuple(g.new_empty(g.shape[0], indices.shape[0]) for _ in range(3))
+
+
+@torch.library.custom_op("sat_kernels::triton_gate_up_kept", mutates_args=())
+def _gate_up_kept_op(x: Tensor, w_gate: Tensor, w_up: Tensor, indices: Tensor,
+                     act: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(G_S, U_S, A_S)`` ``[T, k]`` computed over the kept weight rows only (``gathered_mlp``)."""
+    g_s, u_s, a_s, _ = gate_up_fwd(x, w_gate, w_up, act, idx=indices, store_a=True)
+    return g_s, u_s, a_s
+
+
+@_gate_up_kept_op.register_fake
+def _(x, w_gate, w_up, indices, act):
+    return tuple(x.new_empty(x.shape[0], indices.shape[0]) for _ in range(3))
+
+
+@torch.library.custom_op("sat_kernels::triton_kept_mlp", mutates_args=())
+def _kept_mlp_op(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, indices: Tensor, g_s: Tensor,
+                 u_s: Tensor, a_s: Tensor, act: str) -> Tensor:
+    """``y = A_S W_down[:, S]^T``; differentiable w.r.t. ``x`` and the weights (``G_S``, ``U_S``, ``A_S`` are the
+    detached kept activations of ``x``; the backward takes the whole chain through them)."""
+    return down_fwd(a_s, *_w_down_operand(w_down, indices))
+
+
+@_kept_mlp_op.register_fake
+def _(x, w_gate, w_up, w_down, indices, g_s, u_s, a_s, act):
+    return x.new_empty(x.shape[0], w_down.shape[0])
+
+
+@torch.library.custom_op("sat_kernels::triton_kept_mlp_bwd", mutates_args=())
+def _kept_mlp_bwd_op(dy: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, indices: Tensor,
+                     g_s: Tensor, u_s: Tensor, act: str, need_x: bool, need_w_gate_up: bool,
+                     need_w_down: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, dW_gate, dW_up, dW_down)``; a gradient that is not needed comes back empty (``[0]``)."""
+    inter = w_gate.shape[0]
+    none = dy.new_empty(0)
+    dg_s, du_s, a_s = down_bwd(dy, *_w_down_operand(w_down, indices), g_s, u_s, act)
+    dwd = down_weight_bwd(dy, a_s, indices, inter) if need_w_down else none
+    del a_s
+    dwg, dwu = gate_up_weight_bwd(dg_s, du_s, x, indices, inter) if need_w_gate_up else (none, none)
+    dx = gate_up_input_bwd(dg_s, du_s, w_gate, w_up, indices) if need_x else none
+    return dx, dwg, dwu, dwd
+
+
+@_kept_mlp_bwd_op.register_fake
+def _(dy, x, w_gate, w_up, w_down, indices, g_s, u_s, act, need_x, need_w_gate_up, need_w_down):
+    none = dy.new_empty(0)
+    return (x.new_empty(x.shape) if need_x else none,
+            w_gate.new_empty(w_gate.shape) if need_w_gate_up else none,
+            w_up.new_empty(w_up.shape) if need_w_gate_up else none,
+            w_down.new_empty(w_down.shape) if need_w_down else none)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_gate, w_up, w_down, indices, g_s, u_s, _a_s, act = inputs
+    ctx.save_for_backward(x, w_gate, w_up, w_down, indices, g_s, u_s)
+    ctx.act = act
+
+
+def _backward(ctx, dy):
+    x, w_gate, w_up, w_down, indices, g_s, u_s = ctx.saved_tensors
+    need_x, need_wg, need_wu, need_wd = ctx.needs_input_grad[:4]
+    dx, dwg, dwu, dwd = torch.ops.sat_kernels.triton_kept_mlp_bwd(
+        dy.contiguous(), x, w_gate, w_up, w_down, indices, g_s, u_s, ctx.act, need_x, need_wg or need_wu, need_wd)
+    return (dx if need_x else None, dwg if need_wg else None, dwu if need_wu else None, dwd if need_wd else None,
+            None, None, None, None, None)
+
+
+_kept_mlp_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sat_mlp_triton(x2: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, select, act: str):
+    """Launcher of the triton backend: ``x2`` is ``[T, h]``; returns ``(y [T, h], idx [k])``.
+
+    ``select`` is a sorted int64 index tensor (``gathered_mlp``) or a selection callable. A callable with a ``metric``
+    attribute (``"l2"``, ``"l1"`` or ``"contrib"``) gets the fp32 scores fused into the gate/up kernel,
+    ``select(scores=s)``; any other callable gets the full activations, ``select(a)``.
+    """
+    check_tensors(x2)
+    x2, w_gate, w_up, w_down = (t.contiguous() for t in (x2, w_gate, w_up, w_down))
+    xd, wgd, wud, wdd = (t.detach() for t in (x2, w_gate, w_up, w_down))
+    if isinstance(select, Tensor):
+        idx = select.contiguous()
+        g_s, u_s, a_s = torch.ops.sat_kernels.triton_gate_up_kept(xd, wgd, wud, idx, act)
+    else:
+        metric = getattr(select, "metric", None)
+        g, u, scores = torch.ops.sat_kernels.triton_gate_up_scores(xd, wgd, wud, wdd, act, metric)
+        idx = select(scores=scores) if metric is not None else select(act_fwd(g, act) * u)
+        g_s, u_s, a_s = torch.ops.sat_kernels.triton_kept_act(g, u, idx, act)
+        del g, u, scores
+    y = torch.ops.sat_kernels.triton_kept_mlp(x2, w_gate, w_up, w_down, idx, g_s, u_s, a_s, act)
+    return y, idx

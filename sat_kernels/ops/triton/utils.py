@@ -1,0 +1,107 @@
+"""Shared pieces of the Triton kernels: activations, tile order, autotune configs, launcher checks."""
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+
+INTERPRET = interpreting()
+
+ACT_IDS = {"silu": 0, "gelu_tanh": 1}
+SCORE_IDS = {None: 0, "l2": 1, "contrib": 1, "l1": 2}   # contrib = sqrt(sum a^2) * ||W_down[:, i]||: l2 partials
+
+
+def _config(bm, bn, bk, stages, warps, group_m=8):
+    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group_m}, num_stages=stages, num_warps=warps)
+
+
+if INTERPRET:
+    # The interpreter runs every program in numpy: one small config (no autotuning on CPU), 16 = tl.dot's minimum.
+    TWO_ACC_CONFIGS = ONE_ACC_CONFIGS = [_config(16, 16, 16, 1, 1, group_m=2)]
+else:
+    # Hopper (H100/H200) candidates for bf16/fp16; autotuned per shape. Not measured on GPU yet: the table of which
+    # config wins at the Llama shapes must come from a GPU run of benchmarks/triton_mlp_speed.py.
+    # Two fp32 [BM, BN] accumulators (gate/up forward, dW_gate/dW_up): BN <= 128 keeps them in 128 registers/thread.
+    TWO_ACC_CONFIGS = [
+        _config(128, 128, 64, 3, 8),
+        _config(128, 128, 64, 4, 8),
+        _config(128, 64, 64, 4, 4),
+        _config(64, 128, 64, 4, 4),
+        _config(64, 64, 64, 4, 4),
+    ]
+    ONE_ACC_CONFIGS = [
+        _config(128, 256, 64, 3, 8),
+        _config(256, 128, 64, 3, 8),
+        _config(128, 128, 64, 4, 8),
+        _config(128, 128, 64, 4, 4),
+        _config(128, 64, 64, 4, 4),
+        _config(64, 128, 64, 4, 4),
+        _config(64, 64, 64, 4, 4),
+    ]
+MIN_BM = min(c.kwargs["BM"] for c in TWO_ACC_CONFIGS)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: fp32 operands follow ``torch.backends.cuda.matmul.allow_tf32`` like ``torch.mm``."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def check_tensors(*tensors: torch.Tensor) -> None:
+    """Dtype/device rules of the Triton backend, as a clear error instead of a wrong result or a crash."""
+    t = tensors[0]
+    if INTERPRET:
+        if t.dtype not in (torch.float32, torch.float16):
+            raise TypeError(f"backend='triton' under TRITON_INTERPRET=1 supports float32 and float16 only, got "
+                            f"{t.dtype} (the interpreter computes bfloat16 wrongly; use backend='torch')")
+    else:
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"backend='triton' supports float32, float16 and bfloat16, got {t.dtype} "
+                            f"(use backend='torch')")
+        if t.device.type != "cuda":
+            raise ValueError(f"backend='triton' needs CUDA tensors, got device {t.device} (or set TRITON_INTERPRET=1 "
+                             f"before importing triton to run the kernels on CPU in the interpreter)")
+
+
+@triton.jit
+def tile_ids(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row-tile, column-tile) of program ``pid``, GROUP_M row tiles at a time so their operands stay in L2."""
+    n_m = tl.cdiv(M, BM)
+    n_n = tl.cdiv(N, BN)
+    width = GROUP_M * n_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    i_m = first_m + (pid % width) % size_m
+    i_n = (pid % width) // size_m
+    return i_m, i_n
+
+
+@triton.jit
+def _sigmoid(z):
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def act_fwd(g, ACT: tl.constexpr):
+    """``act(g)`` in fp32: 0 = SiLU, 1 = tanh-approximated GELU."""
+    if ACT == 0:
+        y = g * _sigmoid(g)
+    else:
+        t = 2.0 * _sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g)) - 1.0   # tanh(sqrt(2/pi) (g + c g^3))
+        y = 0.5 * g * (1.0 + t)
+    return y
+
+
+@triton.jit
+def act_fwd_bwd(g, ACT: tl.constexpr):
+    """``(act(g), act'(g))`` in fp32."""
+    if ACT == 0:
+        s = _sigmoid(g)
+        y = g * s
+        dy = s * (1.0 + g * (1.0 - s))
+    else:
+        t = 2.0 * _sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g)) - 1.0
+        y = 0.5 * g * (1.0 + t)
+        dy = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * g * g)
+    return y, dy
