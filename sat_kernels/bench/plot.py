@@ -11,8 +11,10 @@ from .results import read_jsonl
 def plot_mlp(rows: List[Dict], out_dir: Path, mode: str = "full") -> List[Path]:
     """One PNG per (device, dtype): ratio to dense vs omission, a line per provider, a panel per shape and T;
     the FLOP limit of SAT dashed. The latest row wins where a configuration was measured more than once."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise SystemExit("sat-bench plot needs matplotlib: pip install matplotlib") from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
