@@ -1,6 +1,18 @@
+import importlib.util
 from pathlib import Path
 
 from setuptools import find_packages, setup
+
+
+def _load_cuda_build():
+    """csrc/build.py: the optional CUDA extension sat_kernels._C and its build_ext (variables: ENVs.md)."""
+    spec = importlib.util.spec_from_file_location("sat_kernels_cuda_build", Path(__file__).with_name("csrc") / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_cuda_build = _load_cuda_build()
 
 setup(
     name="sat_kernels",
@@ -13,6 +25,8 @@ setup(
     packages=find_packages(include=["sat_kernels", "sat_kernels.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
+    ext_modules=_cuda_build.cuda_extensions(),
+    cmdclass={"build_ext": _cuda_build.BuildExtension},
     entry_points={"console_scripts": ["sat-train=sat_kernels.train.cli:main", "sat-bench=sat_kernels.bench.cli:main"]},
     extras_require={
         "hf": ["transformers>=4.45", "accelerate>=0.34"],
