@@ -1,8 +1,9 @@
-"""Plain masked-dense PyTorch reference of the SAT MLP, for tests and benchmarks.
+"""Plain masked-dense PyTorch references of the SAT MLP and SAT attention, for tests and benchmarks.
 
-Every backend must compute this function (within dtype tolerance). It multiplies the intermediate activations by a
-0/1 mask over neurons, so autograd gives exactly zero gradient to omitted rows of ``W_gate``/``W_up`` and columns of
-``W_down``. Call it on fp64 copies of the operands to get the ground truth.
+Every backend must compute these functions (within dtype tolerance). The MLP reference multiplies the intermediate
+activations by a 0/1 mask over neurons, so autograd gives exactly zero gradient to omitted rows of ``W_gate``/``W_up``
+and columns of ``W_down``; the attention reference does the same with the heads' outputs before ``o_proj``. Call them
+on fp64 copies of the operands to get the ground truth.
 """
 from __future__ import annotations
 
@@ -49,3 +50,96 @@ def reference_sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     """SAT MLP with top-k selection, as masked dense: the semantics every backend's ``sat_mlp`` must match."""
     idx = reference_indices(x, w_gate, w_up, w_down, omission_rate, metric=metric, act=act)
     return reference_mlp(x, w_gate, w_up, w_down, idx, act=act)
+
+
+
+def _rotate_half(t: torch.Tensor) -> torch.Tensor:
+    half = t.shape[-1] // 2
+    return torch.cat((-t[..., half:], t[..., :half]), dim=-1)
+
+
+def _rms_norm(u: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    u_acc = u.to(acc)
+    return w * (u_acc / torch.sqrt(u_acc.pow(2).mean(-1, keepdim=True) + eps)).to(u.dtype)
+
+
+def reference_head_outputs(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor, *,
+                           num_heads: int, num_kv_heads: Optional[int] = None, cos=None, sin=None,
+                           attention_mask=None, causal: bool = True, scale=None, b_q=None, b_k=None, b_v=None,
+                           q_norm_weight=None, k_norm_weight=None, norm_eps: float = 1e-6) -> torch.Tensor:
+    """The attention output of every head, ``[B, H, T, d]``, before ``o_proj``, written out.
+
+    Projections, optional per-head RMSNorm (Qwen3), RoPE, masked softmax (in the operands' dtype for fp64/fp32, in
+    fp32 for fp16/bf16, as Hugging Face's eager attention). ``attention_mask``: boolean (True = attend) or additive;
+    a query row with no key to attend outputs 0. Arguments as in :func:`sat_kernels.sat_attention`.
+    """
+    B, T, _ = x.shape
+    H = num_heads
+    G = num_kv_heads or H
+    d = w_q.shape[0] // H
+    q = F.linear(x, w_q, b_q).view(B, T, H, d)
+    k = F.linear(x, w_k, b_k).view(B, T, G, d)
+    v = F.linear(x, w_v, b_v).view(B, T, G, d).transpose(1, 2)
+    if q_norm_weight is not None:
+        q = _rms_norm(q, q_norm_weight, norm_eps)
+    if k_norm_weight is not None:
+        k = _rms_norm(k, k_norm_weight, norm_eps)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)                                  # [B, H, T, d], [B, G, T, d]
+    if cos is not None:
+        c, s = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]
+        q, k = q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+    k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    scores = torch.matmul(q, k.transpose(-1, -2)).to(acc) * (d ** -0.5 if scale is None else scale)
+    allowed = torch.ones(B, 1, T, T, dtype=torch.bool, device=x.device)
+    if causal:
+        allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            allowed = allowed & attention_mask
+        else:
+            scores = scores + attention_mask.to(acc)
+    any_key = allowed.any(-1, keepdim=True)
+    scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~any_key, 0.0)
+    p = torch.softmax(scores, dim=-1).masked_fill(~any_key, 0.0).to(x.dtype)
+    return torch.matmul(p, v)
+
+
+def reference_attention(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor,
+                        heads: Optional[torch.Tensor] = None, *, b_o=None, **layout) -> torch.Tensor:
+    """Attention with the output of every head outside ``heads`` multiplied by 0 before ``o_proj`` (all heads kept if
+    ``None``), so autograd gives exactly zero gradient to omitted heads' rows and columns. ``layout``: the keyword
+    arguments of :func:`reference_head_outputs`."""
+    o = reference_head_outputs(x, w_q, w_k, w_v, **layout)                      # [B, H, T, d]
+    B, H, T, d = o.shape
+    if heads is not None:
+        mask = torch.zeros(H, dtype=o.dtype, device=o.device)
+        mask[heads] = 1
+        o = o * mask[:, None, None]
+    return F.linear(o.transpose(1, 2).reshape(B, T, H * d), w_o, b_o)
+
+
+@torch.no_grad()
+def reference_head_indices(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor,
+                           w_o: torch.Tensor, omission_rate: float, *, metric: str = "l2", unit: str = "head",
+                           **layout) -> torch.Tensor:
+    """The top-k kept query heads SAT attention must select, from unit scores computed in the operands' precision
+    (a unit: one head, or the heads of one KV group). ``layout``: as in :func:`reference_head_outputs`."""
+    o = reference_head_outputs(x, w_q, w_k, w_v, **layout)                      # [B, H, T, d]
+    H, d = o.shape[1], o.shape[3]
+    G = layout.get("num_kv_heads") or H
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    s = (o.abs() if metric == "l1" else o * o).to(acc).sum((0, 2, 3))
+    w_sq = w_o.to(acc).pow(2).sum(0).view(H, d).sum(1)
+    if unit == "group":
+        s, w_sq = s.view(G, -1).sum(1), w_sq.view(G, -1).sum(1)
+    if metric != "l1":
+        s = s.sqrt()
+    if metric == "contrib":
+        s = s * w_sq.sqrt()
+    kept = select_neurons(s.float(), num_kept(s.numel(), omission_rate), strategy="topk")
+    if unit == "group":
+        rep = H // G
+        kept = (kept[:, None] * rep + torch.arange(rep, device=kept.device)).reshape(-1)
+    return kept
