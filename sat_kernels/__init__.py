@@ -4,16 +4,18 @@ SAT scores the intermediate neurons of every MLP in each training step, keeps th
 rest of the forward and the whole backward over them only. See README.md for usage.
 """
 from .backends import available_backends, unavailable_backends
-from .modules import SATMLP
+from .modules import SATMLP, SATAttention
 from .ops import gathered_mlp, neuron_scores, sat_mlp
-from .patching import replace_mlp, revert, set_omission_rate
+from .ops.sat_attention import gathered_attention, head_scores, sat_attention
+from .patching import replace_attention, replace_mlp, revert, set_omission_rate
 from .schedules import ConstantOmissionScheduler, LadderOmissionScheduler, LinearOmissionScheduler
 from .selection import num_kept, select_neurons
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "sat_mlp", "gathered_mlp", "neuron_scores", "select_neurons", "num_kept", "available_backends",
+    "sat_mlp", "gathered_mlp", "neuron_scores", "sat_attention", "gathered_attention", "head_scores",
+    "replace_attention", "SATAttention", "select_neurons", "num_kept", "available_backends",
     "unavailable_backends", "replace_mlp", "set_omission_rate", "revert", "SATMLP", "LadderOmissionScheduler",
     "ConstantOmissionScheduler", "LinearOmissionScheduler", "SATCallback",
 ]
