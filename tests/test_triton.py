@@ -1,0 +1,156 @@
+"""The Triton backend: interpreter tests on CPU (in a subprocess) and GPU tests (marker gpu).
+
+``TRITON_INTERPRET`` is read once, when triton is first imported, and the rest of the suite must keep running without
+it, so the CPU tests live in ``tests/triton_interpreter_cases.py`` and run here in a child pytest process with
+``TRITON_INTERPRET=1`` (fp32/fp16, tiny odd shapes). The GPU tests run the compiled kernels in this process.
+"""
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sat_kernels as sk
+from sat_kernels.ops.reference import reference_indices
+
+from helpers import assert_matches_reference, fp64_copies, make_operands, rel_rms
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+ON_GPU = torch.cuda.is_available() and "triton" in sk.available_backends()
+CASES = Path(__file__).with_name("triton_interpreter_cases.py")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_interpreter_cases():
+    """tests/triton_interpreter_cases.py under TRITON_INTERPRET=1 in a child process (about 1 minute on 2 cores)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES)],
+                          cwd=CASES.parent.parent, env=env, capture_output=True, text=True, timeout=900)
+    tail = proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert re.search(r"\d+ passed", summary) and "skipped" not in summary, tail
+
+
+def test_unavailable_without_cuda_or_interpreter():
+    """Without CUDA and without the interpreter, "triton" is not offered and says why."""
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("triton can run here")
+    assert "triton" not in sk.available_backends()
+    reason = sk.unavailable_backends()["triton"]
+    assert ("TRITON_INTERPRET=1" in reason) if HAS_TRITON else ("not installed" in reason)
+    with pytest.raises(ValueError, match="backend 'triton' is not available"):
+        sk.sat_mlp(*make_operands(8, 16, 20, torch.float32)[0], 0.5, backend="triton")
+
+
+
+
+def gpu(test):
+    """GPU test: marker gpu (skipped without CUDA by conftest), and skipped where triton cannot run."""
+    return pytest.mark.gpu(pytest.mark.skipif(not ON_GPU, reason="needs CUDA and triton")(test))
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(97, 123, 431), (1024, 576, 1536), (2048, 4096, 11008)]
+
+
+def _id(shape):
+    return "T{}-h{}-I{}".format(*shape)
+
+
+def _dt(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
+@pytest.mark.parametrize("rate", [0.5, 0.75])
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@gpu
+def test_gpu_sat_mlp_matches_fp64_reference(shape, rate, dtype):
+    operands, dy = make_operands(*shape, dtype, device="cuda")
+    _, idx = sk.sat_mlp(*operands, rate, backend="triton", return_indices=True)
+    assert idx.is_cuda and idx.numel() == sk.num_kept(shape[2], rate) and torch.equal(idx, torch.unique(idx))
+    ours = assert_matches_reference(lambda *o: sk.sat_mlp(*o, rate, backend="triton"), operands, dy, idx)
+    omitted = torch.ones(shape[2], dtype=torch.bool, device="cuda")
+    omitted[idx] = False
+    assert (ours[2][omitted] == 0).all() and (ours[3][omitted] == 0).all() and (ours[4][:, omitted] == 0).all()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
+@pytest.mark.parametrize("k", [1, 200, 431])
+def test_gpu_gathered_mlp(k, dtype):
+    operands, dy = make_operands(97, 123, 431, dtype, device="cuda", seed=k)
+    idx = torch.sort(torch.randperm(431, device="cuda")[:k]).values
+    assert_matches_reference(lambda *o: sk.gathered_mlp(*o, idx, backend="triton"), operands, dy, idx)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
+def test_gpu_w_down_gathered_in_kernel(monkeypatch, dtype):
+    from sat_kernels.ops.triton import sat_mlp as triton_sat_mlp
+
+    monkeypatch.setattr(triton_sat_mlp, "COMPACT_W_DOWN", False)
+    operands, dy = make_operands(1024, 576, 1536, dtype, device="cuda")
+    idx = torch.sort(torch.randperm(1536, device="cuda")[:700]).values
+    assert_matches_reference(lambda *o: sk.gathered_mlp(*o, idx, backend="triton"), operands, dy, idx)
+
+
+@gpu
+@pytest.mark.parametrize("metric", ["l2", "l1", "contrib"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
+def test_gpu_fused_scores(dtype, metric):
+    """Fused scores vs sk.neuron_scores: at most 2x its distance to the fp64 scores; fp32 picks the fp64 top-k."""
+    x, wg, wu, wd = (t.detach() for t in make_operands(2048, 576, 1536, dtype, device="cuda")[0])
+    _, _, fused = torch.ops.sat_kernels.triton_gate_up_scores(x, wg, wu, wd, "silu", metric)
+    exact = sk.neuron_scores(*(t.double() for t in (x, wg, wu, wd)), metric=metric)
+    plain = sk.neuron_scores(x, wg, wu, wd, metric=metric)
+    assert rel_rms(fused, exact) <= 2 * rel_rms(plain, exact) + 1e-6
+    if dtype == torch.float32:
+        _, idx = sk.sat_mlp(x, wg, wu, wd, 0.5, metric=metric, backend="triton", return_indices=True)
+        ref = reference_indices(*fp64_copies((x, wg, wu, wd)), 0.5, metric=metric)
+        assert torch.isin(idx, ref).float().mean() > 0.99   # near-ties at fp32 rounding may swap a few
+
+
+@gpu
+@pytest.mark.parametrize("strategy", ["topk", "sample", "random"])
+def test_gpu_no_host_sync(strategy):
+    operands, dy = make_operands(256, 128, 512, torch.bfloat16, device="cuda")
+    sk.sat_mlp(*operands, 0.5, strategy=strategy, backend="triton").backward(dy)   # warm-up: autotune syncs
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sk.sat_mlp(*operands, 0.5, strategy=strategy, backend="triton").backward(dy)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@gpu
+def test_gpu_torch_compile_inductor():
+    operands, dy = make_operands(512, 256, 688, torch.bfloat16, device="cuda")
+    fn = lambda *o: sk.sat_mlp(*o, 0.5, backend="triton")  # noqa: E731
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)
+    y, idx = sk.sat_mlp(*operands, 0.5, backend="triton", return_indices=True)
+    assert_matches_reference(compiled, operands, dy, idx)
+
+
+@gpu
+@pytest.mark.slow
+def test_gpu_offsets_past_2_31():
+    """T * I > 2^31 elements in G/U: the int64 offsets (checked against the torch backend, fp64 is too big)."""
+    T, h, inter = 196_000, 64, 11_008
+    assert T * inter > 2 ** 31
+    operands, dy = make_operands(T, h, inter, torch.bfloat16, device="cuda")
+    y_t, idx = sk.sat_mlp(*operands, 0.5, backend="triton", return_indices=True)
+    grads_t = torch.autograd.grad(y_t, operands, dy)
+    y_r = sk.gathered_mlp(*operands, idx, backend="torch", validate=False)
+    grads_r = torch.autograd.grad(y_r, operands, dy)
+    for a, b in zip((y_t, *grads_t), (y_r, *grads_r)):
+        assert rel_rms(a, b) < 2e-2
+    tail = slice(T - 1000, T)
+    assert rel_rms(y_t[tail], y_r[tail]) < 2e-2   # the last rows sit past 2^31 elements into G and U
