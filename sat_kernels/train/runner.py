@@ -1,0 +1,264 @@
+"""One training run of ``sat-train``: Hugging Face ``Trainer`` + :class:`sat_kernels.SATCallback`, timed per step,
+then a dense evaluation on the held-out split.
+
+Throughput is measured over the optimizer steps only (``on_step_begin`` to ``on_step_end``: forward, backward,
+optimizer step; with a CUDA synchronisation at both ends on GPU). Model loading, data preparation, logging and
+evaluation are excluded from tokens/s; the wall time of ``trainer.train()`` is reported separately.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import math
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+import sat_kernels as sk
+
+from .data import IGNORE_INDEX, collate
+
+SCHEDULERS = ("ladder", "constant", "linear")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Settings shared by the dense and the SAT run of a comparison (see ``sat-train --help``)."""
+
+    task: str = "cpt"
+    steps: int = 30
+    seq_len: int = 128
+    batch_size: int = 4
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    seed: int = 0
+    omission_rate: float = 0.5
+    scheduler: str = "ladder"
+    metric: str = "l2"
+    strategy: str = "topk"
+    backend: str = "auto"
+    precision: str = "auto"
+    eval_batch_size: int = 8
+
+
+@dataclass
+class RunResult:
+    """Per-step logs and totals of one run. ``tokens_per_s`` = tokens of all steps / summed step times."""
+
+    name: str
+    sat: bool
+    losses: List[float] = field(default_factory=list)
+    grad_norms: List[Optional[float]] = field(default_factory=list)
+    step_seconds: List[float] = field(default_factory=list)
+    step_tokens: List[int] = field(default_factory=list)
+    omission_rates: List[float] = field(default_factory=list)
+    train_wall_s: float = 0.0
+    eval_loss: float = float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(self.step_tokens) / sum(self.step_seconds)
+
+    @property
+    def eval_perplexity(self) -> float:
+        return math.exp(self.eval_loss)
+
+    def final_train_loss(self) -> float:
+        """Mean train loss over the last tenth of the steps (at least one step): a single batch is too noisy."""
+        n = max(1, len(self.losses) // 10)
+        return sum(self.losses[-n:]) / n
+
+    def to_dict(self) -> Dict:
+        d = asdict(self)
+        d.update(tokens_per_s=self.tokens_per_s, eval_perplexity=self.eval_perplexity,
+                 final_train_loss=self.final_train_loss(), step_time_s=sum(self.step_seconds))
+        return d
+
+
+def make_scheduler(name: str, initial_rate: float):
+    """``ladder`` (LORS, the default), ``constant`` or ``linear``, starting at ``initial_rate``; ``total_steps`` is
+    filled in from the Trainer by :class:`sat_kernels.SATCallback`."""
+    if name == "ladder":
+        return sk.LadderOmissionScheduler(initial_rate)
+    if name == "constant":
+        return sk.ConstantOmissionScheduler(initial_rate)
+    if name == "linear":
+        return sk.LinearOmissionScheduler(initial_rate)
+    raise ValueError(f"scheduler must be one of {list(SCHEDULERS)}, got {name!r}")
+
+
+def resolve_device_precision(precision: str):
+    """``(device, autocast dtype or None)``: CUDA when available; ``auto`` is bf16 autocast on a GPU that supports
+    it (fp32 master weights), fp32 otherwise."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return device, torch.bfloat16
+    return device, None
+
+
+def check_sat_supported(model, cfg: TrainConfig) -> None:
+    """Raise a clear ValueError before any training if SAT cannot patch ``model`` (e.g. GPT-2: no SwiGLU MLP)."""
+    try:
+        sk.replace_mlp(model, cfg.omission_rate, metric=cfg.metric, strategy=cfg.strategy, backend=cfg.backend)
+    except ValueError as e:
+        raise ValueError(f"--model ({type(model).__name__}, model_type {getattr(model.config, 'model_type', '?')!r}) "
+                         f"is not supported by SAT: {e}") from None
+    finally:
+        sk.revert(model)
+
+
+class _ExamplesDataset(torch.utils.data.Dataset):
+    def __init__(self, examples):
+        self.examples = examples
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        return self.examples[i]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _make_callbacks(result: RunResult, device, total_steps: int, rate_of, progress: bool):
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class StepLog(TrainerCallback):
+        """Times each optimizer step, records loss / tokens/s / omission rate, drives the progress bar."""
+
+        def __init__(self):
+            self.bar = None
+            self.t0 = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = tqdm(total=total_steps, desc=result.name, disable=not progress, file=sys.stderr,
+                            dynamic_ncols=True, leave=False)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            _sync(device)
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            _sync(device)
+            result.step_seconds.append(time.perf_counter() - self.t0)
+            result.omission_rates.append(rate_of())
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs or len(result.losses) >= len(result.step_seconds):
+                return
+            step = len(result.losses)
+            result.losses.append(float(logs["loss"]))
+            result.grad_norms.append(float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None)
+            tok_s = result.step_tokens[step] / result.step_seconds[step]
+            line = (f"[{result.name}] step {step + 1}/{total_steps}  loss {result.losses[-1]:.4f}  "
+                    f"tokens/s {tok_s:.0f}  omission {result.omission_rates[step]:.2f}")
+            if progress:
+                self.bar.set_postfix_str(f"loss {result.losses[-1]:.3f} tok/s {tok_s:.0f} "
+                                         f"r {result.omission_rates[step]:.2f}")
+                self.bar.update(1)
+                self.bar.write(line, file=sys.stdout)
+            else:
+                print(line, flush=True)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+
+    return StepLog()
+
+
+@torch.no_grad()
+def evaluate(model, examples: Sequence[Dict], pad_id: int, *, batch_size: int = 8,
+             device: Optional[torch.device] = None, autocast_dtype=None) -> float:
+    """Mean next-token cross-entropy over every labelled token of ``examples`` (labels -100 are skipped), with the
+    model in eval mode (SAT modules are then exactly dense). Restores the model's training flag."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for i in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            total += F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                     reduction="sum").item()
+            count += int((labels != IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("evaluate: the examples have no labelled tokens")
+    return total / count
+
+
+def train_run(pristine, train_examples: Sequence[Dict], eval_examples: Sequence[Dict], cfg: TrainConfig, *,
+              sat: bool, pad_id: int, name: Optional[str] = None, progress: bool = True):
+    """Train a fresh copy of ``pristine`` on ``train_examples`` (already in training order, ``steps * batch_size`` of
+    them), with SAT (``replace_mlp`` + :class:`sat_kernels.SATCallback`) or dense, then evaluate it dense.
+
+    Returns ``(RunResult, trained model)``; the trained model is reverted to its original (dense) modules.
+    """
+    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+
+    if len(train_examples) != cfg.steps * cfg.batch_size:
+        raise ValueError(f"train_examples must hold steps * batch_size = {cfg.steps * cfg.batch_size} examples, "
+                         f"got {len(train_examples)}")
+    device, autocast_dtype = resolve_device_precision(cfg.precision)
+    result = RunResult(name or ("SAT" if sat else "dense"), sat)
+    result.step_tokens = [sum(len(e["input_ids"]) for e in train_examples[s * cfg.batch_size:(s + 1) * cfg.batch_size])
+                          for s in range(cfg.steps)]
+    set_seed(cfg.seed)
+    model = copy.deepcopy(pristine).to(device).train()
+    callbacks = []
+    rate_of = lambda: 0.0  # noqa: E731
+    if sat:
+        scheduler = make_scheduler(cfg.scheduler, cfg.omission_rate)
+        sk.replace_mlp(model, cfg.omission_rate, metric=cfg.metric, strategy=cfg.strategy, backend=cfg.backend)
+        sat_callback = sk.SATCallback(scheduler)
+        callbacks.append(sat_callback)
+        rate_of = lambda: sat_callback.current_rate  # noqa: E731
+    callbacks.append(_make_callbacks(result, device, cfg.steps, rate_of, progress))
+
+    class OrderedTrainer(Trainer):
+        """Takes the examples in the given order (the same for dense and SAT)."""
+
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
+            learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps, lr_scheduler_type="linear", weight_decay=0.0,
+            optim="adamw_torch", logging_steps=1, save_strategy="no", report_to=[], seed=cfg.seed,
+            use_cpu=device.type != "cuda", bf16=autocast_dtype is torch.bfloat16, disable_tqdm=True,
+            remove_unused_columns=False, dataloader_num_workers=0, dataloader_drop_last=False)
+        trainer = OrderedTrainer(model=model, args=args, train_dataset=_ExamplesDataset(list(train_examples)),
+                                 data_collator=lambda batch: collate(batch, pad_id), callbacks=callbacks)
+        trainer.remove_callback(PrinterCallback)
+        start = time.perf_counter()
+        trainer.train()
+        _sync(device)
+        result.train_wall_s = time.perf_counter() - start
+    if len(result.losses) != cfg.steps or len(result.step_seconds) != cfg.steps:
+        raise RuntimeError(f"expected {cfg.steps} logged steps, got {len(result.losses)} losses and "
+                           f"{len(result.step_seconds)} timings")
+    if sat:
+        sk.revert(model)
+    del trainer
+    gc.collect()
+    result.eval_loss = evaluate(model, eval_examples, pad_id, batch_size=cfg.eval_batch_size, device=device,
+                                autocast_dtype=autocast_dtype)
+    return result, model

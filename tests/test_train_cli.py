@@ -1,0 +1,317 @@
+"""``sat-train``: the offline corpus, SFT label masking, the dense/SAT runner and the CLI end to end on a tiny random
+Llama with a word-level tokenizer built here (no downloads); the real SmolLM2 run is ``slow``."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sat_kernels as sk
+from sat_kernels.train import data as D
+from sat_kernels.train.cli import main
+from sat_kernels.train.runner import TrainConfig, train_run
+
+from helpers import tiny_config
+
+WORDS = ("the function returns a list of values from the given sequence and raises an error when the input is "
+         "empty or not a number so callers check it before use").split()
+CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}<s> assistant : {% endif %}")
+
+
+def _documents(n=48, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (int(torch.randint(12, 30, (1,),
+                                                                                          generator=gen)),),
+                                                               generator=gen).tolist()) for _ in range(n)]
+
+
+def _tokenizer(chat_template=None):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    extra = ["what", "does", "do", "?", "user", "assistant", ":", "`"]
+    tok.train_from_iterator([" ".join(WORDS + extra)],
+                            trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>", "<pad>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama and its tokenizer saved with save_pretrained, plus cpt/sft corpus files."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny")
+    tok = _tokenizer(CHAT_TEMPLATE)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=len(tok)))
+    model.save_pretrained(root / "llama")
+    tok.save_pretrained(root / "llama")
+    docs = _documents()
+    (root / "corpus.txt").write_text("\n\n".join(docs) + "\n")
+    with open(root / "pairs.jsonl", "w") as f:
+        for i, d in enumerate(docs):
+            f.write(json.dumps({"prompt": f"what does `{WORDS[i % len(WORDS)]}` do ?", "response": d}) + "\n")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# default corpus
+
+
+def test_default_corpus_is_deterministic_with_disjoint_splits():
+    a, b = D.stdlib_docs(), D.stdlib_docs()
+    assert a == b and len(a) > 1000
+    assert len({d.name for d in a}) == len(a) and len({d.doc for d in a}) == len(a)
+    for task in D.TASKS:
+        c1, c2 = D.default_corpus(task), D.default_corpus(task)
+        assert c1.train == c2.train and c1.eval == c2.eval and c1.fingerprint() == c2.fingerprint()
+        train = {json.dumps(r, sort_keys=True) for r in c1.train}
+        held = {json.dumps(r, sort_keys=True) for r in c1.eval}
+        assert train.isdisjoint(held)
+        assert 0.08 < len(c1.eval) / (len(c1.train) + len(c1.eval)) < 0.12
+    cpt, sft = D.default_corpus("cpt"), D.default_corpus("sft")
+    eval_names = {r["text"].split("\n")[0].split(" ")[1] for r in cpt.eval}
+    train_names = {r["text"].split("\n")[0].split(" ")[1] for r in cpt.train}
+    assert eval_names.isdisjoint(train_names)
+    # the same objects are held out in both tasks
+    assert all(r["prompt"].split("`")[1] in eval_names for r in sft.eval)
+    assert sft.train[0]["prompt"].startswith("What does the Python ") and sft.train[0]["response"]
+
+
+def test_default_corpus_is_the_same_in_another_process():
+    """No dependence on hash randomisation or import order: a fresh interpreter gives the same fingerprint."""
+    code = ("from sat_kernels.train.data import default_corpus; "
+            "print(default_corpus('cpt').fingerprint(), default_corpus('sft').fingerprint())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+                         env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout.split()
+    assert out == [D.default_corpus("cpt").fingerprint(), D.default_corpus("sft").fingerprint()]
+
+
+def test_split_train_eval_rules():
+    items = [f"doc {i}" for i in range(37)]
+    train, held = D.split_train_eval(items, items, 0.1)
+    assert len(held) == 4 and len(train) == 33 and set(train).isdisjoint(held)
+    assert train == [x for x in items if x in train]  # input order kept
+    with pytest.raises(ValueError, match="unique"):
+        D.split_train_eval(["a", "b"], ["k", "k"])
+    with pytest.raises(ValueError, match="at least 2"):
+        D.split_train_eval(["a"], ["a"])
+
+
+def test_first_paragraph():
+    assert D.first_paragraph("Line one\n  continues.\n\nSecond paragraph.") == "Line one continues."
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tokenization
+
+
+@pytest.mark.parametrize("template", [CHAT_TEMPLATE, None], ids=["chat-template", "no-template"])
+def test_sft_labels_mask_the_prompt(template):
+    tok = _tokenizer(template)
+    pairs = [{"prompt": "what does `sequence` do ?", "response": "the function returns a list of values"},
+             {"prompt": "what does `error` do ?", "response": "raises an error when the input is empty"}]
+    examples = D.tokenize_sft(pairs, tok, seq_len=64)
+    words = lambda text: tok.decode(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    for pair, ex in zip(pairs, examples):
+        ids, labels = ex["input_ids"], ex["labels"]
+        n_prompt = sum(1 for x in labels if x == D.IGNORE_INDEX)
+        assert n_prompt > 0 and labels[:n_prompt] == [D.IGNORE_INDEX] * n_prompt, "-100 exactly on a prefix"
+        assert labels[n_prompt:] == ids[n_prompt:], "every response token is a target"
+        assert ids[n_prompt:] == tok(pair["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        prompt = f"user : {pair['prompt']} assistant :" if template else pair["prompt"]
+        assert tok.decode(ids[:n_prompt], skip_special_tokens=True) == words(prompt)
+    # truncation keeps the prompt and at least one response token; a prompt that does not fit is dropped
+    short = D.tokenize_sft(pairs, tok, seq_len=len(examples[0]["labels"]) - 2)
+    assert len(short[0]["input_ids"]) == len(examples[0]["labels"]) - 2
+    assert D.tokenize_sft(pairs[:1], tok, seq_len=3) == []
+
+
+def test_pack_cpt_blocks_and_separators():
+    tok = _tokenizer()
+    texts = _documents(6)
+    blocks = D.pack_cpt(texts, tok, seq_len=10)
+    stream = []
+    for t in texts:
+        stream += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert len(blocks) == len(stream) // 10
+    assert [x for b in blocks for x in b["input_ids"]] == stream[:10 * len(blocks)]
+    assert all(b["labels"] == b["input_ids"] and len(b["input_ids"]) == 10 for b in blocks)
+
+
+def test_collate_pads_right_and_masks_labels():
+    batch = D.collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}],
+                      pad_id=3)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 3, 3]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_training_order_is_seeded_epochs():
+    items = list(range(7))
+    order = D.training_order(items, 17, seed=3)
+    assert order == D.training_order(items, 17, seed=3) != D.training_order(items, 17, seed=4)
+    assert sorted(order[:7]) == items and sorted(order[7:14]) == items and len(order) == 17
+
+
+def test_load_corpus_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: expected .*\['prompt', 'response'\]"):
+        D.load_corpus(bad, "sft")
+    bad.write_text("{not json\n")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        D.load_corpus(bad, "cpt")
+    txt = tmp_path / "a.txt"
+    txt.write_text("one\n\ntwo\n")
+    with pytest.raises(ValueError, match="--task sft needs a .jsonl"):
+        D.load_corpus(txt, "sft")
+    with pytest.raises(ValueError, match="does not exist"):
+        D.load_corpus(tmp_path / "missing.txt", "cpt")
+    with pytest.raises(ValueError, match="task must be one of"):
+        D.load_corpus(txt, "pretrain")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# runner
+
+
+def _tiny_setup(tiny_dir, steps, batch):
+    from sat_kernels.train.model import load_model, load_tokenizer
+
+    tok = load_tokenizer(tiny_dir / "llama")
+    corpus = D.load_corpus(tiny_dir / "corpus.txt", "cpt")
+    train, held = D.tokenize(corpus, tok, 16)
+    return load_model(tiny_dir / "llama"), D.training_order(train, steps * batch, 0), held, tok.pad_token_id
+
+
+def test_runs_share_seed_data_and_optimizer(tiny_dir):
+    """Dense twice gives bitwise equal losses; SAT at omission rate 0 runs the dense modules and matches them
+    exactly too, so any dense/SAT difference comes from the omission alone."""
+    pristine, order, held, pad = _tiny_setup(tiny_dir, 8, 2)
+    cfg = TrainConfig(steps=8, seq_len=16, batch_size=2, lr=3e-3)
+    dense1, m1 = train_run(pristine, order, held, cfg, sat=False, pad_id=pad, progress=False)
+    dense2, _ = train_run(pristine, order, held, cfg, sat=False, pad_id=pad, progress=False)
+    cfg0 = TrainConfig(steps=8, seq_len=16, batch_size=2, lr=3e-3, omission_rate=0.0)
+    sat0, m0 = train_run(pristine, order, held, cfg0, sat=True, pad_id=pad, progress=False)
+    assert dense1.losses == dense2.losses and dense1.eval_loss == dense2.eval_loss
+    assert sat0.losses == dense1.losses and sat0.eval_loss == dense1.eval_loss
+    assert not any(isinstance(m, sk.SATMLP) for m in m0.modules()), "the trained model is reverted to dense"
+    sat, _ = train_run(pristine, order, held, cfg, sat=True, pad_id=pad, progress=False)
+    assert sat.losses[0] != dense1.losses[0], "omission changes the first step's loss"
+    assert sat.omission_rates == [0.5] * 4 + [0.25] * 3 + [0.0]   # LORS over 8 steps: 7 sparse in 2 rungs, 1 dense
+    # the pristine model is untouched by the runs
+    assert all(not isinstance(m, sk.SATMLP) for m in pristine.modules())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _run_cli(args, capsys):
+    assert main(args) == 0
+    return capsys.readouterr().out
+
+
+def test_cli_compare_cpt_end_to_end(tiny_dir, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    out = _run_cli(["--model", str(tiny_dir / "llama"), "--data", str(tiny_dir / "corpus.txt"), "--compare",
+                    "--steps", "20", "--seq-len", "16", "--batch-size", "4", "--lr", "3e-3", "--eval-examples",
+                    "all", "--output-dir", str(out_dir), "--no-progress"], capsys)
+    assert "[dense] step 20/20" in out and "[SAT] step 1/20" in out and "omission 0.50" in out
+    assert "| dense |" in out and "| SAT |" in out and "speedup" in out and "excluded" in out
+    report = json.loads((out_dir / "train_cpt.json").read_text())
+    assert (out_dir / "train_cpt.png").stat().st_size > 10_000
+    dense, sat = report["runs"]["dense"], report["runs"]["SAT"]
+    for run in (dense, sat):
+        assert len(run["losses"]) == len(run["step_seconds"]) == len(run["step_tokens"]) == 20
+        assert run["step_tokens"] == [64] * 20 and run["tokens_per_s"] > 0
+        assert run["eval_loss"] < report["base_eval_loss"], "training must improve the held-out loss"
+    # LORS from 0.5 over 20 steps: 18 sparse steps in two rungs, then 2 dense steps
+    assert sat["omission_rates"] == [0.5] * 9 + [0.25] * 9 + [0.0] * 2
+    assert dense["omission_rates"] == [0.0] * 20
+    c = report["comparison"]
+    assert c["speedup_tokens_per_s"] == pytest.approx(sat["tokens_per_s"] / dense["tokens_per_s"])
+    assert c["eval_loss_rel_diff"] == pytest.approx((sat["eval_loss"] - dense["eval_loss"]) / dense["eval_loss"])
+    assert report["config"]["steps"] == 20 and report["environment"]["torch"] == torch.__version__
+    assert report["data"]["fingerprint"] and report["data"]["eval_examples_used"] >= 1
+
+
+def test_cli_sft_single_run_saves_model(tiny_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out_dir = tmp_path / "out"
+    out = _run_cli(["--task", "sft", "--model", str(tiny_dir / "llama"), "--data", str(tiny_dir / "pairs.jsonl"),
+                    "--steps", "6", "--seq-len", "48", "--batch-size", "3", "--scheduler", "constant",
+                    "--omission-rate", "0.25", "--metric", "contrib", "--strategy", "sample", "--name", "s",
+                    "--output-dir", str(out_dir), "--save-model", "--no-progress"], capsys)
+    assert "[SAT] step 6/6" in out and "[dense]" not in out
+    report = json.loads((out_dir / "s.json").read_text())
+    assert list(report["runs"]) == ["SAT"] and "comparison" not in report
+    assert report["runs"]["SAT"]["omission_rates"] == [0.25] * 6
+    saved = AutoModelForCausalLM.from_pretrained(out_dir / "s_model")
+    assert not any(isinstance(m, sk.SATMLP) for m in saved.modules())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "/nonexistent/corpus.txt"], "--data: file '/nonexistent/corpus.txt' does not exist"),
+    (["--model", "/nonexistent/model"], "--model: '/nonexistent/model' does not exist"),
+    (["--omission-rate", "1.0"], "argument --omission-rate: must be in [0, 1), got 1.0"),
+    (["--omission-rate", "-0.1"], "argument --omission-rate: must be in [0, 1), got -0.1"),
+    (["--omission-rate", "half"], "argument --omission-rate: expected a number in [0, 1), got 'half'"),
+    (["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
+    (["--scheduler", "cosine"], "argument --scheduler: invalid choice"),
+    (["--task", "dpo"], "argument --task: invalid choice"),
+], ids=["missing-data", "missing-model", "rate-1", "rate-neg", "rate-text", "steps-0", "scheduler", "task"])
+def test_cli_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_rejects_unsupported_model_and_data(tiny_dir, tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = _tokenizer()
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(gpt2)
+    tok.save_pretrained(gpt2)
+    with pytest.raises(SystemExit):
+        main(["--model", str(gpt2), "--data", str(tiny_dir / "corpus.txt"), "--steps", "2", "--seq-len", "8"])
+    err = capsys.readouterr().err
+    assert "GPT2LMHeadModel" in err and "'gpt2'" in err and "not supported by SAT" in err and "SwiGLU" in err
+    with pytest.raises(SystemExit):
+        main(["--task", "sft", "--model", str(tiny_dir / "llama"), "--data", str(tiny_dir / "corpus.txt")])
+    assert "--task sft needs a .jsonl" in capsys.readouterr().err
+    not_model = tmp_path / "weights.bin"
+    not_model.write_bytes(b"0")
+    with pytest.raises(SystemExit):
+        main(["--model", str(not_model), "--data", str(tiny_dir / "corpus.txt")])
+    assert "a file must be a .gguf model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", str(tiny_dir / "llama"), "--data", str(tiny_dir / "corpus.txt"), "--seq-len", "100000"])
+    assert "gives no cpt example of --seq-len 100000 tokens" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_default_model_and_corpus(tmp_path, capsys):
+    """The main job's path: the SmolLM2-135M-Instruct GGUF and the stdlib corpus, a few steps, both tasks."""
+    for task in ("cpt", "sft"):
+        out = _run_cli(["--task", task, "--compare", "--steps", "3", "--seq-len", "64", "--batch-size", "2",
+                        "--eval-examples", "4", "--output-dir", str(tmp_path), "--no-progress"], capsys)
+        assert "SmolLM2-135M-Instruct.Q4_1.gguf" in out and "Python 3." in out
+        report = json.loads((tmp_path / f"train_{task}.json").read_text())
+        base = report["base_eval_loss"]
+        assert 0.5 < base < 6, f"a pretrained model has a moderate loss on English docstrings, got {base}"
+        for run in report["runs"].values():
+            assert len(run["losses"]) == 3 and all(0 < x < 10 for x in run["losses"])
