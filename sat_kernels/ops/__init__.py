@@ -129,13 +129,17 @@ def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: t
         y = dense_mlp(x, w_gate, w_up, w_down, act)
         return (y, torch.arange(inter, device=x.device)) if return_indices else y
 
-    def select(a: Optional[torch.Tensor] = None, *, scores: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def select(a: Optional[torch.Tensor] = None, *, scores: Optional[torch.Tensor] = None,
+               select_fn=select_neurons) -> torch.Tensor:
+        # select_fn: select_neurons or a backend's kernel with its signature, which draws the noise itself when
+        # uniform is None (the cuda backend draws it inside its selection kernel)
         if scores is None:
             scores = activation_scores(a, metric, w_down)
-        uniform = draw_uniform(inter, strategy, scores.device, generator)
+        uniform = None
         if group is not None:
+            uniform = draw_uniform(inter, strategy, scores.device, generator)
             scores, uniform = all_reduce_scores(scores, metric, uniform, group)
-        return select_neurons(scores, k, strategy=strategy, generator=generator, uniform=uniform)
+        return select_fn(scores, k, strategy=strategy, generator=generator, uniform=uniform)
 
     select.metric = metric  # a backend that fuses the scoring into its kernels calls select(scores=fp32 [I])
     y, idx = _run(launcher, x, w_gate, w_up, w_down, select, act)

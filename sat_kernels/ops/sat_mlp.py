@@ -20,6 +20,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from ..selection import select_neurons
+
 ACTIVATIONS = ("silu", "gelu_tanh")
 
 
@@ -40,24 +42,44 @@ def dense_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
     return F.linear(act_fwd(F.linear(x, w_gate), act) * F.linear(x, w_up), w_down)
 
 
-def _scatter_rows(full_shape, like: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    out = like.new_zeros(full_shape)
-    return out.index_copy_(0, idx, rows.to(like.dtype))
+class TorchIndexOps:
+    """The index operations of :class:`SATMLPFunction` on the torch backend: ``index_select`` gathers, ``index_copy_``
+    into zeros, ``topk`` + ``sort`` selection. Another backend passes an object with the same five static methods
+    (the ``"cuda"`` backend: its kernels, ``sat_kernels/ops/cuda/sat_mlp.py``)."""
+
+    @staticmethod
+    def gather_rows(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:      # w[idx, :]         [k, W]
+        return w.index_select(0, idx)
+
+    @staticmethod
+    def gather_cols(a: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:      # a[:, idx]         [R, k]
+        return a.index_select(1, idx)
+
+    @staticmethod
+    def scatter_rows(rows: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:   # zeros [n, W], rows at idx
+        return rows.new_zeros(n, rows.shape[1]).index_copy_(0, idx, rows)
+
+    @staticmethod
+    def scatter_cols(cols: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:   # zeros [R, n], cols at idx
+        return cols.new_zeros(cols.shape[0], n).index_copy_(1, idx, cols)
+
+    select_neurons = staticmethod(select_neurons)
 
 
 class SATMLPFunction(torch.autograd.Function):
-    """Autograd op of the SAT MLP on 2-D ``x``.
+    """Autograd op of the SAT MLP on 2-D ``x``, over the index operations ``ops`` (e.g. :class:`TorchIndexOps`).
 
-    ``select`` is either a ``LongTensor`` of kept indices (``gathered_mlp``) or a callable ``select(a_full) -> idx``
-    that scores the full activations and picks the kept set (``sat_mlp``).
+    ``select`` is either a ``LongTensor`` of kept indices (``gathered_mlp``) or a callable
+    ``select(a_full, select_fn=ops.select_neurons) -> idx`` that scores the full activations and picks the kept set
+    with ``select_fn`` (``sat_mlp``).
     """
 
     @staticmethod
-    def forward(ctx, x, w_gate, w_up, w_down, select, act: str):
+    def forward(ctx, x, w_gate, w_up, w_down, select, act: str, ops):
         if isinstance(select, torch.Tensor):
             idx = select
-            wg_s = w_gate.index_select(0, idx)                         # [k, h]
-            wu_s = w_up.index_select(0, idx)                           # [k, h]
+            wg_s = ops.gather_rows(w_gate, idx)                        # [k, h]
+            wu_s = ops.gather_rows(w_up, idx)                          # [k, h]
             g_s = torch.mm(x, wg_s.t())                                # [T, k]
             u_s = torch.mm(x, wu_s.t())                                # [T, k]
             a_s = act_fwd(g_s, act).mul_(u_s)                          # [T, k]
@@ -65,44 +87,44 @@ class SATMLPFunction(torch.autograd.Function):
             g = torch.mm(x, w_gate.t())                                # [T, I]
             u = torch.mm(x, w_up.t())                                  # [T, I]
             a = act_fwd(g, act).mul_(u)                                # [T, I]
-            idx = select(a)                                            # [k]
-            g_s = g.index_select(1, idx)                               # [T, k]
-            u_s = u.index_select(1, idx)                               # [T, k]
-            a_s = a.index_select(1, idx)                               # [T, k]
+            idx = select(a, select_fn=ops.select_neurons)             # [k]
+            g_s = ops.gather_cols(g, idx)                              # [T, k]
+            u_s = ops.gather_cols(u, idx)                              # [T, k]
+            a_s = ops.gather_cols(a, idx)                              # [T, k]
             del g, u, a
-        wd_s = w_down.index_select(1, idx)                             # [h, k]
+        wd_s = ops.gather_cols(w_down, idx)                            # [h, k]
         y = torch.mm(a_s, wd_s.t())                                    # [T, h]
         ctx.save_for_backward(x, w_gate, w_up, w_down, idx, g_s, u_s)
-        ctx.act = act
+        ctx.act, ctx.ops = act, ops
         ctx.mark_non_differentiable(idx)
         return y, idx
 
     @staticmethod
     def backward(ctx, dy, _didx):
         x, w_gate, w_up, w_down, idx, g_s, u_s = ctx.saved_tensors
-        act = ctx.act
+        act, ops = ctx.act, ctx.ops
         need_x, need_wg, need_wu, need_wd = ctx.needs_input_grad[:4]
         dy = dy.contiguous()
-        wd_s = w_down.index_select(1, idx)                             # [h, k]
+        wd_s = ops.gather_cols(w_down, idx)                            # [h, k]
         da_s = torch.mm(dy, wd_s)                                      # [T, k]
         act_g = act_fwd(g_s, act)                                      # [T, k]
         dx = dwg = dwu = dwd = None
         if need_wd:
             dwd_s = torch.mm(dy.t(), act_g * u_s)                      # [h, k]
-            dwd = w_down.new_zeros(w_down.shape).index_copy_(1, idx, dwd_s.to(w_down.dtype))
+            dwd = ops.scatter_cols(dwd_s.to(w_down.dtype), idx, w_down.shape[1])
         dg_s = act_bwd(da_s * u_s, g_s, act)                           # [T, k]
         du_s = da_s.mul_(act_g)                                        # [T, k]
         if need_wg:
-            dwg = _scatter_rows(w_gate.shape, w_gate, idx, torch.mm(dg_s.t(), x))   # [I, h]
+            dwg = ops.scatter_rows(torch.mm(dg_s.t(), x).to(w_gate.dtype), idx, w_gate.shape[0])   # [I, h]
         if need_wu:
-            dwu = _scatter_rows(w_up.shape, w_up, idx, torch.mm(du_s.t(), x))       # [I, h]
+            dwu = ops.scatter_rows(torch.mm(du_s.t(), x).to(w_up.dtype), idx, w_up.shape[0])       # [I, h]
         if need_x:
-            dx = torch.mm(dg_s, w_gate.index_select(0, idx))           # [T, h]
-            dx.addmm_(du_s, w_up.index_select(0, idx))
-        return dx, dwg, dwu, dwd, None, None
+            dx = torch.mm(dg_s, ops.gather_rows(w_gate, idx))          # [T, h]
+            dx.addmm_(du_s, ops.gather_rows(w_up, idx))
+        return dx, dwg, dwu, dwd, None, None, None
 
 
 def sat_mlp_torch(x2: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                   select, act: str):
     """Launcher of the torch backend: ``x2`` is ``[T, h]``; returns ``(y [T, h], idx [k])``."""
-    return SATMLPFunction.apply(x2, w_gate, w_up, w_down, select, act)
+    return SATMLPFunction.apply(x2, w_gate, w_up, w_down, select, act, TorchIndexOps)
