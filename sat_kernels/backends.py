@@ -11,14 +11,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .ops.sat_mlp import sat_mlp_torch
+from .ops.cuda import unavailable_reason as _cuda_unavailable_reason
 from .ops.triton import unavailable_reason as _triton_unavailable_reason
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
 _LAUNCHERS: Dict[str, Callable] = {"torch": sat_mlp_torch}
-_MISSING: Dict[str, str] = {
-    "cuda": "the CUDA extension (sat_kernels._C) is not part of this version of sat_kernels",
-}
+_MISSING: Dict[str, str] = {}
 
 
 def _register_triton() -> None:
@@ -36,6 +35,21 @@ def _register_triton() -> None:
 
 
 _register_triton()
+
+
+def _register_cuda() -> None:
+    """Register the CUDA-extension launcher where it can run (sat_kernels._C built, a CUDA device), else the reason.
+
+    Not in "auto": the cuda backend has not been measured on a GPU yet."""
+    reason = _cuda_unavailable_reason()
+    if reason is None:
+        from .ops.cuda.sat_mlp import sat_mlp_cuda
+        _LAUNCHERS["cuda"] = sat_mlp_cuda
+    else:
+        _MISSING["cuda"] = reason
+
+
+_register_cuda()
 
 # Measured fwd+bwd time of the triton backend over the torch backend, keyed on (torch.cuda.get_device_name(), dtype):
 # "auto" picks triton on CUDA where the ratio is below 1. Entries must come from a GPU run of
