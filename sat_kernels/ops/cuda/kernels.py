@@ -161,9 +161,9 @@ def select_kept(scores: Tensor, k: int, *, strategy: str = "topk", generator: Op
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     code = STRATEGY_CODES[strategy]
+    _check_select(scores, uniform, k, code, 0, 0)  # before the generator advances
     seed = offset = 0
     if code != STRATEGY_CODES["topk"] and uniform is None:
-        _check_select(scores, None, k, code, 0, 0)  # before the generator advances
         seed, offset = philox_seed_offset(generator, scores.device)
     return _select_kept_op(scores, uniform, k, code, _signed64(seed), _signed64(offset), index_dtype == torch.int32)
 
@@ -188,20 +188,26 @@ def select_neurons(scores: Tensor, k: int, *, strategy: str = "topk", generator:
 
 
 # --------------------------------------------------------------------------------------------- gathers and scatters
-def _check_index_op(src, idx) -> None:
+def _check_gather(src, idx) -> torch.device:
     _check_tensor(src, "src", (2,), tuple(_ELEM_SIZE))
     _check_tensor(idx, "idx", (1,), (torch.int64,))
-
-
-def _device_of(src: Tensor, idx: Tensor) -> torch.device:
     return _check_device(src=src, idx=idx)
 
 
+def _check_scatter(src, idx, n, dim: int) -> Tuple[int, torch.device]:
+    _check_tensor(src, "src", (2,), tuple(_ELEM_SIZE))
+    _check_tensor(idx, "idx", (1,), (torch.int64,))
+    n = _check_int(n, "n", 0, 2 ** 62)
+    if src.shape[dim] != idx.numel():
+        raise ValueError(f"src.shape[{dim}] must equal the number of indices {idx.numel()}, got {tuple(src.shape)}")
+    if idx.numel() > n:
+        raise ValueError(f"idx has {idx.numel()} entries, more than n = {n}")
+    return n, _check_device(src=src, idx=idx)
+
+
 @torch.library.custom_op("sat_kernels::cuda_gather_rows", mutates_args=())
-def gather_rows(src: Tensor, idx: Tensor) -> Tensor:
-    """``src[idx, :]``: ``src`` ``[n, W]`` (fp16/bf16/fp32/fp64), int64 ``idx`` ``[k]`` in ``[0, n)`` -> ``[k, W]``."""
-    _check_index_op(src, idx)
-    device = _device_of(src, idx)
+def _gather_rows_op(src: Tensor, idx: Tensor) -> Tensor:
+    device = _check_gather(src, idx)
     (n, width), k = src.shape, idx.numel()
     out = torch.empty(k, width, dtype=src.dtype, device=device)
     load_extension().gather_rows(src.data_ptr(), idx.data_ptr(), out.data_ptr(), n, k, width, src.element_size(),
@@ -209,18 +215,15 @@ def gather_rows(src: Tensor, idx: Tensor) -> Tensor:
     return out
 
 
-@gather_rows.register_fake
+@_gather_rows_op.register_fake
 def _(src, idx):
-    _check_index_op(src, idx)
-    _device_of(src, idx)
+    _check_gather(src, idx)
     return src.new_empty(idx.numel(), src.shape[1])
 
 
 @torch.library.custom_op("sat_kernels::cuda_gather_cols", mutates_args=())
-def gather_cols(src: Tensor, idx: Tensor) -> Tensor:
-    """``src[:, idx]``: ``src`` ``[R, n]`` (fp16/bf16/fp32/fp64), int64 ``idx`` ``[k]`` in ``[0, n)`` -> ``[R, k]``."""
-    _check_index_op(src, idx)
-    device = _device_of(src, idx)
+def _gather_cols_op(src: Tensor, idx: Tensor) -> Tensor:
+    device = _check_gather(src, idx)
     (rows, n), k = src.shape, idx.numel()
     out = torch.empty(rows, k, dtype=src.dtype, device=device)
     load_extension().gather_cols(src.data_ptr(), idx.data_ptr(), out.data_ptr(), rows, n, k, src.element_size(),
@@ -228,31 +231,15 @@ def gather_cols(src: Tensor, idx: Tensor) -> Tensor:
     return out
 
 
-@gather_cols.register_fake
+@_gather_cols_op.register_fake
 def _(src, idx):
-    _check_index_op(src, idx)
-    _device_of(src, idx)
+    _check_gather(src, idx)
     return src.new_empty(src.shape[0], idx.numel())
 
 
-def _check_scatter(src, idx, n, dim: int) -> int:
-    _check_index_op(src, idx)
-    n = _check_int(n, "n", 0, 2 ** 62)
-    if src.shape[dim] != idx.numel():
-        raise ValueError(f"src.shape[{dim}] must equal the number of indices {idx.numel()}, got {tuple(src.shape)}")
-    if idx.numel() > n:
-        raise ValueError(f"idx has {idx.numel()} entries, more than n = {n}")
-    return n
-
-
 @torch.library.custom_op("sat_kernels::cuda_scatter_rows", mutates_args=())
-def scatter_rows(src: Tensor, idx: Tensor, n: int) -> Tensor:
-    """Zero ``[n, W]`` with row ``idx[j]`` = ``src[j]``: ``src`` ``[k, W]``, ``idx`` strictly ascending int64 ``[k]``.
-
-    Every output element is written once (no separate zero fill); an index outside ``[0, n)`` is never matched.
-    """
-    n = _check_scatter(src, idx, n, 0)
-    device = _device_of(src, idx)
+def _scatter_rows_op(src: Tensor, idx: Tensor, n: int) -> Tensor:
+    n, device = _check_scatter(src, idx, n, 0)
     k, width = src.shape
     out = torch.empty(n, width, dtype=src.dtype, device=device)
     load_extension().scatter_rows(src.data_ptr(), idx.data_ptr(), out.data_ptr(), n, k, width, src.element_size(),
@@ -260,21 +247,15 @@ def scatter_rows(src: Tensor, idx: Tensor, n: int) -> Tensor:
     return out
 
 
-@scatter_rows.register_fake
+@_scatter_rows_op.register_fake
 def _(src, idx, n):
-    n = _check_scatter(src, idx, n, 0)
-    _device_of(src, idx)
+    n, _ = _check_scatter(src, idx, n, 0)
     return src.new_empty(n, src.shape[1])
 
 
 @torch.library.custom_op("sat_kernels::cuda_scatter_cols", mutates_args=())
-def scatter_cols(src: Tensor, idx: Tensor, n: int) -> Tensor:
-    """Zero ``[R, n]`` with column ``idx[j]`` = ``src[:, j]``: ``src`` ``[R, k]``, ``idx`` strictly ascending ``[k]``.
-
-    Every output element is written once (no separate zero fill); an index outside ``[0, n)`` is never matched.
-    """
-    n = _check_scatter(src, idx, n, 1)
-    device = _device_of(src, idx)
+def _scatter_cols_op(src: Tensor, idx: Tensor, n: int) -> Tensor:
+    n, device = _check_scatter(src, idx, n, 1)
     rows, k = src.shape
     out = torch.empty(rows, n, dtype=src.dtype, device=device)
     load_extension().scatter_cols(src.data_ptr(), idx.data_ptr(), out.data_ptr(), rows, n, k, src.element_size(),
@@ -282,8 +263,39 @@ def scatter_cols(src: Tensor, idx: Tensor, n: int) -> Tensor:
     return out
 
 
-@scatter_cols.register_fake
+@_scatter_cols_op.register_fake
 def _(src, idx, n):
-    n = _check_scatter(src, idx, n, 1)
-    _device_of(src, idx)
+    n, _ = _check_scatter(src, idx, n, 1)
     return src.new_empty(src.shape[0], n)
+
+
+# Public entry points: the same checks before the dispatcher sees the arguments (it would turn a list into a
+# RuntimeError and a bool into an int).
+def gather_rows(src: Tensor, idx: Tensor) -> Tensor:
+    """``src[idx, :]``: ``src`` ``[n, W]`` (fp16/bf16/fp32/fp64), int64 ``idx`` ``[k]`` in ``[0, n)`` -> ``[k, W]``."""
+    _check_gather(src, idx)
+    return _gather_rows_op(src, idx)
+
+
+def gather_cols(src: Tensor, idx: Tensor) -> Tensor:
+    """``src[:, idx]``: ``src`` ``[R, n]`` (fp16/bf16/fp32/fp64), int64 ``idx`` ``[k]`` in ``[0, n)`` -> ``[R, k]``."""
+    _check_gather(src, idx)
+    return _gather_cols_op(src, idx)
+
+
+def scatter_rows(src: Tensor, idx: Tensor, n: int) -> Tensor:
+    """Zero ``[n, W]`` with row ``idx[j]`` = ``src[j]``: ``src`` ``[k, W]``, ``idx`` strictly ascending int64 ``[k]``.
+
+    Every output element is written once (no separate zero fill); an index outside ``[0, n)`` is never matched.
+    """
+    n, _ = _check_scatter(src, idx, n, 0)
+    return _scatter_rows_op(src, idx, n)
+
+
+def scatter_cols(src: Tensor, idx: Tensor, n: int) -> Tensor:
+    """Zero ``[R, n]`` with column ``idx[j]`` = ``src[:, j]``: ``src`` ``[R, k]``, ``idx`` strictly ascending ``[k]``.
+
+    Every output element is written once (no separate zero fill); an index outside ``[0, n)`` is never matched.
+    """
+    n, _ = _check_scatter(src, idx, n, 1)
+    return _scatter_cols_op(src, idx, n)
