@@ -208,10 +208,12 @@ def _install_output_hooks(model: nn.Module) -> None:
         from transformers.utils.output_capturing import maybe_install_capturing_hooks
     except ImportError:  # transformers 4: attention weights are returned through the layers' outputs
         return
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
+    # Transformers installs them from the model whose forward captures the outputs (``LlamaModel`` in
+    # ``LlamaForCausalLM``): the innermost pretrained models. Installing from an outer one as well would hook twice.
+    pretrained = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+    for module in pretrained:
+        if not any(other is not module and any(o is other for o in module.modules()) for other in pretrained):
             maybe_install_capturing_hooks(module)
-            return
 
 
 def replace_attention(model: nn.Module, omission_rate: float = 0.5, *, metric: str = "l2", strategy: str = "topk",
@@ -286,13 +288,13 @@ def set_omission_rate(model: nn.Module, rate: Optional[float] = None, *, mlp: Op
         elif rate is not None:
             rates[kind] = check_omission_rate(rate, "rate")
     modules = {kind: list(sat_modules(model, kind)) for kind in rates}
-    if not any(modules.values()):
-        raise ValueError(f"set_omission_rate: {type(model).__name__} has no SAT modules; call replace_mlp or "
-                         f"replace_attention first")
     for kind, explicit in (("mlp", mlp), ("attention", attention)):
         if explicit is not None and not modules[kind]:
             raise ValueError(f"set_omission_rate: {kind}={explicit} but {type(model).__name__} has no SAT {kind} "
                              f"modules; call replace_{kind} first")
+    if not any(modules.values()):
+        raise ValueError(f"set_omission_rate: {type(model).__name__} has no SAT modules; call replace_mlp or "
+                         f"replace_attention first")
     for kind, found in modules.items():
         for _, module in found:
             module.omission_rate = rates[kind]

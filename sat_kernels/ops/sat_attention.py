@@ -387,6 +387,8 @@ def check_attention_inputs(x, w_q, w_k, w_v, w_o, *, num_heads, num_kv_heads=Non
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be a float tensor (float64/32/16, bfloat16), got {t.dtype}")
+    if (cos is None) != (sin is None):
+        raise ValueError("cos and sin must be given together (RoPE) or both be None")
     given = {**named, **{n: t for n, t in optional.items() if t is not None and n not in ("cos", "sin")}}
     dtypes = {n: t.dtype for n, t in given.items()}
     if len(set(dtypes.values())) != 1:
@@ -416,8 +418,6 @@ def check_attention_inputs(x, w_q, w_k, w_v, w_o, *, num_heads, num_kv_heads=Non
                        ("q_norm_weight", q_norm_weight, d), ("k_norm_weight", k_norm_weight, d)):
         if b is not None and tuple(b.shape) != (n,):
             raise ValueError(f"{name} must have shape ({n},), got {tuple(b.shape)}")
-    if (cos is None) != (sin is None):
-        raise ValueError("cos and sin must be given together (RoPE) or both be None")
     if cos is not None:
         for name, t in (("cos", cos), ("sin", sin)):
             if t.dim() != 3 or t.shape[0] not in (1, B) or t.shape[1:] != (T, d):
