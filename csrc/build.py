@@ -10,7 +10,7 @@ documented in ENVs.md:
   pure-Python package installs without the ``"cuda"`` backend).
 - ``SAT_KERNELS_CUDA_ARCHS``: GPU architectures, default ``"80;90"`` (SASS for each, PTX for the newest).
 - ``CUDA_HOME`` / ``CUDA_PATH``: the toolkit; default: the one of ``nvcc`` on ``PATH``.
-- ``MAX_JOBS``, ``NVCC_THREADS``: build parallelism.
+- ``MAX_JOBS`` (default: the CPU count) compilations at a time, each nvcc with ``--threads NVCC_THREADS``.
 """
 from __future__ import annotations
 
@@ -153,8 +153,11 @@ class BuildExtension(build_ext):
         except ImportError as exc:
             raise RuntimeError("pybind11 is not installed in the build environment (pip install pybind11)") from exc
         archs = parse_archs(os.environ.get("SAT_KERNELS_CUDA_ARCHS", DEFAULT_ARCHS))
-        jobs = positive_int_env("MAX_JOBS", os.cpu_count() or 1)
-        nvcc_threads = positive_int_env("NVCC_THREADS", 1)
+        cpus = os.cpu_count() or 1
+        jobs = positive_int_env("MAX_JOBS", cpus)
+        # default: the cores left over by the parallel files, at most one thread per target (SASS per arch + PTX)
+        nvcc_threads = positive_int_env("NVCC_THREADS", max(1, min(len(archs) + 1,
+                                                                   cpus // min(jobs, len(ext.sources)))))
         lib_dir = cuda_library_dir(nvcc)
         root = CSRC.parent
         tmp = Path(self.build_temp) / "sat_kernels_C"
