@@ -365,6 +365,16 @@ def test_bad_parallelism_variable(monkeypatch, tmp_path):
         _run_build(tmp_path, monkeypatch)
 
 
+def test_benchmark_says_it_needs_a_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the benchmark would run")
+    spec = importlib.util.spec_from_file_location("cuda_selection_speed", ROOT / "benchmarks" / "cuda_selection_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--out", "unused.json"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------------------- GPU
 def gpu(test):
     """GPU test: marker gpu (skipped without CUDA by conftest), and skipped where the extension is not built."""
