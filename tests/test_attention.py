@@ -248,6 +248,39 @@ def test_autocast_follows_f_linear():
     assert rel_rms(y, ref) < 2e-2
 
 
+
+def _sync_worker(rank, init_file, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    tensors, const, _ = make_attention_operands(4, 19, 24, 6, 3, 4, torch.float64, seed=4)
+    local = {k: (v.detach()[2 * rank:2 * rank + 2] if k == "x" else v.detach()) for k, v in tensors.items()}
+    picks = [sk.sat_attention(**local, omission_rate=0.5, unit=unit, strategy=strategy, return_indices=True,
+                              sync_selection=sync, **const)[1]
+             for unit, strategy, sync in (("head", "topk", None), ("group", "topk", True), ("head", "sample", True),
+                                          ("head", "topk", False))]
+    torch.save(picks, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_synchronized_selection_uses_the_global_batch(tmp_path):
+    """Two gloo ranks with half of the batch each keep the heads of the whole batch (and the same sampled set)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sync_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    tensors, const, _ = make_attention_operands(4, 19, 24, 6, 3, 4, torch.float64, seed=4)
+    plain = {k: v.detach() for k, v in tensors.items()}
+    for i, unit in enumerate(("head", "group")):
+        want = sk.sat_attention(**plain, omission_rate=0.5, unit=unit, return_indices=True, **const)[1]
+        assert torch.equal(ranks[0][i], want) and torch.equal(ranks[1][i], want), unit
+    assert torch.equal(ranks[0][2], ranks[1][2]), "sampling: rank 0's noise is shared"
+    local = [sk.sat_attention(**{**plain, "x": plain["x"][2 * r:2 * r + 2]}, omission_rate=0.5, return_indices=True,
+                              **const)[1] for r in range(2)]
+    assert torch.equal(ranks[0][3], local[0]) and torch.equal(ranks[1][3], local[1]), "sync off: local batch"
+    assert not (torch.equal(local[0], ranks[0][0]) and torch.equal(local[1], ranks[0][0])), "data must tell them apart"
+
 # ------------------------------------------------------------------------------------------------ model integration
 
 FAMILIES = [("llama", {}), ("mistral", {"sliding_window": 6}), ("qwen2", {}), ("qwen3", {}), ("gemma", {})]

@@ -111,6 +111,27 @@ def _groups_of(heads: torch.Tensor, rep: int):
     return groups, torch.searchsorted(groups, of_head)
 
 
+def _take_heads(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Heads ``idx`` of a token-major ``t`` ``[B, T, n, d]``: ``[B, T, len(idx), d]``, contiguous.
+
+    A column gather on the ``[B*T, n*d]`` view: ``index_select`` along dim 2 of the 4-D tensor takes 60 ms on CPU for
+    ``[4, 512, 9, 64]`` fp32, the 2-D column gather 0.25 ms (torch 2.13, 2 threads).
+    """
+    B, T, n, d = t.shape
+    return t.reshape(B * T, n * d).index_select(1, _head_rows(idx, d)).view(B, T, idx.numel(), d)
+
+
+def _sum_heads_into_groups(t: torch.Tensor, head_group: torch.Tensor, kg: int) -> torch.Tensor:
+    """``[B, T, kq, d]`` per-head gradients summed into their groups: ``[B, T, kg, d]``.
+
+    One batched matmul with the 0/1 ``[kg, kq]`` membership matrix (0.3 ms for ``[4, 512, 5, 64]`` fp32 on CPU):
+    ``index_add_`` issues one strided add per head, each a parallel region, and measured from 0.09 to 73 ms between
+    runs on the shared 2-core machine (torch 2.13).
+    """
+    member = (head_group[None, :] == torch.arange(kg, device=t.device)[:, None]).to(t.dtype)     # [kg, kq]
+    return torch.matmul(member, t)
+
+
 def _project(x2: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], rows: Optional[torch.Tensor]):
     if rows is not None:
         w = w.index_select(0, rows)
@@ -207,8 +228,8 @@ class SATAttentionFunction(torch.autograd.Function):
             v_g = _project(x2, w_v, b_v, _head_rows(groups, d) if kg < G else None).view(B, T, kg, d)
             q_s = _prep_qk(q_raw, qn_w, cos, sin, spec.norm_eps)                        # [B, T, kq, d]
             k_g = _prep_qk(k_raw, kn_w, cos, sin, spec.norm_eps)                        # [B, T, kg, d]
-            o_s, lse_s = _core_fwd(q_s.transpose(1, 2), k_g.index_select(2, head_group).transpose(1, 2),
-                                   v_g.index_select(2, head_group).transpose(1, 2), mask, spec)
+            o_s, lse_s = _core_fwd(q_s.transpose(1, 2), _take_heads(k_g, head_group).transpose(1, 2),
+                                   _take_heads(v_g, head_group).transpose(1, 2), mask, spec)
             o_s = o_s.transpose(1, 2)                                                   # [B, T, kq, d]
             q_raw_s, k_raw_g = q_raw, k_raw
         else:
@@ -218,21 +239,21 @@ class SATAttentionFunction(torch.autograd.Function):
             q = _prep_qk(q_raw, qn_w, cos, sin, spec.norm_eps)                          # [B, T, H, d]
             k_all = _prep_qk(k_raw, kn_w, cos, sin, spec.norm_eps)                      # [B, T, G, d]
             group_of = torch.arange(H, device=x.device) // rep
-            k_e = k_all.index_select(2, group_of) if rep > 1 else k_all
-            v_e = v_all.index_select(2, group_of) if rep > 1 else v_all
+            k_e = _take_heads(k_all, group_of) if rep > 1 else k_all
+            v_e = _take_heads(v_all, group_of) if rep > 1 else v_all
             o, lse = _core_fwd(q.transpose(1, 2), k_e.transpose(1, 2), v_e.transpose(1, 2), mask, spec)
             del k_e, v_e
             heads = select(o)                                                           # [kq]
             groups, head_group = _groups_of(heads, rep)
             kq, kg = heads.numel(), groups.numel()
-            o_s = o.transpose(1, 2).index_select(2, heads)                              # [B, T, kq, d]
+            o_s = _take_heads(o.transpose(1, 2), heads)                                 # [B, T, kq, d]
             lse_s = lse.index_select(1, heads)                                          # [B, kq, T]
             del o, lse
-            q_s = q.index_select(2, heads)
-            k_g = k_all.index_select(2, groups) if kg < G else k_all
-            v_g = v_all.index_select(2, groups) if kg < G else v_all
-            q_raw_s = q_raw.index_select(2, heads) if qn_w is not None else None
-            k_raw_g = (k_raw.index_select(2, groups) if kg < G else k_raw) if kn_w is not None else None
+            q_s = _take_heads(q, heads)
+            k_g = _take_heads(k_all, groups) if kg < G else k_all
+            v_g = _take_heads(v_all, groups) if kg < G else v_all
+            q_raw_s = _take_heads(q_raw, heads) if qn_w is not None else None
+            k_raw_g = (_take_heads(k_raw, groups) if kg < G else k_raw) if kn_w is not None else None
             del q, q_raw, k_raw
         o_flat = o_s.reshape(B * T, kq * d)
         y = F.linear(o_flat, w_o.index_select(1, _head_rows(heads, d)), b_o)           # [B*T, h]
@@ -269,7 +290,7 @@ class SATAttentionFunction(torch.autograd.Function):
             return tuple(grads)
         do = torch.mm(dy2, w_o.index_select(1, cols)).view(B, T, kq, d)
         # attention core, kept heads only
-        k_e, v_e = k_g.index_select(2, head_group), v_g.index_select(2, head_group)
+        k_e, v_e = _take_heads(k_g, head_group), _take_heads(v_g, head_group)
         dq, dk_e, dv_e = _core_bwd(do.transpose(1, 2), q_s.transpose(1, 2), k_e.transpose(1, 2),
                                    v_e.transpose(1, 2), o_flat.view(B, T, kq, d).transpose(1, 2), lse_s, mask, spec)
         del k_e, v_e, do
@@ -277,8 +298,7 @@ class SATAttentionFunction(torch.autograd.Function):
         if kq == kg:      # one kept head per kept group (MHA, or GQA heads from distinct groups): no reduction
             dk, dv = dk_e, dv_e
         else:
-            dk = dk_e.new_zeros(B, T, kg, d).index_add_(2, head_group, dk_e)
-            dv = dv_e.new_zeros(B, T, kg, d).index_add_(2, head_group, dv_e)
+            dk, dv = _sum_heads_into_groups(dk_e, head_group, kg), _sum_heads_into_groups(dv_e, head_group, kg)
         if cos is not None:
             dq, dk = _rope_bwd(dq, cos, sin), _rope_bwd(dk, cos, sin)
         if qn_w is not None:
@@ -626,6 +646,6 @@ def head_scores(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_v: torc
     k = _prep_qk(F.linear(x, w_k, b_k).view(B, T, G, d), k_norm_weight, cos_, sin_, spec.norm_eps)
     v = F.linear(x, w_v, b_v).view(B, T, G, d)
     group_of = torch.arange(H, device=x.device) // (H // G)
-    o, _ = _core_fwd(q.transpose(1, 2), k.index_select(2, group_of).transpose(1, 2),
-                     v.index_select(2, group_of).transpose(1, 2), attention_mask, spec)
+    o, _ = _core_fwd(q.transpose(1, 2), _take_heads(k, group_of).transpose(1, 2),
+                     _take_heads(v, group_of).transpose(1, 2), attention_mask, spec)
     return unit_scores(o, w_o, metric, unit, G)

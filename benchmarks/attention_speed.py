@@ -1,0 +1,147 @@
+"""Forward+backward time of SAT attention (torch backend) vs the dense Hugging Face attention module it wraps.
+
+The dense provider is ``LlamaAttention`` itself in training mode (``attn_implementation`` ``"sdpa"`` by default, the
+transformers default on CPU); SAT is :class:`sat_kernels.SATAttention` wrapping that very module. Both get the same
+hidden states, RoPE tables from ``LlamaRotaryEmbedding`` and causal masking. Dense and SAT runs are interleaved (dense,
+SAT, dense, SAT, ...) so both see the same machine state; the figure is the median of the per-pair ratios SAT/dense,
+next to the FLOP limit of the in-step scheme::
+
+    dense = 3 P + 3.5 C                      P: q/k/v/o projection FLOPs of the forward, C: causal attention forward
+    SAT   = P_qkv + rho P_o + C + 2 (rho P_q + gamma P_kv + rho P_o) + 2.5 rho C
+
+``rho`` = kept query heads / H, ``gamma`` = kept KV groups / G (``unit="group"``: ``gamma = rho``; ``unit="head"``:
+``gamma = 1``, the usual case with grouped-query attention, where most groups keep a head). The attention backward is
+counted as 2.5 forwards (flash attention recomputes the scores).
+
+    python benchmarks/attention_speed.py                               # SmolLM2-135M shapes, CPU, omission 0.5
+    python benchmarks/attention_speed.py --rates 0.25 0.5 0.75 --units head group --seqs 256 512 1024
+    python benchmarks/attention_speed.py --llama7b --device cuda --dtype bfloat16    # meant for a GPU
+
+``--llama7b`` uses Llama-2-7B attention shapes (h 4096, 32 heads x 128, MHA, seq 2048/4096, batch 1); it is meant for a
+GPU and has not been measured on one (on CPU the torch backend's attention core is the fused CPU kernel; elsewhere it
+is the explicit matmul + softmax path).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+import sat_kernels as sk
+
+SMOLLM2 = dict(hidden=576, heads=9, kv_heads=3, head_dim=64, batch=4, seqs=(256, 512, 1024))
+LLAMA7B = dict(hidden=4096, heads=32, kv_heads=32, head_dim=128, batch=1, seqs=(2048, 4096))
+
+
+def _attention(hidden, heads, kv_heads, head_dim, impl, dtype, device, seed=0):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
+
+    cfg = LlamaConfig(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                      intermediate_size=4 * hidden, num_hidden_layers=1, max_position_embeddings=8192,
+                      attn_implementation=impl)
+    torch.manual_seed(seed)
+    attn = LlamaAttention(cfg, layer_idx=0).to(device=device, dtype=dtype).train()
+    return cfg, attn, LlamaRotaryEmbedding(cfg).to(device)
+
+
+def flop_limit(hidden, heads, kv_heads, head_dim, batch, seq, kept_heads, kept_groups):
+    tok = batch * seq
+    p_q = p_o = 2 * tok * hidden * heads * head_dim
+    p_kv = 2 * 2 * tok * hidden * kv_heads * head_dim
+    core = 2 * batch * seq * seq * head_dim * heads            # causal: half of 4 B T^2 d H
+    rho, gamma = kept_heads / heads, kept_groups / kv_heads
+    dense = 3 * (p_q + p_kv + p_o) + 3.5 * core
+    sat = p_q + p_kv + rho * p_o + core + 2 * (rho * p_q + gamma * p_kv + rho * p_o) + 2.5 * rho * core
+    return sat / dense
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(shape: dict, seq: int, rate: float, unit: str, repeats: int, impl="sdpa", dtype=torch.float32,
+            device="cpu"):
+    hidden, heads, kv_heads, head_dim, batch = (shape[k] for k in ("hidden", "heads", "kv_heads", "head_dim", "batch"))
+    cfg, attn, rotary = _attention(hidden, heads, kv_heads, head_dim, impl, dtype, device)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(batch, seq, hidden, generator=gen, dtype=torch.float32).to(device, dtype).requires_grad_()
+    dy = torch.randn(batch, seq, hidden, generator=gen, dtype=torch.float32).to(device, dtype)
+    pos = torch.arange(seq, device=device)[None]
+    cos, sin = rotary(x, pos)
+    mask = None
+    if impl == "eager":   # eager attention takes the causal mask as an additive tensor, as the model builds it
+        mask = torch.full((seq, seq), torch.finfo(dtype).min, dtype=dtype, device=device).triu_(1)[None, None]
+    holder = torch.nn.Module()
+    holder.self_attn = attn
+    sat = sk.replace_attention(holder, rate, unit=unit).self_attn       # wraps `attn` itself: same parameters
+    params = list(attn.parameters())
+
+    def step(module):
+        for t in (x, *params):
+            t.grad = None
+        y, _ = module(x, position_embeddings=(cos, sin), attention_mask=mask)
+        y.backward(dy)
+        _sync(device)
+
+    for module in (attn, sat, attn, sat):   # warm-up
+        step(module)
+    kept_heads = int((attn.q_proj.weight.grad.view(heads, -1).abs().sum(1) != 0).sum())
+    kept_groups = int((attn.k_proj.weight.grad.view(kv_heads, -1).abs().sum(1) != 0).sum())
+    times = {"dense": [], "sat": []}
+    for _ in range(repeats):
+        for name, module in (("dense", attn), ("sat", sat)):
+            t0 = time.perf_counter()
+            step(module)
+            times[name].append(time.perf_counter() - t0)
+    ratios = [s / d for s, d in zip(times["sat"], times["dense"])]
+    return {
+        "B": batch, "T": seq, "h": hidden, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+        "omission_rate": rate, "unit": unit, "impl": impl, "dtype": str(dtype).replace("torch.", ""),
+        "kept_heads": kept_heads, "kept_groups": kept_groups,
+        "dense_ms": 1e3 * statistics.median(times["dense"]), "sat_ms": 1e3 * statistics.median(times["sat"]),
+        "ratio": statistics.median(ratios),
+        "flop_limit": flop_limit(hidden, heads, kv_heads, head_dim, batch, seq, kept_heads, kept_groups),
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rates", type=float, nargs="+", default=[0.5])
+    p.add_argument("--units", nargs="+", default=["head"], choices=["head", "group"])
+    p.add_argument("--seqs", type=int, nargs="+", default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--impl", default="sdpa", choices=["sdpa", "eager"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--llama7b", action="store_true", help="Llama-2-7B attention shapes (meant for a GPU)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shape = dict(LLAMA7B if args.llama7b else SMOLLM2)
+    if args.batch:
+        shape["batch"] = args.batch
+    dtype = getattr(torch, args.dtype)
+    where = torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else \
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"# {where}, torch {torch.__version__}, {args.dtype}, attn_implementation={args.impl}")
+    print("| B | T | h | heads/kv | d | omission | unit | kept heads/groups | dense ms | SAT ms | SAT/dense | "
+          "FLOP limit |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for seq in args.seqs or shape["seqs"]:
+        for rate in args.rates:
+            for unit in args.units:
+                r = measure(shape, seq, rate, unit, args.repeats, args.impl, dtype, args.device)
+                print(f"| {r['B']} | {r['T']} | {r['h']} | {r['heads']}/{r['kv_heads']} | {r['head_dim']} | "
+                      f"{rate:g} | {unit} | {r['kept_heads']}/{r['kept_groups']} | {r['dense_ms']:.1f} | "
+                      f"{r['sat_ms']:.1f} | {r['ratio']:.3f} | {r['flop_limit']:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
