@@ -1,12 +1,12 @@
 """Down projection of the SAT MLP over the kept neurons in Triton: forward and its backward GEMMs.
 
-Layouts (row-major, contiguous): kept activations ``A_S``, pre-activations ``G_S``, ``U_S`` and their gradients
-``[T, k]``; ``w_down [h, I]``; ``dy [T, h]``. The kept columns of ``w_down`` are either gathered inside the GEMM through
-the sorted index (``gather=True``: the K loop of the forward / the N tile of ``dA`` reads ``w_down[:, idx]``) or read
-from a compact copy ``w_down[:, idx]`` (``[h, k]``, ``gather=False``). The kept columns are the contiguous dimension of
-``w_down``, so the in-kernel gather loads 2-byte scalars (no 16-byte vectors, no ``cp.async``), while the compaction
-costs one extra pass over ``h * I`` elements; which is faster on a GPU is not measured yet
-(``benchmarks/triton_mlp_speed.py`` times both).
+Layouts (row-major, unit column stride): kept activations ``A_S``, pre-activations ``G_S``, ``U_S`` and their
+gradients ``[T, k]`` (row stride padded to 16 elements); ``w_down [h, I]`` and ``dy [T, h]`` contiguous. The kept
+columns of ``w_down`` are either gathered inside the GEMM through the sorted index (``idx`` given: the K loop of the
+forward / the N tile of ``dA`` reads ``w_down[:, idx]``) or read from a compact copy ``w_down[:, idx]`` (``[h, k]``,
+``idx=None``). The kept columns are the contiguous dimension of ``w_down``, so the in-kernel gather loads 2-byte
+scalars (no 16-byte vectors), while the compaction costs one extra pass over ``h * I`` elements; which is faster on a
+GPU is not measured yet (``benchmarks/triton_mlp_speed.py`` times both).
 """
 from typing import Optional, Tuple
 
@@ -14,16 +14,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import ACT_IDS, ONE_ACC_CONFIGS, act_fwd_bwd, dot_precision, tile_ids
+from .utils import ACT_IDS, ONE_ACC_CONFIGS, SWIGLU_BWD_CONFIGS, act_fwd_bwd, as_padded, dot_precision, \
+    padded_empty, split_cols, tile_ids
 
 
 @triton.autotune(configs=ONE_ACC_CONFIGS, key=["M", "N", "K", "GATHER"])
 @triton.jit
-def _down_fwd_kernel(a_ptr, wd_ptr, idx_ptr, y_ptr, M, N, K, LDW, GATHER: tl.constexpr, PRECISION: tl.constexpr,
+def _down_fwd_kernel(a_ptr, wd_ptr, idx_ptr, y_ptr, M, N, K, LDA, LDW, GATHER: tl.constexpr, PRECISION: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """y = A_S W_down[:, S]^T (M = T, N = h, K = k), fp32 accumulation.
 
-    GATHER: column kk of the K loop is w_down[:, idx[kk]] (LDW = I); else w_down is the compact [h, k] (LDW = k).
+    GATHER: column kk of the K loop is w_down[:, idx[kk]] (LDW = I); else w_down is the compact [h, k] (LDW >= k).
     """
     i_m, i_n = tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
     o_m = i_m * BM + tl.arange(0, BM)                                  # [BM] tokens
@@ -31,7 +32,7 @@ def _down_fwd_kernel(a_ptr, wd_ptr, idx_ptr, y_ptr, M, N, K, LDW, GATHER: tl.con
     o_k = tl.arange(0, BK)                                             # [BK] kept neurons
     m_m = o_m < M
     m_n = o_n < N
-    p_a = a_ptr + o_m.to(tl.int64)[:, None] * K + o_k[None, :]         # [BM, BK]
+    p_a = a_ptr + o_m.to(tl.int64)[:, None] * LDA + o_k[None, :]       # [BM, BK]
     o_wn = o_n.to(tl.int64)[None, :] * LDW                             # [1, BN]
     b_y = tl.zeros((BM, BN), dtype=tl.float32)                         # [BM, BN]
     for k0 in range(0, K, BK):
@@ -54,7 +55,7 @@ def down_fwd(a_s: torch.Tensor, w_down: torch.Tensor, idx: Optional[torch.Tensor
     Args:
         a_s: ``[T, k]`` kept activations.
         w_down: ``[h, I]`` with ``idx`` (sorted int64 ``[k]``, gathered in the kernel), or the compact ``[h, k]``
-            ``w_down[:, idx]`` with ``idx=None``.
+            ``w_down[:, idx]`` with ``idx=None``; unit column stride.
     """
     T, k = a_s.shape
     h = w_down.shape[0]
@@ -62,20 +63,21 @@ def down_fwd(a_s: torch.Tensor, w_down: torch.Tensor, idx: Optional[torch.Tensor
     if T == 0:
         return y
     grid = lambda meta: (triton.cdiv(T, meta["BM"]) * triton.cdiv(h, meta["BN"]),)  # noqa: E731
-    _down_fwd_kernel[grid](a_s, w_down, idx, y, T, h, k, w_down.shape[1], GATHER=idx is not None,
+    _down_fwd_kernel[grid](a_s, w_down, idx, y, T, h, k, a_s.stride(0), w_down.stride(0), GATHER=idx is not None,
                            PRECISION=dot_precision(a_s.dtype))
     return y
 
 
-@triton.autotune(configs=ONE_ACC_CONFIGS, key=["M", "N", "K", "GATHER"])
+@triton.autotune(configs=SWIGLU_BWD_CONFIGS, key=["M", "N", "K", "GATHER"])
 @triton.jit
-def _down_bwd_kernel(dy_ptr, wd_ptr, idx_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, a_ptr, M, N, K, LDW,
+def _down_bwd_kernel(dy_ptr, wd_ptr, idx_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, a_ptr, M, N, K, LDS, LDW,
                      GATHER: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr,
                      BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """dA_S = dy W_down[:, S] (M = T, N = k, K = h) with the SwiGLU backward in the epilogue.
 
     From the saved G_S, U_S (act recomputed in fp32): dG_S = dA_S * U_S * act'(G_S), dU_S = dA_S * act(G_S), and
-    A_S = act(G_S) * U_S for dW_down; dA_S itself never goes to memory.
+    A_S = act(G_S) * U_S for dW_down, in two column halves (see split_cols); dA_S itself never goes to memory. All five
+    [T, k] share the row stride LDS.
     """
     i_m, i_n = tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
     o_m = i_m * BM + tl.arange(0, BM)                                  # [BM] tokens
@@ -97,11 +99,20 @@ def _down_bwd_kernel(dy_ptr, wd_ptr, idx_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, a_pt
         b_da = tl.dot(b_dy, b_w, b_da, input_precision=PRECISION)
         p_dy += BK
         o_w += BK * LDW
-    o_out = o_m.to(tl.int64)[:, None] * N + o_n[None, :]               # [BM, BN]
-    m_out = m_m[:, None] & m_n[None, :]
-    b_g = tl.load(g_ptr + o_out, mask=m_out, other=0.0).to(tl.float32)                 # [BM, BN]
-    b_u = tl.load(u_ptr + o_out, mask=m_out, other=0.0).to(tl.float32)                 # [BM, BN]
-    b_act, b_dact = act_fwd_bwd(b_g, ACT)                                              # [BM, BN]
+    b_da0, b_da1 = split_cols(b_da, BM, BN)                             # [BM, BN // 2] each
+    o_h = tl.arange(0, BN // 2)                                         # [BN // 2]
+    _swiglu_bwd_epilogue(b_da0, o_m, i_n * BN + o_h, M, N, LDS, g_ptr, u_ptr, dg_ptr, du_ptr, a_ptr, ACT)
+    _swiglu_bwd_epilogue(b_da1, o_m, i_n * BN + BN // 2 + o_h, M, N, LDS, g_ptr, u_ptr, dg_ptr, du_ptr, a_ptr, ACT)
+
+
+@triton.jit
+def _swiglu_bwd_epilogue(b_da, o_m, o_n, M, N, LDS, g_ptr, u_ptr, dg_ptr, du_ptr, a_ptr, ACT: tl.constexpr):
+    """dG, dU, A of one column block (b_da [BM, BH] fp32, columns o_n) from G_S, U_S."""
+    o_out = o_m.to(tl.int64)[:, None] * LDS + o_n[None, :]             # [BM, BH]
+    m_out = (o_m < M)[:, None] & (o_n < N)[None, :]
+    b_g = tl.load(g_ptr + o_out, mask=m_out, other=0.0).to(tl.float32)                 # [BM, BH]
+    b_u = tl.load(u_ptr + o_out, mask=m_out, other=0.0).to(tl.float32)                 # [BM, BH]
+    b_act, b_dact = act_fwd_bwd(b_g, ACT)                                              # [BM, BH]
     dtype = dg_ptr.dtype.element_ty
     tl.store(dg_ptr + o_out, (b_da * b_u * b_dact).to(dtype), mask=m_out)
     tl.store(du_ptr + o_out, (b_da * b_act).to(dtype), mask=m_out)
@@ -113,22 +124,24 @@ def down_bwd(dy: torch.Tensor, w_down: torch.Tensor, idx: Optional[torch.Tensor]
     """``(dG_S, dU_S, A_S)``, each ``[T, k]``, from ``dA_S = dy W_down[:, idx]`` and the saved ``G_S``, ``U_S``.
 
     Args:
-        dy: ``[T, h]``; w_down and idx: as in :func:`down_fwd`; g_s, u_s: ``[T, k]``; act: ``"silu"``/``"gelu_tanh"``.
+        dy: ``[T, h]``; w_down and idx: as in :func:`down_fwd`; g_s, u_s: ``[T, k]`` (copied unless they have the
+            row stride of :func:`.utils.padded_empty`, as the forward makes them); act: ``"silu"``/``"gelu_tanh"``.
     """
     T, k = g_s.shape
     h = dy.shape[1]
-    dg_s, du_s, a_s = (g_s.new_empty(T, k) for _ in range(3))
+    g_s, u_s = as_padded(g_s), as_padded(u_s)
+    dg_s, du_s, a_s = (padded_empty(g_s, T, k) for _ in range(3))
     if T == 0:
         return dg_s, du_s, a_s
     grid = lambda meta: (triton.cdiv(T, meta["BM"]) * triton.cdiv(k, meta["BN"]),)  # noqa: E731
-    _down_bwd_kernel[grid](dy, w_down, idx, g_s, u_s, dg_s, du_s, a_s, T, k, h, w_down.shape[1],
+    _down_bwd_kernel[grid](dy, w_down, idx, g_s, u_s, dg_s, du_s, a_s, T, k, h, dg_s.stride(0), w_down.stride(0),
                            GATHER=idx is not None, ACT=ACT_IDS[act], PRECISION=dot_precision(dy.dtype))
     return dg_s, du_s, a_s
 
 
 @triton.autotune(configs=ONE_ACC_CONFIGS, key=["M", "N", "K"])
 @triton.jit
-def _down_weight_bwd_kernel(dy_ptr, a_ptr, idx_ptr, dwd_ptr, M, N, K, LDO, PRECISION: tl.constexpr,
+def _down_weight_bwd_kernel(dy_ptr, a_ptr, idx_ptr, dwd_ptr, M, N, K, LDA, LDO, PRECISION: tl.constexpr,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """dW_down[:, idx] = dy^T A_S (M = h, N = k, K = T), written into columns idx of the [h, LDO = I] gradient."""
     i_m, i_n = tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
@@ -138,7 +151,7 @@ def _down_weight_bwd_kernel(dy_ptr, a_ptr, idx_ptr, dwd_ptr, M, N, K, LDO, PRECI
     m_m = o_m < M
     m_n = o_n < N
     o_dy = o_k.to(tl.int64)[None, :] * M + o_m[:, None]                # [BM, BK] into dy [T, h], transposed
-    o_a = o_k.to(tl.int64)[:, None] * N + o_n[None, :]                 # [BK, BN]
+    o_a = o_k.to(tl.int64)[:, None] * LDA + o_n[None, :]               # [BK, BN]
     b_dw = tl.zeros((BM, BN), dtype=tl.float32)                        # [BM, BN]
     for k0 in range(0, K, BK):
         m_k = o_k < K - k0
@@ -146,21 +159,31 @@ def _down_weight_bwd_kernel(dy_ptr, a_ptr, idx_ptr, dwd_ptr, M, N, K, LDO, PRECI
         b_a = tl.load(a_ptr + o_a, mask=m_k[:, None] & m_n[None, :], other=0.0)        # [BK, BN]
         b_dw = tl.dot(b_dy, b_a, b_dw, input_precision=PRECISION)
         o_dy += BK * M
-        o_a += BK * N
-    c_n = tl.load(idx_ptr + o_n, mask=m_n, other=0)                    # [BN] int64 columns of the gradient
-    o_out = o_m.to(tl.int64)[:, None] * LDO + c_n[None, :]             # [BM, BN]
-    tl.store(dwd_ptr + o_out, b_dw.to(dwd_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+        o_a += BK * LDA
+    b_dw0, b_dw1 = split_cols(b_dw, BM, BN)                             # [BM, BN // 2] each
+    o_h = tl.arange(0, BN // 2)                                         # [BN // 2]
+    _column_scatter_epilogue(b_dw0, o_m, i_n * BN + o_h, M, N, LDO, idx_ptr, dwd_ptr)
+    _column_scatter_epilogue(b_dw1, o_m, i_n * BN + BN // 2 + o_h, M, N, LDO, idx_ptr, dwd_ptr)
+
+
+@triton.jit
+def _column_scatter_epilogue(b, o_m, o_n, M, N, LDO, idx_ptr, out_ptr):
+    """out[o_m, idx[o_n]] = b (one column block [BM, BH])."""
+    m_n = o_n < N
+    c_n = tl.load(idx_ptr + o_n, mask=m_n, other=0)                    # [BH] int64 columns of the gradient
+    o_out = o_m.to(tl.int64)[:, None] * LDO + c_n[None, :]             # [BM, BH]
+    tl.store(out_ptr + o_out, b.to(out_ptr.dtype.element_ty), mask=(o_m < M)[:, None] & m_n[None, :])
 
 
 def down_weight_bwd(dy: torch.Tensor, a_s: torch.Tensor, idx: torch.Tensor, inter: int) -> torch.Tensor:
     """Full-size ``dW_down [h, I]``: ``dy^T A_S`` in the columns ``idx``, exact zeros elsewhere.
 
     Args:
-        dy: ``[T, h]``; a_s: ``[T, k]``; idx: sorted int64 ``[k]``; inter: ``I``.
+        dy: ``[T, h]``; a_s: ``[T, k]`` (unit column stride); idx: sorted int64 ``[k]``; inter: ``I``.
     """
     T, h = dy.shape
     k = a_s.shape[1]
     dwd = dy.new_zeros(h, inter)
     grid = lambda meta: (triton.cdiv(h, meta["BM"]) * triton.cdiv(k, meta["BN"]),)  # noqa: E731
-    _down_weight_bwd_kernel[grid](dy, a_s, idx, dwd, h, k, T, inter, PRECISION=dot_precision(dy.dtype))
+    _down_weight_bwd_kernel[grid](dy, a_s, idx, dwd, h, k, T, a_s.stride(0), inter, PRECISION=dot_precision(dy.dtype))
     return dwd

@@ -1,9 +1,10 @@
 """Gate/up projections of the SAT MLP in Triton: fused forward with scoring, compaction, and their backward GEMMs.
 
-Layouts (all row-major, contiguous): ``x [T, h]``, ``w_gate``/``w_up [I, h]`` (``nn.Linear``), pre-activations and
-activations ``[T, n]`` with ``n = I`` (all neurons) or ``n = k`` (kept, compact). Every gather goes through the sorted
-int64 kept index ``idx [k]`` along a dimension whose rows stay contiguous (weight rows, activation columns only in the
-memory-bound compaction), so the GEMM operands are loaded with full-width vector loads.
+Layouts (row-major): ``x [T, h]``, ``w_gate``/``w_up [I, h]`` (``nn.Linear``) contiguous; pre-activations and
+activations ``[T, n]`` with ``n = I`` (all neurons) or ``n = k`` (kept, compact), unit column stride and a row stride
+padded to 16 elements (:func:`.utils.padded_empty`). Every gather goes through the sorted int64 kept index
+``idx [k]``; inside the GEMMs only whole weight rows are gathered (each contiguous), so the GEMM operands are loaded
+with 16-byte vectors; activation columns are gathered only in the memory-bound compaction.
 """
 from typing import Optional, Tuple
 
@@ -11,20 +12,22 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import ACT_IDS, MIN_BM, ONE_ACC_CONFIGS, SCORE_IDS, TWO_ACC_CONFIGS, act_fwd, dot_precision, tile_ids
+from .utils import ACT_IDS, MIN_BM, ONE_ACC_CONFIGS, SCORE_IDS, TWO_ACC_CONFIGS, act_fwd, dot_precision, \
+    padded_empty, split_cols, tile_ids
 
 
 @triton.autotune(configs=TWO_ACC_CONFIGS, key=["M", "N", "K", "HAS_IDX", "STORE_A", "SCORE"])
 @triton.jit
-def _gate_up_fwd_kernel(x_ptr, wg_ptr, wu_ptr, idx_ptr, g_ptr, u_ptr, a_ptr, part_ptr, M, N, K,
+def _gate_up_fwd_kernel(x_ptr, wg_ptr, wu_ptr, idx_ptr, g_ptr, u_ptr, a_ptr, part_ptr, M, N, K, LDO,
                         HAS_IDX: tl.constexpr, STORE_A: tl.constexpr, SCORE: tl.constexpr, ACT: tl.constexpr,
                         PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                         GROUP_M: tl.constexpr):
     """G = x W_gate[rows]^T, U = x W_up[rows]^T (rows = idx or all), one [BM, BN] tile of each.
 
-    Epilogue: stores G, U (and A = act(G) * U if STORE_A) in the input dtype and, if SCORE, the per-neuron partial
-    score of this row tile (1: sum of A^2, 2: sum of |A|) from A as it is rounded to the input dtype, into row i_m of
-    the fp32 partials [*, N] (each element written by exactly one program: no atomics, deterministic).
+    Epilogue, in two column halves: stores G, U (and A = act(G) * U if STORE_A) in the input dtype and, if SCORE, the
+    per-neuron partial score of this row tile (1: sum of A^2, 2: sum of |A|) from A as it is rounded to the input
+    dtype, into row i_m of the fp32 partials [*, N] (each element written by exactly one program: no atomics,
+    deterministic).
     """
     i_m, i_n = tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
     o_m = i_m * BM + tl.arange(0, BM)                                  # [BM]
@@ -49,23 +52,38 @@ def _gate_up_fwd_kernel(x_ptr, wg_ptr, wu_ptr, idx_ptr, g_ptr, u_ptr, a_ptr, par
         b_u = tl.dot(b_x, b_wu, b_u, input_precision=PRECISION)
         p_x += BK
         o_w += BK
+    b_g0, b_g1 = split_cols(b_g, BM, BN)                                # [BM, BN // 2] each
+    b_u0, b_u1 = split_cols(b_u, BM, BN)                                # [BM, BN // 2] each
+    o_h = tl.arange(0, BN // 2)                                         # [BN // 2]
+    _gate_up_fwd_epilogue(b_g0, b_u0, i_m, o_m, i_n * BN + o_h, M, N, LDO, g_ptr, u_ptr, a_ptr, part_ptr,
+                          STORE_A, SCORE, ACT)
+    _gate_up_fwd_epilogue(b_g1, b_u1, i_m, o_m, i_n * BN + BN // 2 + o_h, M, N, LDO, g_ptr, u_ptr, a_ptr, part_ptr,
+                          STORE_A, SCORE, ACT)
+
+
+@triton.jit
+def _gate_up_fwd_epilogue(b_g, b_u, i_m, o_m, o_n, M, N, LDO, g_ptr, u_ptr, a_ptr, part_ptr, STORE_A: tl.constexpr,
+                          SCORE: tl.constexpr, ACT: tl.constexpr):
+    """Stores of one column block of the gate/up tile (fp32 accumulators b_g, b_u [BM, BH], columns o_n)."""
     dtype = g_ptr.dtype.element_ty
-    b_g = b_g.to(dtype)                                                # [BM, BN]
-    b_u = b_u.to(dtype)                                                # [BM, BN]
-    o_out = o_m.to(tl.int64)[:, None] * N + o_n[None, :]               # [BM, BN]
+    m_m = o_m < M
+    m_n = o_n < N
+    b_g = b_g.to(dtype)                                                # [BM, BH]
+    b_u = b_u.to(dtype)                                                # [BM, BH]
+    o_out = o_m.to(tl.int64)[:, None] * LDO + o_n[None, :]             # [BM, BH]
     m_out = m_m[:, None] & m_n[None, :]
     tl.store(g_ptr + o_out, b_g, mask=m_out)
     tl.store(u_ptr + o_out, b_u, mask=m_out)
     if STORE_A or SCORE != 0:
-        b_a = (act_fwd(b_g.to(tl.float32), ACT) * b_u.to(tl.float32)).to(dtype)       # [BM, BN]
+        b_a = (act_fwd(b_g.to(tl.float32), ACT) * b_u.to(tl.float32)).to(dtype)       # [BM, BH]
         if STORE_A:
             tl.store(a_ptr + o_out, b_a, mask=m_out)
         if SCORE != 0:
-            b_af = tl.where(m_m[:, None], b_a.to(tl.float32), 0.0)                     # [BM, BN]
+            b_af = tl.where(m_m[:, None], b_a.to(tl.float32), 0.0)                     # [BM, BH]
             if SCORE == 1:
-                b_s = tl.sum(b_af * b_af, axis=0)                                      # [BN]
+                b_s = tl.sum(b_af * b_af, axis=0)                                      # [BH]
             else:
-                b_s = tl.sum(tl.abs(b_af), axis=0)                                     # [BN]
+                b_s = tl.sum(tl.abs(b_af), axis=0)                                     # [BH]
             tl.store(part_ptr + i_m.to(tl.int64) * N + o_n, b_s, mask=m_n)
 
 
@@ -88,21 +106,21 @@ def gate_up_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, act: 
     """
     T, h = x.shape
     n = w_gate.shape[0] if idx is None else idx.numel()
-    g = x.new_empty(T, n)
-    u = x.new_empty(T, n)
-    a = x.new_empty(T, n) if store_a else None
+    g = padded_empty(x, T, n)
+    u = padded_empty(x, T, n)
+    a = padded_empty(x, T, n) if store_a else None
     part = torch.zeros(triton.cdiv(T, MIN_BM), n, device=x.device, dtype=torch.float32) if score else None
     if T == 0 or n == 0:
         return g, u, a, part
     grid = lambda meta: (triton.cdiv(T, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
-    _gate_up_fwd_kernel[grid](x, w_gate, w_up, idx, g, u, a, part, T, n, h,
+    _gate_up_fwd_kernel[grid](x, w_gate, w_up, idx, g, u, a, part, T, n, h, g.stride(0),
                               HAS_IDX=idx is not None, STORE_A=store_a, SCORE=SCORE_IDS[score], ACT=ACT_IDS[act],
                               PRECISION=dot_precision(x.dtype))
     return g, u, a, part
 
 
 @triton.jit
-def _kept_act_fwd_kernel(g_ptr, u_ptr, idx_ptr, gs_ptr, us_ptr, as_ptr, M, N, LD, ACT: tl.constexpr,
+def _kept_act_fwd_kernel(g_ptr, u_ptr, idx_ptr, gs_ptr, us_ptr, as_ptr, M, N, LD, LDO, ACT: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr):
     """Compaction of the kept columns: G_S = G[:, idx], U_S = U[:, idx], A_S = act(G_S) * U_S, [M, N] each."""
     o_m = tl.program_id(0) * BM + tl.arange(0, BM)                     # [BM]
@@ -114,7 +132,7 @@ def _kept_act_fwd_kernel(g_ptr, u_ptr, idx_ptr, gs_ptr, us_ptr, as_ptr, M, N, LD
     b_g = tl.load(g_ptr + o_full, mask=m, other=0.0)                   # [BM, BN]
     b_u = tl.load(u_ptr + o_full, mask=m, other=0.0)                   # [BM, BN]
     b_a = act_fwd(b_g.to(tl.float32), ACT) * b_u.to(tl.float32)        # [BM, BN]
-    o_out = o_m.to(tl.int64)[:, None] * N + o_n[None, :]               # [BM, BN]
+    o_out = o_m.to(tl.int64)[:, None] * LDO + o_n[None, :]             # [BM, BN]
     tl.store(gs_ptr + o_out, b_g, mask=m)
     tl.store(us_ptr + o_out, b_u, mask=m)
     tl.store(as_ptr + o_out, b_a.to(as_ptr.dtype.element_ty), mask=m)
@@ -122,25 +140,26 @@ def _kept_act_fwd_kernel(g_ptr, u_ptr, idx_ptr, gs_ptr, us_ptr, as_ptr, M, N, LD
 
 def kept_act_fwd(g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor,
                  act: str = "silu") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(G[:, idx], U[:, idx], act(G[:, idx]) * U[:, idx])``, each ``[T, k]`` contiguous, in one memory-bound pass.
+    """``(G[:, idx], U[:, idx], act(G[:, idx]) * U[:, idx])``, each ``[T, k]`` (padded rows), in one memory-bound pass.
 
     Args:
-        g, u: ``[T, I]`` contiguous pre-activations; idx: sorted int64 ``[k]``.
+        g, u: ``[T, I]`` pre-activations with one row stride; idx: sorted int64 ``[k]``.
     """
-    T, inter = g.shape
+    T = g.shape[0]
     k = idx.numel()
-    g_s, u_s, a_s = (g.new_empty(T, k) for _ in range(3))
+    g_s, u_s, a_s = (padded_empty(g, T, k) for _ in range(3))
     if T == 0:
         return g_s, u_s, a_s
     bm, bn = (16, 32) if g.device.type == "cpu" else (32, 128)
-    _kept_act_fwd_kernel[(triton.cdiv(T, bm), triton.cdiv(k, bn))](g, u, idx, g_s, u_s, a_s, T, k, inter,
-                                                                    ACT=ACT_IDS[act], BM=bm, BN=bn, num_warps=4)
+    grid = (triton.cdiv(T, bm), triton.cdiv(k, bn))
+    _kept_act_fwd_kernel[grid](g, u, idx, g_s, u_s, a_s, T, k, g.stride(0), g_s.stride(0), ACT=ACT_IDS[act], BM=bm,
+                               BN=bn, num_warps=4)
     return g_s, u_s, a_s
 
 
 @triton.autotune(configs=TWO_ACC_CONFIGS, key=["M", "N", "K"])
 @triton.jit
-def _gate_up_weight_bwd_kernel(dg_ptr, du_ptr, x_ptr, idx_ptr, dwg_ptr, dwu_ptr, M, N, K,
+def _gate_up_weight_bwd_kernel(dg_ptr, du_ptr, x_ptr, idx_ptr, dwg_ptr, dwu_ptr, M, N, K, LDD,
                                PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                                GROUP_M: tl.constexpr):
     """dW_gate[idx] = dG_S^T x and dW_up[idx] = dU_S^T x, one [BM, BN] tile of each (M = k, N = h, K = T).
@@ -154,7 +173,7 @@ def _gate_up_weight_bwd_kernel(dg_ptr, du_ptr, x_ptr, idx_ptr, dwg_ptr, dwu_ptr,
     o_k = tl.arange(0, BK)                                             # [BK] tokens
     m_m = o_m < M
     m_n = o_n < N
-    o_d = o_k.to(tl.int64)[None, :] * M + o_m[:, None]                 # [BM, BK] into dG_S [T, k], transposed
+    o_d = o_k.to(tl.int64)[None, :] * LDD + o_m[:, None]               # [BM, BK] into dG_S [T, k], transposed
     o_x = o_k.to(tl.int64)[:, None] * N + o_n[None, :]                 # [BK, BN]
     b_dwg = tl.zeros((BM, BN), dtype=tl.float32)                       # [BM, BN]
     b_dwu = tl.zeros((BM, BN), dtype=tl.float32)                       # [BM, BN]
@@ -165,7 +184,7 @@ def _gate_up_weight_bwd_kernel(dg_ptr, du_ptr, x_ptr, idx_ptr, dwg_ptr, dwu_ptr,
         b_du = tl.load(du_ptr + o_d, mask=m_m[:, None] & m_k[None, :], other=0.0)     # [BM, BK]
         b_dwg = tl.dot(b_dg, b_x, b_dwg, input_precision=PRECISION)
         b_dwu = tl.dot(b_du, b_x, b_dwu, input_precision=PRECISION)
-        o_d += BK * M
+        o_d += BK * LDD
         o_x += BK * N
     r_m = tl.load(idx_ptr + o_m, mask=m_m, other=0)                    # [BM] int64 rows of the gradients
     o_out = r_m[:, None] * N + o_n[None, :]                            # [BM, BN]
@@ -179,20 +198,21 @@ def gate_up_weight_bwd(dg_s: torch.Tensor, du_s: torch.Tensor, x: torch.Tensor, 
     """Full-size ``(dW_gate, dW_up)`` ``[I, h]``: ``dG_S^T x``, ``dU_S^T x`` in rows ``idx``, exact zeros elsewhere.
 
     Args:
-        dg_s, du_s: ``[T, k]``; x: ``[T, h]``; idx: sorted int64 ``[k]``; inter: ``I``.
+        dg_s, du_s: ``[T, k]`` with one row stride; x: ``[T, h]``; idx: sorted int64 ``[k]``; inter: ``I``.
     """
     T, h = x.shape
     k = idx.numel()
     dwg = x.new_zeros(inter, h)
     dwu = x.new_zeros(inter, h)
     grid = lambda meta: (triton.cdiv(k, meta["BM"]) * triton.cdiv(h, meta["BN"]),)  # noqa: E731
-    _gate_up_weight_bwd_kernel[grid](dg_s, du_s, x, idx, dwg, dwu, k, h, T, PRECISION=dot_precision(x.dtype))
+    _gate_up_weight_bwd_kernel[grid](dg_s, du_s, x, idx, dwg, dwu, k, h, T, dg_s.stride(0),
+                                     PRECISION=dot_precision(x.dtype))
     return dwg, dwu
 
 
 @triton.autotune(configs=ONE_ACC_CONFIGS, key=["M", "N", "K"])
 @triton.jit
-def _gate_up_input_bwd_kernel(dg_ptr, du_ptr, wg_ptr, wu_ptr, idx_ptr, dx_ptr, M, N, K,
+def _gate_up_input_bwd_kernel(dg_ptr, du_ptr, wg_ptr, wu_ptr, idx_ptr, dx_ptr, M, N, K, LDD,
                               PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                               GROUP_M: tl.constexpr):
     """dx = dG_S W_gate[idx] + dU_S W_up[idx] in one accumulator (M = T, N = h, K = k).
@@ -205,8 +225,8 @@ def _gate_up_input_bwd_kernel(dg_ptr, du_ptr, wg_ptr, wu_ptr, idx_ptr, dx_ptr, M
     o_k = tl.arange(0, BK)                                             # [BK] kept neurons
     m_m = o_m < M
     m_n = o_n < N
-    p_dg = dg_ptr + o_m.to(tl.int64)[:, None] * K + o_k[None, :]       # [BM, BK]
-    p_du = du_ptr + o_m.to(tl.int64)[:, None] * K + o_k[None, :]       # [BM, BK]
+    p_dg = dg_ptr + o_m.to(tl.int64)[:, None] * LDD + o_k[None, :]     # [BM, BK]
+    p_du = du_ptr + o_m.to(tl.int64)[:, None] * LDD + o_k[None, :]     # [BM, BK]
     b_dx = tl.zeros((BM, BN), dtype=tl.float32)                        # [BM, BN]
     for k0 in range(0, K, BK):
         m_k = o_k < K - k0
@@ -230,7 +250,7 @@ def gate_up_input_bwd(dg_s: torch.Tensor, du_s: torch.Tensor, w_gate: torch.Tens
     """``dx [T, h] = dG_S W_gate[idx] + dU_S W_up[idx]``.
 
     Args:
-        dg_s, du_s: ``[T, k]``; w_gate, w_up: ``[I, h]``; idx: sorted int64 ``[k]``.
+        dg_s, du_s: ``[T, k]`` with one row stride; w_gate, w_up: ``[I, h]``; idx: sorted int64 ``[k]``.
     """
     T, k = dg_s.shape
     h = w_gate.shape[1]
@@ -238,6 +258,6 @@ def gate_up_input_bwd(dg_s: torch.Tensor, du_s: torch.Tensor, w_gate: torch.Tens
     if T == 0:
         return dx
     grid = lambda meta: (triton.cdiv(T, meta["BM"]) * triton.cdiv(h, meta["BN"]),)  # noqa: E731
-    _gate_up_input_bwd_kernel[grid](dg_s, du_s, w_gate, w_up, idx, dx, T, h, k,
+    _gate_up_input_bwd_kernel[grid](dg_s, du_s, w_gate, w_up, idx, dx, T, h, k, dg_s.stride(0),
                                     PRECISION=dot_precision(dg_s.dtype))
     return dx

@@ -30,7 +30,7 @@ from ...selection import _norm
 from ..sat_mlp import act_fwd
 from .down import down_bwd, down_fwd, down_weight_bwd
 from .gate_up import gate_up_fwd, gate_up_input_bwd, gate_up_weight_bwd, kept_act_fwd
-from .utils import check_tensors
+from .utils import check_tensors, padded_empty, padded_index
 
 # Gather the kept columns of w_down into a compact [h, k] copy (one pass over h * I) instead of gathering them inside
 # the down GEMMs, where they are the contiguous dimension (2-byte scalar loads). Chosen by that reasoning, not
@@ -41,7 +41,7 @@ COMPACT_W_DOWN = True
 def _w_down_operand(w_down: Tensor, indices: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
     """``(w_down operand, index for the in-kernel gather or None)`` of the down GEMMs."""
     if COMPACT_W_DOWN:
-        return w_down.index_select(1, indices), None
+        return w_down.index_select(1, padded_index(indices))[:, :indices.numel()], None
     return w_down, indices
 
 
@@ -63,7 +63,8 @@ def _gate_up_scores_op(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, 
 @_gate_up_scores_op.register_fake
 def _(x, w_gate, w_up, w_down, act, metric):
     T, inter = x.shape[0], w_gate.shape[0]
-    return x.new_empty(T, inter), x.new_empty(T, inter), x.new_empty(inter if metric else 0, dtype=torch.float32)
+    return (padded_empty(x, T, inter), padded_empty(x, T, inter),
+            x.new_empty(inter if metric else 0, dtype=torch.float32))
 
 
 @torch.library.custom_op("sat_kernels::triton_kept_act", mutates_args=())
@@ -74,7 +75,7 @@ def _kept_act_op(g: Tensor, u: Tensor, indices: Tensor, act: str) -> Tuple[Tenso
 
 @_kept_act_op.register_fake
 def _(g, u, indices, act):
-    return tuple(g.new_empty(g.shape[0], indices.shape[0]) for _ in range(3))
+    return tuple(padded_empty(g, g.shape[0], indices.shape[0]) for _ in range(3))
 
 
 @torch.library.custom_op("sat_kernels::triton_gate_up_kept", mutates_args=())
@@ -87,7 +88,7 @@ def _gate_up_kept_op(x: Tensor, w_gate: Tensor, w_up: Tensor, indices: Tensor,
 
 @_gate_up_kept_op.register_fake
 def _(x, w_gate, w_up, indices, act):
-    return tuple(x.new_empty(x.shape[0], indices.shape[0]) for _ in range(3))
+    return tuple(padded_empty(x, x.shape[0], indices.shape[0]) for _ in range(3))
 
 
 @torch.library.custom_op("sat_kernels::triton_kept_mlp", mutates_args=())

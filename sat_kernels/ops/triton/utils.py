@@ -17,10 +17,14 @@ def _config(bm, bn, bk, stages, warps, group_m=8):
 
 if INTERPRET:
     # The interpreter runs every program in numpy: one small config (no autotuning on CPU), 16 = tl.dot's minimum.
-    TWO_ACC_CONFIGS = ONE_ACC_CONFIGS = [_config(16, 16, 16, 1, 1, group_m=2)]
+    TWO_ACC_CONFIGS = ONE_ACC_CONFIGS = SWIGLU_BWD_CONFIGS = [_config(16, 16, 16, 1, 1, group_m=2)]
 else:
-    # Hopper (H100/H200) candidates for bf16/fp16; autotuned per shape. Not measured on GPU yet: the table of which
-    # config wins at the Llama shapes must come from a GPU run of benchmarks/triton_mlp_speed.py.
+    # Hopper (H100/H200) candidates for bf16/fp16, autotuned per shape. Their speed is not measured on a GPU yet (which
+    # config wins at the Llama shapes must come from a GPU run of benchmarks/triton_mlp_speed.py). Checked statically
+    # (sm_90a cubins compiled without a GPU, triton 3.6 and 3.9, bf16, 16-divisible shapes, ptxas resource usage):
+    # every config compiles to wgmma with cp.async pipelining; spills are at most 24 bytes per thread except
+    # _down_weight_bwd_kernel on 128x256 (112 bytes, triton 3.6) and the in-kernel gather of _down_fwd_kernel on
+    # 128-row tiles (up to 352 bytes; not the default, see down.py).
     # Two fp32 [BM, BN] accumulators (gate/up forward, dW_gate/dW_up): BN <= 128 keeps them in 128 registers/thread.
     TWO_ACC_CONFIGS = [
         _config(128, 128, 64, 3, 8),
@@ -38,7 +42,38 @@ else:
         _config(64, 128, 64, 4, 4),
         _config(64, 64, 64, 4, 4),
     ]
+    # dA + SwiGLU backward epilogue (_down_bwd_kernel): 128x256 / 256x128 tiles and 128x128 on 4 warps spill
+    # 664-848 bytes even with the epilogue in halves, so they are left out.
+    SWIGLU_BWD_CONFIGS = [
+        _config(128, 128, 64, 4, 8),
+        _config(128, 128, 64, 3, 8),
+        _config(128, 64, 64, 4, 4),
+        _config(64, 128, 64, 4, 4),
+        _config(64, 64, 64, 4, 4),
+    ]
 MIN_BM = min(c.kwargs["BM"] for c in TWO_ACC_CONFIGS)
+
+
+def padded_empty(like: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Uninitialised ``[rows, cols]`` like ``like`` whose row stride is ``cols`` rounded up to 16 elements.
+
+    Triton specialises integer arguments divisible by 16, so the kernels see aligned rows and load them with 16-byte
+    vectors (and ``cp.async``) even where ``cols`` (the kept count ``k``, e.g. 4403 of 11008 at omission 0.6) is odd.
+    """
+    return like.new_empty(rows, -(-cols // 16) * 16)[:, :cols]
+
+
+def as_padded(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (2-D) itself if it has the row stride of :func:`padded_empty`, else a copy that has it."""
+    out = padded_empty(t, *t.shape)
+    return t if t.stride() == out.stride() else out.copy_(t)
+
+
+def padded_index(idx: torch.Tensor) -> torch.Tensor:
+    """``idx`` extended with zeros to a multiple of 16 entries: ``w.index_select(1, padded_index(idx))[:, :k]`` is the
+    compact ``w[:, idx]`` with a 16-aligned row stride (the extra columns are never read)."""
+    pad = -idx.numel() % 16
+    return torch.cat([idx, idx.new_zeros(pad)]) if pad else idx
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -75,6 +110,17 @@ def tile_ids(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexp
     i_m = first_m + (pid % width) % size_m
     i_n = (pid % width) // size_m
     return i_m, i_n
+
+
+@triton.jit
+def split_cols(b, BM: tl.constexpr, BN: tl.constexpr):
+    """The two ``[BM, BN // 2]`` column halves of ``b [BM, BN]``.
+
+    Epilogues that run on each half in turn keep half as many fp32 temporaries live. Static check (ptxas resource
+    usage of the sm_90a cubin, triton 3.9, bf16, BM = BN = 128, 8 warps): the dA + SwiGLU epilogue of
+    ``_down_bwd_kernel`` needs 143 registers and no stack in halves, 255 registers + 1064 bytes of spills in one piece.
+    """
+    return tl.split(tl.permute(tl.reshape(b, (BM, 2, BN // 2)), (0, 2, 1)))
 
 
 @triton.jit
