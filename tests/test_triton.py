@@ -49,8 +49,34 @@ def test_unavailable_without_cuda_or_interpreter():
 
 
 
+def test_benchmark_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available")
+    script = CASES.parent.parent / "benchmarks" / "triton_mlp_speed.py"
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "needs a CUDA GPU" in proc.stderr, proc.stderr
+
+
+def _autotuned_kernels():
+    from sat_kernels.ops.triton import down, gate_up
+
+    return [gate_up._gate_up_fwd_kernel, gate_up._gate_up_weight_bwd_kernel, gate_up._gate_up_input_bwd_kernel,
+            down._down_fwd_kernel, down._down_bwd_kernel, down._down_weight_bwd_kernel]
+
+
+@pytest.fixture
+def one_config(monkeypatch):
+    """Compile the first config of each kernel instead of autotuning them all: a full autotune compiles about 36
+    kernels per dtype and shape specialisation (minutes). The configs differ in constexpr tile sizes only;
+    test_gpu_every_config_matches checks each one and the benchmark autotunes them all."""
+    for kernel in _autotuned_kernels():
+        monkeypatch.setattr(kernel, "configs", kernel.configs[:1])
+        monkeypatch.setattr(kernel, "cache", {})
+
+
 def gpu(test):
-    """GPU test: marker gpu (skipped without CUDA by conftest), and skipped where triton cannot run."""
+    """GPU test: marker gpu (skipped without CUDA by conftest), skipped where triton cannot run, one config."""
+    test = pytest.mark.usefixtures("one_config")(test)
     return pytest.mark.gpu(pytest.mark.skipif(not ON_GPU, reason="needs CUDA and triton")(test))
 
 
@@ -154,3 +180,24 @@ def test_gpu_offsets_past_2_31():
         assert rel_rms(a, b) < 2e-2
     tail = slice(T - 1000, T)
     assert rel_rms(y_t[tail], y_r[tail]) < 2e-2   # the last rows sit past 2^31 elements into G and U
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA and triton")
+def test_gpu_every_config_matches(monkeypatch):
+    """Each autotune candidate of each kernel alone computes the op (bf16, odd shape: every tile is masked)."""
+    from sat_kernels.ops.triton import sat_mlp as triton_sat_mlp
+
+    candidates = {kern: list(kern.configs) for kern in _autotuned_kernels()}
+    operands, dy = make_operands(333, 264, 1000, torch.bfloat16, device="cuda")
+    fixed = torch.sort(torch.randperm(1000, device="cuda")[:501]).values
+    for compact in (True, False):
+        monkeypatch.setattr(triton_sat_mlp, "COMPACT_W_DOWN", compact)
+        for i in range(max(map(len, candidates.values()))):
+            for kern, configs in candidates.items():
+                monkeypatch.setattr(kern, "configs", [configs[min(i, len(configs) - 1)]])
+                monkeypatch.setattr(kern, "cache", {})
+            assert_matches_reference(lambda *o: sk.gathered_mlp(*o, fixed, backend="triton"), operands, dy, fixed)
+            _, idx = sk.sat_mlp(*operands, 0.5, backend="triton", return_indices=True)
+            assert_matches_reference(lambda *o: sk.sat_mlp(*o, 0.5, backend="triton"), operands, dy, idx)

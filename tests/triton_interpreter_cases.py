@@ -245,3 +245,11 @@ def test_custom_ops_pass_opcheck():
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_empty_batch():
+    operands, dy = make_operands(0, 16, 30, torch.float32)
+    for fn in (_triton_sat(0.5), lambda *o: sk.gathered_mlp(*o, torch.arange(0, 30, 2), backend="triton")):
+        y, dx, dwg, dwu, dwd = out_and_grads(fn, operands, dy)
+        assert y.shape == (0, 16) and dx.shape == (0, 16)
+        assert not dwg.any() and not dwu.any() and not dwd.any()
