@@ -253,3 +253,35 @@ def test_empty_batch():
         y, dx, dwg, dwu, dwd = out_and_grads(fn, operands, dy)
         assert y.shape == (0, 16) and dx.shape == (0, 16)
         assert not dwg.any() and not dwu.any() and not dwd.any()
+
+
+def test_autotuning_with_several_configs(monkeypatch):
+    """The autotune path (on GPU: the first call at each shape) with two tile configs per kernel, timed by a stand-in
+    that runs each trial and makes the later, larger-tile config win: the trials must leave no trace in the result
+    (the 16-row tiles write score partial rows that the 32-row winner does not)."""
+    from triton import Config
+
+    from sat_kernels.ops.triton import down, gate_up
+
+    def fake_bench(kernel_call, quantiles):
+        kernel_call()
+        fake_bench.calls += 1
+        return [1.0 / fake_bench.calls] * len(quantiles)
+
+    fake_bench.calls = 0
+    kernels = [gate_up._gate_up_fwd_kernel, gate_up._gate_up_weight_bwd_kernel, gate_up._gate_up_input_bwd_kernel,
+               down._down_fwd_kernel, down._down_bwd_kernel, down._down_weight_bwd_kernel]
+    for kern in kernels:
+        small, = kern.configs
+        big = Config({**small.kwargs, "BM": 32, "BN": 32}, num_warps=1, num_stages=1)
+        monkeypatch.setattr(kern, "configs", [small, big])
+        monkeypatch.setattr(kern, "cache", {})
+        monkeypatch.setattr(kern, "_do_bench", fake_bench)
+    operands, dy = make_operands(70, 33, 100, torch.float32, seed=6)
+    x, wg, wu, wd = (t.detach() for t in operands)
+    _, _, fused = torch.ops.sat_kernels.triton_gate_up_scores(x, wg, wu, wd, "silu", "l2")
+    assert gate_up._gate_up_fwd_kernel.best_config.kwargs["BM"] == 32
+    torch.testing.assert_close(fused, sk.neuron_scores(x, wg, wu, wd), rtol=2e-6, atol=0)
+    _, idx = sk.sat_mlp(*operands, 0.5, backend="triton", return_indices=True)
+    assert_matches_reference(_triton_sat(0.5), operands, dy, idx)
+    assert all(kern.best_config.kwargs["BM"] == 32 for kern in kernels)

@@ -16,7 +16,10 @@ from .utils import ACT_IDS, MIN_BM, ONE_ACC_CONFIGS, SCORE_IDS, TWO_ACC_CONFIGS,
     padded_empty, split_cols, tile_ids
 
 
-@triton.autotune(configs=TWO_ACC_CONFIGS, key=["M", "N", "K", "HAS_IDX", "STORE_A", "SCORE"])
+# reset_to_zero: configs with a smaller BM write more partial rows; the autotuner zeroes the buffer before each trial
+# and before the final launch, so rows written only by a losing config do not add to the scores.
+@triton.autotune(configs=TWO_ACC_CONFIGS, key=["M", "N", "K", "HAS_IDX", "STORE_A", "SCORE"],
+                 reset_to_zero=["part_ptr"])
 @triton.jit
 def _gate_up_fwd_kernel(x_ptr, wg_ptr, wu_ptr, idx_ptr, g_ptr, u_ptr, a_ptr, part_ptr, M, N, K, LDO,
                         HAS_IDX: tl.constexpr, STORE_A: tl.constexpr, SCORE: tl.constexpr, ACT: tl.constexpr,
@@ -109,14 +112,14 @@ def gate_up_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, act: 
     g = padded_empty(x, T, n)
     u = padded_empty(x, T, n)
     a = padded_empty(x, T, n) if store_a else None
-    part = torch.zeros(triton.cdiv(T, MIN_BM), n, device=x.device, dtype=torch.float32) if score else None
+    part = torch.zeros(triton.cdiv(T, MIN_BM) if score else 0, n, device=x.device, dtype=torch.float32)
     if T == 0 or n == 0:
-        return g, u, a, part
+        return g, u, a, part if score else None
     grid = lambda meta: (triton.cdiv(T, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
     _gate_up_fwd_kernel[grid](x, w_gate, w_up, idx, g, u, a, part, T, n, h, g.stride(0),
                               HAS_IDX=idx is not None, STORE_A=store_a, SCORE=SCORE_IDS[score], ACT=ACT_IDS[act],
                               PRECISION=dot_precision(x.dtype))
-    return g, u, a, part
+    return g, u, a, part if score else None
 
 
 @triton.jit
