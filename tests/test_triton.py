@@ -201,3 +201,19 @@ def test_gpu_every_config_matches(monkeypatch):
             assert_matches_reference(lambda *o: sk.gathered_mlp(*o, fixed, backend="triton"), operands, dy, fixed)
             _, idx = sk.sat_mlp(*operands, 0.5, backend="triton", return_indices=True)
             assert_matches_reference(lambda *o: sk.sat_mlp(*o, 0.5, backend="triton"), operands, dy, idx)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA and triton")
+def test_gpu_autotuned_first_call():
+    """The first call at a new shape autotunes every kernel over all its configs; its result must be right too."""
+    for kern in _autotuned_kernels():
+        kern.cache.clear()
+    operands, dy = make_operands(1000, 576, 1536, torch.bfloat16, device="cuda")
+    x, wg, wu, wd = (t.detach() for t in operands)
+    _, _, fused = torch.ops.sat_kernels.triton_gate_up_scores(x, wg, wu, wd, "silu", "l2")
+    exact = sk.neuron_scores(*(t.double() for t in (x, wg, wu, wd)))
+    assert rel_rms(fused, exact) <= 2 * rel_rms(sk.neuron_scores(x, wg, wu, wd), exact) + 1e-6
+    _, idx = sk.sat_mlp(*operands, 0.5, backend="triton", return_indices=True)
+    assert_matches_reference(lambda *o: sk.sat_mlp(*o, 0.5, backend="triton"), operands, dy, idx)
