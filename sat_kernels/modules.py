@@ -77,7 +77,8 @@ class SATAttention(nn.Module):
 
     Args:
         attn: the module to wrap (kept, unregistered, for eval and for :func:`sat_kernels.revert`).
-        num_heads, num_kv_heads, head_dim, scale, norm_eps: its layout (checked by :func:`sat_kernels.replace_attention`).
+        num_heads, num_kv_heads, head_dim, scale, norm_eps: its layout (as :func:`sat_kernels.replace_attention`
+            finds and checks it).
         omission_rate, metric, strategy, unit, backend: as in :func:`sat_kernels.sat_attention`.
         sync_selection: as in :class:`SATMLP`.
     """

@@ -62,7 +62,8 @@ def assert_attention_matches_reference(fn, tensors, const, dy, heads):
     the plain reference at the operands' dtype plus a few ulps (flash-attention's rule)."""
     ours = _out_and_grads(fn, tensors, dy)
     fp64 = {k: v.detach().double().requires_grad_() for k, v in tensors.items()}
-    const64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in const.items()}
+    const64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+               for k, v in const.items()}
     ref = _out_and_grads(_ref(heads, const64), fp64, dy.double())
     plain = _out_and_grads(_ref(heads, const), {k: v.detach().clone().requires_grad_() for k, v in tensors.items()}, dy)
     eps = torch.finfo(dy.dtype).eps

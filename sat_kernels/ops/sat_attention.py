@@ -17,8 +17,11 @@ omitted heads' rows of ``W_q`` (and of ``W_k``/``W_v`` when no head of a group i
 exactly zero.
 
 Writing the backward out beats re-entering autograd for the kept heads (forward of everything under no-grad, then a
-second differentiable forward of the kept heads with gathered weights): that second forward repeats the kept heads' q/k/v
-projections and attention. MEASURE-REENTRY
+second differentiable forward of the kept heads with gathered weights), which repeats the kept heads' q/k/v
+projections and attention. Forward+backward time relative to the dense Hugging Face ``LlamaAttention`` (sdpa) at
+SmolLM2-135M attention shapes (h 576, 9 query / 3 KV heads, d 64), random weights, B 4, fp32, omission 0.5, median of
+7 interleaved ratios, 1 thread of a shared 2-core x86-64 machine (load average 5-7), torch 2.13.0+cpu: T 512 0.70x
+written out vs 0.90x re-entering autograd; T 1024 0.67x vs 0.82x.
 
 ``gathered_attention`` with a given head set computes only the kept heads' projections and attention.
 """
@@ -556,7 +559,13 @@ def sat_attention(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_v: to
     Unit of selection (grouped-query attention, ``num_kv_heads < num_heads``): ``"head"`` (default) selects query heads;
     a KV group's ``k_proj``/``v_proj`` rows get gradient when any of its heads is kept. ``"group"`` selects whole KV
     groups (their ``H / G`` query heads together) and also skips the k/v backward of omitted groups. ``"head"`` is the
-    default because MEASURE-UNIT. For multi-head attention
+    default because it omits what was asked at a fine grain: with 3 groups, ``"group"`` can only omit 0, 1/3 or 2/3 of
+    the heads (rates 0.25 and 0.5 both give 1/3), and at the same rate ``"head"`` is faster. Per kept head ``"group"``
+    is a little cheaper. Measured on SmolLM2-135M-Instruct (GGUF Q4_1 weights dequantized to fp32), 4 x 512 tokens of
+    English/Python text, layers 3, 10, 20, 27, forward+backward vs the dense sdpa module, median of 5 interleaved
+    ratios per layer, 1 thread of a shared 2-core x86-64 machine, torch 2.13.0+cpu: omission 0.5: ``"head"`` keeps 5
+    heads (2 or 3 of the 3 groups touched) 0.74x dense, ``"group"`` keeps 6 heads 0.78x; omission 2/3 (3 heads kept
+    by both): ``"head"`` 0.59x (1-3 groups touched), ``"group"`` 0.55x. For multi-head attention
     (``num_kv_heads == num_heads``, Llama-2-7B) the two units are the same.
 
     Args:
