@@ -156,8 +156,10 @@ class SATAttention(nn.Module):
             raise ValueError(f"SATAttention: attention_mask covers {mask.shape[-1]} keys for {seq} tokens (a static "
                              f"or pre-filled KV cache); training-mode SAT attention supports self-attention only")
         # causality as Hugging Face applies it: sdpa uses is_causal when no mask is given, eager relies on the mask
-        causal = impl == "sdpa" and mask is None and seq > 1 and bool(call.get("is_causal", getattr(dense, "is_causal",
-                                                                                                    True)))
+        is_causal = call.get("is_causal")
+        if is_causal is None:
+            is_causal = getattr(dense, "is_causal", True)
+        causal = impl == "sdpa" and mask is None and seq > 1 and bool(is_causal)
         norm = getattr(self, "q_norm", None) is not None
         y, _, k_all, v_all = sat_attention_impl(
             hidden_states, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.o_proj.weight,

@@ -284,11 +284,13 @@ def test_synchronized_selection_uses_the_global_batch(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ model integration
 
-FAMILIES = [("llama", {}), ("mistral", {"sliding_window": 6}), ("qwen2", {}), ("qwen3", {}), ("gemma", {})]
+FAMILIES = [("llama", {}), ("mistral", {"sliding_window": 6}), ("qwen2", {}), ("qwen3", {}), ("gemma", {}),
+            ("gemma", {"use_bidirectional_attention": True})]
 
 
 def _fam_id(p):
-    return p[0] + ("-window6" if p[1] else "")
+    return p[0] + ("-window6" if "sliding_window" in p[1] else "") + ("-bidirectional" if len(p[1]) and
+                                                                        "sliding_window" not in p[1] else "")
 
 
 def _ids(seed=0, shape=(2, 13)):
@@ -331,32 +333,36 @@ def test_patched_model_eval_exact_training_matches_reference(family, impl):
     with torch.no_grad():
         assert torch.equal(model(ids, attention_mask=am).logits, dense), "eval() must be exactly the dense model"
 
-    # training: the layer-0 SAT attention equals the reference with the reference's top-k heads, on the very inputs
-    # (mask, RoPE tables) the model passed, and the reference with all heads equals the original module
+    # training, with and without padding (sdpa: a boolean mask, or None and is_causal): the layer-0 SAT attention
+    # equals the reference with the reference's top-k heads on the very inputs (mask, RoPE tables) the model passed,
+    # and the reference with all heads equals the original module
     model.train()
     sat = model.model.layers[0].self_attn
     seen = {}
     sat.register_forward_hook(lambda m, a, k, out: seen.update(kwargs=k, out=out[0]), with_kwargs=True)
-    model(ids, attention_mask=am, labels=ids, use_cache=False).loss.backward()
-    kw = seen["kwargs"]
-    x, mask = kw["hidden_states"].detach(), kw["attention_mask"]
-    causal = impl == "sdpa" and mask is None
-    cos, sin = kw["position_embeddings"]
-    layout = {**_layout_kwargs(sat), "cos": cos, "sin": sin, "attention_mask": mask, "causal": causal}
-    weights = [x] + [getattr(sat, p).weight for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
-    b_o = layout.pop("b_o")
-    with torch.no_grad():
-        full = reference_attention(*weights, b_o=b_o, **layout)
-        dense_out, _ = originals[0](**kw)
-        # fp32-level tolerance: Hugging Face's eager softmax and Qwen3's q/k RMSNorm run in fp32 even for fp64
-        torch.testing.assert_close(full, dense_out, rtol=1e-6, atol=1e-7)
-        heads = reference_head_indices(*weights, 0.5, **layout)
-        torch.testing.assert_close(seen["out"], reference_attention(*weights, heads, b_o=b_o, **layout),
-                                   rtol=1e-10, atol=1e-10)
-    d = sat.head_dim
-    kept_rows = sat.q_proj.weight.grad.view(sat.num_heads, d, -1).abs().sum((1, 2)) != 0
-    assert torch.equal(kept_rows.nonzero().flatten(), heads)
-    assert torch.equal(sat.o_proj.weight.grad.view(-1, sat.num_heads, d).abs().sum((0, 2)) != 0, kept_rows)
+    for attention_mask in (am, None):
+        model.zero_grad()
+        model(ids, attention_mask=attention_mask, labels=ids, use_cache=False).loss.backward()
+        kw = seen["kwargs"]
+        x, mask = kw["hidden_states"].detach(), kw["attention_mask"]
+        assert (mask is None) == (impl == "sdpa" and attention_mask is None and name != "mistral")
+        causal = impl == "sdpa" and mask is None and originals[0].is_causal
+        cos, sin = kw["position_embeddings"]
+        layout = {**_layout_kwargs(sat), "cos": cos, "sin": sin, "attention_mask": mask, "causal": causal}
+        weights = [x] + [getattr(sat, p).weight for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        b_o = layout.pop("b_o")
+        with torch.no_grad():
+            full = reference_attention(*weights, b_o=b_o, **layout)
+            dense_out, _ = originals[0](**kw)
+            # fp32-level tolerance: Hugging Face's eager softmax and Qwen3's q/k RMSNorm run in fp32 even for fp64
+            torch.testing.assert_close(full, dense_out, rtol=1e-6, atol=1e-7)
+            heads = reference_head_indices(*weights, 0.5, **layout)
+            torch.testing.assert_close(seen["out"], reference_attention(*weights, heads, b_o=b_o, **layout),
+                                       rtol=1e-10, atol=1e-10)
+        d = sat.head_dim
+        kept_rows = sat.q_proj.weight.grad.view(sat.num_heads, d, -1).abs().sum((1, 2)) != 0
+        assert torch.equal(kept_rows.nonzero().flatten(), heads)
+        assert torch.equal(sat.o_proj.weight.grad.view(-1, sat.num_heads, d).abs().sum((0, 2)) != 0, kept_rows)
 
     sk.revert(model)
     assert [layer.self_attn for layer in model.model.layers] == originals
