@@ -526,6 +526,7 @@ def test_gpu_ops_run_on_the_current_stream_and_device():
     s = torch.cuda.Stream()
     a = torch.randn(256, 4096, device="cuda", dtype=torch.bfloat16)
     idx = torch.arange(0, 4096, 2, device="cuda")
+    s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         out = kernels.gather_cols(a, idx)
         keep = kernels.select_kept(a.float().norm(dim=0), 100)
@@ -544,9 +545,13 @@ CUDA_SHAPES = [(1, 8, 5), (63, 97, 123), (97, 123, 431), (1024, 576, 1536), (204
 def test_gpu_cuda_backend_matches_fp64_reference(shape, rate, dtype):
     operands, dy = make_operands(*shape, dtype, device="cuda")
     _, idx = sk.sat_mlp(*operands, rate, backend="cuda", return_indices=True)
-    _, idx_torch = sk.sat_mlp(*operands, rate, backend="torch", return_indices=True)
     assert idx.is_cuda and idx.dtype == torch.int64 and torch.equal(idx, torch.unique(idx))
-    assert torch.equal(idx, idx_torch), "same scores, same top-k (random operands have no ties)"
+    assert idx.numel() == sk.num_kept(shape[2], rate)
+    scores = sk.neuron_scores(*operands)
+    kept = torch.zeros(shape[2], dtype=torch.bool, device="cuda")
+    kept[idx] = True
+    if not kept.all():
+        assert scores[kept].min() >= scores[~kept].max(), "a top-k set of the scores (ties may go either way)"
     ours = assert_matches_reference(lambda *o: sk.sat_mlp(*o, rate, backend="cuda"), operands, dy, idx)
     omitted = torch.ones(shape[2], dtype=torch.bool, device="cuda")
     omitted[idx] = False
