@@ -262,16 +262,44 @@ def test_cli_sft_single_run_saves_model(tiny_dir, tmp_path, capsys):
     assert not any(isinstance(m, sk.SATMLP) for m in saved.modules())
 
 
+def test_cli_attention_omission(tiny_dir, tmp_path, capsys):
+    out = _run_cli(["--model", str(tiny_dir / "llama"), "--data", str(tiny_dir / "corpus.txt"), "--compare",
+                    "--steps", "10", "--seq-len", "16", "--batch-size", "2", "--omission-rate", "0.5",
+                    "--attn-omission-rate", "0.5", "--scheduler", "linear", "--output-dir", str(tmp_path),
+                    "--no-progress"], capsys)
+    assert "attention omission 0.50" in out
+    report = json.loads((tmp_path / "train_cpt.json").read_text())
+    sat, dense = report["runs"]["SAT"], report["runs"]["dense"]
+    # linear from 0.5 over the first 9 of 10 steps, then dense; MLP and attention follow their own schedulers
+    expected = [0.5 * (1 - s / 9) for s in range(9)] + [0.0]
+    assert sat["omission_rates"] == pytest.approx(expected) and sat["attn_omission_rates"] == pytest.approx(expected)
+    assert dense["attn_omission_rates"] == [0.0] * 10
+    assert sat["losses"][0] != dense["losses"][0]
+
+
+def test_attention_rate_is_applied_separately(tiny_dir):
+    pristine, order, held, pad = _tiny_setup(tiny_dir, 4, 2)
+    cfg = TrainConfig(steps=4, seq_len=16, batch_size=2, omission_rate=0.5, attn_omission_rate=0.0,
+                      scheduler="constant")
+    mlp_only = TrainConfig(steps=4, seq_len=16, batch_size=2, omission_rate=0.5, scheduler="constant")
+    with_attn0, m = train_run(pristine, order, held, cfg, sat=True, pad_id=pad, progress=False)
+    without, _ = train_run(pristine, order, held, mlp_only, sat=True, pad_id=pad, progress=False)
+    assert with_attn0.attn_omission_rates == [0.0] * 4 and with_attn0.omission_rates == [0.5] * 4
+    assert with_attn0.losses == without.losses, "attention at rate 0 is the dense attention"
+    assert not any(isinstance(x, (sk.SATMLP, sk.SATAttention)) for x in m.modules())
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--data", "/nonexistent/corpus.txt"], "--data: file '/nonexistent/corpus.txt' does not exist"),
     (["--model", "/nonexistent/model"], "--model: '/nonexistent/model' does not exist"),
     (["--omission-rate", "1.0"], "argument --omission-rate: must be in [0, 1), got 1.0"),
     (["--omission-rate", "-0.1"], "argument --omission-rate: must be in [0, 1), got -0.1"),
     (["--omission-rate", "half"], "argument --omission-rate: expected a number in [0, 1), got 'half'"),
+    (["--attn-omission-rate", "1"], "argument --attn-omission-rate: must be in [0, 1), got 1.0"),
     (["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
     (["--scheduler", "cosine"], "argument --scheduler: invalid choice"),
     (["--task", "dpo"], "argument --task: invalid choice"),
-], ids=["missing-data", "missing-model", "rate-1", "rate-neg", "rate-text", "steps-0", "scheduler", "task"])
+], ids=["missing-data", "missing-model", "rate-1", "rate-neg", "rate-text", "attn-rate-1", "steps-0", "scheduler", "task"])
 def test_cli_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)

@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the model copy, data order and Trainer (default 0)")
     p.add_argument("--omission-rate", type=_rate, default=0.5,
                    help="initial MLP omission rate in [0, 1) (default 0.5)")
+    p.add_argument("--attn-omission-rate", type=_rate, default=None,
+                   help="initial attention-head omission rate in [0, 1) (sk.replace_attention, same schedule type); "
+                        "default: attention stays dense")
     p.add_argument("--scheduler", choices=SCHEDULERS, default="ladder",
                    help="omission-rate schedule: ladder = LadderOmissionScheduler (LORS: 2 rungs, last 10%% dense), "
                         "constant, linear (default: ladder)")
@@ -122,7 +125,8 @@ def config_from_args(args) -> TrainConfig:
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else preset[name]  # noqa: E731
     return TrainConfig(task=args.task, steps=pick("steps"), seq_len=pick("seq_len"), batch_size=pick("batch_size"),
                        lr=pick("lr"), warmup_steps=pick("warmup_steps"), seed=args.seed,
-                       omission_rate=args.omission_rate, scheduler=args.scheduler, metric=args.metric,
+                       omission_rate=args.omission_rate, attn_omission_rate=args.attn_omission_rate,
+                       scheduler=args.scheduler, metric=args.metric,
                        strategy=args.strategy, backend=args.backend, precision=args.precision)
 
 
@@ -200,10 +204,12 @@ def main(argv=None) -> int:
     if "comparison" in report:
         c = report["comparison"]
         print(f"SAT vs dense: speedup {c['speedup_tokens_per_s']:.3f}x (tokens/s), "
-              f"{c['speedup_train_wall']:.3f}x (train wall time); eval loss {100 * c['eval_loss_rel_diff']:+.2f}%")
+              f"{c['speedup_median_step']:.3f}x (median step), {c['speedup_train_wall']:.3f}x (train wall time); "
+              f"eval loss {100 * c['eval_loss_rel_diff']:+.2f}%")
     json_path = write_json(report, out_dir / f"{name}.json")
     title = (f"sat-train {cfg.task}: {Path(model_name).name}, {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len}, "
-             f"{cfg.scheduler} from {cfg.omission_rate}\n{env['device']}, {env['date']}")
+             f"{cfg.scheduler} from {cfg.omission_rate}"
+             f"{f' (attention {cfg.attn_omission_rate})' if cfg.attn_omission_rate is not None else ''}\n{env['device']}, {env['date']}")
     png_path = plot(runs, out_dir / f"{name}.png", title, base_eval)
     print(f"wrote {json_path} and {png_path}")
     if args.save_model and sat_model is not None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -9,7 +10,7 @@ from .runner import RunResult
 
 TOKENS_NOTE = ("tokens/s: input tokens (padding excluded) of all optimizer steps / summed step times "
                "(forward + backward + optimizer step); model loading, data preparation, logging and evaluation are "
-               "excluded. final train loss: mean over the last tenth of the steps. eval: dense (eval mode), on the "
+               "excluded; speedup = SAT / dense tokens/s. final train loss: mean over the last tenth of the steps. eval: dense (eval mode), on the "
                "held-out split.")
 
 
@@ -24,6 +25,7 @@ def summary(runs: Sequence[RunResult], *, config: Dict, environment: Dict, data:
         dense, sat = by_sat[False], by_sat[True]
         out["comparison"] = {
             "speedup_tokens_per_s": sat.tokens_per_s / dense.tokens_per_s,
+            "speedup_median_step": sat.tokens_per_s_median_step / dense.tokens_per_s_median_step,
             "speedup_train_wall": dense.train_wall_s / sat.train_wall_s,
             "eval_loss_rel_diff": (sat.eval_loss - dense.eval_loss) / dense.eval_loss,
             "final_train_loss_rel_diff": (sat.final_train_loss() - dense.final_train_loss()) / dense.final_train_loss(),
@@ -34,15 +36,14 @@ def summary(runs: Sequence[RunResult], *, config: Dict, environment: Dict, data:
 def table(runs: Sequence[RunResult], base_eval_loss: Optional[float] = None) -> str:
     """Markdown table of the runs; the speedup column is relative to the dense run (tokens/s)."""
     dense = next((r for r in runs if not r.sat), None)
-    lines = ["| run | final train loss | eval loss | eval ppl | tokens/s | train wall s | speedup |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| run | final train loss | eval loss | eval ppl | tokens/s | tokens/s median step | train wall s | "
+             "speedup |", "|---|---|---|---|---|---|---|---|"]
     if base_eval_loss is not None:
-        import math
-        lines.append(f"| before training | - | {base_eval_loss:.4f} | {math.exp(base_eval_loss):.2f} | - | - | - |")
+        lines.append(f"| before training | - | {base_eval_loss:.4f} | {math.exp(base_eval_loss):.2f} | - | - | - | - |")
     for r in runs:
         speed = f"{r.tokens_per_s / dense.tokens_per_s:.3f}x" if dense is not None else "-"
         lines.append(f"| {r.name} | {r.final_train_loss():.4f} | {r.eval_loss:.4f} | {r.eval_perplexity:.2f} | "
-                     f"{r.tokens_per_s:.1f} | {r.train_wall_s:.1f} | {speed} |")
+                     f"{r.tokens_per_s:.1f} | {r.tokens_per_s_median_step:.1f} | {r.train_wall_s:.1f} | {speed} |")
     return "\n".join(lines)
 
 
@@ -85,7 +86,10 @@ def plot(runs: Sequence[RunResult], path: Path, title: str, base_eval_loss: Opti
     if sat:
         ax2 = ax.twinx()
         ax2.step(range(1, len(sat[0].omission_rates) + 1), sat[0].omission_rates, where="post", color="tab:green",
-                 linestyle="--", linewidth=1, label="SAT omission rate")
+                 linestyle="--", linewidth=1, label="SAT MLP omission rate")
+        if sat[0].attn_omission_rates:
+            ax2.step(range(1, len(sat[0].attn_omission_rates) + 1), sat[0].attn_omission_rates, where="post",
+                     color="tab:red", linestyle=":", linewidth=1, label="SAT attention omission rate")
         ax2.set_ylabel("omission rate")
         ax2.set_ylim(0, 1)
         handles, labels = ax2.get_legend_handles_labels()

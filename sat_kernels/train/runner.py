@@ -3,13 +3,17 @@ then a dense evaluation on the held-out split.
 
 Throughput is measured over the optimizer steps only (``on_step_begin`` to ``on_step_end``: forward, backward,
 optimizer step; with a CUDA synchronisation at both ends on GPU). Model loading, data preparation, logging and
-evaluation are excluded from tokens/s; the wall time of ``trainer.train()`` is reported separately.
+evaluation are excluded from tokens/s; the wall time of ``trainer.train()`` is reported separately. On a shared
+machine the step times also carry other processes' load: the 1-minute load average is recorded before and after
+each run, and the median step time is reported beside the mean.
 """
 from __future__ import annotations
 
 import copy
 import gc
 import math
+import os
+import statistics
 import sys
 import tempfile
 import time
@@ -39,6 +43,7 @@ class TrainConfig:
     warmup_steps: int = 0
     seed: int = 0
     omission_rate: float = 0.5
+    attn_omission_rate: Optional[float] = None
     scheduler: str = "ladder"
     metric: str = "l2"
     strategy: str = "topk"
@@ -58,12 +63,20 @@ class RunResult:
     step_seconds: List[float] = field(default_factory=list)
     step_tokens: List[int] = field(default_factory=list)
     omission_rates: List[float] = field(default_factory=list)
+    attn_omission_rates: List[float] = field(default_factory=list)
     train_wall_s: float = 0.0
     eval_loss: float = float("nan")
+    load_avg_before: Optional[float] = None
+    load_avg_after: Optional[float] = None
 
     @property
     def tokens_per_s(self) -> float:
         return sum(self.step_tokens) / sum(self.step_seconds)
+
+    @property
+    def tokens_per_s_median_step(self) -> float:
+        """Median over steps of tokens / step time: less sensitive to other processes' load spikes."""
+        return statistics.median(t / s for t, s in zip(self.step_tokens, self.step_seconds))
 
     @property
     def eval_perplexity(self) -> float:
@@ -76,7 +89,8 @@ class RunResult:
 
     def to_dict(self) -> Dict:
         d = asdict(self)
-        d.update(tokens_per_s=self.tokens_per_s, eval_perplexity=self.eval_perplexity,
+        d.update(tokens_per_s=self.tokens_per_s, tokens_per_s_median_step=self.tokens_per_s_median_step,
+                 eval_perplexity=self.eval_perplexity,
                  final_train_loss=self.final_train_loss(), step_time_s=sum(self.step_seconds))
         return d
 
@@ -104,10 +118,16 @@ def resolve_device_precision(precision: str):
     return device, None
 
 
+def _patch(model, cfg: TrainConfig):
+    sk.replace_mlp(model, cfg.omission_rate, metric=cfg.metric, strategy=cfg.strategy, backend=cfg.backend)
+    if cfg.attn_omission_rate is not None:
+        sk.replace_attention(model, cfg.attn_omission_rate, metric=cfg.metric, strategy=cfg.strategy)
+
+
 def check_sat_supported(model, cfg: TrainConfig) -> None:
     """Raise a clear ValueError before any training if SAT cannot patch ``model`` (e.g. GPT-2: no SwiGLU MLP)."""
     try:
-        sk.replace_mlp(model, cfg.omission_rate, metric=cfg.metric, strategy=cfg.strategy, backend=cfg.backend)
+        _patch(model, cfg)
     except ValueError as e:
         raise ValueError(f"--model ({type(model).__name__}, model_type {getattr(model.config, 'model_type', '?')!r}) "
                          f"is not supported by SAT: {e}") from None
@@ -126,12 +146,39 @@ class _ExamplesDataset(torch.utils.data.Dataset):
         return self.examples[i]
 
 
+def _load_average() -> Optional[float]:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return None
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _make_callbacks(result: RunResult, device, total_steps: int, rate_of, progress: bool):
+def _attention_schedule_callback(scheduler):
+    """Runs after :class:`sat_kernels.SATCallback` (which sets every SAT module to the MLP schedule's rate) and sets
+    the attention modules to ``scheduler``'s rate for the step."""
+    from transformers import TrainerCallback
+
+    class AttentionSchedule(TrainerCallback):
+        def __init__(self):
+            self.current_rate = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if scheduler.total_steps is None:
+                scheduler.total_steps = state.max_steps
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            self.current_rate = float(scheduler.rate(state.global_step))
+            sk.set_omission_rate(model, attention=self.current_rate)
+
+    return AttentionSchedule()
+
+
+def _make_callbacks(result: RunResult, device, total_steps: int, rate_of, attn_rate_of, progress: bool):
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
 
@@ -154,6 +201,8 @@ def _make_callbacks(result: RunResult, device, total_steps: int, rate_of, progre
             _sync(device)
             result.step_seconds.append(time.perf_counter() - self.t0)
             result.omission_rates.append(rate_of())
+            if attn_rate_of is not None:
+                result.attn_omission_rates.append(attn_rate_of())
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs or len(result.losses) >= len(result.step_seconds):
@@ -164,6 +213,8 @@ def _make_callbacks(result: RunResult, device, total_steps: int, rate_of, progre
             tok_s = result.step_tokens[step] / result.step_seconds[step]
             line = (f"[{result.name}] step {step + 1}/{total_steps}  loss {result.losses[-1]:.4f}  "
                     f"tokens/s {tok_s:.0f}  omission {result.omission_rates[step]:.2f}")
+            if result.attn_omission_rates:
+                line += f"  attention omission {result.attn_omission_rates[step]:.2f}"
             if progress:
                 self.bar.set_postfix_str(f"loss {result.losses[-1]:.3f} tok/s {tok_s:.0f} "
                                          f"r {result.omission_rates[step]:.2f}")
@@ -223,14 +274,19 @@ def train_run(pristine, train_examples: Sequence[Dict], eval_examples: Sequence[
     set_seed(cfg.seed)
     model = copy.deepcopy(pristine).to(device).train()
     callbacks = []
-    rate_of = lambda: 0.0  # noqa: E731
+    rate_of, attn_rate_of = (lambda: 0.0), None
     if sat:
-        scheduler = make_scheduler(cfg.scheduler, cfg.omission_rate)
-        sk.replace_mlp(model, cfg.omission_rate, metric=cfg.metric, strategy=cfg.strategy, backend=cfg.backend)
-        sat_callback = sk.SATCallback(scheduler)
+        _patch(model, cfg)
+        sat_callback = sk.SATCallback(make_scheduler(cfg.scheduler, cfg.omission_rate))
         callbacks.append(sat_callback)
         rate_of = lambda: sat_callback.current_rate  # noqa: E731
-    callbacks.append(_make_callbacks(result, device, cfg.steps, rate_of, progress))
+        if cfg.attn_omission_rate is not None:
+            attn_callback = _attention_schedule_callback(make_scheduler(cfg.scheduler, cfg.attn_omission_rate))
+            callbacks.append(attn_callback)   # after SATCallback: it overrides the attention modules' rate
+            attn_rate_of = lambda: attn_callback.current_rate  # noqa: E731
+    elif cfg.attn_omission_rate is not None:
+        attn_rate_of = lambda: 0.0  # noqa: E731
+    callbacks.append(_make_callbacks(result, device, cfg.steps, rate_of, attn_rate_of, progress))
 
     class OrderedTrainer(Trainer):
         """Takes the examples in the given order (the same for dense and SAT)."""
@@ -248,10 +304,12 @@ def train_run(pristine, train_examples: Sequence[Dict], eval_examples: Sequence[
         trainer = OrderedTrainer(model=model, args=args, train_dataset=_ExamplesDataset(list(train_examples)),
                                  data_collator=lambda batch: collate(batch, pad_id), callbacks=callbacks)
         trainer.remove_callback(PrinterCallback)
+        result.load_avg_before = _load_average()
         start = time.perf_counter()
         trainer.train()
         _sync(device)
         result.train_wall_s = time.perf_counter() - start
+        result.load_avg_after = _load_average()
     if len(result.losses) != cfg.steps or len(result.step_seconds) != cfg.steps:
         raise RuntimeError(f"expected {cfg.steps} logged steps, got {len(result.losses)} losses and "
                            f"{len(result.step_seconds)} timings")
