@@ -96,7 +96,8 @@ def select_neurons(scores: torch.Tensor, k: int, *, strategy: str = "topk",
     """Indices of the ``k`` kept neurons, sorted ascending (int64, on ``scores.device``).
 
     Args:
-        scores: ``[n]`` non-negative scores (any float dtype; compared in fp32).
+        scores: ``[n]`` non-negative scores (any float dtype; compared in fp32). A NaN score ranks below every
+            number: that neuron is kept only when fewer than ``k`` scores are numbers.
         k: kept count in ``[1, n]`` (see :func:`num_kept`).
         strategy: ``"topk"`` (the k highest scores), ``"sample"`` (without replacement, probability proportional to
             the score: Gumbel-top-k on ``log(score)``) or ``"random"`` (uniform without replacement).
@@ -131,5 +132,6 @@ def select_neurons(scores: torch.Tensor, k: int, *, strategy: str = "topk",
         keys = torch.log(scores.float()) + gumbel
     else:
         keys = uniform.float()
-    idx = torch.topk(keys, k, sorted=False).indices
+    # NaN ranks below every number, as in the cuda backend's selection kernel (torch.topk alone ranks it highest)
+    idx = torch.topk(keys.nan_to_num(nan=-math.inf), k, sorted=False).indices
     return torch.sort(idx).values

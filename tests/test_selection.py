@@ -99,3 +99,11 @@ def test_num_kept_is_what_sat_mlp_keeps():
             w = [torch.randn(n, 8), torch.randn(n, 8), torch.randn(8, n)]
             _, idx = sk.sat_mlp(x, *w, rate, return_indices=True)
             assert idx.numel() == sk.num_kept(n, rate) == max(1, math.floor((1 - rate) * n + 0.5))
+
+
+@pytest.mark.parametrize("strategy", ["topk", "sample"])
+def test_nan_scores_rank_lowest(strategy):
+    s = torch.tensor([0.5, float("nan"), 2.0, float("nan"), 1.0])
+    idx = sk.select_neurons(s, 3, strategy=strategy, generator=torch.Generator().manual_seed(0))
+    assert idx.tolist() == [0, 2, 4]
+    assert sk.select_neurons(s, 4).numel() == 4
