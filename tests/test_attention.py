@@ -373,6 +373,23 @@ def test_patched_model_eval_exact_training_matches_reference(family, impl):
         assert torch.equal(model(ids, attention_mask=am).logits, dense)
 
 
+def test_patch_before_loading_weights():
+    """A model built on the meta device can be patched (q/k norms are not evaluated there), then loaded."""
+    import transformers
+
+    from helpers import tiny_config
+
+    source = tiny_model("qwen3")
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(tiny_config("qwen3"))
+    sk.replace_attention(model, 0.5)
+    assert list(model.state_dict()) == list(source.state_dict())
+    model.load_state_dict(source.state_dict(), assign=True)
+    attn = model.model.layers[1].self_attn
+    assert isinstance(attn, sk.SATAttention) and attn.dense_module.k_norm is attn.k_norm
+    assert torch.equal(attn.k_norm.weight, source.model.layers[1].self_attn.k_norm.weight)
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_left_padding_in_training_is_finite(impl):
     model = sk.replace_attention(tiny_model("llama", attn_implementation=impl), 0.5).train()
