@@ -21,10 +21,10 @@ if INTERPRET:
 else:
     # Hopper (H100/H200) candidates for bf16/fp16, autotuned per shape. Their speed is not measured on a GPU yet (which
     # config wins at the Llama shapes must come from a GPU run of benchmarks/triton_mlp_speed.py). Checked statically
-    # (sm_90a cubins compiled without a GPU, triton 3.6 and 3.9, bf16, 16-divisible shapes, ptxas resource usage):
-    # every config compiles to wgmma with cp.async pipelining; spills are at most 24 bytes per thread except
-    # _down_weight_bwd_kernel on 128x256 (112 bytes, triton 3.6) and the in-kernel gather of _down_fwd_kernel on
-    # 128-row tiles (up to 352 bytes; not the default, see down.py).
+    # with benchmarks/triton_static_check.py (sm_90a cubins compiled without a GPU, triton 3.6 and 3.9, bf16,
+    # 16-divisible shapes): every config compiles to wgmma with cp.async pipelining; spill stacks are at most 24 bytes
+    # per thread except _down_weight_bwd_kernel on 128x256 (112 bytes, triton 3.6) and the in-kernel gathers of
+    # w_down's columns (up to 352 bytes; not the default, see down.py).
     # Two fp32 [BM, BN] accumulators (gate/up forward, dW_gate/dW_up): BN <= 128 keeps them in 128 registers/thread.
     TWO_ACC_CONFIGS = [
         _config(128, 128, 64, 3, 8),

@@ -1,0 +1,88 @@
+"""Static check of the Triton kernels for Hopper without a GPU: compile every autotune config to an sm_90a cubin and
+report registers, spill stack, shared memory, and whether the loop became wgmma with cp.async pipelining.
+
+Needs triton (tested 3.6 and 3.9) and its bundled cuobjdump; no CUDA device, no driver. Integer arguments are
+compiled as divisible by 16 (as Triton specialises them at launch for the Llama shapes and the padded row strides).
+The numbers quoted in ``sat_kernels/ops/triton/utils.py`` come from this script. Compile-time resources only: it says
+nothing about speed (``benchmarks/triton_mlp_speed.py`` measures that on a GPU).
+
+    python benchmarks/triton_static_check.py --dtype bf16
+"""
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from sat_kernels.ops.triton import down, gate_up, utils
+
+
+def kernels(dtype: str):
+    """``(label, autotuned kernel, pointer types, constexprs, configs)`` for every kernel variant the backend runs."""
+    p, i64 = "*" + dtype, "*i64"
+    prec = "ieee" if dtype == "fp32" else "tf32"
+    gu = {"x_ptr": p, "wg_ptr": p, "wu_ptr": p, "idx_ptr": i64, "g_ptr": p, "u_ptr": p, "a_ptr": p, "part_ptr": "*fp32"}
+    dn = {"a_ptr": p, "wd_ptr": p, "idx_ptr": i64, "y_ptr": p}
+    db = {"dy_ptr": p, "wd_ptr": p, "idx_ptr": i64, "g_ptr": p, "u_ptr": p, "dg_ptr": p, "du_ptr": p, "a_ptr": p}
+    return [
+        ("gate_up_fwd scores", gate_up._gate_up_fwd_kernel, gu,
+         dict(HAS_IDX=False, STORE_A=False, SCORE=1, ACT=0, PRECISION=prec), utils.TWO_ACC_CONFIGS),
+        ("gate_up_fwd kept rows", gate_up._gate_up_fwd_kernel, gu,
+         dict(HAS_IDX=True, STORE_A=True, SCORE=0, ACT=0, PRECISION=prec), utils.TWO_ACC_CONFIGS),
+        ("gate_up_weight_bwd", gate_up._gate_up_weight_bwd_kernel,
+         {"dg_ptr": p, "du_ptr": p, "x_ptr": p, "idx_ptr": i64, "dwg_ptr": p, "dwu_ptr": p}, dict(PRECISION=prec),
+         utils.TWO_ACC_CONFIGS),
+        ("gate_up_input_bwd", gate_up._gate_up_input_bwd_kernel,
+         {"dg_ptr": p, "du_ptr": p, "wg_ptr": p, "wu_ptr": p, "idx_ptr": i64, "dx_ptr": p}, dict(PRECISION=prec),
+         utils.ONE_ACC_CONFIGS),
+        ("down_fwd compact", down._down_fwd_kernel, dn, dict(GATHER=False, PRECISION=prec), utils.ONE_ACC_CONFIGS),
+        ("down_fwd gather", down._down_fwd_kernel, dn, dict(GATHER=True, PRECISION=prec), utils.ONE_ACC_CONFIGS),
+        ("down_bwd compact", down._down_bwd_kernel, db, dict(GATHER=False, ACT=0, PRECISION=prec),
+         utils.SWIGLU_BWD_CONFIGS),
+        ("down_bwd gather", down._down_bwd_kernel, db, dict(GATHER=True, ACT=0, PRECISION=prec),
+         utils.SWIGLU_BWD_CONFIGS),
+        ("down_weight_bwd", down._down_weight_bwd_kernel, {"dy_ptr": p, "a_ptr": p, "idx_ptr": i64, "dwd_ptr": p},
+         dict(PRECISION=prec), utils.ONE_ACC_CONFIGS),
+    ]
+
+
+def check(label, kernel, pointers, consts, config, cuobjdump):
+    fn = kernel.fn
+    constexprs = dict(consts, **config.kwargs)
+    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if signature[n] != "constexpr"}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 64),
+                              options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    ptx = compiled.asm["ptx"]
+    regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+    tile = "x".join(str(config.kwargs[k]) for k in ("BM", "BN", "BK"))
+    return (f"| {label} | {tile} | {config.num_warps} | {config.num_stages} | {regs} | {stack} | "
+            f"{compiled.metadata.shared} | {'yes' if 'wgmma' in ptx else 'no'} | {'yes' if 'cp.async' in ptx else 'no'} |")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    args = parser.parse_args(argv)
+    if utils.INTERPRET:
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter has one tiny config and compiles nothing")
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    print(f"triton {triton.__version__}, sm_90a, {args.dtype}\n")
+    print("| kernel | BMxBNxBK | warps | stages | registers | spill stack (B) | shared (B) | wgmma | cp.async |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, kernel, pointers, consts, configs in kernels(args.dtype):
+        for config in configs:
+            print(check(label, kernel, pointers, consts, config, cuobjdump), flush=True)
+
+
+if __name__ == "__main__":
+    main()
