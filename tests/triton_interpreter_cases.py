@@ -285,3 +285,23 @@ def test_autotuning_with_several_configs(monkeypatch):
     _, idx = sk.sat_mlp(*operands, 0.5, backend="triton", return_indices=True)
     assert_matches_reference(_triton_sat(0.5), operands, dy, idx)
     assert all(kern.best_config.kwargs["BM"] == 32 for kern in kernels)
+
+
+def test_patched_llama_trains_like_the_torch_backend():
+    """replace_mlp(backend="triton") on a tiny random Llama: loss and every MLP gradient match the torch backend."""
+    from helpers import tiny_model
+
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for backend in ("torch", "triton"):
+        model = sk.replace_mlp(tiny_model("llama", intermediate_size=72), 0.5, backend=backend).train()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if ".mlp." in n}
+        results[backend] = (loss.detach(), grads)
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-6)
+    assert len(results["triton"][1]) == 6
+    for name, grad in results["triton"][1].items():
+        ref = results["torch"][1][name]
+        assert torch.equal(grad == 0, ref == 0), f"{name}: different omitted rows/columns"
+        assert rel_rms(grad, ref) < 1e-4, name
