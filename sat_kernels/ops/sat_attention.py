@@ -278,7 +278,7 @@ class SATAttentionFunction(torch.autograd.Function):
          o_flat, lse_s, q_raw_s, k_raw_g) = ctx.saved_tensors
         spec = ctx.spec
         B, T, hidden = ctx.shape
-        H, G, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        G, d = spec.num_kv_heads, spec.head_dim
         kq, kg = heads.numel(), groups.numel()
         need = ctx.needs_input_grad
         grads = [None] * 16
