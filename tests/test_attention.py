@@ -88,7 +88,8 @@ LAYOUTS = {"MHA": (2, 13, 40, 4, 4, 8), "GQA": (2, 97, 36, 6, 2, 6), "MQA": (1, 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
 @pytest.mark.parametrize("masked", [False, True], ids=["causal", "causal+padding"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", list(LAYOUTS),
+                         ids=lambda k: "{}-B{}-T{}-h{}-H{}-G{}-d{}".format(k, *LAYOUTS[k]))
 def test_gathered_attention_matches_reference(layout, masked, dtype):
     B, T, h, H, G, d = LAYOUTS[layout]
     tensors, const, dy = make_attention_operands(B, T, h, H, G, d, dtype, bias=layout == "GQA",
