@@ -134,7 +134,9 @@ def stdlib_docs(modules: Sequence[str] = STDLIB_MODULES) -> List[Doc]:
                     member = obj.__dict__[meth]
                     if isinstance(member, (staticmethod, classmethod)):
                         member = member.__func__
-                    if inspect.isroutine(member):
+                    member_owner = (getattr(member, "__module__", None) or mod_name).split(".")[0]
+                    if inspect.isroutine(member) and member_owner in sys.stdlib_module_names:
+                        # transformers adds Logger.warning_once & co to logging.Logger when imported: skip such
                         add(f"{mod_name}.{attr}.{meth}", "method", member)
     return docs
 
