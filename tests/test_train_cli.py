@@ -299,7 +299,8 @@ def test_attention_rate_is_applied_separately(tiny_dir):
     (["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
     (["--scheduler", "cosine"], "argument --scheduler: invalid choice"),
     (["--task", "dpo"], "argument --task: invalid choice"),
-], ids=["missing-data", "missing-model", "rate-1", "rate-neg", "rate-text", "attn-rate-1", "steps-0", "scheduler", "task"])
+], ids=["missing-data", "missing-model", "rate-1", "rate-neg", "rate-text", "attn-rate-1", "steps-0", "scheduler",
+        "task"])
 def test_cli_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -312,7 +313,8 @@ def test_cli_rejects_unsupported_model_and_data(tiny_dir, tmp_path, capsys):
 
     tok = _tokenizer()
     gpt2 = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(gpt2)
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64)
+    GPT2LMHeadModel(cfg).save_pretrained(gpt2)
     tok.save_pretrained(gpt2)
     with pytest.raises(SystemExit):
         main(["--model", str(gpt2), "--data", str(tiny_dir / "corpus.txt"), "--steps", "2", "--seq-len", "8"])

@@ -9,7 +9,6 @@ with the same seed, data order, steps and optimizer), then evaluate dense on a h
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import sys
 from pathlib import Path
@@ -74,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="sat-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Presets (explicit options override them):\n" + "\n".join(
+                                epilog="Presets (explicit options override them; gpu is not measured):\n" + "\n".join(
                                     f"  {k}: {v}" for k, v in PRESETS.items()))
     p.add_argument("--task", choices=TASKS, default="cpt",
                    help="cpt: continual pre-training on packed token blocks; sft: prompt/response pairs, loss on the "
@@ -174,10 +173,11 @@ def main(argv=None) -> int:
             "train_tokens": sum(len(e["input_ids"]) for e in order)}
     print(f"sat-train: {cfg.task} | model {model_name} | {env['device']} | "
           f"{'bf16 autocast' if autocast_dtype is not None else 'fp32'}")
+    epochs = data["train_tokens"] / sum(len(e["input_ids"]) for e in train_all)
     print(f"data: {corpus.source}: {len(train_all)} train / {len(eval_all)} eval examples; "
           f"{cfg.steps} steps x {cfg.batch_size} sequences of <= {cfg.seq_len} tokens "
-          f"({data['train_tokens']} tokens, {data['train_tokens'] / max(1, sum(len(e['input_ids']) for e in train_all)):.2f} "
-          f"epochs); eval on {len(held_out)} held-out examples ({data['eval_tokens']} tokens)")
+          f"({data['train_tokens']} tokens, {epochs:.2f} epochs); "
+          f"eval on {len(held_out)} held-out examples ({data['eval_tokens']} tokens)")
     base_eval = evaluate(pristine, held_out, pad_id, batch_size=cfg.eval_batch_size, device=device,
                          autocast_dtype=autocast_dtype)
     print(f"eval loss before training: {base_eval:.4f} (perplexity {math.exp(base_eval):.2f})")
@@ -207,9 +207,9 @@ def main(argv=None) -> int:
               f"{c['speedup_median_step']:.3f}x (median step), {c['speedup_train_wall']:.3f}x (train wall time); "
               f"eval loss {100 * c['eval_loss_rel_diff']:+.2f}%")
     json_path = write_json(report, out_dir / f"{name}.json")
+    attention = f" (attention {cfg.attn_omission_rate})" if cfg.attn_omission_rate is not None else ""
     title = (f"sat-train {cfg.task}: {Path(model_name).name}, {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len}, "
-             f"{cfg.scheduler} from {cfg.omission_rate}"
-             f"{f' (attention {cfg.attn_omission_rate})' if cfg.attn_omission_rate is not None else ''}\n{env['device']}, {env['date']}")
+             f"{cfg.scheduler} from {cfg.omission_rate}{attention}\n{env['device']}, {env['date']}")
     png_path = plot(runs, out_dir / f"{name}.png", title, base_eval)
     print(f"wrote {json_path} and {png_path}")
     if args.save_model and sat_model is not None:

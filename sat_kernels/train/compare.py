@@ -10,8 +10,8 @@ from .runner import RunResult
 
 TOKENS_NOTE = ("tokens/s: input tokens (padding excluded) of all optimizer steps / summed step times "
                "(forward + backward + optimizer step); model loading, data preparation, logging and evaluation are "
-               "excluded; speedup = SAT / dense tokens/s. final train loss: mean over the last tenth of the steps. eval: dense (eval mode), on the "
-               "held-out split.")
+               "excluded; speedup = SAT / dense tokens/s. final train loss: mean over the last tenth of the steps. "
+               "eval: dense (eval mode), on the held-out split.")
 
 
 def summary(runs: Sequence[RunResult], *, config: Dict, environment: Dict, data: Dict,
