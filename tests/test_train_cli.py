@@ -246,6 +246,32 @@ def test_cli_compare_cpt_end_to_end(tiny_dir, tmp_path, capsys):
     assert report["data"]["fingerprint"] and report["data"]["eval_examples_used"] >= 1
 
 
+def test_cli_under_torchrun_matches_one_process(tiny_dir, tmp_path):
+    """2 DDP processes x batch 2 train on the same examples per step as 1 process x batch 4 (equal-length cpt blocks,
+    so the same gradients; SAT selection synchronized across ranks); only rank 0 prints and writes."""
+    common = ["--model", str(tiny_dir / "llama"), "--data", str(tiny_dir / "corpus.txt"), "--compare", "--steps", "6",
+              "--seq-len", "16", "--lr", "3e-3", "--threads", "1", "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+                          "sat_kernels.train.cli", *common, "--batch-size", "2", "--output-dir", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("[SAT] step 6/6") == 1 and two.stdout.count("wrote ") == 1
+    assert "x 2 processes (DDP)" in two.stdout and "6 steps x 4 sequences" in two.stdout
+    assert "find_unused_parameters" not in two.stderr
+    one = subprocess.run([sys.executable, "-m", "sat_kernels.train.cli", *common, "--batch-size", "4",
+                          "--output-dir", str(tmp_path / "one")], capture_output=True, text=True, timeout=600, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    r2 = json.loads((tmp_path / "two" / "train_cpt.json").read_text())
+    r1 = json.loads((tmp_path / "one" / "train_cpt.json").read_text())
+    assert r2["config"]["world_size"] == 2 and r1["config"]["world_size"] == 1
+    for name in ("dense", "SAT"):
+        assert r2["runs"][name]["step_tokens"] == r1["runs"][name]["step_tokens"] == [64] * 6
+        assert r2["runs"][name]["losses"] == pytest.approx(r1["runs"][name]["losses"], rel=1e-4)
+        assert r2["runs"][name]["eval_loss"] == pytest.approx(r1["runs"][name]["eval_loss"], rel=1e-4)
+    assert r2["runs"]["SAT"]["losses"] != pytest.approx(r2["runs"]["dense"]["losses"], rel=1e-6)
+
+
 def test_cli_sft_single_run_saves_model(tiny_dir, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 

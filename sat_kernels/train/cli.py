@@ -145,7 +145,8 @@ def main(argv=None) -> int:
     from ..bench.results import environment
     from .compare import TOKENS_NOTE, plot, summary, table, write_json
     from .model import load_model, load_tokenizer, resolve_model_path
-    from .runner import check_sat_supported, evaluate, resolve_device_precision, train_run
+    from .runner import (check_sat_supported, evaluate, is_main_process, resolve_device_precision, train_run,
+                         world_size)
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -160,7 +161,11 @@ def main(argv=None) -> int:
     except ValueError as e:
         parser.error(str(e))
     pristine.to(device)
-    order = training_order(train_all, cfg.steps * cfg.batch_size, cfg.seed)
+    # Under torchrun every process runs this whole script (the same seed, data and evaluation); rank 0 prints and
+    # writes the outputs. Each step takes batch_size examples per process.
+    world, main_process = world_size(), is_main_process()
+    say = print if main_process else (lambda *a, **k: None)
+    order = training_order(train_all, cfg.steps * cfg.batch_size * world, cfg.seed)
     held_out = evenly_spaced(eval_all, eval_examples)
     pad_id = tokenizer.pad_token_id
     model_name = str(model_dir / gguf) if gguf else str(model_dir)
@@ -171,32 +176,35 @@ def main(argv=None) -> int:
             "train_examples_available": len(train_all), "eval_examples_available": len(eval_all),
             "eval_examples_used": len(held_out), "eval_tokens": sum(len(e["input_ids"]) for e in held_out),
             "train_tokens": sum(len(e["input_ids"]) for e in order)}
-    print(f"sat-train: {cfg.task} | model {model_name} | {env['device']} | "
-          f"{'bf16 autocast' if autocast_dtype is not None else 'fp32'}")
+    processes = f" x {world} processes (DDP)" if world > 1 else ""
+    say(f"sat-train: {cfg.task} | model {model_name} | {env['device']}{processes} | "
+        f"{'bf16 autocast' if autocast_dtype is not None else 'fp32'}")
     epochs = data["train_tokens"] / sum(len(e["input_ids"]) for e in train_all)
-    print(f"data: {corpus.source}: {len(train_all)} train / {len(eval_all)} eval examples; "
-          f"{cfg.steps} steps x {cfg.batch_size} sequences of <= {cfg.seq_len} tokens "
-          f"({data['train_tokens']} tokens, {epochs:.2f} epochs); "
-          f"eval on {len(held_out)} held-out examples ({data['eval_tokens']} tokens)")
+    say(f"data: {corpus.source}: {len(train_all)} train / {len(eval_all)} eval examples; "
+        f"{cfg.steps} steps x {cfg.batch_size * world} sequences of <= {cfg.seq_len} tokens "
+        f"({data['train_tokens']} tokens, {epochs:.2f} epochs); "
+        f"eval on {len(held_out)} held-out examples ({data['eval_tokens']} tokens)")
     base_eval = evaluate(pristine, held_out, pad_id, batch_size=cfg.eval_batch_size, device=device,
                          autocast_dtype=autocast_dtype)
-    print(f"eval loss before training: {base_eval:.4f} (perplexity {math.exp(base_eval):.2f})")
+    say(f"eval loss before training: {base_eval:.4f} (perplexity {math.exp(base_eval):.2f})")
 
     runs, sat_model = [], None
     for sat in ([False, True] if args.compare else [True]):
         result, model = train_run(pristine, order, held_out, cfg, sat=sat, pad_id=pad_id, progress=not args.no_progress)
         runs.append(result)
-        print(f"[{result.name}] eval loss {result.eval_loss:.4f} (perplexity {result.eval_perplexity:.2f}), "
+        say(f"[{result.name}] eval loss {result.eval_loss:.4f} (perplexity {result.eval_perplexity:.2f}), "
               f"{result.tokens_per_s:.1f} tokens/s, train wall {result.train_wall_s:.1f} s", flush=True)
         if sat:
             sat_model = model
         else:
             del model
 
+    if not main_process:
+        return 0
     name = args.name or f"train_{cfg.task}"
     out_dir = Path(args.output_dir)
     config = dict(vars(cfg), model=model_name, compare=args.compare, preset=args.preset,
-                  eval_examples=eval_examples, threads=env["threads"])
+                  eval_examples=eval_examples, threads=env["threads"], world_size=world)
     report = summary(runs, config=config, environment=env, data=data, base_eval_loss=base_eval)
     print()
     print(table(runs, base_eval))

@@ -112,7 +112,9 @@ def resolve_device_precision(precision: str):
     it (fp32 master weights), fp32 otherwise."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # under torchrun each process drives the GPU of its LOCAL_RANK, the device the Trainer moves the model to
+    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available()
+              else torch.device("cpu"))
     if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
         return device, torch.bfloat16
     return device, None
@@ -153,6 +155,17 @@ def _load_average() -> Optional[float]:
         return None
 
 
+def world_size() -> int:
+    """Processes of the run: ``WORLD_SIZE`` as set by ``torchrun`` (1 otherwise). Each optimizer step takes
+    ``batch_size`` examples on every process, ``world_size * batch_size`` in all."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or no ``torchrun``): the process that prints and writes outputs."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -182,6 +195,8 @@ def _make_callbacks(result: RunResult, device, total_steps: int, rate_of, attn_r
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
 
+    verbose = is_main_process()   # every process records; rank 0 prints
+
     class StepLog(TrainerCallback):
         """Times each optimizer step, records loss / tokens/s / omission rate, drives the progress bar."""
 
@@ -190,7 +205,7 @@ def _make_callbacks(result: RunResult, device, total_steps: int, rate_of, attn_r
             self.t0 = 0.0
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.bar = tqdm(total=total_steps, desc=result.name, disable=not progress, file=sys.stderr,
+            self.bar = tqdm(total=total_steps, desc=result.name, disable=not (progress and verbose), file=sys.stderr,
                             dynamic_ncols=True, leave=False)
 
         def on_step_begin(self, args, state, control, **kwargs):
@@ -215,6 +230,8 @@ def _make_callbacks(result: RunResult, device, total_steps: int, rate_of, attn_r
                     f"tokens/s {tok_s:.0f}  omission {result.omission_rates[step]:.2f}")
             if result.attn_omission_rates:
                 line += f"  attention omission {result.attn_omission_rates[step]:.2f}"
+            if not verbose:
+                return
             if progress:
                 self.bar.set_postfix_str(f"loss {result.losses[-1]:.3f} tok/s {tok_s:.0f} "
                                          f"r {result.omission_rates[step]:.2f}")
@@ -264,12 +281,15 @@ def train_run(pristine, train_examples: Sequence[Dict], eval_examples: Sequence[
     """
     from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
-    if len(train_examples) != cfg.steps * cfg.batch_size:
-        raise ValueError(f"train_examples must hold steps * batch_size = {cfg.steps * cfg.batch_size} examples, "
-                         f"got {len(train_examples)}")
+    per_step = cfg.batch_size * world_size()
+    if len(train_examples) != cfg.steps * per_step:
+        raise ValueError(f"train_examples must hold steps * batch_size * world size = {cfg.steps * per_step} "
+                         f"examples, got {len(train_examples)}")
     device, autocast_dtype = resolve_device_precision(cfg.precision)
     result = RunResult(name or ("SAT" if sat else "dense"), sat)
-    result.step_tokens = [sum(len(e["input_ids"]) for e in train_examples[s * cfg.batch_size:(s + 1) * cfg.batch_size])
+    # Under DDP the Trainer's data loader hands process r the batches r, r + W, r + 2W, ... of the ordered examples,
+    # so optimizer step s trains on the examples [s * W * B, (s + 1) * W * B).
+    result.step_tokens = [sum(len(e["input_ids"]) for e in train_examples[s * per_step:(s + 1) * per_step])
                           for s in range(cfg.steps)]
     set_seed(cfg.seed)
     model = copy.deepcopy(pristine).to(device).train()
@@ -300,7 +320,9 @@ def train_run(pristine, train_examples: Sequence[Dict], eval_examples: Sequence[
             learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps, lr_scheduler_type="linear", weight_decay=0.0,
             optim="adamw_torch", logging_steps=1, save_strategy="no", report_to=[], seed=cfg.seed,
             use_cpu=device.type != "cuda", bf16=autocast_dtype is torch.bfloat16, disable_tqdm=True,
-            remove_unused_columns=False, dataloader_num_workers=0, dataloader_drop_last=False)
+            remove_unused_columns=False, dataloader_num_workers=0, dataloader_drop_last=False,
+            # SAT gives every weight a gradient (zero rows for omitted neurons): no unused parameters to search for
+            ddp_find_unused_parameters=False)
         trainer = OrderedTrainer(model=model, args=args, train_dataset=_ExamplesDataset(list(train_examples)),
                                  data_collator=lambda batch: collate(batch, pad_id), callbacks=callbacks)
         trainer.remove_callback(PrinterCallback)
