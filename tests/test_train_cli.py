@@ -242,6 +242,15 @@ def test_cli_compare_cpt_end_to_end(tiny_dir, tmp_path, capsys):
     c = report["comparison"]
     assert c["speedup_tokens_per_s"] == pytest.approx(sat["tokens_per_s"] / dense["tokens_per_s"])
     assert c["eval_loss_rel_diff"] == pytest.approx((sat["eval_loss"] - dense["eval_loss"]) / dense["eval_loss"])
+    # interleaved step-time check: dense and SAT at each rate the schedule visited; the schedule speedup weights
+    # each rate by its number of steps
+    st = report["interleaved_step_times"]
+    assert set(st["step_ms"]) == {"dense", "SAT 0.5", "SAT 0.25", "SAT 0"} and st["repeats"] == 5
+    assert st["batch_sequences"] == 4 and st["batch_tokens"] == 64
+    ms = st["step_ms"]
+    expected = 20 * ms["dense"] / (9 * ms["SAT 0.5"] + 9 * ms["SAT 0.25"] + 2 * ms["SAT 0"])
+    assert c["speedup_interleaved"] == pytest.approx(expected) == pytest.approx(st["speedup_schedule"])
+    assert "interleaved step times" in out
     assert report["config"]["steps"] == 20 and report["environment"]["torch"] == torch.__version__
     assert report["data"]["fingerprint"] and report["data"]["eval_examples_used"] >= 1
 
@@ -250,7 +259,7 @@ def test_cli_under_torchrun_matches_one_process(tiny_dir, tmp_path):
     """2 DDP processes x batch 2 train on the same examples per step as 1 process x batch 4 (equal-length cpt blocks,
     so the same gradients; SAT selection synchronized across ranks); only rank 0 prints and writes."""
     common = ["--model", str(tiny_dir / "llama"), "--data", str(tiny_dir / "corpus.txt"), "--compare", "--steps", "6",
-              "--seq-len", "16", "--lr", "3e-3", "--threads", "1", "--no-progress"]
+              "--seq-len", "16", "--lr", "3e-3", "--threads", "1", "--timing-repeats", "0", "--no-progress"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
                           "sat_kernels.train.cli", *common, "--batch-size", "2", "--output-dir", str(tmp_path / "two")],
@@ -265,6 +274,7 @@ def test_cli_under_torchrun_matches_one_process(tiny_dir, tmp_path):
     r2 = json.loads((tmp_path / "two" / "train_cpt.json").read_text())
     r1 = json.loads((tmp_path / "one" / "train_cpt.json").read_text())
     assert r2["config"]["world_size"] == 2 and r1["config"]["world_size"] == 1
+    assert "interleaved_step_times" not in r2 and r2["comparison"]["speedup_interleaved"] is None
     for name in ("dense", "SAT"):
         assert r2["runs"][name]["step_tokens"] == r1["runs"][name]["step_tokens"] == [64] * 6
         assert r2["runs"][name]["losses"] == pytest.approx(r1["runs"][name]["losses"], rel=1e-4)
@@ -292,7 +302,7 @@ def test_cli_attention_omission(tiny_dir, tmp_path, capsys):
     out = _run_cli(["--model", str(tiny_dir / "llama"), "--data", str(tiny_dir / "corpus.txt"), "--compare",
                     "--steps", "10", "--seq-len", "16", "--batch-size", "2", "--omission-rate", "0.5",
                     "--attn-omission-rate", "0.5", "--scheduler", "linear", "--output-dir", str(tmp_path),
-                    "--no-progress"], capsys)
+                    "--timing-repeats", "2", "--no-progress"], capsys)
     assert "attention omission 0.50" in out
     report = json.loads((tmp_path / "train_cpt.json").read_text())
     sat, dense = report["runs"]["SAT"], report["runs"]["dense"]
@@ -300,6 +310,8 @@ def test_cli_attention_omission(tiny_dir, tmp_path, capsys):
     expected = [0.5 * (1 - s / 9) for s in range(9)] + [0.0]
     assert sat["omission_rates"] == pytest.approx(expected) and sat["attn_omission_rates"] == pytest.approx(expected)
     assert dense["attn_omission_rates"] == [0.0] * 10
+    step_ms = report["interleaved_step_times"]["step_ms"]
+    assert len(step_ms) == 11 and "SAT 0.5 / attention 0.5" in step_ms and "SAT 0 / attention 0" in step_ms
     assert sat["losses"][0] != dense["losses"][0]
 
 

@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="file name stem of the outputs (default: train_<task>)")
     p.add_argument("--save-model", action="store_true",
                    help="save the trained SAT model (dense modules, ordinary checkpoint) to OUTPUT_DIR/<name>_model")
+    p.add_argument("--timing-repeats", type=_non_negative_int, default=5,
+                   help="with --compare: rounds of the interleaved step-time check after training (dense and SAT at "
+                        "each rate of the schedule, one training step each per round, on the first batch); 0 skips "
+                        "it (default 5)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the per-step lines remain)")
     return p
 
@@ -145,8 +149,8 @@ def main(argv=None) -> int:
     from ..bench.results import environment
     from .compare import TOKENS_NOTE, plot, summary, table, write_json
     from .model import load_model, load_tokenizer, resolve_model_path
-    from .runner import (check_sat_supported, evaluate, is_main_process, resolve_device_precision, train_run,
-                         world_size)
+    from .runner import (check_sat_supported, evaluate, interleaved_step_times, is_main_process,
+                         resolve_device_precision, train_run, world_size)
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -199,20 +203,32 @@ def main(argv=None) -> int:
         else:
             del model
 
+    step_times = None
+    if args.compare and args.timing_repeats > 0:
+        sat_run = runs[-1]
+        schedule = list(zip(sat_run.omission_rates, sat_run.attn_omission_rates or [None] * cfg.steps))
+        say(f"interleaved step-time check: dense and SAT at each rate of the schedule, {args.timing_repeats} rounds "
+            f"on the first batch ...", flush=True)
+        step_times = interleaved_step_times(pristine, order[:cfg.batch_size], cfg, pad_id=pad_id, schedule=schedule,
+                                            repeats=args.timing_repeats)
+        say("  " + ", ".join(f"{k} {v:.0f} ms" for k, v in step_times["step_ms"].items())
+            + f"; schedule speedup {step_times['speedup_schedule']:.3f}x")
     if not main_process:
         return 0
     name = args.name or f"train_{cfg.task}"
     out_dir = Path(args.output_dir)
     config = dict(vars(cfg), model=model_name, compare=args.compare, preset=args.preset,
                   eval_examples=eval_examples, threads=env["threads"], world_size=world)
-    report = summary(runs, config=config, environment=env, data=data, base_eval_loss=base_eval)
+    report = summary(runs, config=config, environment=env, data=data, base_eval_loss=base_eval,
+                     step_times=step_times)
     print()
     print(table(runs, base_eval))
     print(TOKENS_NOTE)
     if "comparison" in report:
         c = report["comparison"]
         print(f"SAT vs dense: speedup {c['speedup_tokens_per_s']:.3f}x (tokens/s), "
-              f"{c['speedup_median_step']:.3f}x (median step), {c['speedup_train_wall']:.3f}x (train wall time); "
+              f"{c['speedup_median_step']:.3f}x (median step), {c['speedup_train_wall']:.3f}x (train wall time)"
+              + (f", {c['speedup_interleaved']:.3f}x (interleaved step times)" if step_times else "") + "; "
               f"eval loss {100 * c['eval_loss_rel_diff']:+.2f}%")
     json_path = write_json(report, out_dir / f"{name}.json")
     attention = f" (attention {cfg.attn_omission_rate})" if cfg.attn_omission_rate is not None else ""

@@ -11,15 +11,21 @@ from .runner import RunResult
 TOKENS_NOTE = ("tokens/s: input tokens (padding excluded) of all optimizer steps / summed step times "
                "(forward + backward + optimizer step); model loading, data preparation, logging and evaluation are "
                "excluded; speedup = SAT / dense tokens/s. final train loss: mean over the last tenth of the steps. "
-               "eval: dense (eval mode), on the held-out split.")
+               "eval: dense (eval mode), on the held-out split. interleaved: dense and SAT (at each omission rate of "
+               "the schedule) training steps on one batch, timed in alternating rounds; speedup = steps x dense "
+               "step / SAT steps at their rates.")
 
 
 def summary(runs: Sequence[RunResult], *, config: Dict, environment: Dict, data: Dict,
-            base_eval_loss: Optional[float] = None) -> Dict:
+            base_eval_loss: Optional[float] = None, step_times: Optional[Dict] = None) -> Dict:
     """The JSON-serialisable summary: settings, environment, data, per-run totals and per-step logs, and for a
-    dense/SAT pair the speedup (tokens/s and train wall time) and the relative eval-loss difference."""
+    dense/SAT pair the speedup (tokens/s, train wall time and, when ``step_times`` from
+    :func:`~sat_kernels.train.runner.interleaved_step_times` is given, the interleaved schedule speedup) and the
+    relative eval-loss difference."""
     out = {"config": config, "environment": environment, "data": data, "measurement": TOKENS_NOTE,
            "base_eval_loss": base_eval_loss, "runs": {r.name: r.to_dict() for r in runs}}
+    if step_times is not None:
+        out["interleaved_step_times"] = step_times
     by_sat = {r.sat: r for r in runs}
     if len(runs) == 2 and set(by_sat) == {False, True}:
         dense, sat = by_sat[False], by_sat[True]
@@ -27,6 +33,7 @@ def summary(runs: Sequence[RunResult], *, config: Dict, environment: Dict, data:
             "speedup_tokens_per_s": sat.tokens_per_s / dense.tokens_per_s,
             "speedup_median_step": sat.tokens_per_s_median_step / dense.tokens_per_s_median_step,
             "speedup_train_wall": dense.train_wall_s / sat.train_wall_s,
+            "speedup_interleaved": step_times["speedup_schedule"] if step_times is not None else None,
             "eval_loss_rel_diff": (sat.eval_loss - dense.eval_loss) / dense.eval_loss,
             "final_train_loss_rel_diff": (sat.final_train_loss() - dense.final_train_loss()) / dense.final_train_loss(),
         }

@@ -247,6 +247,56 @@ def _make_callbacks(result: RunResult, device, total_steps: int, rate_of, attn_r
     return StepLog()
 
 
+def interleaved_step_times(pristine, batch_examples: Sequence[Dict], cfg: TrainConfig, *, pad_id: int,
+                           schedule: Sequence[tuple], repeats: int = 5) -> Dict:
+    """Step times of dense and of SAT at each omission rate ``schedule`` visited, measured interleaved.
+
+    The tokens/s of two training runs made one after the other also carry whatever changed on the machine in
+    between (other processes, clocks, allocator state). Here fresh copies of ``pristine`` (one dense, one patched
+    like the SAT run) take full training steps (forward, backward, AdamW step) on the same batch, in rounds that run
+    every variant once, so all variants see the same machine state (on GPU each is timed with ``do_bench``).
+
+    ``schedule`` is the SAT run's per-step ``(mlp rate, attention rate or None)``; the schedule speedup is
+    ``steps * t_dense / sum over steps of t_SAT(rate of the step)``. Returns a JSON-ready dict.
+    """
+    from ..bench.timing import bench
+
+    device, autocast_dtype = resolve_device_precision(cfg.precision)
+    batch = {k: v.to(device) for k, v in collate(list(batch_examples), pad_id).items()}
+    models, optimizers = {}, {}
+    for name in ("dense", "SAT"):
+        models[name] = copy.deepcopy(pristine).to(device).train()
+        optimizers[name] = torch.optim.AdamW(models[name].parameters(), lr=cfg.lr, weight_decay=0.0)
+    _patch(models["SAT"], cfg)
+
+    def step(name, rates=None):
+        def run():
+            model, opt = models[name], optimizers[name]
+            if rates is not None:
+                sk.set_omission_rate(model, mlp=rates[0], attention=rates[1])
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _sync(device)
+        return run
+
+    visited = sorted(set(schedule), key=lambda r: (-r[0], -(r[1] or 0.0)))
+    label = lambda r: f"SAT {r[0]:g}" + (f" / attention {r[1]:g}" if r[1] is not None else "")  # noqa: E731
+    fns = {"dense": step("dense")}
+    fns.update({label(r): step("SAT", r) for r in visited})
+    stats, _ = bench(fns, device, repeats)
+    ms = {name: stats[name][0] for name in fns}
+    sat_total = sum(ms[label(r)] for r in schedule)
+    del models, optimizers
+    gc.collect()
+    return {"batch_sequences": len(batch_examples), "batch_tokens": int(batch["attention_mask"].sum()),
+            "repeats": repeats, "step_ms": ms,
+            "step_ms_p20_p80": {name: [stats[name][1], stats[name][2]] for name in fns},
+            "speedup_schedule": len(schedule) * ms["dense"] / sat_total}
+
+
 @torch.no_grad()
 def evaluate(model, examples: Sequence[Dict], pad_id: int, *, batch_size: int = 8,
              device: Optional[torch.device] = None, autocast_dtype=None) -> float:
