@@ -1,4 +1,5 @@
-"""Training-step benchmark: tokens/s of forward + backward + AdamW step of a random-weight Llama, dense vs SAT.
+"""Training-step benchmark: tokens/s of forward + backward + AdamW step of a random-weight Llama, dense vs SAT,
+timed in alternating steps (dense, SAT, dense, ...).
 
 The step time is split into MLP / attention / the rest so the Amdahl ceiling of MLP (and attention) omission is
 visible. The split is measured by timing layer 0's MLP and attention modules forward+backward in isolation, at the
@@ -63,20 +64,23 @@ def _module_ms(model, batch: int, seq: int, device, dtype, repeats: int) -> Dict
 
 def run_train_step(config_name: str, *, batch: int, seq: int, steps: int, rate: float, dtype, device,
                    attention_rate: Optional[float] = None, repeats: int = 5) -> List[Dict]:
-    """Dense and SAT runs of ``steps`` timed optimizer steps (after 2 warm-up steps); one row per run."""
-    rows = []
+    """Dense and SAT: ``steps`` timed optimizer steps each (after 2 warm-up steps), interleaved (dense, SAT, dense,
+    SAT, ...) so both see the same machine state; one row per run, step time = median."""
     runs = [("dense", None)] + ([("sat", rate)] if rate > 0 else [])
+    models, optimizers, times = {}, {}, {}
     for name, run_rate in runs:
         model = _model(config_name, seq, dtype, device)
         if run_rate is not None:
             sk.replace_mlp(model, run_rate)
-            if attention_rate and hasattr(sk, "replace_attention"):
+            if attention_rate:
                 sk.replace_attention(model, attention_rate)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
-        gen = torch.Generator(device=device).manual_seed(0)
-        ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=gen, device=device)
-        times = []
-        for i in range(steps + 2):
+        models[name], times[name] = model, []
+        optimizers[name] = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, models["dense"].config.vocab_size, (batch, seq), generator=gen, device=device)
+    for i in range(steps + 2):
+        for name, _ in runs:
+            model, opt = models[name], optimizers[name]
             _sync(device)
             t0 = time.perf_counter()
             loss = model(input_ids=ids, labels=ids).loss
@@ -85,8 +89,12 @@ def run_train_step(config_name: str, *, batch: int, seq: int, steps: int, rate: 
             opt.zero_grad(set_to_none=True)
             _sync(device)
             if i >= 2:
-                times.append(time.perf_counter() - t0)
-        step_ms = 1e3 * sorted(times)[len(times) // 2]
+                times[name].append(time.perf_counter() - t0)
+    del optimizers
+    rows = []
+    for name, run_rate in runs:
+        model = models.pop(name)
+        step_ms = 1e3 * sorted(times[name])[len(times[name]) // 2]
         parts = _module_ms(model, batch, seq, device, dtype, repeats)
         layers = model.config.num_hidden_layers
         mlp_ms, attn_ms = parts["mlp"] * layers, parts["attention"] * layers
@@ -95,8 +103,8 @@ def run_train_step(config_name: str, *, batch: int, seq: int, steps: int, rate: 
                      "batch": batch, "seq": seq, "dtype": str(dtype).replace("torch.", ""),
                      "step_ms": step_ms, "tokens_per_s": batch * seq / (step_ms * 1e-3),
                      "mlp_ms": mlp_ms, "attention_ms": attn_ms, "rest_ms": max(0.0, step_ms - mlp_ms - attn_ms),
-                     "mlp_share": mlp_ms / step_ms, "attention_share": attn_ms / step_ms})
-        del model, opt
+                     "mlp_share": mlp_ms / step_ms, "attention_share": attn_ms / step_ms, "interleaved": True})
+        del model
     if len(rows) == 2:
         rows[1]["speedup"] = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
         # Amdahl: the step speedup if the MLP part alone ran at the FLOP limit of SAT (DESIGN.md section 5).
