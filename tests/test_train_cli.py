@@ -209,6 +209,9 @@ def test_runs_share_seed_data_and_optimizer(tiny_dir):
     sat, _ = train_run(pristine, order, held, cfg, sat=True, pad_id=pad, progress=False)
     assert sat.losses[0] != dense1.losses[0], "omission changes the first step's loss"
     assert sat.omission_rates == [0.5] * 4 + [0.25] * 3 + [0.0]   # LORS over 8 steps: 7 sparse in 2 rungs, 1 dense
+    cfg4 = TrainConfig(steps=8, seq_len=16, batch_size=2, lr=3e-3, num_rungs=4, dense_fraction=0.25)
+    sat4, _ = train_run(pristine, order, held, cfg4, sat=True, pad_id=pad, progress=False)
+    assert sat4.omission_rates == [0.5, 0.5, 0.375, 0.25, 0.25, 0.125, 0.0, 0.0]   # 6 sparse steps in 4 rungs
     # the pristine model is untouched by the runs
     assert all(not isinstance(m, sk.SATMLP) for m in pristine.modules())
 
@@ -336,9 +339,11 @@ def test_attention_rate_is_applied_separately(tiny_dir):
     (["--attn-omission-rate", "1"], "argument --attn-omission-rate: must be in [0, 1), got 1.0"),
     (["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
     (["--scheduler", "cosine"], "argument --scheduler: invalid choice"),
+    (["--dense-fraction", "1.5"], "argument --dense-fraction: must be in [0, 1], got 1.5"),
+    (["--num-rungs", "0"], "argument --num-rungs: expected a positive integer, got 0"),
     (["--task", "dpo"], "argument --task: invalid choice"),
 ], ids=["missing-data", "missing-model", "rate-1", "rate-neg", "rate-text", "attn-rate-1", "steps-0", "scheduler",
-        "task"])
+        "dense-fraction", "num-rungs", "task"])
 def test_cli_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)

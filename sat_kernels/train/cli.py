@@ -63,6 +63,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
 def _eval_examples(text: str):
     return text if text == "all" else _positive_int(text)
 
@@ -102,8 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initial attention-head omission rate in [0, 1) (sk.replace_attention, same schedule type); "
                         "default: attention stays dense")
     p.add_argument("--scheduler", choices=SCHEDULERS, default="ladder",
-                   help="omission-rate schedule: ladder = LadderOmissionScheduler (LORS: 2 rungs, last 10%% dense), "
+                   help="omission-rate schedule: ladder = LadderOmissionScheduler (LORS: --num-rungs rungs, then "
+                        "--dense-fraction of the steps dense), "
                         "constant, linear (default: ladder)")
+    p.add_argument("--num-rungs", type=_positive_int, default=2,
+                   help="ladder: sparse rungs, rung j at initial rate x (rungs - j) / rungs (default 2)")
+    p.add_argument("--dense-fraction", type=_fraction, default=0.1,
+                   help="ladder: share of the steps trained dense at the end, in [0, 1] (default 0.1)")
     p.add_argument("--metric", choices=METRICS, default="l2", help="neuron score (default: l2)")
     p.add_argument("--strategy", choices=STRATEGIES, default="topk", help="neuron selection (default: topk)")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="SAT kernel backend (default: auto)")
@@ -129,7 +144,8 @@ def config_from_args(args) -> TrainConfig:
     return TrainConfig(task=args.task, steps=pick("steps"), seq_len=pick("seq_len"), batch_size=pick("batch_size"),
                        lr=pick("lr"), warmup_steps=pick("warmup_steps"), seed=args.seed,
                        omission_rate=args.omission_rate, attn_omission_rate=args.attn_omission_rate,
-                       scheduler=args.scheduler, metric=args.metric,
+                       scheduler=args.scheduler, num_rungs=args.num_rungs, dense_fraction=args.dense_fraction,
+                       metric=args.metric,
                        strategy=args.strategy, backend=args.backend, precision=args.precision)
 
 

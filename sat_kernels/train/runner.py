@@ -45,6 +45,8 @@ class TrainConfig:
     omission_rate: float = 0.5
     attn_omission_rate: Optional[float] = None
     scheduler: str = "ladder"
+    num_rungs: int = 2
+    dense_fraction: float = 0.1
     metric: str = "l2"
     strategy: str = "topk"
     backend: str = "auto"
@@ -95,11 +97,12 @@ class RunResult:
         return d
 
 
-def make_scheduler(name: str, initial_rate: float):
-    """``ladder`` (LORS, the default), ``constant`` or ``linear``, starting at ``initial_rate``; ``total_steps`` is
-    filled in from the Trainer by :class:`sat_kernels.SATCallback`."""
+def make_scheduler(name: str, initial_rate: float, *, num_rungs: int = 2, dense_fraction: float = 0.1):
+    """``ladder`` (LORS, the default; ``num_rungs`` and ``dense_fraction`` apply to it only), ``constant`` or
+    ``linear``, starting at ``initial_rate``; ``total_steps`` is filled in from the Trainer by
+    :class:`sat_kernels.SATCallback`."""
     if name == "ladder":
-        return sk.LadderOmissionScheduler(initial_rate)
+        return sk.LadderOmissionScheduler(initial_rate, num_rungs=num_rungs, dense_fraction=dense_fraction)
     if name == "constant":
         return sk.ConstantOmissionScheduler(initial_rate)
     if name == "linear":
@@ -347,11 +350,13 @@ def train_run(pristine, train_examples: Sequence[Dict], eval_examples: Sequence[
     rate_of, attn_rate_of = (lambda: 0.0), None
     if sat:
         _patch(model, cfg)
-        sat_callback = sk.SATCallback(make_scheduler(cfg.scheduler, cfg.omission_rate))
+        sat_callback = sk.SATCallback(make_scheduler(cfg.scheduler, cfg.omission_rate, num_rungs=cfg.num_rungs,
+                                                     dense_fraction=cfg.dense_fraction))
         callbacks.append(sat_callback)
         rate_of = lambda: sat_callback.current_rate  # noqa: E731
         if cfg.attn_omission_rate is not None:
-            attn_callback = _attention_schedule_callback(make_scheduler(cfg.scheduler, cfg.attn_omission_rate))
+            attn_callback = _attention_schedule_callback(make_scheduler(
+                cfg.scheduler, cfg.attn_omission_rate, num_rungs=cfg.num_rungs, dense_fraction=cfg.dense_fraction))
             callbacks.append(attn_callback)   # after SATCallback: it overrides the attention modules' rate
             attn_rate_of = lambda: attn_callback.current_rate  # noqa: E731
     elif cfg.attn_omission_rate is not None:
