@@ -1,0 +1,87 @@
+"""Training-step time of a real model at each MLP omission rate, dense and SAT interleaved, and the speedup of whole
+omission schedules computed from it.
+
+SAT's step time depends on the shapes and the omission rate, not on the weights' values, so one interleaved
+measurement per rate (``sat_kernels.train.runner.interleaved_step_times``: dense and SAT training steps with AdamW on
+the first batch of ``sat-train``'s order, in alternating rounds) gives the speed of any schedule over those rates:
+``steps x t_dense / sum over steps of t_SAT(rate)``. Used for the speed column of the README's quality runs, whose own
+tokens/s came from runs that shared the machine.
+
+    python benchmarks/schedule_speed.py --threads 1 --json benchmarks/results/schedule_speed_1thread.json
+    python benchmarks/schedule_speed.py --tasks cpt --batch-size 4 --seq-len 128 --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import sat_kernels as sk
+from sat_kernels.bench.results import environment
+from sat_kernels.train.data import default_corpus, tokenize, training_order
+from sat_kernels.train.model import load_model, load_tokenizer
+from sat_kernels.train.runner import TrainConfig, interleaved_step_times
+
+# (batch, seq_len) of the README's 300-step quality runs
+SHAPES = {"cpt": (2, 128), "sft": (4, 256)}
+LADDER_STARTS = (0.5, 0.375, 0.25, 0.125)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", nargs="+", default=["cpt", "sft"], choices=["cpt", "sft"])
+    p.add_argument("--batch-size", type=int, default=None, help="default: the quality runs' (cpt 2, sft 4)")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the quality runs' (cpt 128, sft 256)")
+    p.add_argument("--steps", type=int, default=300, help="schedule length (default 300)")
+    p.add_argument("--starts", type=float, nargs="+", default=list(LADDER_STARTS),
+                   help="initial rates of the default ladder (2 rungs, last 10%% dense) to evaluate")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer, pristine = load_tokenizer(), load_model()
+    env = environment(torch.device("cpu"))
+    env["threads"] = torch.get_num_threads()
+    schedules = {}
+    for start in args.starts:
+        sched = sk.LadderOmissionScheduler(start, total_steps=args.steps)
+        schedules[f"ladder from {start:g}"] = [sched.rate(s) for s in range(args.steps)]
+    rates = sorted({r for rs in schedules.values() for r in rs}, reverse=True)
+    print(f"# interleaved training-step times, SmolLM2-135M-Instruct, {env['device']}, torch {env['torch']}, fp32, "
+          f"median of {args.repeats} rounds")
+    results = []
+    for task in args.tasks:
+        batch, seq = SHAPES[task]
+        batch, seq = args.batch_size or batch, args.seq_len or seq
+        cfg = TrainConfig(task=task, steps=args.steps, seq_len=seq, batch_size=batch, precision="fp32")
+        train, _ = tokenize(default_corpus(task), tokenizer, seq)
+        first = training_order(train, batch, cfg.seed)
+        st = interleaved_step_times(pristine, first, cfg, pad_id=tokenizer.pad_token_id,
+                                    schedule=[(r, None) for r in rates], repeats=args.repeats)
+        ms = st["step_ms"]
+        row = {"task": task, "batch": batch, "seq_len": seq, "batch_tokens": st["batch_tokens"], "step_ms": ms,
+               "step_ms_p20_p80": st["step_ms_p20_p80"], "schedules": {}}
+        print(f"\n{task}: batch {batch} x <= {seq} tokens ({st['batch_tokens']} tokens in the first batch)")
+        print("| variant | step ms | dense / variant |")
+        print("|---|---|---|")
+        for name in ["dense"] + [f"SAT {r:g}" for r in rates]:
+            print(f"| {name} | {ms[name]:.0f} | {ms['dense'] / ms[name]:.3f}x |")
+        print("| schedule | mean omission | speedup |")
+        print("|---|---|---|")
+        for name, rs in schedules.items():
+            speedup = len(rs) * ms["dense"] / sum(ms[f"SAT {r:g}"] for r in rs)
+            row["schedules"][name] = {"mean_omission": sum(rs) / len(rs), "speedup": speedup}
+            print(f"| {name} | {sum(rs) / len(rs):.3f} | {speedup:.3f}x |", flush=True)
+        results.append(row)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"environment": env, "config": vars(args), "rows": results}, indent=1)
+                                   + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
