@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -19,21 +19,24 @@ def _quantiles(samples: List[float]):
     return statistics.median(samples), pick(0.2), pick(0.8)
 
 
-def bench_cpu_interleaved(fns: Dict[str, Callable[[], None]], repeats: int, warmup: int = 2):
-    """Run every function once per round, ``repeats`` rounds, so all see the same machine state.
+def bench_cpu_interleaved(fns: Dict[str, Callable[[], None]], repeats: int, warmup: int = 2,
+                          order: Optional[Sequence[str]] = None):
+    """Run every function once per round (or the names of ``order`` in turn, repeats allowed), ``repeats`` rounds,
+    so all see the same machine state.
 
     Returns ``{name: (median_ms, p20_ms, p80_ms)}`` and, for ratios, the per-round samples ``{name: [ms, ...]}``.
     """
+    order = list(fns) if order is None else list(order)
     for _ in range(warmup):
-        for fn in fns.values():
-            fn()
+        for name in order:
+            fns[name]()
     samples = {name: [] for name in fns}
     for _ in range(repeats):
-        for name, fn in fns.items():
+        for name in order:
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             samples[name].append(1e3 * (time.perf_counter() - t0))
-    return {name: _quantiles(s) for name, s in samples.items()}, samples
+    return {name: _quantiles(s) for name, s in samples.items() if s}, samples
 
 
 def bench_cuda(fn: Callable[[], None], rep_ms: int = 100):

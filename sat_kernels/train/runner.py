@@ -257,12 +257,14 @@ def interleaved_step_times(pristine, batch_examples: Sequence[Dict], cfg: TrainC
     The tokens/s of two training runs made one after the other also carry whatever changed on the machine in
     between (other processes, clocks, allocator state). Here fresh copies of ``pristine`` (one dense, one patched
     like the SAT run) take full training steps (forward, backward, AdamW step) on the same batch, in rounds that run
-    every variant once, so all variants see the same machine state (on GPU each is timed with ``do_bench``).
+    every variant once, so all variants see the same machine state (on GPU each is timed with ``do_bench``). On CPU
+    each round runs ``dense, SAT r1, dense, SAT r2, ...``: every timed step follows a step of the other model, since
+    a step right after one of the same model runs measurably faster (its weights and optimizer state are warm).
 
     ``schedule`` is the SAT run's per-step ``(mlp rate, attention rate or None)``; the schedule speedup is
     ``steps * t_dense / sum over steps of t_SAT(rate of the step)``. Returns a JSON-ready dict.
     """
-    from ..bench.timing import bench
+    from ..bench.timing import bench, bench_cpu_interleaved
 
     device, autocast_dtype = resolve_device_precision(cfg.precision)
     batch = {k: v.to(device) for k, v in collate(list(batch_examples), pad_id).items()}
@@ -289,7 +291,11 @@ def interleaved_step_times(pristine, batch_examples: Sequence[Dict], cfg: TrainC
     label = lambda r: f"SAT {r[0]:g}" + (f" / attention {r[1]:g}" if r[1] is not None else "")  # noqa: E731
     fns = {"dense": step("dense")}
     fns.update({label(r): step("SAT", r) for r in visited})
-    stats, _ = bench(fns, device, repeats)
+    if device.type == "cuda":
+        stats, _ = bench(fns, device, repeats)
+    else:
+        order = [name for r in visited for name in ("dense", label(r))]
+        stats, _ = bench_cpu_interleaved(fns, repeats, warmup=1, order=order)
     ms = {name: stats[name][0] for name in fns}
     sat_total = sum(ms[label(r)] for r in schedule)
     del models, optimizers
