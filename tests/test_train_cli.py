@@ -253,7 +253,8 @@ def test_cli_compare_cpt_end_to_end(tiny_dir, tmp_path, capsys):
     ms = st["step_ms"]
     expected = 20 * ms["dense"] / (9 * ms["SAT 0.5"] + 9 * ms["SAT 0.25"] + 2 * ms["SAT 0"])
     assert c["speedup_interleaved"] == pytest.approx(expected) == pytest.approx(st["speedup_schedule"])
-    assert "interleaved step times" in out
+    assert "interleaved step times" in out and "control: SAT at rate 0" in out
+    assert st["control_dense_over_sat_rate0"] == pytest.approx(ms["dense"] / ms["SAT 0"])
     assert report["config"]["steps"] == 20 and report["environment"]["torch"] == torch.__version__
     assert report["data"]["fingerprint"] and report["data"]["eval_examples_used"] >= 1
 

@@ -229,6 +229,9 @@ def main(argv=None) -> int:
                                             repeats=args.timing_repeats)
         say("  " + ", ".join(f"{k} {v:.0f} ms" for k, v in step_times["step_ms"].items())
             + f"; schedule speedup {step_times['speedup_schedule']:.3f}x")
+        if step_times["control_dense_over_sat_rate0"] is not None:
+            say(f"  control: SAT at rate 0 runs the dense computation; dense / SAT 0 = "
+                f"{step_times['control_dense_over_sat_rate0']:.3f} (the check's own noise)")
     if not main_process:
         return 0
     name = args.name or f"train_{cfg.task}"

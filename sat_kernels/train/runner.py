@@ -300,10 +300,13 @@ def interleaved_step_times(pristine, batch_examples: Sequence[Dict], cfg: TrainC
     sat_total = sum(ms[label(r)] for r in schedule)
     del models, optimizers
     gc.collect()
+    # SAT at rate 0 runs exactly the dense computation: its ratio to dense is the measurement's own error
+    zero = [label(r) for r in visited if r[0] == 0.0 and not r[1]]
     return {"batch_sequences": len(batch_examples), "batch_tokens": int(batch["attention_mask"].sum()),
             "repeats": repeats, "step_ms": ms,
             "step_ms_p20_p80": {name: [stats[name][1], stats[name][2]] for name in fns},
-            "speedup_schedule": len(schedule) * ms["dense"] / sat_total}
+            "speedup_schedule": len(schedule) * ms["dense"] / sat_total,
+            "control_dense_over_sat_rate0": ms["dense"] / ms[zero[0]] if zero else None}
 
 
 @torch.no_grad()
