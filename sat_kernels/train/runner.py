@@ -258,8 +258,9 @@ def interleaved_step_times(pristine, batch_examples: Sequence[Dict], cfg: TrainC
     between (other processes, clocks, allocator state). Here fresh copies of ``pristine`` (one dense, one patched
     like the SAT run) take full training steps (forward, backward, AdamW step) on the same batch, in rounds that run
     every variant once, so all variants see the same machine state (on GPU each is timed with ``do_bench``). On CPU
-    each round runs ``dense, SAT r1, dense, SAT r2, ...``: every timed step follows a step of the other model, since
-    a step right after one of the same model runs measurably faster (its weights and optimizer state are warm).
+    each round runs ``dense, SAT r1, dense, SAT r2, ...``, so every timed step follows a step of the other model (the
+    same condition for every variant). SAT at rate 0 runs the dense computation: ``control_dense_over_sat_rate0``
+    shows how far apart two timings of one computation came out.
 
     ``schedule`` is the SAT run's per-step ``(mlp rate, attention rate or None)``; the schedule speedup is
     ``steps * t_dense / sum over steps of t_SAT(rate of the step)``. Returns a JSON-ready dict.
