@@ -8,19 +8,18 @@ is a cheap, deterministic way to compare metrics and strategies on a model witho
 
     python benchmarks/omission_damage.py                        # SmolLM2-135M-Instruct, cpt and sft, MLP
     python benchmarks/omission_damage.py --unit attention --rates 0.25 0.5
-    python benchmarks/omission_damage.py --json benchmarks/results/omission_damage_smollm2.json
+    python benchmarks/omission_damage.py --json benchmarks/results/omission_damage_mlp.json
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import json
-from pathlib import Path
 
 import torch
 
 import sat_kernels as sk
 from sat_kernels.bench.results import environment
+from sat_kernels.train.compare import write_json
 from sat_kernels.selection import METRICS, STRATEGIES
 from sat_kernels.train.data import collate, default_corpus, load_corpus, tokenize, training_order
 from sat_kernels.train.model import load_model, load_tokenizer
@@ -82,8 +81,7 @@ def main(argv=None):
                           f"{100 * (loss / dense - 1):+.1f}% |", flush=True)
                     del model
     if args.json:
-        Path(args.json).write_text(json.dumps({"environment": env, "config": vars(args), "rows": rows}, indent=1)
-                                   + "\n")
+        write_json({"environment": env, "config": vars(args), "rows": rows}, args.json)
         print(f"wrote {args.json}")
 
 

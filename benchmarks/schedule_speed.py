@@ -13,13 +13,12 @@ tokens/s came from runs that shared the machine.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 
 import sat_kernels as sk
 from sat_kernels.bench.results import environment
+from sat_kernels.train.compare import write_json
 from sat_kernels.train.data import default_corpus, tokenize, training_order
 from sat_kernels.train.model import load_model, load_tokenizer
 from sat_kernels.train.runner import TrainConfig, interleaved_step_times
@@ -78,8 +77,7 @@ def main(argv=None):
             print(f"| {name} | {sum(rs) / len(rs):.3f} | {speedup:.3f}x |", flush=True)
         results.append(row)
     if args.json:
-        Path(args.json).write_text(json.dumps({"environment": env, "config": vars(args), "rows": results}, indent=1)
-                                   + "\n")
+        write_json({"environment": env, "config": vars(args), "rows": results}, args.json)
         print(f"wrote {args.json}")
 
 

@@ -213,7 +213,7 @@ def main(argv=None) -> int:
         result, model = train_run(pristine, order, held_out, cfg, sat=sat, pad_id=pad_id, progress=not args.no_progress)
         runs.append(result)
         say(f"[{result.name}] eval loss {result.eval_loss:.4f} (perplexity {result.eval_perplexity:.2f}), "
-              f"{result.tokens_per_s:.1f} tokens/s, train wall {result.train_wall_s:.1f} s", flush=True)
+            f"{result.tokens_per_s:.1f} tokens/s, train wall {result.train_wall_s:.1f} s", flush=True)
         if sat:
             sat_model = model
         else:
