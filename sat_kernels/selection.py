@@ -13,6 +13,9 @@ import torch
 
 METRICS = ("l2", "l1", "contrib")
 STRATEGIES = ("topk", "sample", "random")
+# "sparse": omitted neurons/heads are left out of the forward output too (the paper's mode); "dense": the forward
+# output is exact (the down projection / o_proj over every neuron/head) and only the backward is sparse.
+FORWARD_MODES = ("sparse", "dense")
 
 
 def check_omission_rate(omission_rate, name: str = "omission_rate") -> float:
