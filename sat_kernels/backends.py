@@ -1,8 +1,9 @@
 """Backend registry and dispatch.
 
 A backend is a launcher with the signature of :func:`sat_kernels.ops.sat_mlp.sat_mlp_torch`:
-``(x2 [T, h], w_gate [I, h], w_up [I, h], w_down [h, I], select, act) -> (y [T, h], idx [k])`` where ``select`` is a
-sorted index tensor or a callable that picks the kept set from the full activations.
+``(x2 [T, h], w_gate [I, h], w_up [I, h], w_down [h, I], select, act, dense_forward) -> (y [T, h], idx [k])`` where
+``select`` is a sorted index tensor or a callable that picks the kept set from the full activations, and
+``dense_forward`` asks for the exact forward output (``forward="dense"``).
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from .ops import sat_mlp
 from .ops.sat_attention import DEFAULT_UNIT, UNITS, sat_attention_impl
-from .selection import check_omission_rate, num_kept
+from .selection import FORWARD_MODES, check_choice, check_omission_rate, num_kept
 
 _CACHE_ARGS = ("cache", "past_key_values", "past_key_value")
 
@@ -27,10 +27,12 @@ class SATMLP(nn.Module):
         omission_rate, metric, strategy, backend: as in :func:`sat_kernels.sat_mlp`.
         sync_selection: as in :func:`sat_kernels.sat_mlp`, but ``None`` (auto) by default: under DDP/FSDP every rank
             keeps the neurons chosen from the global batch.
+        forward: ``"sparse"`` or ``"dense"`` (exact forward output, sparse backward), as in
+            :func:`sat_kernels.sat_mlp`; stored as ``forward_mode``.
     """
 
     def __init__(self, mlp: nn.Module, act: str, omission_rate: float = 0.5, *, metric: str = "l2",
-                 strategy: str = "topk", backend: str = "auto", sync_selection=None):
+                 strategy: str = "topk", backend: str = "auto", sync_selection=None, forward: str = "sparse"):
         super().__init__()
         self.gate_proj = mlp.gate_proj
         self.up_proj = mlp.up_proj
@@ -43,6 +45,7 @@ class SATMLP(nn.Module):
         self.strategy = strategy
         self.backend = backend
         self.sync_selection = sync_selection
+        self.forward_mode = check_choice(forward, FORWARD_MODES, "forward")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.omission_rate == 0.0:
@@ -57,11 +60,11 @@ class SATMLP(nn.Module):
                                  f"MLP module), not the projections inside the MLP, whose own forward SAT bypasses")
         return sat_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, self.omission_rate,
                        metric=self.metric, strategy=self.strategy, act=self.act, backend=self.backend,
-                       sync_selection=self.sync_selection)
+                       sync_selection=self.sync_selection, forward=self.forward_mode)
 
     def extra_repr(self) -> str:
         return (f"omission_rate={self.omission_rate}, metric={self.metric!r}, strategy={self.strategy!r}, "
-                f"act={self.act!r}, backend={self.backend!r}")
+                f"act={self.act!r}, backend={self.backend!r}, forward={self.forward_mode!r}")
 
 
 class SATAttention(nn.Module):

@@ -17,7 +17,7 @@ from .backends import resolve_backend
 from .modules import SATMLP, SATAttention
 from .ops.sat_attention import DEFAULT_UNIT, UNITS, check_attention_backend
 from .ops.sat_mlp import act_fwd
-from .selection import METRICS, STRATEGIES, check_choice, check_omission_rate
+from .selection import FORWARD_MODES, METRICS, STRATEGIES, check_choice, check_omission_rate
 
 _MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
 
@@ -75,7 +75,7 @@ def _check_mlp(name: str, mlp: nn.Module) -> str:
 
 
 def replace_mlp(model: nn.Module, omission_rate: float = 0.5, *, metric: str = "l2", strategy: str = "topk",
-                backend: str = "auto", sync_selection=None) -> nn.Module:
+                backend: str = "auto", sync_selection=None, forward: str = "sparse") -> nn.Module:
     """Replace every SwiGLU MLP of ``model`` by a :class:`SATMLP` sharing its parameters, in place.
 
     Training-mode forwards then keep ``1 - omission_rate`` of the intermediate neurons per layer and step; ``eval()``
@@ -88,6 +88,8 @@ def replace_mlp(model: nn.Module, omission_rate: float = 0.5, *, metric: str = "
         sync_selection: ``None`` (auto: synchronized across ranks when torch.distributed is initialised with several
             ranks, as under DDP/FSDP), ``True``/a ``ProcessGroup``, or ``False`` (each rank selects from its own
             batch). See :mod:`sat_kernels.distributed`.
+        forward: ``"sparse"`` (omitted neurons are left out of the output too, the paper's mode) or ``"dense"``
+            (exact forward output, backward over the kept neurons only); see :func:`sat_kernels.sat_mlp`.
 
     Example:
         >>> model = sk.replace_mlp(AutoModelForCausalLM.from_pretrained(path), omission_rate=0.5)
@@ -97,6 +99,7 @@ def replace_mlp(model: nn.Module, omission_rate: float = 0.5, *, metric: str = "
     rate = check_omission_rate(omission_rate)
     check_choice(metric, METRICS, "metric")
     check_choice(strategy, STRATEGIES, "strategy")
+    check_choice(forward, FORWARD_MODES, "forward")
     resolve_backend(backend)
     found = list(_swiglu_mlps(model))
     if any(name == "" for name, _ in found):
@@ -108,10 +111,10 @@ def replace_mlp(model: nn.Module, omission_rate: float = 0.5, *, metric: str = "
     acts = {name: _check_mlp(name, mlp) for name, mlp in found}   # check all before changing any
     for name, mlp in found:
         _set_child(model, name, SATMLP(mlp, acts[name], rate, metric=metric, strategy=strategy, backend=backend,
-                                       sync_selection=sync_selection))
+                                       sync_selection=sync_selection, forward=forward))
     for _, module in patched:
         module.omission_rate, module.metric, module.strategy = rate, metric, strategy
-        module.backend, module.sync_selection = backend, sync_selection
+        module.backend, module.sync_selection, module.forward_mode = backend, sync_selection, forward
     return model
 
 

@@ -38,13 +38,15 @@ def rel_rms(a, ref):
 NAMES = ("y", "dx", "dw_gate", "dw_up", "dw_down")
 
 
-def assert_matches_reference(fn, operands, dy, indices, act="silu"):
+def assert_matches_reference(fn, operands, dy, indices, act="silu", forward="sparse"):
     """``fn`` (y and every gradient) against the fp64 masked-dense reference, within 2x plain PyTorch's error at the
     operands' dtype (flash-attention's rule) plus a few ulps of headroom."""
+    def ref_fn(*o):
+        return reference_mlp(*o, indices, act=act, forward=forward)
+
     ours = out_and_grads(fn, operands, dy)
-    ref = out_and_grads(lambda *o: reference_mlp(*o, indices, act=act), fp64_copies(operands), dy.double())
-    plain = out_and_grads(lambda *o: reference_mlp(*o, indices, act=act), [t.detach().clone().requires_grad_()
-                                                                           for t in operands], dy)
+    ref = out_and_grads(ref_fn, fp64_copies(operands), dy.double())
+    plain = out_and_grads(ref_fn, [t.detach().clone().requires_grad_() for t in operands], dy)
     eps = torch.finfo(operands[0].dtype).eps
     for name, o, r, p in zip(NAMES, ours, ref, plain):
         assert o.shape == r.shape and o.dtype == operands[0].dtype, name

@@ -91,9 +91,10 @@ def test_omitted_neurons_get_zero_grad_in_the_model():
 
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
 @pytest.mark.parametrize("strategy", ["topk", "sample", "random"])
-def test_gradient_checkpointing_gives_the_same_gradients(strategy, reentrant):
+@pytest.mark.parametrize("forward", ["sparse", "dense"])
+def test_gradient_checkpointing_gives_the_same_gradients(strategy, reentrant, forward):
     def grads(checkpoint):
-        model = sk.replace_mlp(tiny_model("llama"), 0.5, strategy=strategy).train()
+        model = sk.replace_mlp(tiny_model("llama"), 0.5, strategy=strategy, forward=forward).train()
         if checkpoint:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         ids = _ids()
@@ -104,6 +105,31 @@ def test_gradient_checkpointing_gives_the_same_gradients(strategy, reentrant):
     plain, ckpt = grads(False), grads(True)
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], rtol=0, atol=0, msg=name)
+
+
+def test_dense_forward_model_has_the_dense_loss_and_sparse_mlp_gradients():
+    model = tiny_model("llama").eval()
+    ids = _ids()
+    with torch.no_grad():
+        dense_loss = model(ids, labels=ids).loss
+    sk.replace_mlp(model, 0.5, forward="dense").train()
+    assert all(layer.mlp.forward_mode == "dense" for layer in model.model.layers)
+    assert "forward='dense'" in repr(model.model.layers[0].mlp)
+    loss = model(ids, labels=ids).loss
+    torch.testing.assert_close(loss.detach(), dense_loss, rtol=1e-6, atol=0)
+    loss.backward()
+    k = sk.num_kept(136, 0.5)
+    for layer in model.model.layers:
+        rows = (layer.mlp.gate_proj.weight.grad != 0).any(1)
+        assert int(rows.sum()) == k
+        assert torch.equal(rows, (layer.mlp.up_proj.weight.grad != 0).any(1))
+        assert torch.equal(rows, (layer.mlp.down_proj.weight.grad != 0).any(0))
+    sk.replace_mlp(model, 0.5)
+    assert all(layer.mlp.forward_mode == "sparse" for layer in model.model.layers)
+    with torch.no_grad():
+        assert not torch.allclose(model(ids, labels=ids).loss, dense_loss)
+    with pytest.raises(ValueError, match="forward must be one of"):
+        sk.replace_mlp(model, 0.5, forward="exact")
 
 
 def test_unsupported_models_get_clear_errors():

@@ -154,3 +154,48 @@ def test_fp64_grads_agree_with_autograd_of_reference_for_every_strategy():
         ref = out_and_grads(lambda *o: reference_mlp(*o, idx), fp64_copies(operands), dy)
         for o, r in zip(ours, ref):
             torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("rate", [0.5, 0.9], ids=lambda r: f"r{r}")
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_dense_forward_matches_reference(shape, rate, dtype):
+    """forward="dense": the output of the dense MLP, the gradients of the masked one at the same kept set."""
+    operands, dy = make_operands(*shape, dtype)
+    _, idx = sk.sat_mlp(*operands, rate, return_indices=True)
+    _, idx_dense = sk.sat_mlp(*operands, rate, forward="dense", return_indices=True)
+    assert torch.equal(idx, idx_dense)
+    y, *grads = assert_matches_reference(lambda *o: sk.sat_mlp(*o, rate, forward="dense"), operands, dy, idx,
+                                         forward="dense")
+    _, *sparse_grads = out_and_grads(lambda *o: sk.sat_mlp(*o, rate), operands, dy)
+    for name, g, s in zip(("dx", "dw_gate", "dw_up", "dw_down"), grads, sparse_grads):
+        torch.testing.assert_close(g, s, rtol=0, atol=0, msg=f"{name}: dense forward changed the gradient")
+    dense_y = sk.sat_mlp(*operands, 0.0)
+    torch.testing.assert_close(y, dense_y.detach(), rtol=2 * torch.finfo(dtype).eps, atol=0)
+
+
+def test_dense_forward_in_fp64_is_exact():
+    operands, dy = make_operands(63, 97, 123, torch.float64)
+    _, idx = sk.sat_mlp(*operands, 0.5, return_indices=True)
+    ours = out_and_grads(lambda *o: sk.sat_mlp(*o, 0.5, forward="dense"), operands, dy)
+    ref = out_and_grads(lambda *o: reference_mlp(*o, idx, forward="dense"), fp64_copies(operands), dy)
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours[0], reference_mlp(*operands).detach(), rtol=1e-12, atol=1e-12)
+    assert not torch.equal(ours[0], reference_mlp(*operands, idx).detach()), "the sparse output differs"
+
+
+def test_dense_forward_saves_only_kept_activations():
+    T, h, inter = 256, 32, 512
+    operands, _ = make_operands(T, h, inter, torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        sk.sat_mlp(*operands, 0.75, forward="dense")
+    assert (T, inter) not in saved and (inter, T) not in saved
+    assert saved.count((T, sk.num_kept(inter, 0.75))) == 2, saved
+
+
+def test_forward_mode_is_checked():
+    operands, _ = make_operands(8, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="forward must be one of"):
+        sk.sat_mlp(*operands, 0.5, forward="exact")

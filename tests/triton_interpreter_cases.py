@@ -65,6 +65,18 @@ def test_sat_mlp_matches_reference(shape, rate, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=_id)
+def test_dense_forward_matches_reference(shape, dtype):
+    """forward="dense": the dense output from the plain down GEMM, the torch backend's sparse gradients."""
+    operands, dy = make_operands(*shape, dtype)
+    _, idx = sk.sat_mlp(*operands, 0.5, backend="triton", forward="dense", return_indices=True)
+    ours = assert_matches_reference(_triton_sat(0.5, forward="dense"), operands, dy, idx, forward="dense")
+    _check_zeros(ours, idx, shape[2])
+    y_dense = reference_mlp(*fp64_copies(operands))
+    assert rel_rms(ours[0], y_dense) < 4 * torch.finfo(dtype).eps * shape[2] ** 0.5
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
 @pytest.mark.parametrize("k", [1, 2, 47, 69, 70])
 def test_gathered_mlp_matches_reference(k, dtype):
     """k = 1 and k = I included; the gate/up kernel computes only the kept weight rows."""
@@ -214,13 +226,13 @@ def test_unsupported_dtypes_are_refused(dtype):
         sk.gathered_mlp(*operands, torch.arange(3), backend="triton")
 
 
-@pytest.mark.parametrize("entry", ["sat_mlp", "gathered_mlp"])
+@pytest.mark.parametrize("entry", ["sat_mlp", "sat_mlp_dense_forward", "gathered_mlp"])
 def test_torch_compile_fullgraph(entry):
     """The kernels are custom ops with fake implementations: one graph, no break, same result as eager."""
     operands, dy = make_operands(37, 40, 70, torch.float32)
     idx = torch.arange(0, 70, 3)
-    if entry == "sat_mlp":
-        fn = _triton_sat(0.5)
+    if entry.startswith("sat_mlp"):
+        fn = _triton_sat(0.5, forward="dense" if entry.endswith("dense_forward") else "sparse")
     else:
         fn = lambda *o: sk.gathered_mlp(*o, idx, backend="triton", validate=False)  # noqa: E731
     torch._dynamo.reset()
@@ -234,14 +246,16 @@ def test_custom_ops_pass_opcheck():
     """Schema, fake (meta) implementations and the autograd registration agree with the real kernels."""
     x, wg, wu, wd = (t.detach() for t in make_operands(21, 24, 40, torch.float32)[0])
     idx = torch.arange(1, 40, 3)
-    g, u, _ = torch.ops.sat_kernels.triton_gate_up_scores(x, wg, wu, wd, "silu", "l2")
+    g, u, a, _ = torch.ops.sat_kernels.triton_gate_up_scores(x, wg, wu, wd, "silu", "l2", True)
     g_s, u_s, a_s = torch.ops.sat_kernels.triton_kept_act(g, u, idx, "silu")
+    leaves = (x.requires_grad_(), wg.requires_grad_(), wu.requires_grad_(), wd.requires_grad_())
     cases = [
-        (torch.ops.sat_kernels.triton_gate_up_scores, (x, wg, wu, wd, "silu", "contrib")),
+        (torch.ops.sat_kernels.triton_gate_up_scores, (x, wg, wu, wd, "silu", "contrib", False)),
+        (torch.ops.sat_kernels.triton_gate_up_scores, (x, wg, wu, wd, "gelu_tanh", "l1", True)),
         (torch.ops.sat_kernels.triton_kept_act, (g, u, idx, "silu")),
         (torch.ops.sat_kernels.triton_gate_up_kept, (x, wg, wu, idx, "gelu_tanh")),
-        (torch.ops.sat_kernels.triton_kept_mlp, (x.requires_grad_(), wg.requires_grad_(), wu.requires_grad_(),
-                                                 wd.requires_grad_(), idx, g_s, u_s, a_s, "silu")),
+        (torch.ops.sat_kernels.triton_kept_mlp, (*leaves, idx, g_s, u_s, a_s, "silu", False)),
+        (torch.ops.sat_kernels.triton_kept_mlp, (*leaves, idx, g_s, u_s, a, "silu", True)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from ..distributed import all_reduce_scores, default_sync_group
-from ..selection import METRICS, STRATEGIES, activation_scores, check_choice, check_omission_rate, draw_uniform, \
+from ..selection import FORWARD_MODES, METRICS, STRATEGIES, activation_scores, check_choice, check_omission_rate, draw_uniform, \
     num_kept, select_neurons
 from .sat_mlp import ACTIVATIONS, act_fwd, dense_mlp
 
@@ -71,27 +71,31 @@ def _autocast_operands(tensors):
     return list(tensors), None
 
 
-def _run(launcher, x, w_gate, w_up, w_down, select, act):
+def _run(launcher, x, w_gate, w_up, w_down, select, act, dense_forward=False):
     hidden = w_gate.shape[1]
     (x, w_gate, w_up, w_down), autocast_device = _autocast_operands((x, w_gate, w_up, w_down))
     x2 = x.reshape(-1, hidden).contiguous()
     if autocast_device is None:
-        y2, idx = launcher(x2, w_gate, w_up, w_down, select, act)
+        y2, idx = launcher(x2, w_gate, w_up, w_down, select, act, dense_forward)
     else:
         with torch.autocast(autocast_device, enabled=False):
-            y2, idx = launcher(x2, w_gate, w_up, w_down, select, act)
+            y2, idx = launcher(x2, w_gate, w_up, w_down, select, act, dense_forward)
     return y2.reshape(*x.shape[:-1], hidden), idx
 
 
 def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, omission_rate: float,
             *, metric: str = "l2", strategy: str = "topk", generator: Optional[torch.Generator] = None,
-            act: str = "silu", backend: str = "auto", return_indices: bool = False, sync_selection=False):
+            act: str = "silu", backend: str = "auto", return_indices: bool = False, sync_selection=False,
+            forward: str = "sparse"):
     """SAT SwiGLU MLP with in-step neuron selection, differentiable w.r.t. ``x`` and all three weights.
 
     Computes gate/up for all ``I`` neurons once, scores them (``metric``), keeps ``k = num_kept(I, omission_rate)``
-    (``strategy``) and runs the down projection and the whole backward over the kept neurons only. Omitted neurons
-    contribute nothing to ``y``; their rows of ``w_gate``/``w_up`` and columns of ``w_down`` get exactly zero gradient.
-    At ``omission_rate`` 0 (or whenever ``k == I``) this is the dense MLP.
+    (``strategy``) and runs the whole backward over the kept neurons only: their rows of ``w_gate``/``w_up`` and
+    columns of ``w_down`` get exactly zero gradient. With ``forward="sparse"`` (the paper's mode) the down projection
+    runs over the kept neurons too and omitted neurons contribute nothing to ``y``; with ``forward="dense"`` ``y`` is
+    the exact dense output (the down projection over all ``I`` neurons) and only the gradient is sparse: the same
+    gradient as ``"sparse"`` at the same kept set, taken at the dense model's loss. At ``omission_rate`` 0 (or whenever
+    ``k == I``) this is the dense MLP.
 
     Args:
         x: ``[..., h]`` activations.
@@ -107,6 +111,9 @@ def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: t
             of ``I`` floats) so every rank keeps the same neurons: ``True`` (default group), a ``ProcessGroup``,
             ``None`` (auto: on when torch.distributed is initialised with several ranks) or ``False`` (default).
             See :mod:`sat_kernels.distributed`.
+        forward: ``"sparse"`` (default) or ``"dense"`` (exact forward output, sparse backward). FLOPs per
+            ``T*h*I`` for forward + backward: ``4 + 14*(1 - omission_rate)`` sparse, ``6 + 12*(1 - omission_rate)``
+            dense, 18 for the dense MLP.
 
     Returns:
         ``y`` of shape ``[..., h]``, or ``(y, indices)``.
@@ -119,6 +126,7 @@ def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: t
     check_choice(metric, METRICS, "metric")
     check_choice(strategy, STRATEGIES, "strategy")
     check_choice(act, ACTIVATIONS, "act")
+    check_choice(forward, FORWARD_MODES, "forward")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     from ..backends import resolve_backend
@@ -142,7 +150,7 @@ def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: t
         return select_fn(scores, k, strategy=strategy, generator=generator, uniform=uniform)
 
     select.metric = metric  # a backend that fuses the scoring into its kernels calls select(scores=fp32 [I])
-    y, idx = _run(launcher, x, w_gate, w_up, w_down, select, act)
+    y, idx = _run(launcher, x, w_gate, w_up, w_down, select, act, forward == "dense")
     return (y, idx) if return_indices else y
 
 

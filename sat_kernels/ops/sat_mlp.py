@@ -5,11 +5,14 @@ Forward (in-step selection, DESIGN.md section 2)::
     G = x W_gate^T, U = x W_up^T          [T, I]   all neurons, once (the scores need them)
     A = act(G) * U, s = score(A)           [T, I], [I] fp32
     S = select(s)                          [k]      sorted, no host sync
-    y = A[:, S] W_down[:, S]^T             [T, h]   kept neurons only
+    y = A[:, S] W_down[:, S]^T             [T, h]   kept neurons only (forward="sparse", the paper's mode)
+    y = A W_down^T                         [T, h]   every neuron (forward="dense": the exact output, A exists anyway)
 
 Saved for backward: ``x``, ``G[:, S]``, ``U[:, S]`` (never the full ``[T, I]`` activations). Backward runs only over
 the kept neurons (6 GEMMs of ``2*T*h*k`` FLOPs) and scatters the compact weight gradients into zero full-size
-gradients, so omitted rows of ``W_gate``/``W_up`` and columns of ``W_down`` get exactly zero.
+gradients, so omitted rows of ``W_gate``/``W_up`` and columns of ``W_down`` get exactly zero. The backward is the same
+in both forward modes: with ``forward="dense"`` the loss is the dense model's and its gradient is taken through the kept
+neurons only. FLOPs per ``T*h*I`` (forward + backward): ``4 + 14*rho`` sparse, ``6 + 12*rho`` dense forward, 18 dense.
 
 ``gathered_mlp`` with a given index set skips the dense gate/up projections: it gathers the kept weight rows first.
 """
@@ -71,11 +74,12 @@ class SATMLPFunction(torch.autograd.Function):
 
     ``select`` is either a ``LongTensor`` of kept indices (``gathered_mlp``) or a callable
     ``select(a_full, select_fn=ops.select_neurons) -> idx`` that scores the full activations and picks the kept set
-    with ``select_fn`` (``sat_mlp``).
+    with ``select_fn`` (``sat_mlp``). ``dense_forward`` (only with a callable ``select``) computes ``y`` over every
+    neuron; the backward is unchanged.
     """
 
     @staticmethod
-    def forward(ctx, x, w_gate, w_up, w_down, select, act: str, ops):
+    def forward(ctx, x, w_gate, w_up, w_down, select, act: str, ops, dense_forward: bool = False):
         if isinstance(select, torch.Tensor):
             idx = select
             wg_s = ops.gather_rows(w_gate, idx)                        # [k, h]
@@ -90,10 +94,15 @@ class SATMLPFunction(torch.autograd.Function):
             idx = select(a, select_fn=ops.select_neurons)             # [k]
             g_s = ops.gather_cols(g, idx)                              # [T, k]
             u_s = ops.gather_cols(u, idx)                              # [T, k]
-            a_s = ops.gather_cols(a, idx)                              # [T, k]
-            del g, u, a
-        wd_s = ops.gather_cols(w_down, idx)                            # [h, k]
-        y = torch.mm(a_s, wd_s.t())                                    # [T, h]
+            del g, u
+            if dense_forward:
+                y = torch.mm(a, w_down.t())                            # [T, h]
+            else:
+                a_s = ops.gather_cols(a, idx)                          # [T, k]
+            del a
+        if not dense_forward:
+            wd_s = ops.gather_cols(w_down, idx)                        # [h, k]
+            y = torch.mm(a_s, wd_s.t())                                # [T, h]
         ctx.save_for_backward(x, w_gate, w_up, w_down, idx, g_s, u_s)
         ctx.act, ctx.ops = act, ops
         ctx.mark_non_differentiable(idx)
@@ -121,10 +130,10 @@ class SATMLPFunction(torch.autograd.Function):
         if need_x:
             dx = torch.mm(dg_s, ops.gather_rows(w_gate, idx))          # [T, h]
             dx.addmm_(du_s, ops.gather_rows(w_up, idx))
-        return dx, dwg, dwu, dwd, None, None, None
+        return dx, dwg, dwu, dwd, None, None, None, None
 
 
 def sat_mlp_torch(x2: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                  select, act: str):
+                  select, act: str, dense_forward: bool = False):
     """Launcher of the torch backend: ``x2`` is ``[T, h]``; returns ``(y [T, h], idx [k])``."""
-    return SATMLPFunction.apply(x2, w_gate, w_up, w_down, select, act, TorchIndexOps)
+    return SATMLPFunction.apply(x2, w_gate, w_up, w_down, select, act, TorchIndexOps, dense_forward)

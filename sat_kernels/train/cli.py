@@ -78,7 +78,7 @@ def _eval_examples(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..selection import METRICS, STRATEGIES
+    from ..selection import FORWARD_MODES, METRICS, STRATEGIES
     from ..backends import BACKENDS
 
     p = argparse.ArgumentParser(prog="sat-train", description=__doc__.split("\n\n")[0],
@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ladder: share of the steps trained dense at the end, in [0, 1] (default 0.1)")
     p.add_argument("--metric", choices=METRICS, default="l2", help="neuron score (default: l2)")
     p.add_argument("--strategy", choices=STRATEGIES, default="topk", help="neuron selection (default: topk)")
+    p.add_argument("--forward", choices=FORWARD_MODES, default="sparse",
+                   help="sparse: omitted neurons are left out of the forward output too (the paper's mode); dense: "
+                        "exact forward output, backward over the kept neurons only (default: sparse)")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="SAT kernel backend (default: auto)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 autocast on a GPU that supports it, else fp32 (default: auto)")
@@ -145,8 +148,8 @@ def config_from_args(args) -> TrainConfig:
                        lr=pick("lr"), warmup_steps=pick("warmup_steps"), seed=args.seed,
                        omission_rate=args.omission_rate, attn_omission_rate=args.attn_omission_rate,
                        scheduler=args.scheduler, num_rungs=args.num_rungs, dense_fraction=args.dense_fraction,
-                       metric=args.metric,
-                       strategy=args.strategy, backend=args.backend, precision=args.precision)
+                       metric=args.metric, strategy=args.strategy, forward=args.forward, backend=args.backend,
+                       precision=args.precision)
 
 
 def main(argv=None) -> int:

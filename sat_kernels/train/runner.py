@@ -49,6 +49,7 @@ class TrainConfig:
     dense_fraction: float = 0.1
     metric: str = "l2"
     strategy: str = "topk"
+    forward: str = "sparse"
     backend: str = "auto"
     precision: str = "auto"
     eval_batch_size: int = 8
@@ -124,7 +125,8 @@ def resolve_device_precision(precision: str):
 
 
 def _patch(model, cfg: TrainConfig):
-    sk.replace_mlp(model, cfg.omission_rate, metric=cfg.metric, strategy=cfg.strategy, backend=cfg.backend)
+    sk.replace_mlp(model, cfg.omission_rate, metric=cfg.metric, strategy=cfg.strategy, backend=cfg.backend,
+                   forward=cfg.forward)
     if cfg.attn_omission_rate is not None:
         sk.replace_attention(model, cfg.attn_omission_rate, metric=cfg.metric, strategy=cfg.strategy)
 

@@ -40,8 +40,9 @@ class CudaIndexOps:
     select_neurons = staticmethod(kernels.select_neurons)
 
 
-def sat_mlp_cuda(x2: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, select, act: str):
+def sat_mlp_cuda(x2: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, select, act: str,
+                 dense_forward: bool = False):
     """Launcher of the cuda backend: ``x2`` is ``[T, h]`` on a CUDA device; returns ``(y [T, h], idx [k])``."""
     if x2.device.type != "cuda":
         raise ValueError(f"backend='cuda' needs CUDA tensors, got x on {x2.device}; use backend='torch' or 'auto'")
-    return SATMLPFunction.apply(x2, w_gate, w_up, w_down, select, act, CudaIndexOps)
+    return SATMLPFunction.apply(x2, w_gate, w_up, w_down, select, act, CudaIndexOps, dense_forward)

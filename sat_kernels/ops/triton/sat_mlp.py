@@ -6,7 +6,9 @@ Forward of ``sat_mlp`` (in-step selection, DESIGN.md section 2)::
                                                 of act(G) * U per row tile in the epilogue (no [T, I] re-read)
     S = select(scores=s)                        torch.topk + sort on the fp32 scores, no host sync
     G_S, U_S, A_S = kept_act_fwd(G, U, S)       compaction of the kept columns, A_S = act(G_S) * U_S
-    y = down_fwd(A_S, W_down[:, S])             [T, h], fp32 accumulation
+    y = down_fwd(A_S, W_down[:, S])             [T, h], fp32 accumulation (forward="sparse")
+    y = down_fwd(A, W_down)                     [T, h]: the same kernel as a dense GEMM over all I neurons, A stored
+                                                by the gate/up kernel (forward="dense": exact output, sparse backward)
 
 ``gathered_mlp`` (a given ``S``) runs ``gate_up_fwd`` over the rows ``S`` of the weights instead (``[T, k]`` directly,
 no scores, no compaction). Saved for backward: ``x``, the weights, ``S``, ``G_S``, ``U_S`` (never a ``[T, I]``
@@ -47,23 +49,26 @@ def _w_down_operand(w_down: Tensor, indices: Tensor) -> Tuple[Tensor, Optional[T
 
 @torch.library.custom_op("sat_kernels::triton_gate_up_scores", mutates_args=())
 def _gate_up_scores_op(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, act: str,
-                       metric: Optional[str]) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(G [T, I], U [T, I], scores [I] fp32)``; ``scores`` is empty when ``metric`` is ``None``."""
-    g, u, _, part = gate_up_fwd(x, w_gate, w_up, act, score=metric)
+                       metric: Optional[str], store_a: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(G [T, I], U [T, I], A [T, I], scores [I] fp32)``; ``A`` is empty unless ``store_a``, ``scores`` when
+    ``metric`` is ``None``."""
+    g, u, a, part = gate_up_fwd(x, w_gate, w_up, act, score=metric, store_a=store_a)
+    a = a if store_a else x.new_empty(0)
     if metric is None:
-        return g, u, x.new_empty(0, dtype=torch.float32)
+        return g, u, a, x.new_empty(0, dtype=torch.float32)
     scores = part.sum(0)
     if metric != "l1":
         scores = scores.sqrt_()
     if metric == "contrib":
         scores = scores * _norm(w_down, 2)
-    return g, u, scores
+    return g, u, a, scores
 
 
 @_gate_up_scores_op.register_fake
-def _(x, w_gate, w_up, w_down, act, metric):
+def _(x, w_gate, w_up, w_down, act, metric, store_a):
     T, inter = x.shape[0], w_gate.shape[0]
     return (padded_empty(x, T, inter), padded_empty(x, T, inter),
+            padded_empty(x, T, inter) if store_a else x.new_empty(0),
             x.new_empty(inter if metric else 0, dtype=torch.float32))
 
 
@@ -93,14 +98,17 @@ def _(x, w_gate, w_up, indices, act):
 
 @torch.library.custom_op("sat_kernels::triton_kept_mlp", mutates_args=())
 def _kept_mlp_op(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, indices: Tensor, g_s: Tensor,
-                 u_s: Tensor, a_s: Tensor, act: str) -> Tensor:
-    """``y = A_S W_down[:, S]^T``; differentiable w.r.t. ``x`` and the weights (``G_S``, ``U_S``, ``A_S`` are the
-    detached kept activations of ``x``; the backward takes the whole chain through them)."""
-    return down_fwd(a_s, *_w_down_operand(w_down, indices))
+                 u_s: Tensor, a: Tensor, act: str, dense_forward: bool) -> Tensor:
+    """``y = A_S W_down[:, S]^T`` (``a`` is ``A_S [T, k]``), or with ``dense_forward`` ``y = A W_down^T`` (``a`` is
+    the full ``A [T, I]``); differentiable w.r.t. ``x`` and the weights (``G_S``, ``U_S``, ``a`` are the detached
+    activations of ``x``; the backward takes the whole chain through the kept neurons)."""
+    if dense_forward:
+        return down_fwd(a, w_down, None)
+    return down_fwd(a, *_w_down_operand(w_down, indices))
 
 
 @_kept_mlp_op.register_fake
-def _(x, w_gate, w_up, w_down, indices, g_s, u_s, a_s, act):
+def _(x, w_gate, w_up, w_down, indices, g_s, u_s, a, act, dense_forward):
     return x.new_empty(x.shape[0], w_down.shape[0])
 
 
@@ -129,7 +137,7 @@ def _(dy, x, w_gate, w_up, w_down, indices, g_s, u_s, act, need_x, need_w_gate_u
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_gate, w_up, w_down, indices, g_s, u_s, _a_s, act = inputs
+    x, w_gate, w_up, w_down, indices, g_s, u_s, _a, act, _dense_forward = inputs
     ctx.save_for_backward(x, w_gate, w_up, w_down, indices, g_s, u_s)
     ctx.act = act
 
@@ -140,30 +148,35 @@ def _backward(ctx, dy):
     dx, dwg, dwu, dwd = torch.ops.sat_kernels.triton_kept_mlp_bwd(
         dy.contiguous(), x, w_gate, w_up, w_down, indices, g_s, u_s, ctx.act, need_x, need_wg or need_wu, need_wd)
     return (dx if need_x else None, dwg if need_wg else None, dwu if need_wu else None, dwd if need_wd else None,
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 _kept_mlp_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def sat_mlp_triton(x2: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, select, act: str):
+def sat_mlp_triton(x2: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, select, act: str,
+                   dense_forward: bool = False):
     """Launcher of the triton backend: ``x2`` is ``[T, h]``; returns ``(y [T, h], idx [k])``.
 
     ``select`` is a sorted int64 index tensor (``gathered_mlp``) or a selection callable. A callable with a ``metric``
     attribute (``"l2"``, ``"l1"`` or ``"contrib"``) gets the fp32 scores fused into the gate/up kernel,
-    ``select(scores=s)``; any other callable gets the full activations, ``select(a)``.
+    ``select(scores=s)``; any other callable gets the full activations, ``select(a)``. ``dense_forward`` (callable
+    ``select`` only): ``y`` over every neuron, from the full ``A`` the gate/up kernel then also stores.
     """
     check_tensors(x2)
     x2, w_gate, w_up, w_down = (t.contiguous() for t in (x2, w_gate, w_up, w_down))
     xd, wgd, wud, wdd = (t.detach() for t in (x2, w_gate, w_up, w_down))
     if isinstance(select, Tensor):
         idx = select.contiguous()
-        g_s, u_s, a_s = torch.ops.sat_kernels.triton_gate_up_kept(xd, wgd, wud, idx, act)
+        g_s, u_s, a = torch.ops.sat_kernels.triton_gate_up_kept(xd, wgd, wud, idx, act)
+        dense_forward = False
     else:
         metric = getattr(select, "metric", None)
-        g, u, scores = torch.ops.sat_kernels.triton_gate_up_scores(xd, wgd, wud, wdd, act, metric)
+        g, u, a_full, scores = torch.ops.sat_kernels.triton_gate_up_scores(xd, wgd, wud, wdd, act, metric,
+                                                                             dense_forward)
         idx = select(scores=scores) if metric is not None else select(act_fwd(g, act) * u)
         g_s, u_s, a_s = torch.ops.sat_kernels.triton_kept_act(g, u, idx, act)
-        del g, u, scores
-    y = torch.ops.sat_kernels.triton_kept_mlp(x2, w_gate, w_up, w_down, idx, g_s, u_s, a_s, act)
+        a = a_full if dense_forward else a_s
+        del g, u, scores, a_full, a_s
+    y = torch.ops.sat_kernels.triton_kept_mlp(x2, w_gate, w_up, w_down, idx, g_s, u_s, a, act, dense_forward)
     return y, idx
