@@ -9,6 +9,7 @@ tokens/s came from runs that shared the machine.
 
     python benchmarks/schedule_speed.py --threads 1 --json benchmarks/results/schedule_speed_1thread.json
     python benchmarks/schedule_speed.py --tasks cpt --batch-size 4 --seq-len 128 --threads 2
+    python benchmarks/schedule_speed.py --forward dense --starts 0.5 0.75 --attn-starts 0.5 --threads 1
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 
 import sat_kernels as sk
 from sat_kernels.bench.results import environment
+from sat_kernels.selection import FORWARD_MODES
 from sat_kernels.train.compare import write_json
 from sat_kernels.train.data import default_corpus, tokenize, training_order
 from sat_kernels.train.model import load_model, load_tokenizer
@@ -36,45 +38,61 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=300, help="schedule length (default 300)")
     p.add_argument("--starts", type=float, nargs="+", default=list(LADDER_STARTS),
                    help="initial rates of the default ladder (2 rungs, last 10%% dense) to evaluate")
+    p.add_argument("--attn-starts", type=float, nargs="+", default=None,
+                   help="also omit attention heads: the attention ladder's initial rate for each of --starts (one "
+                        "value for all, or one per start)")
+    p.add_argument("--forward", choices=FORWARD_MODES, default="sparse",
+                   help="SAT forward mode of the MLP and attention (default: sparse)")
+    p.add_argument("--model", default=None, help="sat-train --model (default: smollm2-135m)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    tokenizer, pristine = load_tokenizer(), load_model()
+    attn_starts = args.attn_starts or [None]
+    if len(attn_starts) not in (1, len(args.starts)):
+        p.error(f"--attn-starts: give one value or one per --starts ({len(args.starts)}), got {len(attn_starts)}")
+    attn_starts = attn_starts * len(args.starts) if len(attn_starts) == 1 else attn_starts
+    tokenizer, pristine = load_tokenizer(args.model), load_model(args.model)
+    model_name = pristine.config.name_or_path or args.model or "smollm2-135m"
     env = environment(torch.device("cpu"))
     env["threads"] = torch.get_num_threads()
     schedules = {}
-    for start in args.starts:
-        sched = sk.LadderOmissionScheduler(start, total_steps=args.steps)
-        schedules[f"ladder from {start:g}"] = [sched.rate(s) for s in range(args.steps)]
-    rates = sorted({r for rs in schedules.values() for r in rs}, reverse=True)
-    print(f"# interleaved training-step times, SmolLM2-135M-Instruct, {env['device']}, torch {env['torch']}, fp32, "
-          f"median of {args.repeats} rounds")
+    for start, attn_start in zip(args.starts, attn_starts):
+        mlp = sk.LadderOmissionScheduler(start, total_steps=args.steps)
+        attn = sk.LadderOmissionScheduler(attn_start, total_steps=args.steps) if attn_start is not None else None
+        name = f"ladder from {start:g}" + (f", attention from {attn_start:g}" if attn is not None else "")
+        schedules[name] = [(mlp.rate(s), attn.rate(s) if attn is not None else None) for s in range(args.steps)]
+    rates = sorted({r for rs in schedules.values() for r in rs}, key=lambda r: (-r[0], -(r[1] or 0.0)))
+    label = lambda r: f"SAT {r[0]:g}" + (f" / attention {r[1]:g}" if r[1] is not None else "")  # noqa: E731
+    print(f"# interleaved training-step times, {model_name}, {env['device']}, torch {env['torch']}, fp32, "
+          f"forward={args.forward}, median of {args.repeats} rounds")
     results = []
     for task in args.tasks:
         batch, seq = SHAPES[task]
         batch, seq = args.batch_size or batch, args.seq_len or seq
-        cfg = TrainConfig(task=task, steps=args.steps, seq_len=seq, batch_size=batch, precision="fp32")
+        cfg = TrainConfig(task=task, steps=args.steps, seq_len=seq, batch_size=batch, precision="fp32",
+                          forward=args.forward, attn_omission_rate=0.5 if args.attn_starts else None)
         train, _ = tokenize(default_corpus(task), tokenizer, seq)
         first = training_order(train, batch, cfg.seed)
         st = interleaved_step_times(pristine, first, cfg, pad_id=tokenizer.pad_token_id,
-                                    schedule=[(r, None) for r in rates], repeats=args.repeats)
+                                    schedule=rates, repeats=args.repeats)
         ms = st["step_ms"]
         row = {"task": task, "batch": batch, "seq_len": seq, "batch_tokens": st["batch_tokens"], "step_ms": ms,
                "step_ms_p20_p80": st["step_ms_p20_p80"], "schedules": {}}
         print(f"\n{task}: batch {batch} x <= {seq} tokens ({st['batch_tokens']} tokens in the first batch)")
         print("| variant | step ms | dense / variant |")
         print("|---|---|---|")
-        for name in ["dense"] + [f"SAT {r:g}" for r in rates]:
+        for name in ["dense"] + [label(r) for r in rates]:
             print(f"| {name} | {ms[name]:.0f} | {ms['dense'] / ms[name]:.3f}x |")
         print("| schedule | mean omission | speedup |")
         print("|---|---|---|")
         for name, rs in schedules.items():
-            speedup = len(rs) * ms["dense"] / sum(ms[f"SAT {r:g}"] for r in rs)
-            row["schedules"][name] = {"mean_omission": sum(rs) / len(rs), "speedup": speedup}
-            print(f"| {name} | {sum(rs) / len(rs):.3f} | {speedup:.3f}x |", flush=True)
+            speedup = len(rs) * ms["dense"] / sum(ms[label(r)] for r in rs)
+            mean = sum(r[0] for r in rs) / len(rs)
+            row["schedules"][name] = {"mean_omission": mean, "speedup": speedup}
+            print(f"| {name} | {mean:.3f} | {speedup:.3f}x |", flush=True)
         results.append(row)
     if args.json:
         write_json({"environment": env, "config": vars(args), "rows": results}, args.json)
