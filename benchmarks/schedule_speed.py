@@ -55,7 +55,7 @@ def main(argv=None):
         p.error(f"--attn-starts: give one value or one per --starts ({len(args.starts)}), got {len(attn_starts)}")
     attn_starts = attn_starts * len(args.starts) if len(attn_starts) == 1 else attn_starts
     tokenizer, pristine = load_tokenizer(args.model), load_model(args.model)
-    model_name = pristine.config.name_or_path or args.model or "smollm2-135m"
+    model_name = args.model or "smollm2-135m"
     env = environment(torch.device("cpu"))
     env["threads"] = torch.get_num_threads()
     schedules = {}

@@ -329,6 +329,11 @@ def test_cli_dense_forward(tiny_dir, tmp_path, capsys):
     sat, dense = report["runs"]["SAT"], report["runs"]["dense"]
     assert sat["losses"][0] == pytest.approx(dense["losses"][0], rel=1e-6)
     assert sat["losses"][2] != pytest.approx(dense["losses"][2], rel=1e-6)
+    _run_cli(["--model", str(tiny_dir / "llama"), "--data", str(tiny_dir / "corpus.txt"), "--dense-only", "--steps",
+              "3", "--seq-len", "16", "--batch-size", "2", "--output-dir", str(tmp_path), "--name", "d",
+              "--no-progress"], capsys)
+    alone = json.loads((tmp_path / "d.json").read_text())["runs"]
+    assert list(alone) == ["dense"] and alone["dense"]["losses"] == dense["losses"]
 
 
 def test_attention_rate_is_applied_separately(tiny_dir):

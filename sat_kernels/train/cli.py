@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true",
                    help="train dense and SAT with the same seed, data order, steps and optimizer; print a table, "
                         "write a JSON summary and a loss-curve PNG")
+    p.add_argument("--dense-only", action="store_true",
+                   help="train only the dense arm (the reference for SAT runs made alone with the same settings)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="size of the run (default: cpu)")
     p.add_argument("--steps", type=_positive_int, help="optimizer steps")
     p.add_argument("--seq-len", type=_positive_int, help="tokens per block (cpt) or maximum tokens per pair (sft)")
@@ -156,6 +158,8 @@ def config_from_args(args) -> TrainConfig:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.compare and args.dense_only:
+        parser.error("--compare and --dense-only exclude each other")
     if args.data is not None and not Path(args.data).is_file():
         parser.error(f"--data: file {args.data!r} does not exist")
     from .model import NAMED_MODELS
@@ -214,7 +218,7 @@ def main(argv=None) -> int:
     say(f"eval loss before training: {base_eval:.4f} (perplexity {math.exp(base_eval):.2f})")
 
     runs, sat_model = [], None
-    for sat in ([False, True] if args.compare else [True]):
+    for sat in ([False, True] if args.compare else [False] if args.dense_only else [True]):
         result, model = train_run(pristine, order, held_out, cfg, sat=sat, pad_id=pad_id, progress=not args.no_progress)
         runs.append(result)
         say(f"[{result.name}] eval loss {result.eval_loss:.4f} (perplexity {result.eval_perplexity:.2f}), "
