@@ -48,10 +48,10 @@ def _full_state(model):
             for k, v in model.state_dict().items()}
 
 
-def _worker(rank, init_file, wrap, sync, out_dir):
+def _worker(rank, init_file, wrap, sync, out_dir, forward="sparse"):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
-    model = sk.replace_mlp(tiny_model("llama"), 0.5, sync_selection=sync).train()
+    model = sk.replace_mlp(tiny_model("llama"), 0.5, sync_selection=sync, forward=forward).train()
     layers = model.model.layers
     if wrap == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -68,24 +68,28 @@ def _worker(rank, init_file, wrap, sync, out_dir):
     dist.destroy_process_group()
 
 
-def _spawn(tmp_path, wrap, sync):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), wrap, sync, str(tmp_path)), nprocs=WORLD, join=True)
+def _spawn(tmp_path, wrap, sync, forward="sparse"):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), wrap, sync, str(tmp_path), forward), nprocs=WORLD, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
 
-@pytest.fixture(scope="module")
-def single_process():
+def _single_process(forward="sparse"):
     torch.manual_seed(0)
-    model = sk.replace_mlp(tiny_model("llama"), 0.5).train()
+    model = sk.replace_mlp(tiny_model("llama"), 0.5, forward=forward).train()
     keys = list(tiny_model("llama").state_dict())
     losses, kept = _train(model, model.model.layers, _batches())
     return {"losses": losses, "kept": kept, "state": _full_state(model), "keys": keys}
 
 
-@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
-def test_synchronized_selection_matches_single_process(tmp_path, wrap, single_process):
-    ranks = _spawn(tmp_path, wrap, None)   # sync_selection=None: on, since a 2-rank group is initialised
-    ref = single_process
+@pytest.fixture(scope="module")
+def single_process():
+    return _single_process()
+
+
+@pytest.mark.parametrize("wrap, forward", [("ddp", "sparse"), ("fsdp2", "sparse"), ("ddp", "dense")])
+def test_synchronized_selection_matches_single_process(tmp_path, wrap, forward, single_process):
+    ranks = _spawn(tmp_path, wrap, None, forward)   # sync_selection=None: on, since a 2-rank group is initialised
+    ref = single_process if forward == "sparse" else _single_process(forward)
     for out in ranks:
         assert torch.equal(out["kept"], ranks[0]["kept"]), "every rank must keep the same neurons"
         assert torch.equal(out["kept"], ref["kept"]), "the kept set must be the one of the global batch"
