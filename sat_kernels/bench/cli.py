@@ -65,7 +65,7 @@ def cmd_mlp(args) -> int:
     for shape, T, rate in _progress(jobs, "mlp"):
         h, inter = SHAPES[shape]
         for row in run_shape(T, h, inter, rate, dtype=dtype, device=device, providers=providers, modes=args.modes,
-                             repeats=repeats, shape_name=shape):
+                             repeats=repeats, shape_name=shape, forward=args.forward):
             rows.append({**env, **row})
     print(f"\n# SAT MLP, {env['device']}, {dtype}, torch {env['torch']}, triton {env['triton']}, git {env['git']}")
     print(markdown_table(rows, MLP_COLUMNS, FORMATS))
@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", choices=list(DTYPES))
     m.add_argument("--repeats", type=int)
     m.add_argument("--full", action="store_true", help="the full shape/T/rate grid even on CPU")
+    m.add_argument("--forward", choices=["sparse", "dense"], default="sparse",
+                   help="forward mode of the SAT providers (FLOP limit (4 + 14 rho) / 18 or (6 + 12 rho) / 18)")
     t = sub.add_parser("train-step", help="tokens/s of a full training step, dense vs SAT")
     t.add_argument("--config", choices=list(CONFIGS))
     t.add_argument("--batch", type=int)

@@ -35,11 +35,13 @@ MODES = ("fwd", "bwd", "full")
 SAT_PROVIDERS = ("torch", "triton", "cuda")
 
 
-def flops(provider: str, mode: str, T: int, h: int, inter: int, k: int) -> float:
+def flops(provider: str, mode: str, T: int, h: int, inter: int, k: int, forward: str = "sparse") -> float:
+    """FLOPs of ``provider`` in ``mode`` (DESIGN.md section 5); ``forward`` is the SAT providers' forward mode."""
     rho = k / inter
     dense = {"fwd": 6.0, "bwd": 12.0, "full": 18.0}[mode]
     if provider in SAT_PROVIDERS:
-        per = {"fwd": 4 + 2 * rho, "bwd": 12 * rho, "full": 4 + 14 * rho}[mode]
+        fwd = 4 + 2 * rho if forward == "sparse" else 6.0
+        per = {"fwd": fwd, "bwd": 12 * rho, "full": fwd + 12 * rho}[mode]
     elif provider == "dense_k":
         per = dense * rho
     else:
@@ -71,7 +73,8 @@ def _masked_mlp(x, wg, wu, wd, k, metric):
     return F.linear(a * mask, wd)
 
 
-def make_provider(name: str, x, ws, rate: float, k: int, metric: str = "l2") -> Tuple[Callable, List[torch.Tensor]]:
+def make_provider(name: str, x, ws, rate: float, k: int, metric: str = "l2",
+                  forward: str = "sparse") -> Tuple[Callable, List[torch.Tensor]]:
     """``(forward callable returning y, leaf tensors that receive gradients)`` for provider ``name``."""
     wg, wu, wd = ws
     if name == "dense":
@@ -83,7 +86,7 @@ def make_provider(name: str, x, ws, rate: float, k: int, metric: str = "l2") -> 
     if name == "masked":
         return (lambda: _masked_mlp(x, wg, wu, wd, k, metric)), [x, *ws]
     if name in SAT_PROVIDERS:
-        return (lambda: sk.sat_mlp(x, wg, wu, wd, rate, metric=metric, backend=name)), [x, *ws]
+        return (lambda: sk.sat_mlp(x, wg, wu, wd, rate, metric=metric, backend=name, forward=forward)), [x, *ws]
     if name == "liger":
         fn = _liger()
         return (lambda: F.linear(fn.apply(F.linear(x, wg), F.linear(x, wu)), wd)), [x, *ws]
@@ -145,15 +148,17 @@ def selection_ms(T: int, inter: int, k: int, dtype, device, repeats: int) -> flo
 
 
 def run_shape(T: int, h: int, inter: int, rate: float, *, dtype, device, providers: Sequence[str],
-              modes: Sequence[str], repeats: int, shape_name: str = "", seed: int = 0) -> List[Dict]:
-    """Benchmark every provider and mode at one shape and rate; returns one row per (provider, mode)."""
+              modes: Sequence[str], repeats: int, shape_name: str = "", seed: int = 0,
+              forward: str = "sparse") -> List[Dict]:
+    """Benchmark every provider and mode at one shape and rate; returns one row per (provider, mode).
+    ``forward`` is the SAT providers' forward mode (``"sparse"`` or ``"dense"``)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(T, h, generator=gen, device=device, dtype=dtype).requires_grad_()
     ws = [(torch.randn(*s, generator=gen, device=device, dtype=dtype) / s[1] ** 0.5).requires_grad_()
           for s in ((inter, h), (inter, h), (h, inter))]
     dy = torch.randn(T, h, generator=gen, device=device, dtype=dtype)
     k = num_kept(inter, rate)
-    made = {p: make_provider(p, x, ws, rate, k) for p in providers}
+    made = {p: make_provider(p, x, ws, rate, k, forward=forward) for p in providers}
     rows = []
     sel_ms = selection_ms(T, inter, k, dtype, device, repeats) if rate > 0 else 0.0
     for mode in modes:
@@ -162,10 +167,11 @@ def run_shape(T: int, h: int, inter: int, rate: float, *, dtype, device, provide
         dense_flops = flops("dense", mode, T, h, inter, k)
         for p in providers:
             med, p20, p80 = stats[p]
-            fl = flops(p, mode, T, h, inter, k)
-            limit = flops("torch", mode, T, h, inter, k) / dense_flops
+            fl = flops(p, mode, T, h, inter, k, forward)
+            limit = flops("torch", mode, T, h, inter, k, forward) / dense_flops
             row = {"shape": shape_name, "T": T, "h": h, "I": inter, "k": k, "omission_rate": rate,
-                   "dtype": str(dtype).replace("torch.", ""), "provider": p, "mode": mode, "median_ms": med,
+                   "dtype": str(dtype).replace("torch.", ""), "provider": p, "mode": mode, "forward": forward,
+                   "median_ms": med,
                    "p20_ms": p20, "p80_ms": p80, "ratio_to_dense": ratios[p], "flop_limit": limit,
                    "vs_limit": ratios[p] / limit if p in SAT_PROVIDERS else None, "tflops": fl / (med * 1e-3) / 1e12}
             if mode == "full":
