@@ -135,6 +135,26 @@ def test_callback_one_schedule_drives_every_kind_and_warns_over_different_rates(
     assert seen == [((0.25,), (0.125,))] * 2
 
 
+def test_callback_reused_for_another_run_takes_its_total_steps(tmp_path):
+    """A callback (and scheduler) reused for a second train() schedules over the second run's max_steps; a
+    total_steps the user set stays."""
+    model = sk.replace_mlp(tiny_model("llama"), 0.5)
+    sched = sk.LadderOmissionScheduler(0.5, num_rungs=1, dense_fraction=0.5)
+    cb = sk.SATCallback(sched)
+    _, seen = _train(model, [cb], tmp_path, 2)
+    assert [m for m, _ in seen] == [(0.5,), (0.0,)] and sched.total_steps == 2
+    _, seen = _train(model, [cb], tmp_path, 6)
+    assert [m for m, _ in seen] == [(0.5,)] * 3 + [(0.0,)] * 3 and sched.total_steps == 6
+    fixed = sk.LadderOmissionScheduler(0.5, total_steps=2, num_rungs=1, dense_fraction=0.5)
+    cb = sk.SATCallback(fixed)
+    _train(model, [cb], tmp_path, 3)
+    _, seen = _train(model, [cb], tmp_path, 4)
+    assert [m for m, _ in seen] == [(0.5,)] + [(0.0,)] * 3 and fixed.total_steps == 2
+    # another callback did not fill in sched.total_steps (6): to it, that is a value the user set
+    _, seen = _train(model, [sk.SATCallback(sched)], tmp_path, 4)
+    assert [m for m, _ in seen] == [(0.5,)] * 3 + [(0.0,)] and sched.total_steps == 6
+
+
 def test_callback_requires_a_patched_model(tmp_path):
     from transformers import Trainer, TrainingArguments
 

@@ -31,7 +31,9 @@ class SATCallback(TrainerCallback):
     Logged at every logging step: ``sat_omission_rate`` (the rate of ``mlp``, else of ``scheduler``) and, with an
     ``attention`` schedule, ``sat_attn_omission_rate``.
 
-    A scheduler whose ``total_steps`` is ``None`` takes the Trainer's ``max_steps`` when training begins.
+    ``total_steps``: a scheduler whose ``total_steps`` is ``None`` when training begins takes the Trainer's
+    ``max_steps``, and takes it again at the start of every later ``train()`` with this callback (each run its own
+    ``max_steps``). A ``total_steps`` the user set (to a value other than the one this callback filled in) is kept.
 
     Args:
         scheduler: schedule of every kind of SAT module without a schedule of its own (an object with
@@ -59,6 +61,7 @@ class SATCallback(TrainerCallback):
                           if own is not None or scheduler is not None}
         self._logged = {"sat_omission_rate": self.schedules.get("mlp"), "sat_attn_omission_rate": attention}
         self._kinds = ()              # kinds with a schedule and modules in the model, found when training begins
+        self._filled_total = {}       # id(scheduler) -> the total_steps this callback filled in
         self.current_rate = None      # this step's sat_omission_rate
         self.current_attn_rate = None  # this step's sat_attn_omission_rate (with an attention schedule)
 
@@ -66,9 +69,11 @@ class SATCallback(TrainerCallback):
         return {id(s): s for s in self.schedules.values()}
 
     def _fill_total_steps(self, max_steps: int) -> None:
-        for sched in self._distinct_schedules().values():
-            if getattr(sched, "total_steps", 0) is None:   # a scheduler without the attribute needs no total
+        for key, sched in self._distinct_schedules().items():
+            total = getattr(sched, "total_steps", 0)   # a scheduler without the attribute needs no total
+            if total is None or total == self._filled_total.get(key):
                 sched.total_steps = max_steps
+                self._filled_total[key] = max_steps
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._fill_total_steps(state.max_steps)
