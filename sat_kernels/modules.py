@@ -43,6 +43,19 @@ class SATMLP(nn.Module):
         self.strategy = strategy
         self.backend = backend
         self.sync_selection = sync_selection
+        # read by sat_kernels.sat_stats: the selection statistics of the last training forward (device tensors) and
+        # the number of non-finite neuron scores since patching, accumulated on the weights' device without a sync
+        self._last_stats = None
+        self._nonfinite_total = torch.zeros((), dtype=torch.int64, device=self.gate_proj.weight.device)
+        self._nonfinite_warned = False
+
+    def _apply(self, *args, **kwargs):
+        super()._apply(*args, **kwargs)
+        # the counter follows the weights (.to(), .cuda(), to_empty()); a meta counter starts again from zero
+        device = self.gate_proj.weight.device
+        total = self._nonfinite_total
+        self._nonfinite_total = torch.zeros_like(total, device=device) if total.is_meta else total.to(device)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.omission_rate == 0.0:
@@ -55,9 +68,14 @@ class SATMLP(nn.Module):
             if type(proj.weight).__name__ == "DTensor":
                 raise ValueError(f"SATMLP.{name}.weight is a sharded DTensor: fully_shard the decoder layers (or the "
                                  f"MLP module), not the projections inside the MLP, whose own forward SAT bypasses")
-        return sat_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, self.omission_rate,
-                       metric=self.metric, strategy=self.strategy, act=self.act, backend=self.backend,
-                       sync_selection=self.sync_selection)
+        stats = {}
+        y = sat_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, self.omission_rate,
+                    metric=self.metric, strategy=self.strategy, act=self.act, backend=self.backend,
+                    sync_selection=self.sync_selection, stats=stats)
+        if stats:
+            self._last_stats = {key: value.detach() for key, value in stats.items()}
+            self._nonfinite_total = self._nonfinite_total + self._last_stats["nonfinite"]
+        return y
 
     def extra_repr(self) -> str:
         return (f"omission_rate={self.omission_rate}, metric={self.metric!r}, strategy={self.strategy!r}, "

@@ -82,6 +82,12 @@ def _norm(t: torch.Tensor, order: int) -> torch.Tensor:
     return (t * t).sum(0, dtype=acc).sqrt_().float()
 
 
+def selection_stats(scores: torch.Tensor, idx: torch.Tensor) -> dict:
+    """Statistics of one selection from ``scores`` ``[n]`` of the kept ``idx``, as device tensors (no host sync):
+    ``nonfinite``, the number of NaN/inf scores (int64, 0-dim)."""
+    return {"nonfinite": (~torch.isfinite(scores)).sum()}
+
+
 def draw_uniform(n: int, strategy: str, device: torch.device,
                  generator: Optional[torch.Generator] = None) -> Optional[torch.Tensor]:
     """The U(0, 1) noise ``[n]`` (fp32) that ``strategy`` consumes, or ``None`` for ``"topk"``."""

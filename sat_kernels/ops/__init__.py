@@ -7,7 +7,7 @@ import torch
 
 from ..distributed import all_reduce_scores, default_sync_group
 from ..selection import METRICS, STRATEGIES, activation_scores, check_choice, check_omission_rate, draw_uniform, \
-    num_kept, select_neurons
+    num_kept, select_neurons, selection_stats
 from .sat_mlp import ACTIVATIONS, act_fwd, dense_mlp
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -85,7 +85,8 @@ def _run(launcher, x, w_gate, w_up, w_down, select, act):
 
 def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, omission_rate: float,
             *, metric: str = "l2", strategy: str = "topk", generator: Optional[torch.Generator] = None,
-            act: str = "silu", backend: str = "auto", return_indices: bool = False, sync_selection=False):
+            act: str = "silu", backend: str = "auto", return_indices: bool = False, sync_selection=False,
+            stats: Optional[dict] = None):
     """SAT SwiGLU MLP with in-step neuron selection, differentiable w.r.t. ``x`` and all three weights.
 
     Computes gate/up for all ``I`` neurons once, scores them (``metric``), keeps ``k = num_kept(I, omission_rate)``
@@ -107,6 +108,9 @@ def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: t
             of ``I`` floats) so every rank keeps the same neurons: ``True`` (default group), a ``ProcessGroup``,
             ``None`` (auto: on when torch.distributed is initialised with several ranks) or ``False`` (default).
             See :mod:`sat_kernels.distributed`.
+        stats: a dict that receives the statistics of this call's selection as device tensors, without a host
+            sync (see :func:`sat_kernels.sat_stats`): ``nonfinite``, the number of NaN/inf neuron scores (which rank
+            lowest and are omitted). Left unchanged when every neuron is kept (nothing is scored then).
 
     Returns:
         ``y`` of shape ``[..., h]``, or ``(y, indices)``.
@@ -139,7 +143,10 @@ def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: t
         if group is not None:
             uniform = draw_uniform(inter, strategy, scores.device, generator)
             scores, uniform = all_reduce_scores(scores, metric, uniform, group)
-        return select_fn(scores, k, strategy=strategy, generator=generator, uniform=uniform)
+        idx = select_fn(scores, k, strategy=strategy, generator=generator, uniform=uniform)
+        if stats is not None:
+            stats.update(selection_stats(scores, idx))
+        return idx
 
     select.metric = metric  # a backend that fuses the scoring into its kernels calls select(scores=fp32 [I])
     y, idx = _run(launcher, x, w_gate, w_up, w_down, select, act)
