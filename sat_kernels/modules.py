@@ -57,8 +57,20 @@ class SATMLP(nn.Module):
         self._nonfinite_total = torch.zeros_like(total, device=device) if total.is_meta else total.to(device)
         return self
 
+    def _record(self, stats: dict) -> None:
+        """Keep the statistics of this training forward for sat_kernels.sat_stats (detached, on the device)."""
+        if not stats:   # every neuron kept: nothing was scored
+            self._last_stats = {"kept": self.gate_proj.out_features, "kept_mass": 1.0, "nonfinite": 0}
+            return
+        self._last_stats = {key: value.detach() if isinstance(value, torch.Tensor) else value
+                            for key, value in stats.items()}
+        self._nonfinite_total = self._nonfinite_total + self._last_stats["nonfinite"]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.omission_rate == 0.0:
+        if not self.training:
+            return self.dense_module(x)
+        if self.omission_rate == 0.0:
+            self._record({})
             return self.dense_module(x)
         for name in ("gate_proj", "up_proj", "down_proj"):
             proj = getattr(self, name)
@@ -72,9 +84,7 @@ class SATMLP(nn.Module):
         y = sat_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, self.omission_rate,
                     metric=self.metric, strategy=self.strategy, act=self.act, backend=self.backend,
                     sync_selection=self.sync_selection, stats=stats)
-        if stats:
-            self._last_stats = {key: value.detach() for key, value in stats.items()}
-            self._nonfinite_total = self._nonfinite_total + self._last_stats["nonfinite"]
+        self._record(stats)
         return y
 
     def extra_repr(self) -> str:

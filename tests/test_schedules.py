@@ -135,6 +135,20 @@ def test_callback_one_schedule_drives_every_kind_and_warns_over_different_rates(
     assert seen == [((0.25,), (0.125,))] * 2
 
 
+def test_callback_logs_selection_statistics(tmp_path):
+    """Beside sat_omission_rate: the kept count, the kept share of the score mass and the non-finite scores of the
+    step's MLP layers (mean and min over layers; sums for the counts)."""
+    model = sk.replace_mlp(tiny_model("llama"), 0.5)
+    cb = sk.SATCallback(sk.LadderOmissionScheduler(0.5, num_rungs=2, dense_fraction=0.25))
+    trainer, _ = _train(model, [cb], tmp_path, 4)
+    assert _logged(trainer, "sat_omission_rate") == [0.5, 0.5, 0.25, 0.0]
+    assert _logged(trainer, "sat_mlp_kept_min") == [68, 68, 102, 136] == _logged(trainer, "sat_mlp_kept_mean")
+    mass_min, mass_mean = _logged(trainer, "sat_mlp_kept_mass_min"), _logged(trainer, "sat_mlp_kept_mass_mean")
+    assert all(0 < lo <= mean < 1 for lo, mean in zip(mass_min[:3], mass_mean[:3]))
+    assert mass_min[0] < mass_min[2] and mass_min[3] == mass_mean[3] == 1.0
+    assert _logged(trainer, "sat_mlp_nonfinite") == [0] * 4 == _logged(trainer, "sat_mlp_nonfinite_total")
+
+
 def test_callback_reused_for_another_run_takes_its_total_steps(tmp_path):
     """A callback (and scheduler) reused for a second train() schedules over the second run's max_steps; a
     total_steps the user set stays."""

@@ -8,6 +8,7 @@ from transformers import TrainerCallback
 
 from ..patching import sat_modules, set_omission_rate
 from ..schedules import OmissionScheduler
+from ..stats import sat_stats
 
 _KINDS = ("mlp", "attention")
 
@@ -28,8 +29,11 @@ class SATCallback(TrainerCallback):
     so when the two kinds have different rates as training begins), and ``SATCallback(mlp=sched)`` leaves attention
     at its own rate.
 
-    Logged at every logging step: ``sat_omission_rate`` (the rate of ``mlp``, else of ``scheduler``) and, with an
-    ``attention`` schedule, ``sat_attn_omission_rate``.
+    Logged at every logging step: ``sat_omission_rate`` (the rate of ``mlp``, else of ``scheduler``), with an
+    ``attention`` schedule ``sat_attn_omission_rate``, and the summaries of :func:`sat_kernels.sat_stats` over the
+    MLP layers from the last training forward: ``sat_mlp_kept_mean``, ``sat_mlp_kept_min``, ``sat_mlp_kept_mass_mean``,
+    ``sat_mlp_kept_mass_min``, ``sat_mlp_nonfinite`` and ``sat_mlp_nonfinite_total`` (reading them is one host sync
+    per logging step; non-finite neuron scores also raise a warning then, once per module).
 
     ``total_steps``: a scheduler whose ``total_steps`` is ``None`` when training begins takes the Trainer's
     ``max_steps``, and takes it again at the start of every later ``train()`` with this callback (each run its own
@@ -105,10 +109,13 @@ class SATCallback(TrainerCallback):
         if model is not None and rates:
             set_omission_rate(model, **rates)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         values = {key: value for key, value in (("sat_omission_rate", self.current_rate),
                                                 ("sat_attn_omission_rate", self.current_attn_rate))
                   if value is not None}
+        if model is not None:   # one host sync, at logging steps only
+            summary = sat_stats(model).get("mlp", {}).get("summary", {})
+            values.update({f"sat_mlp_{key}": value for key, value in summary.items()})
         if not values:
             return
         if logs is not None:

@@ -108,9 +108,10 @@ def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: t
             of ``I`` floats) so every rank keeps the same neurons: ``True`` (default group), a ``ProcessGroup``,
             ``None`` (auto: on when torch.distributed is initialised with several ranks) or ``False`` (default).
             See :mod:`sat_kernels.distributed`.
-        stats: a dict that receives the statistics of this call's selection as device tensors, without a host
-            sync (see :func:`sat_kernels.sat_stats`): ``nonfinite``, the number of NaN/inf neuron scores (which rank
-            lowest and are omitted). Left unchanged when every neuron is kept (nothing is scored then).
+        stats: a dict that receives the statistics of this call's selection, without a host sync (see
+            :func:`sat_kernels.sat_stats`): ``kept`` (``k``, an int), ``kept_mass`` (share of the finite score mass
+            kept, fp32 0-dim tensor) and ``nonfinite`` (NaN/inf neuron scores, which rank lowest and are omitted;
+            int64 0-dim tensor). Left unchanged when every neuron is kept (nothing is scored then).
 
     Returns:
         ``y`` of shape ``[..., h]``, or ``(y, indices)``.
