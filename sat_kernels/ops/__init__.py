@@ -121,6 +121,24 @@ def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: t
         ...                  return_indices=True)
     """
     inter, _ = check_mlp_inputs(x, w_gate, w_up, w_down)
+    return sat_mlp_kept(x, w_gate, w_up, w_down, num_kept(inter, check_omission_rate(omission_rate)), metric=metric,
+                        strategy=strategy, generator=generator, act=act, backend=backend,
+                        return_indices=return_indices, sync_selection=sync_selection, stats=stats)
+
+
+def sat_mlp_kept(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, k: int, *,
+                 metric: str = "l2", strategy: str = "topk", generator: Optional[torch.Generator] = None,
+                 act: str = "silu", backend: str = "auto", return_indices: bool = False, sync_selection=False,
+                 stats: Optional[dict] = None):
+    """:func:`sat_mlp` keeping ``k`` neurons, an int in ``[1, I]``, instead of an omission rate.
+
+    :class:`sat_kernels.SATMLP` calls this with the ``k`` of its rate, computed when the rate is set: under
+    ``torch.compile`` the graph then depends on the int ``k`` alone (one compilation per distinct ``k``), where a
+    float rate read in the forward would recompile for every new rate and be traced as a symbolic float.
+    """
+    inter, _ = check_mlp_inputs(x, w_gate, w_up, w_down)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= inter:
+        raise ValueError(f"k must be an int in [1, {inter}] (the neurons of w_gate), got {k!r}")
     check_choice(metric, METRICS, "metric")
     check_choice(strategy, STRATEGIES, "strategy")
     check_choice(act, ACTIVATIONS, "act")
@@ -129,7 +147,6 @@ def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: t
     from ..backends import resolve_backend
     launcher = resolve_backend(backend, x)
     group = default_sync_group(sync_selection)
-    k = num_kept(inter, check_omission_rate(omission_rate))
     if k == inter:
         y = dense_mlp(x, w_gate, w_up, w_down, act)
         return (y, torch.arange(inter, device=x.device)) if return_indices else y
