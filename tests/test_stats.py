@@ -92,3 +92,20 @@ def test_kept_count_and_mass_per_layer(metric):
 
 def test_no_sat_mlp_modules():
     assert sk.sat_stats(tiny_model("llama")) == {}
+
+
+def test_counter_follows_the_weights_off_the_meta_device():
+    """Patched before materializing (meta), then to_empty(): the non-finite counter moves with the weights."""
+    from transformers import AutoModelForCausalLM
+
+    from helpers import tiny_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    sk.replace_mlp(model, 0.5)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    model(**_batch())
+    assert sk.sat_stats(model)["mlp"]["summary"]["nonfinite_total"] == 0
