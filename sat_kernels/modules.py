@@ -6,7 +6,7 @@ import inspect
 import torch
 from torch import nn
 
-from .ops import sat_mlp
+from .ops import sat_mlp_kept
 from .ops.sat_attention import DEFAULT_UNIT, UNITS, sat_attention_impl
 from .selection import FORWARD_MODES, check_choice, check_omission_rate, num_kept
 
@@ -17,9 +17,15 @@ class SATMLP(nn.Module):
     """A SwiGLU MLP (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``) that omits neurons while training.
 
     It holds the very ``nn.Linear`` modules of the MLP it wraps under the same names, so parameter names, shapes and
-    ``state_dict`` keys are unchanged. In ``eval()`` mode, or at omission rate 0, it calls the original module's own
-    forward: the computation is exactly the dense one. In training mode it runs :func:`sat_kernels.sat_mlp` (grad mode
-    is deliberately not consulted, so a reentrant checkpoint's no-grad first pass selects like its recompute).
+    ``state_dict`` keys are unchanged. In ``eval()`` mode, or at a rate that keeps every neuron (0), it calls the
+    original module's own forward: the computation is exactly the dense one. In training mode it runs
+    :func:`sat_kernels.sat_mlp` (grad mode is deliberately not consulted, so a reentrant checkpoint's no-grad first
+    pass selects like its recompute).
+
+    Setting ``omission_rate`` computes the kept count ``k``, and the forward depends on ``k`` only: under
+    ``torch.compile`` (``fullgraph=True`` included) a model recompiles once per distinct ``k``, not per rate. A
+    ladder schedule visits a few ``k``; a linear one a new ``k`` at almost every step, which soon reaches dynamo's
+    ``recompile_limit`` (8; with ``fullgraph=True`` that is an error).
 
     Args:
         mlp: the module to wrap (kept, unregistered, for eval and for :func:`sat_kernels.revert`).
@@ -40,15 +46,52 @@ class SATMLP(nn.Module):
         self.__dict__["dense_module"] = mlp  # not a submodule: its parameters are the three above
         self.train(mlp.training)
         self.act = act
-        self.omission_rate = check_omission_rate(omission_rate)
+        self.omission_rate = omission_rate
         self.metric = metric
         self.strategy = strategy
         self.backend = backend
         self.sync_selection = sync_selection
         self.forward_mode = check_choice(forward, FORWARD_MODES, "forward")
+        # read by sat_kernels.sat_stats: the selection statistics of the last training forward (device tensors) and
+        # the number of non-finite neuron scores since patching, accumulated on the weights' device without a sync
+        self._last_stats = None
+        self._nonfinite_total = torch.zeros((), dtype=torch.int64, device=self.gate_proj.weight.device)
+        self._nonfinite_warned = False
+
+    def _apply(self, *args, **kwargs):
+        super()._apply(*args, **kwargs)
+        # the counter follows the weights (.to(), .cuda(), to_empty()); a meta counter starts again from zero
+        device = self.gate_proj.weight.device
+        total = self._nonfinite_total
+        self._nonfinite_total = torch.zeros_like(total, device=device) if total.is_meta else total.to(device)
+        return self
+
+    @property
+    def omission_rate(self) -> float:
+        return self._omission_rate
+
+    @omission_rate.setter
+    def omission_rate(self, rate: float) -> None:
+        # The forward reads the int kept count only: under torch.compile a float attribute read in the forward
+        # would recompile at every new rate (and become a symbolic float that check_omission_rate cannot test),
+        # an int recompiles once per distinct k.
+        self._omission_rate = check_omission_rate(rate)
+        self._kept = num_kept(self.gate_proj.out_features, self._omission_rate)
+
+    def _record(self, stats: dict) -> None:
+        """Keep the statistics of this training forward for sat_kernels.sat_stats (detached, on the device)."""
+        if not stats:   # every neuron kept: nothing was scored
+            self._last_stats = {"kept": self.gate_proj.out_features, "kept_mass": 1.0, "nonfinite": 0}
+            return
+        self._last_stats = {key: value.detach() if isinstance(value, torch.Tensor) else value
+                            for key, value in stats.items()}
+        self._nonfinite_total = self._nonfinite_total + self._last_stats["nonfinite"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.omission_rate == 0.0:
+        if not self.training:
+            return self.dense_module(x)
+        if self._kept == self.gate_proj.out_features:
+            self._record({})
             return self.dense_module(x)
         for name in ("gate_proj", "up_proj", "down_proj"):
             proj = getattr(self, name)
@@ -58,9 +101,12 @@ class SATMLP(nn.Module):
             if type(proj.weight).__name__ == "DTensor":
                 raise ValueError(f"SATMLP.{name}.weight is a sharded DTensor: fully_shard the decoder layers (or the "
                                  f"MLP module), not the projections inside the MLP, whose own forward SAT bypasses")
-        return sat_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, self.omission_rate,
-                       metric=self.metric, strategy=self.strategy, act=self.act, backend=self.backend,
-                       sync_selection=self.sync_selection, forward=self.forward_mode)
+        stats = {}
+        y = sat_mlp_kept(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, self._kept,
+                         metric=self.metric, strategy=self.strategy, act=self.act, backend=self.backend,
+                         sync_selection=self.sync_selection, forward=self.forward_mode, stats=stats)
+        self._record(stats)
+        return y
 
     def extra_repr(self) -> str:
         return (f"omission_rate={self.omission_rate}, metric={self.metric!r}, strategy={self.strategy!r}, "

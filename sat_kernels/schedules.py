@@ -27,7 +27,7 @@ def _check_steps(value, name: str, allow_none: bool = True) -> Optional[int]:
 
 class OmissionScheduler:
     """Base class: subclasses implement :meth:`rate`. ``total_steps`` may be left ``None`` and filled in by
-    :class:`sat_kernels.SATCallback` from the Trainer's ``max_steps``."""
+    :class:`sat_kernels.SATCallback` from the Trainer's ``max_steps``, anew for every run the callback is used in."""
 
     total_steps: Optional[int] = None
 

@@ -82,6 +82,21 @@ def _norm(t: torch.Tensor, order: int) -> torch.Tensor:
     return (t * t).sum(0, dtype=acc).sqrt_().float()
 
 
+def selection_stats(scores: torch.Tensor, idx: torch.Tensor) -> dict:
+    """Statistics of one selection of ``idx`` from ``scores`` ``[n]``, as device tensors (no host sync):
+
+    - ``kept``: ``idx.numel()`` (a Python int);
+    - ``kept_mass``: the share of the score mass kept, ``sum(scores[idx]) / sum(scores)`` over the finite scores
+      (fp32, 0-dim; 1 when every finite score is 0);
+    - ``nonfinite``: the number of NaN/inf scores (int64, 0-dim).
+    """
+    finite = torch.isfinite(scores)
+    mass = torch.where(finite, scores.float(), 0.0)                    # [n]
+    total = mass.sum()
+    kept_mass = torch.where(total > 0, mass.index_select(0, idx).sum() / total, 1.0)
+    return {"kept": idx.numel(), "kept_mass": kept_mass, "nonfinite": (~finite).sum()}
+
+
 def draw_uniform(n: int, strategy: str, device: torch.device,
                  generator: Optional[torch.Generator] = None) -> Optional[torch.Tensor]:
     """The U(0, 1) noise ``[n]`` (fp32) that ``strategy`` consumes, or ``None`` for ``"topk"``."""

@@ -74,6 +74,101 @@ def test_callback_drives_the_rate_through_trainer(tmp_path):
     assert logged == seen
 
 
+def _train(model, callbacks, tmp_path, steps):
+    """Train ``model`` for ``steps`` steps; returns the trainer and each step's (MLP rates, attention rates) as the
+    modules held them during the step."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    ids = torch.randint(0, 96, (2 * steps, 12), generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    class Record(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            seen.append(tuple(tuple(sorted({m.omission_rate for m in model.modules() if isinstance(m, kind)}))
+                              for kind in (sk.SATMLP, sk.SATAttention)))
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=2,
+                             logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, learning_rate=1e-3,
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in ids],
+                      callbacks=[*callbacks, Record()])
+    trainer.train()
+    return trainer, seen
+
+
+def _logged(trainer, key):
+    return [h.get(key) for h in trainer.state.log_history if "loss" in h]
+
+
+def test_callback_schedules_mlp_and_attention_separately(tmp_path):
+    """replace_mlp(m, 0.5); replace_attention(m, 0.25): an MLP schedule leaves attention at its own rate; an attention
+    schedule drives attention alone and is logged as sat_attn_omission_rate."""
+    model = sk.replace_attention(sk.replace_mlp(tiny_model("llama"), 0.5), 0.25)
+    mlp_only = sk.SATCallback(mlp=sk.LadderOmissionScheduler(0.5, num_rungs=2, dense_fraction=0.25))
+    trainer, seen = _train(model, [mlp_only], tmp_path, 4)
+    assert seen == [((0.5,), (0.25,)), ((0.5,), (0.25,)), ((0.25,), (0.25,)), ((0.0,), (0.25,))]
+    assert _logged(trainer, "sat_omission_rate") == [0.5, 0.5, 0.25, 0.0]
+    assert _logged(trainer, "sat_attn_omission_rate") == [None] * 4
+
+    both = sk.SATCallback(mlp=sk.ConstantOmissionScheduler(0.5),
+                          attention=sk.LinearOmissionScheduler(0.5, dense_fraction=0.0))
+    trainer, seen = _train(model, [both], tmp_path, 4)
+    assert seen == [((0.5,), (0.5,)), ((0.5,), (0.375,)), ((0.5,), (0.25,)), ((0.5,), (0.125,))]
+    assert _logged(trainer, "sat_omission_rate") == [0.5] * 4
+    assert _logged(trainer, "sat_attn_omission_rate") == [0.5, 0.375, 0.25, 0.125]
+
+    attention_only = sk.SATCallback(attention=sk.ConstantOmissionScheduler(0.125))
+    trainer, seen = _train(sk.set_omission_rate(model, mlp=0.375), [attention_only], tmp_path, 2)
+    assert seen == [((0.375,), (0.125,))] * 2
+    assert _logged(trainer, "sat_attn_omission_rate") == [0.125] * 2 and _logged(trainer, "sat_omission_rate") == [None] * 2
+
+
+def test_callback_one_schedule_drives_every_kind_and_warns_over_different_rates(tmp_path):
+    model = sk.replace_attention(sk.replace_mlp(tiny_model("llama"), 0.5), 0.25)
+    with pytest.warns(UserWarning, match=r"MLP \[0.5\], attention \[0.25\].*SATCallback\(mlp=..., attention=...\)"):
+        trainer, seen = _train(model, [sk.SATCallback(sk.ConstantOmissionScheduler(0.375))], tmp_path, 2)
+    assert seen == [((0.375,), (0.375,))] * 2
+    assert _logged(trainer, "sat_omission_rate") == [0.375] * 2
+    # a schedule for one kind overrides the shared one for that kind only
+    cb = sk.SATCallback(sk.ConstantOmissionScheduler(0.25), attention=sk.ConstantOmissionScheduler(0.125))
+    trainer, seen = _train(model, [cb], tmp_path, 2)
+    assert seen == [((0.25,), (0.125,))] * 2
+
+
+def test_callback_logs_selection_statistics(tmp_path):
+    """Beside sat_omission_rate: the kept count, the kept share of the score mass and the non-finite scores of the
+    step's MLP layers (mean and min over layers; sums for the counts)."""
+    model = sk.replace_mlp(tiny_model("llama"), 0.5)
+    cb = sk.SATCallback(sk.LadderOmissionScheduler(0.5, num_rungs=2, dense_fraction=0.25))
+    trainer, _ = _train(model, [cb], tmp_path, 4)
+    assert _logged(trainer, "sat_omission_rate") == [0.5, 0.5, 0.25, 0.0]
+    assert _logged(trainer, "sat_mlp_kept_min") == [68, 68, 102, 136] == _logged(trainer, "sat_mlp_kept_mean")
+    mass_min, mass_mean = _logged(trainer, "sat_mlp_kept_mass_min"), _logged(trainer, "sat_mlp_kept_mass_mean")
+    assert all(0 < lo <= mean < 1 for lo, mean in zip(mass_min[:3], mass_mean[:3]))
+    assert mass_min[0] < mass_min[2] and mass_min[3] == mass_mean[3] == 1.0
+    assert _logged(trainer, "sat_mlp_nonfinite") == [0] * 4 == _logged(trainer, "sat_mlp_nonfinite_total")
+
+
+def test_callback_reused_for_another_run_takes_its_total_steps(tmp_path):
+    """A callback (and scheduler) reused for a second train() schedules over the second run's max_steps; a
+    total_steps the user set stays."""
+    model = sk.replace_mlp(tiny_model("llama"), 0.5)
+    sched = sk.LadderOmissionScheduler(0.5, num_rungs=1, dense_fraction=0.5)
+    cb = sk.SATCallback(sched)
+    _, seen = _train(model, [cb], tmp_path, 2)
+    assert [m for m, _ in seen] == [(0.5,), (0.0,)] and sched.total_steps == 2
+    _, seen = _train(model, [cb], tmp_path, 6)
+    assert [m for m, _ in seen] == [(0.5,)] * 3 + [(0.0,)] * 3 and sched.total_steps == 6
+    fixed = sk.LadderOmissionScheduler(0.5, total_steps=2, num_rungs=1, dense_fraction=0.5)
+    cb = sk.SATCallback(fixed)
+    _train(model, [cb], tmp_path, 3)
+    _, seen = _train(model, [cb], tmp_path, 4)
+    assert [m for m, _ in seen] == [(0.5,)] + [(0.0,)] * 3 and fixed.total_steps == 2
+    # another callback did not fill in sched.total_steps (6): to it, that is a value the user set
+    _, seen = _train(model, [sk.SATCallback(sched)], tmp_path, 4)
+    assert [m for m, _ in seen] == [(0.5,)] * 3 + [(0.0,)] and sched.total_steps == 6
+
+
 def test_callback_requires_a_patched_model(tmp_path):
     from transformers import Trainer, TrainingArguments
 
@@ -85,3 +180,12 @@ def test_callback_requires_a_patched_model(tmp_path):
         trainer.train()
     with pytest.raises(TypeError, match="rate"):
         sk.SATCallback(0.5)
+    with pytest.raises(TypeError, match="attention"):
+        sk.SATCallback(mlp=sk.ConstantOmissionScheduler(0.5), attention=0.25)
+    with pytest.raises(TypeError, match="needs a schedule"):
+        sk.SATCallback()
+    trainer = Trainer(model=sk.replace_mlp(tiny_model("llama")), args=args,
+                      train_dataset=[{"input_ids": r, "labels": r} for r in ids],
+                      callbacks=[sk.SATCallback(attention=sk.ConstantOmissionScheduler(0.5))])
+    with pytest.raises(ValueError, match="no SAT attention modules.*replace_attention"):
+        trainer.train()

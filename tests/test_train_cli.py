@@ -348,6 +348,25 @@ def test_attention_rate_is_applied_separately(tiny_dir):
     assert not any(isinstance(x, (sk.SATMLP, sk.SATAttention)) for x in m.modules())
 
 
+def test_runner_schedules_through_the_public_callback(tiny_dir, monkeypatch):
+    """sat-train drives MLP and attention with one sk.SATCallback(mlp=..., attention=...)."""
+    made = []
+
+    class Recording(sk.SATCallback):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(sk, "SATCallback", Recording)
+    pristine, order, held, pad = _tiny_setup(tiny_dir, 2, 2)
+    cfg = TrainConfig(steps=2, seq_len=16, batch_size=2, omission_rate=0.5, attn_omission_rate=0.25,
+                      scheduler="constant")
+    result, _ = train_run(pristine, order, held, cfg, sat=True, pad_id=pad, progress=False)
+    assert len(made) == 1 and made[0].scheduler is None
+    assert made[0].schedules["mlp"].value == 0.5 and made[0].schedules["attention"].value == 0.25
+    assert result.omission_rates == [0.5] * 2 and result.attn_omission_rates == [0.25] * 2
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--data", "/nonexistent/corpus.txt"], "--data: file '/nonexistent/corpus.txt' does not exist"),
     (["--model", "/nonexistent/model"], "--model: '/nonexistent/model' does not exist"),

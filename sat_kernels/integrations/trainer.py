@@ -1,46 +1,124 @@
-"""Hugging Face ``Trainer`` integration: a callback that applies an omission-rate schedule at every step."""
+"""Hugging Face ``Trainer`` integration: a callback that applies omission-rate schedules at every step."""
 from __future__ import annotations
+
+import warnings
+from typing import Optional
 
 from transformers import TrainerCallback
 
 from ..patching import sat_modules, set_omission_rate
 from ..schedules import OmissionScheduler
+from ..stats import sat_stats
+
+_KINDS = ("mlp", "attention")
+
+
+def _check_scheduler(scheduler, name: str) -> None:
+    if scheduler is not None and not callable(getattr(scheduler, "rate", None)):
+        raise TypeError(f"{name} must have a rate(step) method, got {type(scheduler).__name__}")
 
 
 class SATCallback(TrainerCallback):
-    """Apply ``scheduler.rate(global_step)`` to every SAT module of the model before each optimizer step, and log it
-    as ``sat_omission_rate``.
+    """Apply omission-rate schedules to the SAT modules of the model before each optimizer step, and log the rates.
 
-    If ``scheduler.total_steps`` is ``None`` it is set from the Trainer's ``max_steps`` when training begins. The
-    model must have been patched (:func:`sat_kernels.replace_mlp`) before training.
+    Each kind of SAT module (MLP: :func:`sat_kernels.replace_mlp`, attention: :func:`sat_kernels.replace_attention`)
+    follows its own schedule: ``mlp`` for the MLP modules and ``attention`` for the attention modules; ``scheduler``
+    is the schedule of every kind that has none of its own. A kind with no schedule at all keeps the rate each of its
+    modules has (from ``replace_*`` or :func:`sat_kernels.set_omission_rate`). So ``SATCallback(sched)`` drives every
+    SAT module, MLP and attention alike, with ``sched`` (its meaning before per-kind schedules existed; a warning says
+    so when the two kinds have different rates as training begins), and ``SATCallback(mlp=sched)`` leaves attention
+    at its own rate.
+
+    Logged at every logging step: ``sat_omission_rate`` (the rate of ``mlp``, else of ``scheduler``), with an
+    ``attention`` schedule ``sat_attn_omission_rate``, and the summaries of :func:`sat_kernels.sat_stats` over the
+    MLP layers from the last training forward: ``sat_mlp_kept_mean``, ``sat_mlp_kept_min``, ``sat_mlp_kept_mass_mean``,
+    ``sat_mlp_kept_mass_min``, ``sat_mlp_nonfinite`` and ``sat_mlp_nonfinite_total`` (reading them is one host sync
+    per logging step; non-finite neuron scores also raise a warning then, once per module).
+
+    ``total_steps``: a scheduler whose ``total_steps`` is ``None`` when training begins takes the Trainer's
+    ``max_steps``, and takes it again at the start of every later ``train()`` with this callback (each run its own
+    ``max_steps``). A ``total_steps`` the user set (to a value other than the one this callback filled in) is kept.
+
+    Args:
+        scheduler: schedule of every kind of SAT module without a schedule of its own (an object with
+            ``rate(step) -> float``, e.g. :class:`sat_kernels.LadderOmissionScheduler`).
+        mlp: schedule of the MLP modules.
+        attention: schedule of the attention modules.
 
     Example:
-        >>> sk.replace_mlp(model)
-        >>> trainer = Trainer(model, args, train_dataset=ds,
-        ...                   callbacks=[sk.SATCallback(sk.LadderOmissionScheduler(0.5))])
+        >>> sk.replace_mlp(model, 0.5)
+        >>> sk.replace_attention(model, 0.25)
+        >>> cb = sk.SATCallback(mlp=sk.LadderOmissionScheduler(0.5), attention=sk.LadderOmissionScheduler(0.25))
+        >>> trainer = Trainer(model, args, train_dataset=ds, callbacks=[cb])
     """
 
-    def __init__(self, scheduler: OmissionScheduler):
-        if not callable(getattr(scheduler, "rate", None)):
-            raise TypeError(f"scheduler must have a rate(step) method, got {type(scheduler).__name__}")
+    def __init__(self, scheduler: Optional[OmissionScheduler] = None, *, mlp: Optional[OmissionScheduler] = None,
+                 attention: Optional[OmissionScheduler] = None):
+        for name, value in (("scheduler", scheduler), ("mlp", mlp), ("attention", attention)):
+            _check_scheduler(value, name)
+        if scheduler is None and mlp is None and attention is None:
+            raise TypeError("SATCallback needs a schedule: scheduler, mlp= and/or attention=")
         self.scheduler = scheduler
-        self.current_rate = None
+        self.own_schedules = {"mlp": mlp, "attention": attention}
+        # the schedule each kind of SAT module follows
+        self.schedules = {kind: own if own is not None else scheduler for kind, own in self.own_schedules.items()
+                          if own is not None or scheduler is not None}
+        self._logged = {"sat_omission_rate": self.schedules.get("mlp"), "sat_attn_omission_rate": attention}
+        self._kinds = ()              # kinds with a schedule and modules in the model, found when training begins
+        self._filled_total = {}       # id(scheduler) -> the total_steps this callback filled in
+        self.current_rate = None      # this step's sat_omission_rate
+        self.current_attn_rate = None  # this step's sat_attn_omission_rate (with an attention schedule)
+
+    def _distinct_schedules(self):
+        return {id(s): s for s in self.schedules.values()}
+
+    def _fill_total_steps(self, max_steps: int) -> None:
+        for key, sched in self._distinct_schedules().items():
+            total = getattr(sched, "total_steps", 0)   # a scheduler without the attribute needs no total
+            if total is None or total == self._filled_total.get(key):
+                sched.total_steps = max_steps
+                self._filled_total[key] = max_steps
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if getattr(self.scheduler, "total_steps", 0) is None:
-            self.scheduler.total_steps = state.max_steps
-        if model is not None and not any(True for _ in sat_modules(model)):
-            raise ValueError("SATCallback: the model has no SAT modules; call sat_kernels.replace_mlp(model) first")
+        self._fill_total_steps(state.max_steps)
+        if model is None:
+            return
+        present = {kind: [m for _, m in sat_modules(model, kind)] for kind in _KINDS}
+        if not any(present.values()):
+            raise ValueError("SATCallback: the model has no SAT modules; call sat_kernels.replace_mlp(model) "
+                             "(or replace_attention) first")
+        for kind, own in self.own_schedules.items():
+            if own is not None and not present[kind]:
+                raise ValueError(f"SATCallback: {kind}= was given but the model has no SAT {kind} modules; call "
+                                 f"sat_kernels.replace_{kind}(model) first")
+        self._kinds = tuple(kind for kind in _KINDS if kind in self.schedules and present[kind])
+        if len(self._kinds) == 2 and self.schedules["mlp"] is self.schedules["attention"]:
+            rates = {kind: sorted({m.omission_rate for m in present[kind]}) for kind in _KINDS}
+            if rates["mlp"] != rates["attention"]:
+                warnings.warn(f"SATCallback: one schedule drives the MLP and the attention modules, which have "
+                              f"different omission rates now (MLP {rates['mlp']}, attention {rates['attention']}); "
+                              f"pass SATCallback(mlp=..., attention=...) to schedule them separately", UserWarning,
+                              stacklevel=2)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
-        self.current_rate = float(self.scheduler.rate(state.global_step))
-        if model is not None:
-            set_omission_rate(model, self.current_rate)
+        rate = {key: float(s.rate(state.global_step)) for key, s in self._distinct_schedules().items()}
+        rates = {kind: rate[id(self.schedules[kind])] for kind in self._kinds}
+        logged = {key: rate[id(s)] for key, s in self._logged.items() if s is not None}
+        self.current_rate = logged.get("sat_omission_rate")
+        self.current_attn_rate = logged.get("sat_attn_omission_rate")
+        if model is not None and rates:
+            set_omission_rate(model, **rates)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.current_rate is None:
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        values = {key: value for key, value in (("sat_omission_rate", self.current_rate),
+                                                ("sat_attn_omission_rate", self.current_attn_rate))
+                  if value is not None}
+        if model is not None:   # one host sync, at logging steps only
+            summary = sat_stats(model).get("mlp", {}).get("summary", {})
+            values.update({f"sat_mlp_{key}": value for key, value in summary.items()})
+        if not values:
             return
         if logs is not None:
-            logs["sat_omission_rate"] = self.current_rate
-        if state.log_history and "sat_omission_rate" not in state.log_history[-1]:
-            state.log_history[-1]["sat_omission_rate"] = self.current_rate
+            logs.update(values)
+        if state.log_history and not values.keys() <= state.log_history[-1].keys():
+            state.log_history[-1].update(values)

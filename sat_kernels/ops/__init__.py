@@ -6,8 +6,8 @@ from typing import Optional
 import torch
 
 from ..distributed import all_reduce_scores, default_sync_group
-from ..selection import FORWARD_MODES, METRICS, STRATEGIES, activation_scores, check_choice, check_omission_rate, draw_uniform, \
-    num_kept, select_neurons
+from ..selection import FORWARD_MODES, METRICS, STRATEGIES, activation_scores, check_choice, check_omission_rate, \
+    draw_uniform, num_kept, select_neurons, selection_stats
 from .sat_mlp import ACTIVATIONS, act_fwd, dense_mlp
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -86,7 +86,7 @@ def _run(launcher, x, w_gate, w_up, w_down, select, act, dense_forward=False):
 def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, omission_rate: float,
             *, metric: str = "l2", strategy: str = "topk", generator: Optional[torch.Generator] = None,
             act: str = "silu", backend: str = "auto", return_indices: bool = False, sync_selection=False,
-            forward: str = "sparse"):
+            forward: str = "sparse", stats: Optional[dict] = None):
     """SAT SwiGLU MLP with in-step neuron selection, differentiable w.r.t. ``x`` and all three weights.
 
     Computes gate/up for all ``I`` neurons once, scores them (``metric``), keeps ``k = num_kept(I, omission_rate)``
@@ -114,6 +114,10 @@ def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: t
         forward: ``"sparse"`` (default) or ``"dense"`` (exact forward output, sparse backward). FLOPs per
             ``T*h*I`` for forward + backward: ``4 + 14*(1 - omission_rate)`` sparse, ``6 + 12*(1 - omission_rate)``
             dense, 18 for the dense MLP.
+        stats: a dict that receives the statistics of this call's selection, without a host sync (see
+            :func:`sat_kernels.sat_stats`): ``kept`` (``k``, an int), ``kept_mass`` (share of the finite score mass
+            kept, fp32 0-dim tensor) and ``nonfinite`` (NaN/inf neuron scores, which rank lowest and are omitted;
+            int64 0-dim tensor). Left unchanged when every neuron is kept (nothing is scored then).
 
     Returns:
         ``y`` of shape ``[..., h]``, or ``(y, indices)``.
@@ -123,6 +127,24 @@ def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: t
         ...                  return_indices=True)
     """
     inter, _ = check_mlp_inputs(x, w_gate, w_up, w_down)
+    return sat_mlp_kept(x, w_gate, w_up, w_down, num_kept(inter, check_omission_rate(omission_rate)), metric=metric,
+                        strategy=strategy, generator=generator, act=act, backend=backend,
+                        return_indices=return_indices, sync_selection=sync_selection, forward=forward, stats=stats)
+
+
+def sat_mlp_kept(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, k: int, *,
+                 metric: str = "l2", strategy: str = "topk", generator: Optional[torch.Generator] = None,
+                 act: str = "silu", backend: str = "auto", return_indices: bool = False, sync_selection=False,
+                 forward: str = "sparse", stats: Optional[dict] = None):
+    """:func:`sat_mlp` keeping ``k`` neurons, an int in ``[1, I]``, instead of an omission rate.
+
+    :class:`sat_kernels.SATMLP` calls this with the ``k`` of its rate, computed when the rate is set: under
+    ``torch.compile`` the graph then depends on the int ``k`` alone (one compilation per distinct ``k``), where a
+    float rate read in the forward would recompile for every new rate and be traced as a symbolic float.
+    """
+    inter, _ = check_mlp_inputs(x, w_gate, w_up, w_down)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= inter:
+        raise ValueError(f"k must be an int in [1, {inter}] (the neurons of w_gate), got {k!r}")
     check_choice(metric, METRICS, "metric")
     check_choice(strategy, STRATEGIES, "strategy")
     check_choice(act, ACTIVATIONS, "act")
@@ -132,7 +154,6 @@ def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: t
     from ..backends import resolve_backend
     launcher = resolve_backend(backend, x)
     group = default_sync_group(sync_selection)
-    k = num_kept(inter, check_omission_rate(omission_rate))
     if k == inter:
         y = dense_mlp(x, w_gate, w_up, w_down, act)
         return (y, torch.arange(inter, device=x.device)) if return_indices else y
@@ -147,7 +168,10 @@ def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: t
         if group is not None:
             uniform = draw_uniform(inter, strategy, scores.device, generator)
             scores, uniform = all_reduce_scores(scores, metric, uniform, group)
-        return select_fn(scores, k, strategy=strategy, generator=generator, uniform=uniform)
+        idx = select_fn(scores, k, strategy=strategy, generator=generator, uniform=uniform)
+        if stats is not None:
+            stats.update(selection_stats(scores, idx))
+        return idx
 
     select.metric = metric  # a backend that fuses the scoring into its kernels calls select(scores=fp32 [I])
     y, idx = _run(launcher, x, w_gate, w_up, w_down, select, act, forward == "dense")

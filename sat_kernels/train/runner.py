@@ -176,26 +176,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _attention_schedule_callback(scheduler):
-    """Runs after :class:`sat_kernels.SATCallback` (which sets every SAT module to the MLP schedule's rate) and sets
-    the attention modules to ``scheduler``'s rate for the step."""
-    from transformers import TrainerCallback
-
-    class AttentionSchedule(TrainerCallback):
-        def __init__(self):
-            self.current_rate = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            if scheduler.total_steps is None:
-                scheduler.total_steps = state.max_steps
-
-        def on_step_begin(self, args, state, control, model=None, **kwargs):
-            self.current_rate = float(scheduler.rate(state.global_step))
-            sk.set_omission_rate(model, attention=self.current_rate)
-
-    return AttentionSchedule()
-
-
 def _make_callbacks(result: RunResult, device, total_steps: int, rate_of, attn_rate_of, progress: bool):
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
@@ -362,15 +342,17 @@ def train_run(pristine, train_examples: Sequence[Dict], eval_examples: Sequence[
     rate_of, attn_rate_of = (lambda: 0.0), None
     if sat:
         _patch(model, cfg)
-        sat_callback = sk.SATCallback(make_scheduler(cfg.scheduler, cfg.omission_rate, num_rungs=cfg.num_rungs,
-                                                     dense_fraction=cfg.dense_fraction))
+
+        def schedule(rate):
+            return make_scheduler(cfg.scheduler, rate, num_rungs=cfg.num_rungs, dense_fraction=cfg.dense_fraction)
+
+        attn = cfg.attn_omission_rate   # MLP and attention follow schedules of the same type from their own rates
+        sat_callback = sk.SATCallback(mlp=schedule(cfg.omission_rate),
+                                      attention=schedule(attn) if attn is not None else None)
         callbacks.append(sat_callback)
         rate_of = lambda: sat_callback.current_rate  # noqa: E731
         if cfg.attn_omission_rate is not None:
-            attn_callback = _attention_schedule_callback(make_scheduler(
-                cfg.scheduler, cfg.attn_omission_rate, num_rungs=cfg.num_rungs, dense_fraction=cfg.dense_fraction))
-            callbacks.append(attn_callback)   # after SATCallback: it overrides the attention modules' rate
-            attn_rate_of = lambda: attn_callback.current_rate  # noqa: E731
+            attn_rate_of = lambda: sat_callback.current_attn_rate  # noqa: E731
     elif cfg.attn_omission_rate is not None:
         attn_rate_of = lambda: 0.0  # noqa: E731
     callbacks.append(_make_callbacks(result, device, cfg.steps, rate_of, attn_rate_of, progress))

@@ -1,0 +1,111 @@
+"""Selection statistics (sk.sat_stats): non-finite scores, what the last training forward kept."""
+import warnings
+
+import pytest
+import torch
+
+import sat_kernels as sk
+
+from helpers import tiny_model
+
+
+def _batch(seed=0):
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids}
+
+
+def _no_warning(fn):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return fn()
+
+
+def test_nan_scores_hidden_by_selection_are_counted_and_warned_once():
+    """A NaN row of gate_proj ranks lowest and is omitted: the SAT loss stays finite while the dense (eval) loss is
+    NaN. sat_stats counts the NaN score of that layer and warns once."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.gate_proj.weight[3] = float("nan")
+    sk.replace_mlp(model, 0.5)
+    assert _no_warning(lambda: sk.sat_stats(model)) == {"mlp": {"layers": {}, "summary": {}}}
+    loss = model(**_batch()).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    with pytest.warns(RuntimeWarning, match=r"1 SAT layer\(s\) \(model\.layers\.1\.mlp: 1\)"):
+        stats = sk.sat_stats(model)["mlp"]
+    nonfinite = lambda layer: {key: layer[key] for key in ("nonfinite", "nonfinite_total")}  # noqa: E731
+    assert nonfinite(stats["layers"]["model.layers.1.mlp"]) == {"nonfinite": 1, "nonfinite_total": 1}
+    assert nonfinite(stats["layers"]["model.layers.0.mlp"]) == {"nonfinite": 0, "nonfinite_total": 0}
+    assert nonfinite(stats["summary"]) == {"nonfinite": 1, "nonfinite_total": 1}
+    for seed in (1, 2):
+        model(**_batch(seed)).loss.backward()
+    stats = _no_warning(lambda: sk.sat_stats(model))["mlp"]   # once per module
+    assert nonfinite(stats["layers"]["model.layers.1.mlp"]) == {"nonfinite": 1, "nonfinite_total": 3}
+    model.eval()
+    assert torch.isnan(model(**_batch()).loss)
+    assert _no_warning(lambda: sk.sat_stats(model))["mlp"] == stats, "eval forwards leave the statistics alone"
+    model.double()   # the counter stays an integer on the weights' device
+    assert _no_warning(lambda: sk.sat_stats(model))["mlp"] == stats
+
+
+def test_sat_mlp_fills_stats():
+    x = torch.randn(16, 8)
+    w = [torch.randn(24, 8), torch.randn(24, 8), torch.randn(8, 24)]
+    w[1][[2, 5]] = float("nan")
+    stats = {}
+    sk.sat_mlp(x, *w, 0.5, stats=stats)
+    assert int(stats["nonfinite"]) == 2 and stats["nonfinite"].dtype == torch.int64 and stats["kept"] == 12
+    assert stats["kept_mass"].dtype == torch.float32 and 0.5 < float(stats["kept_mass"]) <= 1
+    dense = {}
+    sk.sat_mlp(x, *w, 0.0, stats=dense)
+    assert dense == {}, "nothing is scored when every neuron is kept"
+
+
+@pytest.mark.parametrize("metric", ["l2", "contrib"])
+def test_kept_count_and_mass_per_layer(metric):
+    model = sk.replace_mlp(tiny_model("llama"), 0.25, metric=metric)
+    inputs = {}
+    for name, module in model.named_modules():
+        if isinstance(module, sk.SATMLP):
+            module.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0].detach()))
+    model(**_batch()).loss.backward()
+    stats = sk.sat_stats(model)["mlp"]
+    k = sk.num_kept(136, 0.25)
+    masses = []
+    for name, x in inputs.items():
+        mlp = model.get_submodule(name)
+        w = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+        scores = sk.neuron_scores(x.double(), *(t.double() for t in w), metric=metric)
+        mass = (scores[sk.select_neurons(scores, k)].sum() / scores.sum()).item()
+        layer = stats["layers"][name]
+        assert layer["kept"] == k and layer["units"] == 136 and layer["nonfinite"] == 0
+        assert layer["kept_mass"] == pytest.approx(mass, rel=1e-5) and 0.75 < layer["kept_mass"] < 1
+        masses.append(layer["kept_mass"])
+    assert len(masses) == 2
+    assert stats["summary"] == {"kept_mean": k, "kept_min": k, "kept_mass_mean": pytest.approx(sum(masses) / 2),
+                                "kept_mass_min": min(masses), "nonfinite": 0, "nonfinite_total": 0}
+    sk.set_omission_rate(model, 0.0)   # a dense training forward scores nothing and keeps everything
+    model(**_batch())
+    assert sk.sat_stats(model)["mlp"]["summary"] == {"kept_mean": 136, "kept_min": 136, "kept_mass_mean": 1.0,
+                                                     "kept_mass_min": 1.0, "nonfinite": 0, "nonfinite_total": 0}
+
+
+def test_no_sat_mlp_modules():
+    assert sk.sat_stats(tiny_model("llama")) == {}
+
+
+def test_counter_follows_the_weights_off_the_meta_device():
+    """Patched before materializing (meta), then to_empty(): the non-finite counter moves with the weights."""
+    from transformers import AutoModelForCausalLM
+
+    from helpers import tiny_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    sk.replace_mlp(model, 0.5)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    model(**_batch())
+    assert sk.sat_stats(model)["mlp"]["summary"]["nonfinite_total"] == 0
