@@ -45,6 +45,9 @@ def main(argv=None):
                    help="SAT forward mode of the MLP and attention (default: sparse)")
     p.add_argument("--model", default=None, help="sat-train --model (default: smollm2-135m)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: elapsed time; cpu: process CPU time (needs --threads 1), robust to other processes "
+                        "on the machine (default: wall)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -67,7 +70,7 @@ def main(argv=None):
     rates = sorted({r for rs in schedules.values() for r in rs}, key=lambda r: (-r[0], -(r[1] or 0.0)))
     label = lambda r: f"SAT {r[0]:g}" + (f" / attention {r[1]:g}" if r[1] is not None else "")  # noqa: E731
     print(f"# interleaved training-step times, {model_name}, {env['device']}, torch {env['torch']}, fp32, "
-          f"forward={args.forward}, median of {args.repeats} rounds")
+          f"forward={args.forward}, {args.clock} clock, median of {args.repeats} rounds")
     results = []
     for task in args.tasks:
         batch, seq = SHAPES[task]
@@ -77,7 +80,7 @@ def main(argv=None):
         train, _ = tokenize(default_corpus(task), tokenizer, seq)
         first = training_order(train, batch, cfg.seed)
         st = interleaved_step_times(pristine, first, cfg, pad_id=tokenizer.pad_token_id,
-                                    schedule=rates, repeats=args.repeats)
+                                    schedule=rates, repeats=args.repeats, clock=args.clock)
         ms = st["step_ms"]
         row = {"task": task, "batch": batch, "seq_len": seq, "batch_tokens": st["batch_tokens"], "step_ms": ms,
                "step_ms_p20_p80": st["step_ms_p20_p80"], "schedules": {}}

@@ -60,3 +60,23 @@ def test_bad_arguments(tmp_path):
         main(["--results-dir", str(tmp_path), "--device", "cpu", "mlp", "--shapes", "gpt5"])
     with pytest.raises(SystemExit, match="no results"):
         main(["--results-dir", str(tmp_path / "empty"), "plot"])
+
+
+def test_cpu_clock_ignores_waiting():
+    """clock="cpu" times the work, not the wait: a sleeping function takes wall time and (almost) no CPU time."""
+    import time
+
+    from sat_kernels.bench.timing import bench_cpu_interleaved
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fns = {"sleep": lambda: time.sleep(0.02)}
+        wall, _ = bench_cpu_interleaved(fns, repeats=3, warmup=0)
+        cpu, _ = bench_cpu_interleaved(fns, repeats=3, warmup=0, clock="cpu")
+        assert wall["sleep"][0] >= 19 and cpu["sleep"][0] < 5
+    finally:
+        torch.set_num_threads(threads)
+    if threads > 1:
+        with pytest.raises(ValueError, match="set torch.set_num_threads"):
+            bench_cpu_interleaved(fns, repeats=1, clock="cpu")

@@ -1,6 +1,8 @@
 """Timing: ``triton.testing.do_bench`` on CUDA; interleaved repeats with ``perf_counter`` on CPU.
 
-Both report the median and the 20th/80th percentiles in milliseconds.
+Both report the median and the 20th/80th percentiles in milliseconds. On a CPU shared with other work, the wall clock
+also counts the time the process waits for a core; ``clock="cpu"`` times the process's CPU time instead
+(``time.process_time``), which is the work itself when torch runs on one thread.
 """
 from __future__ import annotations
 
@@ -19,13 +21,25 @@ def _quantiles(samples: List[float]):
     return statistics.median(samples), pick(0.2), pick(0.8)
 
 
+CLOCKS = ("wall", "cpu")
+
+
 def bench_cpu_interleaved(fns: Dict[str, Callable[[], None]], repeats: int, warmup: int = 2,
-                          order: Optional[Sequence[str]] = None):
+                          order: Optional[Sequence[str]] = None, clock: str = "wall"):
     """Run every function once per round (or the names of ``order`` in turn, repeats allowed), ``repeats`` rounds,
     so all see the same machine state.
 
+    ``clock``: ``"wall"`` (``time.perf_counter``) or ``"cpu"`` (``time.process_time``: CPU time of every thread of
+    the process, so only meaningful with ``torch.get_num_threads() == 1``, which it requires).
+
     Returns ``{name: (median_ms, p20_ms, p80_ms)}`` and, for ratios, the per-round samples ``{name: [ms, ...]}``.
     """
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {list(CLOCKS)}, got {clock!r}")
+    if clock == "cpu" and torch.get_num_threads() != 1:
+        raise ValueError(f"clock='cpu' sums the CPU time of all threads: set torch.set_num_threads(1) first "
+                         f"(now {torch.get_num_threads()})")
+    timer = time.perf_counter if clock == "wall" else time.process_time
     order = list(fns) if order is None else list(order)
     for _ in range(warmup):
         for name in order:
@@ -33,9 +47,9 @@ def bench_cpu_interleaved(fns: Dict[str, Callable[[], None]], repeats: int, warm
     samples = {name: [] for name in fns}
     for _ in range(repeats):
         for name in order:
-            t0 = time.perf_counter()
+            t0 = timer()
             fns[name]()
-            samples[name].append(1e3 * (time.perf_counter() - t0))
+            samples[name].append(1e3 * (timer() - t0))
     return {name: _quantiles(s) for name, s in samples.items() if s}, samples
 
 

@@ -233,7 +233,7 @@ def _make_callbacks(result: RunResult, device, total_steps: int, rate_of, attn_r
 
 
 def interleaved_step_times(pristine, batch_examples: Sequence[Dict], cfg: TrainConfig, *, pad_id: int,
-                           schedule: Sequence[tuple], repeats: int = 5) -> Dict:
+                           schedule: Sequence[tuple], repeats: int = 5, clock: str = "wall") -> Dict:
     """Step times of dense and of SAT at each omission rate ``schedule`` visited, measured interleaved.
 
     The tokens/s of two training runs made one after the other also carry whatever changed on the machine in
@@ -245,7 +245,9 @@ def interleaved_step_times(pristine, batch_examples: Sequence[Dict], cfg: TrainC
     shows how far apart two timings of one computation came out.
 
     ``schedule`` is the SAT run's per-step ``(mlp rate, attention rate or None)``; the schedule speedup is
-    ``steps * t_dense / sum over steps of t_SAT(rate of the step)``. Returns a JSON-ready dict.
+    ``steps * t_dense / sum over steps of t_SAT(rate of the step)``. ``clock`` (CPU only): ``"wall"`` or ``"cpu"``
+    (process CPU time, one torch thread; see :func:`sat_kernels.bench.timing.bench_cpu_interleaved`). Returns a
+    JSON-ready dict.
     """
     from ..bench.timing import bench, bench_cpu_interleaved
 
@@ -278,7 +280,7 @@ def interleaved_step_times(pristine, batch_examples: Sequence[Dict], cfg: TrainC
         stats, _ = bench(fns, device, repeats)
     else:
         order = [name for r in visited for name in ("dense", label(r))]
-        stats, _ = bench_cpu_interleaved(fns, repeats, warmup=1, order=order)
+        stats, _ = bench_cpu_interleaved(fns, repeats, warmup=1, order=order, clock=clock)
     ms = {name: stats[name][0] for name in fns}
     sat_total = sum(ms[label(r)] for r in schedule)
     del models, optimizers
@@ -286,7 +288,7 @@ def interleaved_step_times(pristine, batch_examples: Sequence[Dict], cfg: TrainC
     # SAT at rate 0 runs exactly the dense computation: its ratio to dense is the measurement's own error
     zero = [label(r) for r in visited if r[0] == 0.0 and not r[1]]
     return {"batch_sequences": len(batch_examples), "batch_tokens": int(batch["attention_mask"].sum()),
-            "repeats": repeats, "step_ms": ms,
+            "repeats": repeats, "clock": clock if device.type == "cpu" else "cuda", "step_ms": ms,
             "step_ms_p20_p80": {name: [stats[name][1], stats[name][2]] for name in fns},
             "speedup_schedule": len(schedule) * ms["dense"] / sat_total,
             "control_dense_over_sat_rate0": ms["dense"] / ms[zero[0]] if zero else None}
