@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from .backends import resolve_backend
-from .modules import SATMLP, SATAttention
+from .lora import peft_adapter
+from .modules import SATMLP, SATAttention, class_path
 from .ops.sat_attention import DEFAULT_UNIT, UNITS, check_attention_backend
 from .ops.sat_mlp import act_fwd
 from .selection import FORWARD_MODES, METRICS, STRATEGIES, check_choice, check_omission_rate
@@ -56,12 +57,23 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def _check_linear(fn: str, name: str, proj, advice: str) -> None:
+    """Refuse, at patch time, a projection that is not a plain ``nn.Linear``; ``advice``: what to do with adapters."""
+    adapter = peft_adapter(proj)
+    if adapter is not None:
+        raise ValueError(f"{fn}: {name} is a {adapter} layer ({class_path(proj)}); "
+                         f"SAT does not support {adapter} adapters on these projections: {advice}")
+    if not isinstance(proj, nn.Linear):
+        raise ValueError(f"{fn}: {name} must be an nn.Linear, got {class_path(proj)} "
+                         f"(SAT reads its weight without calling it: wrapped or quantized projections are not "
+                         f"supported)")
+
+
 def _check_mlp(name: str, mlp: nn.Module) -> str:
     for part in ("gate_proj", "up_proj", "down_proj"):
         proj = getattr(mlp, part)
-        if not isinstance(proj, nn.Linear):
-            raise ValueError(f"replace_mlp: {name}.{part} must be an nn.Linear, got {type(proj).__name__} "
-                             f"(apply replace_mlp before adapters such as PEFT LoRA or quantization)")
+        _check_linear("replace_mlp", f"{name}.{part}", proj, "put them on the attention projections only (LoRA "
+                      "target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj']), before or after replace_mlp")
         if proj.bias is not None:
             raise ValueError(f"replace_mlp: {name}.{part} has a bias; the SAT MLP supports bias-free projections")
     own = {id(p) for part in ("gate_proj", "up_proj", "down_proj") for p in getattr(mlp, part).parameters()}
@@ -153,10 +165,8 @@ def _check_attention(name: str, attn: nn.Module) -> dict:
     """Check that ``attn`` is an attention SAT can reproduce; returns its layout (the SATAttention keywords)."""
     children = dict(attn.named_children())
     for part in _PROJECTIONS:
-        proj = children.get(part)
-        if not isinstance(proj, nn.Linear):
-            raise ValueError(f"replace_attention: {name}.{part} must be an nn.Linear, got {type(proj).__name__} "
-                             f"(apply replace_attention before adapters such as PEFT LoRA or quantization)")
+        _check_linear("replace_attention", f"{name}.{part}", children.get(part), "leave the attention unpatched "
+                      "(replace_mlp alone works with adapters on the attention projections)")
     unknown = sorted(set(children) - set(_PROJECTIONS) - {"q_norm", "k_norm"})
     if unknown:
         raise ValueError(f"replace_attention: {name} has submodules SAT attention does not model: {unknown}")
@@ -308,7 +318,8 @@ def set_omission_rate(model: nn.Module, rate: Optional[float] = None, *, mlp: Op
 
 def revert(model: nn.Module) -> nn.Module:
     """Put the original modules back (the very objects ``replace_mlp`` / ``replace_attention`` wrapped), MLP and
-    attention alike. Returns ``model``."""
+    attention alike, with the SAT modules' current children: adapters added after patching (PEFT LoRA) stay.
+    Returns ``model``."""
     for name, module in list(sat_modules(model)):
         module.dense_module.train(module.training)
         _set_child(model, name, module.dense_module)
