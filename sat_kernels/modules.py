@@ -59,6 +59,13 @@ class _SATWrapper(nn.Module):
         self.__dict__["_wrapped"] = wrapped
         self.train(wrapped.training)
 
+    def train(self, mode: bool = True):
+        """Set training mode here and in the wrapped module, whose forward runs in eval (and may read
+        ``self.training``)."""
+        super().train(mode)
+        self.__dict__["_wrapped"].train(mode)
+        return self
+
     @property
     def dense_module(self) -> nn.Module:
         """The wrapped module, with this module's current children put back into it first.

@@ -83,7 +83,74 @@ def _check_mlp(name: str, mlp: nn.Module) -> str:
     act = _detect_act(mlp.act_fn)
     if act is None:
         raise ValueError(f"replace_mlp: {name}.act_fn ({type(mlp.act_fn).__name__}) is neither SiLU nor tanh-GELU")
+    _check_swiglu_forward(name, mlp)
     return act
+
+
+def _materialized(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` holds its values here: not on the meta device (patched before loading), not a DTensor
+    shard (FSDP2), not a DeepSpeed ZeRO-3 partition (``ds_id``, empty until gathered)."""
+    return not (weight.is_meta or weight.numel() == 0 or type(weight).__name__ == "DTensor"
+                or hasattr(weight, "ds_id"))
+
+
+def _check_swiglu_forward(name: str, mlp: nn.Module) -> None:
+    """Refuse an MLP whose forward is not ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``, which SAT computes.
+
+    Dropout submodules (outside the projections) are refused. Then the module's own forward is run on a small probe
+    input, in eval mode and in training mode (the projections in eval mode, the global RNG untouched), and compared with
+    that formula: extra multipliers (FalconH1), activation sparsity (Gemma3n), clamps or functional dropout on
+    ``self.training`` (SeedOss's residual dropout) show up as a mismatch. Skipped when the weights are not
+    materialized here (meta device, sharded, partitioned).
+    """
+    projections = ("gate_proj", "up_proj", "down_proj")
+    dropout = [f"{child_name}.{sub_name}".rstrip(".") for child_name, child in mlp.named_children()
+               if child_name not in projections for sub_name, sub in child.named_modules()
+               if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.p > 0]
+    if dropout:
+        raise ValueError(f"replace_mlp: {name} ({type(mlp).__name__}) has dropout {dropout}, which SAT does not "
+                         f"apply; set its p to 0 to patch it")
+    weight = mlp.gate_proj.weight
+    if not all(_materialized(getattr(mlp, part).weight) for part in projections):
+        return
+    x = torch.randn(1, 5, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    modes = {module: module.training for module in mlp.modules()}
+    rng_devices = [weight.device.index] if weight.device.type not in ("cpu", "meta") else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=rng_devices, device_type=weight.device.type):
+            mlp.eval()
+            want = mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+            for training in (False, True):
+                mlp.training = training
+                try:
+                    out = mlp(x)
+                except Exception as e:  # noqa: BLE001 - reported as "cannot check", with the cause
+                    raise ValueError(f"replace_mlp: {name} ({type(mlp).__name__}) failed on a probe input of shape "
+                                     f"{tuple(x.shape)} ({type(e).__name__}: {e})") from e
+                _compare_probe(name, mlp, out, want, "training" if training else "eval")
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def _compare_probe(name: str, mlp: nn.Module, out, want: torch.Tensor, mode: str) -> None:
+    tol = 1e-4 if want.dtype in (torch.float32, torch.float64) else 2e-2
+    finite = want.float()[want.isfinite()]   # non-finite weights (NaN rows) give NaN in both: nothing to compare
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    if isinstance(out, torch.Tensor) and out.shape == want.shape and torch.allclose(
+            out.float(), want.float(), rtol=tol, atol=tol * scale, equal_nan=True):
+        return
+    err = (f"differs by up to {float((out.float() - want.float()).abs().nan_to_num(nan=float('inf')).max()):.3g} "
+           f"(largest value {scale:.3g})"
+           if isinstance(out, torch.Tensor) and out.shape == want.shape else
+           f"returns {getattr(out, 'shape', type(out).__name__)}")
+    hints = [f"{key}={value}" for key, value in vars(mlp).items()
+             if "dropout" in key and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0]
+    hint = f"; {', '.join(hints)} looks like a dropout: set it to 0 to patch it" if hints else ""
+    raise ValueError(f"replace_mlp: {name} ({type(mlp).__name__}) does not compute "
+                     f"down_proj(act_fn(gate_proj(x)) * up_proj(x)): in {mode} mode its forward {err} on a probe "
+                     f"input, so SAT would change what it computes (multipliers, clamps, activation sparsity, "
+                     f"dropout){hint}")
 
 
 def replace_mlp(model: nn.Module, omission_rate: float = 0.5, *, metric: str = "l2", strategy: str = "topk",
