@@ -1,4 +1,6 @@
-"""replace_mlp / set_omission_rate / revert on tiny random Hugging Face models (no downloads)."""
+"""replace_mlp / set_omission_rate / revert / patch_summary on tiny random Hugging Face models (no downloads)."""
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -284,3 +286,67 @@ def test_probe_accepts_low_precision_and_skips_meta_weights(dtype):
         model = _Wrapper(_ScaledMLP())
     sk.replace_mlp(model)   # nothing to evaluate before the weights are loaded
     assert isinstance(model.mlp, sk.SATMLP)
+
+
+def _moe_model(config_name, **kwargs):
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, config_name)(vocab_size=96, hidden_size=48, intermediate_size=96,
+                                                moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                **kwargs)
+    return transformers.AutoModelForCausalLM.from_config(config).float()
+
+
+def test_summary_of_a_fully_patched_model_is_logged_as_info(caplog):
+    model = tiny_model("llama")
+    before = sk.patch_summary(model)["mlp"]
+    assert before.num_layers == 2 and not before.complete and before.skipped == {
+        "LlamaMLP": "not patched: replace_mlp was not called or was reverted"}
+    with caplog.at_level(logging.INFO, logger="sat_kernels"):
+        sk.replace_attention(sk.replace_mlp(model))
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.INFO, "replace_mlp: SAT MLP in 2 of 2 layers (LlamaMLP), 2 SAT MLP modules in all"),
+        (logging.INFO, "replace_attention: SAT attention in 2 of 2 layers (LlamaAttention), 2 SAT attention modules "
+                       "in all")]
+    summary = sk.patch_summary(model)
+    assert summary["mlp"].complete and summary["attention"].complete
+    assert summary["mlp"].patched_layers == summary["mlp"].sat_modules == ("model.layers.0.mlp", "model.layers.1.mlp")
+    sk.revert(model)
+    assert sk.patch_summary(model)["attention"].unpatched_layers == {"model.layers.0.self_attn": "LlamaAttention",
+                                                                     "model.layers.1.self_attn": "LlamaAttention"}
+
+
+def test_qwen2_moe_only_shared_experts_are_patched_with_a_warning(caplog):
+    model = _moe_model("Qwen2MoeConfig", shared_expert_intermediate_size=64)
+    with caplog.at_level(logging.INFO, logger="sat_kernels"):
+        sk.replace_mlp(model)
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    assert record.getMessage().startswith(
+        "replace_mlp: SAT MLP in 0 of 2 layers, 2 SAT MLP modules in all; partly patched: 2 layers of "
+        "Qwen2MoeSparseMoeBlock (mixture of experts: shared_expert patched; ")
+    assert "experts (Qwen2MoeExperts)" in record.getMessage()
+    summary = sk.patch_summary(model)["mlp"]
+    assert not summary.complete and summary.patched_layers == ()
+    assert summary.partial_layers == {f"model.layers.{i}.mlp": "Qwen2MoeSparseMoeBlock" for i in range(2)}
+    assert summary.sat_modules == ("model.layers.0.mlp.shared_expert", "model.layers.1.mlp.shared_expert")
+    assert "not a supported attention class" in sk.patch_summary(model)["attention"].skipped["Qwen2MoeAttention"]
+
+
+def test_qwen3_moe_dense_layers_only_with_a_warning_and_pure_moe_refused(caplog):
+    model = _moe_model("Qwen3MoeConfig", head_dim=12, mlp_only_layers=[1])
+    with caplog.at_level(logging.INFO, logger="sat_kernels"):
+        sk.replace_mlp(model)
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING and record.getMessage() == (
+        "replace_mlp: SAT MLP in 1 of 2 layers (Qwen3MoeMLP), 1 SAT MLP module in all; not patched: 1 layer of "
+        "Qwen3MoeSparseMoeBlock (mixture of experts: its routed experts (Qwen3MoeExperts) are not supported)")
+    summary = sk.patch_summary(model)["mlp"]
+    assert summary.patched_layers == ("model.layers.1.mlp",)
+    assert summary.unpatched_layers == {"model.layers.0.mlp": "Qwen3MoeSparseMoeBlock"}
+
+    with pytest.raises(ValueError, match=r"has no SwiGLU MLP .*Qwen3MoeSparseMoeBlock: mixture of experts: its routed "
+                                         r"experts \(Qwen3MoeExperts\) are not supported"):
+        sk.replace_mlp(_moe_model("Qwen3MoeConfig", head_dim=12))
