@@ -20,6 +20,9 @@ def class_path(obj) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+SUPPORTED_SHARDING = ("SAT training supports DDP, FSDP2 (fully_shard on the decoder layers), FSDP1 with the decoder "
+                      "layers as its wrapping units, and DeepSpeed ZeRO-1/2")
+
 _ADAPTER_ADVICE = {
     "SATMLP": "put them on the attention projections only (LoRA target_modules=['q_proj', 'k_proj', 'v_proj', "
               "'o_proj']), or train the MLP dense with set_omission_rate(model, mlp=0.0)",
@@ -33,11 +36,24 @@ def check_projection(owner: str, name: str, proj: nn.Module) -> None:
 
     SAT reads ``proj.weight`` without calling ``proj``: the projection must be exactly ``torch.nn.Linear`` (not a
     wrapper that changes what its forward computes: a PEFT adapter, a quantized or parametrized linear) and its weight
-    must not be sharded on its own.
+    must be whole here. Sharding that gathers a module's parameters in that module's own forward hooks is refused:
+    FSDP2 or FSDP1 units at the projections, DeepSpeed ZeRO-3 (parameters with a ``ds_id``, empty until gathered).
+    FSDP1/FSDP2 units at the decoder layers (or the SAT module) gather the weights before SAT reads them.
     """
-    if type(getattr(proj, "weight", None)).__name__ == "DTensor":
+    weight = getattr(proj, "weight", None)
+    if type(weight).__name__ == "DTensor":
         raise ValueError(f"{owner}.{name}.weight is a sharded DTensor: fully_shard the decoder layers (or the "
-                         f"{owner} module), not the projections inside it, whose own forward SAT bypasses")
+                         f"{owner} module), not the projections inside it, whose own forward SAT bypasses; "
+                         f"{SUPPORTED_SHARDING}")
+    if type(proj).__name__ == "FullyShardedDataParallel":
+        raise ValueError(f"{owner}.{name} is an FSDP1 unit of its own (FullyShardedDataParallel): its parameters are "
+                         f"gathered only when it is called, and SAT reads its weight without calling it. Make the "
+                         f"decoder layers the wrapping units (auto_wrap_policy=ModuleWrapPolicy({{decoder layer "
+                         f"class}}), FSDP's transformer_based_wrap in accelerate), not nn.Linear; {SUPPORTED_SHARDING}")
+    if hasattr(weight, "ds_id"):
+        raise ValueError(f"{owner}.{name}.weight is a DeepSpeed ZeRO-3 partitioned parameter: ZeRO-3 gathers it only "
+                         f"when {name} itself is called, and SAT reads it without calling it, so SAT training is not "
+                         f"supported under ZeRO-3 (eval() is); {SUPPORTED_SHARDING}")
     adapter = peft_adapter(proj)
     if adapter is not None:
         raise TypeError(f"{owner}.{name} is a {adapter} layer ({class_path(proj)}); training-mode SAT does not "
@@ -46,6 +62,9 @@ def check_projection(owner: str, name: str, proj: nn.Module) -> None:
     if type(proj) is not nn.Linear:
         raise TypeError(f"{owner}.{name} must be an nn.Linear (exactly torch.nn.Linear), got {class_path(proj)}; SAT "
                         f"reads its weight without calling it, so wrapped or quantized projections are not supported")
+    if weight.numel() == 0:
+        raise ValueError(f"{owner}.{name}.weight is empty ({tuple(weight.shape)}): a partitioned parameter that is "
+                         f"gathered only when {name} itself is called, which SAT does not do; {SUPPORTED_SHARDING}")
 
 
 class _SATWrapper(nn.Module):
