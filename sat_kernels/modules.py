@@ -6,8 +6,9 @@ import inspect
 import torch
 from torch import nn
 
-from .lora import peft_adapter
+from .lora import lora_parts, peft_adapter
 from .ops import sat_mlp_kept
+from .ops.sat_mlp_lora import sat_lora_mlp
 from .ops.sat_attention import DEFAULT_UNIT, UNITS, sat_attention_impl
 from .selection import FORWARD_MODES, check_choice, check_omission_rate, num_kept
 
@@ -24,8 +25,8 @@ SUPPORTED_SHARDING = ("SAT training supports DDP, FSDP2 (fully_shard on the deco
                       "layers as its wrapping units, and DeepSpeed ZeRO-1/2")
 
 _ADAPTER_ADVICE = {
-    "SATMLP": "put them on the attention projections only (LoRA target_modules=['q_proj', 'k_proj', 'v_proj', "
-              "'o_proj']), or train the MLP dense with set_omission_rate(model, mlp=0.0)",
+    "SATMLP": "use PEFT LoRA (which SAT supports on the MLP), put these adapters on the attention projections only, "
+              "or train the MLP dense with set_omission_rate(model, mlp=0.0)",
     "SATAttention": "revert(model) and patch the MLP alone with replace_mlp, or train the attention dense with "
                     "set_omission_rate(model, attention=0.0)",
 }
@@ -107,7 +108,9 @@ class SATMLP(_SATWrapper):
     ``state_dict`` keys are unchanged. In ``eval()`` mode, or at a rate that keeps every neuron (0), it calls the
     original module's own forward: the computation is exactly the dense one. In training mode it runs
     :func:`sat_kernels.sat_mlp` (grad mode is deliberately not consulted, so a reentrant checkpoint's no-grad first
-    pass selects like its recompute).
+    pass selects like its recompute). When projections are PEFT LoRA layers (added before or after patching) it runs
+    the SAT MLP with their active adapters (:mod:`sat_kernels.ops.sat_mlp_lora`): selection from the adapted
+    activations, the adapters' gradients over the kept neurons, no gradient for the frozen base.
 
     Setting ``omission_rate`` computes the kept count ``k``, and the forward depends on ``k`` only: under
     ``torch.compile`` (``fullgraph=True`` included) a model recompiles once per distinct ``k``, not per rate. A
@@ -175,15 +178,25 @@ class SATMLP(_SATWrapper):
         if self._kept == self.gate_proj.out_features:
             self._record({})
             return self.dense_module(x)
+        weights, adapters = [], []
         for name in ("gate_proj", "up_proj", "down_proj"):
-            proj = getattr(self, name)
-            check_projection("SATMLP", name, proj)
-            if proj.bias is not None:
+            base, adapter = lora_parts(f"SATMLP.{name}", getattr(self, name))
+            check_projection("SATMLP", name, base)
+            if base.bias is not None:
                 raise TypeError(f"SATMLP.{name} must be a bias-free nn.Linear, got one with a bias")
+            weights.append(base.weight)
+            adapters.append(adapter)
         stats = {}
-        y = sat_mlp_kept(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, self._kept,
-                         metric=self.metric, strategy=self.strategy, act=self.act, backend=self.backend,
-                         sync_selection=self.sync_selection, forward=self.forward_mode, stats=stats)
+        if all(adapter is None for adapter in adapters):
+            y = sat_mlp_kept(x, *weights, self._kept, metric=self.metric, strategy=self.strategy, act=self.act,
+                             backend=self.backend, sync_selection=self.sync_selection, forward=self.forward_mode,
+                             stats=stats)
+        else:
+            if self.backend not in ("auto", "torch"):
+                raise ValueError(f"SATMLP: backend={self.backend!r} has no LoRA path; SAT on PEFT LoRA projections "
+                                 f"runs on the torch backend: use backend='auto' or 'torch'")
+            y = sat_lora_mlp(x, *weights, tuple(adapters), self._kept, metric=self.metric, strategy=self.strategy,
+                             act=self.act, sync_selection=self.sync_selection, forward=self.forward_mode, stats=stats)
         self._record(stats)
         return y
 

@@ -5,7 +5,8 @@ Any decoder whose MLP modules have ``gate_proj``, ``up_proj``, ``down_proj`` (bi
 ``act_fn`` computing SiLU or tanh-GELU is supported: Llama, Mistral, Qwen2, Qwen3, Gemma and their relatives. Attention
 is patched for the classes whose forward SAT attention reproduces (``LlamaAttention``, ``MistralAttention``,
 ``Qwen2Attention``, ``Qwen3Attention``, ``GemmaAttention``). The patched model keeps its parameter objects, names and
-``state_dict`` keys.
+``state_dict`` keys. PEFT LoRA on the MLP projections is supported whether it is added before or after patching
+(:mod:`sat_kernels.lora`).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from .backends import resolve_backend
-from .lora import peft_adapter
+from .lora import lora_parts, peft_adapter
 from .modules import SATMLP, SATAttention, class_path
 from .ops.sat_attention import DEFAULT_UNIT, UNITS, check_attention_backend
 from .ops.sat_mlp import act_fwd
@@ -76,9 +77,9 @@ def _check_linear(fn: str, name: str, proj, advice: str) -> None:
 
 def _check_mlp(name: str, mlp: nn.Module) -> str:
     for part in ("gate_proj", "up_proj", "down_proj"):
-        proj = getattr(mlp, part)
-        _check_linear("replace_mlp", f"{name}.{part}", proj, "put them on the attention projections only (LoRA "
-                      "target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj']), before or after replace_mlp")
+        proj, _ = lora_parts(f"replace_mlp: {name}.{part}", getattr(mlp, part))
+        _check_linear("replace_mlp", f"{name}.{part}", proj, "use PEFT LoRA (which SAT supports on the MLP) or put "
+                      "these adapters on the attention projections only, before or after replace_mlp")
         if proj.bias is not None:
             raise ValueError(f"replace_mlp: {name}.{part} has a bias; the SAT MLP supports bias-free projections")
     own = {id(p) for part in ("gate_proj", "up_proj", "down_proj") for p in getattr(mlp, part).parameters()}
