@@ -30,7 +30,7 @@ setup(
     entry_points={"console_scripts": ["sat-train=sat_kernels.train.cli:main", "sat-bench=sat_kernels.bench.cli:main"]},
     extras_require={
         "hf": ["transformers>=4.45", "accelerate>=0.34"],
-        "test": ["pytest>=7", "matplotlib>=3.7", "transformers>=4.45", "accelerate>=0.34", "triton>=3.0; platform_system == 'Linux'"],
+        "test": ["pytest>=7", "matplotlib>=3.7", "transformers>=4.45", "accelerate>=0.34", "peft>=0.13", "trl>=0.19", "triton>=3.0; platform_system == 'Linux'"],
         "train": ["transformers>=4.45", "accelerate>=0.34", "gguf>=0.10", "matplotlib>=3.7", "tqdm>=4.60"],
     },
 )

@@ -7,7 +7,7 @@ from .backends import available_backends, unavailable_backends
 from .modules import SATMLP, SATAttention
 from .ops import gathered_mlp, neuron_scores, sat_mlp
 from .ops.sat_attention import gathered_attention, head_scores, sat_attention
-from .patching import replace_attention, replace_mlp, revert, set_omission_rate
+from .patching import PatchSummary, patch_summary, replace_attention, replace_mlp, revert, set_omission_rate
 from .schedules import ConstantOmissionScheduler, LadderOmissionScheduler, LinearOmissionScheduler
 from .selection import num_kept, select_neurons
 from .stats import sat_stats
@@ -17,8 +17,8 @@ __version__ = "0.1.0"
 __all__ = [
     "sat_mlp", "gathered_mlp", "neuron_scores", "sat_attention", "gathered_attention", "head_scores",
     "replace_attention", "SATAttention", "select_neurons", "num_kept", "available_backends",
-    "unavailable_backends", "replace_mlp", "set_omission_rate", "revert", "SATMLP", "LadderOmissionScheduler",
-    "ConstantOmissionScheduler", "LinearOmissionScheduler", "SATCallback", "sat_stats",
+    "unavailable_backends", "replace_mlp", "set_omission_rate", "revert", "patch_summary", "PatchSummary", "SATMLP",
+    "LadderOmissionScheduler", "ConstantOmissionScheduler", "LinearOmissionScheduler", "SATCallback", "sat_stats",
 ]
 
 

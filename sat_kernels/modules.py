@@ -6,21 +6,111 @@ import inspect
 import torch
 from torch import nn
 
+from .lora import lora_parts, peft_adapter
 from .ops import sat_mlp_kept
+from .ops.sat_mlp_lora import sat_lora_mlp
 from .ops.sat_attention import DEFAULT_UNIT, UNITS, sat_attention_impl
 from .selection import FORWARD_MODES, check_choice, check_omission_rate, num_kept
 
 _CACHE_ARGS = ("cache", "past_key_values", "past_key_value")
 
 
-class SATMLP(nn.Module):
+def class_path(obj) -> str:
+    """``module.QualifiedName`` of ``obj``'s class: PEFT's LoRA layer is also called ``Linear``."""
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+SUPPORTED_SHARDING = ("SAT training supports DDP, FSDP2 (fully_shard on the decoder layers), FSDP1 with the decoder "
+                      "layers as its wrapping units, and DeepSpeed ZeRO-1/2")
+
+_ADAPTER_ADVICE = {
+    "SATMLP": "use PEFT LoRA (which SAT supports on the MLP), put these adapters on the attention projections only, "
+              "or train the MLP dense with set_omission_rate(model, mlp=0.0)",
+    "SATAttention": "revert(model) and patch the MLP alone with replace_mlp, or train the attention dense with "
+                    "set_omission_rate(model, attention=0.0)",
+}
+
+
+def check_projection(owner: str, name: str, proj: nn.Module) -> None:
+    """Refuse, for a training-mode SAT forward, a projection whose weight SAT cannot use directly.
+
+    SAT reads ``proj.weight`` without calling ``proj``: the projection must be exactly ``torch.nn.Linear`` (not a
+    wrapper that changes what its forward computes: a PEFT adapter, a quantized or parametrized linear) and its weight
+    must be whole here. Sharding that gathers a module's parameters in that module's own forward hooks is refused:
+    FSDP2 or FSDP1 units at the projections, DeepSpeed ZeRO-3 (parameters with a ``ds_id``, empty until gathered).
+    FSDP1/FSDP2 units at the decoder layers (or the SAT module) gather the weights before SAT reads them.
+    """
+    weight = getattr(proj, "weight", None)
+    if type(weight).__name__ == "DTensor":
+        raise ValueError(f"{owner}.{name}.weight is a sharded DTensor: fully_shard the decoder layers (or the "
+                         f"{owner} module), not the projections inside it, whose own forward SAT bypasses; "
+                         f"{SUPPORTED_SHARDING}")
+    if type(proj).__name__ == "FullyShardedDataParallel":
+        raise ValueError(f"{owner}.{name} is an FSDP1 unit of its own (FullyShardedDataParallel): its parameters are "
+                         f"gathered only when it is called, and SAT reads its weight without calling it. Make the "
+                         f"decoder layers the wrapping units (auto_wrap_policy=ModuleWrapPolicy({{decoder layer "
+                         f"class}}), FSDP's transformer_based_wrap in accelerate), not nn.Linear; {SUPPORTED_SHARDING}")
+    if hasattr(weight, "ds_id"):
+        raise ValueError(f"{owner}.{name}.weight is a DeepSpeed ZeRO-3 partitioned parameter: ZeRO-3 gathers it only "
+                         f"when {name} itself is called, and SAT reads it without calling it, so SAT training is not "
+                         f"supported under ZeRO-3 (eval() is); {SUPPORTED_SHARDING}")
+    adapter = peft_adapter(proj)
+    if adapter is not None:
+        raise TypeError(f"{owner}.{name} is a {adapter} layer ({class_path(proj)}); training-mode SAT does not "
+                        f"support {adapter} adapters on these projections: {_ADAPTER_ADVICE[owner]} (eval() runs "
+                        f"the adapters)")
+    if type(proj) is not nn.Linear:
+        raise TypeError(f"{owner}.{name} must be an nn.Linear (exactly torch.nn.Linear), got {class_path(proj)}; SAT "
+                        f"reads its weight without calling it, so wrapped or quantized projections are not supported")
+    if weight.numel() == 0:
+        raise ValueError(f"{owner}.{name}.weight is empty ({tuple(weight.shape)}): a partitioned parameter that is "
+                         f"gathered only when {name} itself is called, which SAT does not do; {SUPPORTED_SHARDING}")
+
+
+class _SATWrapper(nn.Module):
+    """Base of the SAT modules: holds the children of the wrapped module under the same names and keeps the wrapped
+    module itself (unregistered: its parameters are those of the children) for eval and for :func:`revert`."""
+
+    def __init__(self, wrapped: nn.Module, children):
+        super().__init__()
+        for name, child in children:
+            setattr(self, name, child)
+        self.__dict__["_wrapped"] = wrapped
+        self.train(wrapped.training)
+
+    def train(self, mode: bool = True):
+        """Set training mode here and in the wrapped module, whose forward runs in eval (and may read
+        ``self.training``)."""
+        super().train(mode)
+        self.__dict__["_wrapped"].train(mode)
+        return self
+
+    @property
+    def dense_module(self) -> nn.Module:
+        """The wrapped module, with this module's current children put back into it first.
+
+        Adapters added after patching (PEFT's ``get_peft_model``, ``PeftModel.from_pretrained``) or removed
+        (``merge_and_unload``) replace the children of the SAT module, which is where they are found by name; the
+        wrapped module then runs (eval, rate 0) and :func:`revert` returns them, never a stale original.
+        """
+        wrapped = self.__dict__["_wrapped"]
+        for name, child in self._modules.items():
+            if name in wrapped._modules and wrapped._modules[name] is not child:
+                setattr(wrapped, name, child)
+        return wrapped
+
+
+class SATMLP(_SATWrapper):
     """A SwiGLU MLP (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``) that omits neurons while training.
 
     It holds the very ``nn.Linear`` modules of the MLP it wraps under the same names, so parameter names, shapes and
     ``state_dict`` keys are unchanged. In ``eval()`` mode, or at a rate that keeps every neuron (0), it calls the
     original module's own forward: the computation is exactly the dense one. In training mode it runs
     :func:`sat_kernels.sat_mlp` (grad mode is deliberately not consulted, so a reentrant checkpoint's no-grad first
-    pass selects like its recompute).
+    pass selects like its recompute). When projections are PEFT LoRA layers (added before or after patching) it runs
+    the SAT MLP with their active adapters (:mod:`sat_kernels.ops.sat_mlp_lora`): selection from the adapted
+    activations, the adapters' gradients over the kept neurons, no gradient for the frozen base.
 
     Setting ``omission_rate`` computes the kept count ``k``, and the forward depends on ``k`` only: under
     ``torch.compile`` (``fullgraph=True`` included) a model recompiles once per distinct ``k``, not per rate. A
@@ -39,12 +129,7 @@ class SATMLP(nn.Module):
 
     def __init__(self, mlp: nn.Module, act: str, omission_rate: float = 0.5, *, metric: str = "l2",
                  strategy: str = "topk", backend: str = "auto", sync_selection=None, forward: str = "sparse"):
-        super().__init__()
-        self.gate_proj = mlp.gate_proj
-        self.up_proj = mlp.up_proj
-        self.down_proj = mlp.down_proj
-        self.__dict__["dense_module"] = mlp  # not a submodule: its parameters are the three above
-        self.train(mlp.training)
+        super().__init__(mlp, ((name, getattr(mlp, name)) for name in ("gate_proj", "up_proj", "down_proj")))
         self.act = act
         self.omission_rate = omission_rate
         self.metric = metric
@@ -93,18 +178,25 @@ class SATMLP(nn.Module):
         if self._kept == self.gate_proj.out_features:
             self._record({})
             return self.dense_module(x)
+        weights, adapters = [], []
         for name in ("gate_proj", "up_proj", "down_proj"):
-            proj = getattr(self, name)
-            if not isinstance(proj, nn.Linear) or proj.bias is not None:
-                raise TypeError(f"SATMLP.{name} must be a bias-free nn.Linear, got {type(proj).__name__}; adapters "
-                                f"such as PEFT LoRA on the MLP are not supported: revert(model) before adding them")
-            if type(proj.weight).__name__ == "DTensor":
-                raise ValueError(f"SATMLP.{name}.weight is a sharded DTensor: fully_shard the decoder layers (or the "
-                                 f"MLP module), not the projections inside the MLP, whose own forward SAT bypasses")
+            base, adapter = lora_parts(f"SATMLP.{name}", getattr(self, name))
+            check_projection("SATMLP", name, base)
+            if base.bias is not None:
+                raise TypeError(f"SATMLP.{name} must be a bias-free nn.Linear, got one with a bias")
+            weights.append(base.weight)
+            adapters.append(adapter)
         stats = {}
-        y = sat_mlp_kept(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, self._kept,
-                         metric=self.metric, strategy=self.strategy, act=self.act, backend=self.backend,
-                         sync_selection=self.sync_selection, forward=self.forward_mode, stats=stats)
+        if all(adapter is None for adapter in adapters):
+            y = sat_mlp_kept(x, *weights, self._kept, metric=self.metric, strategy=self.strategy, act=self.act,
+                             backend=self.backend, sync_selection=self.sync_selection, forward=self.forward_mode,
+                             stats=stats)
+        else:
+            if self.backend not in ("auto", "torch"):
+                raise ValueError(f"SATMLP: backend={self.backend!r} has no LoRA path; SAT on PEFT LoRA projections "
+                                 f"runs on the torch backend: use backend='auto' or 'torch'")
+            y = sat_lora_mlp(x, *weights, tuple(adapters), self._kept, metric=self.metric, strategy=self.strategy,
+                             act=self.act, sync_selection=self.sync_selection, forward=self.forward_mode, stats=stats)
         self._record(stats)
         return y
 
@@ -113,7 +205,7 @@ class SATMLP(nn.Module):
                 f"act={self.act!r}, backend={self.backend!r}, forward={self.forward_mode!r}")
 
 
-class SATAttention(nn.Module):
+class SATAttention(_SATWrapper):
     """A Llama-style self-attention (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, optional ``q_norm``/``k_norm``)
     that omits heads while training.
 
@@ -135,11 +227,7 @@ class SATAttention(nn.Module):
     def __init__(self, attn: nn.Module, *, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  norm_eps: float = 1e-6, omission_rate: float = 0.5, metric: str = "l2", strategy: str = "topk",
                  unit: str = DEFAULT_UNIT, backend: str = "auto", sync_selection=None):
-        super().__init__()
-        for name, child in attn.named_children():
-            setattr(self, name, child)
-        self.__dict__["dense_module"] = attn  # not a submodule: its parameters are those of the children above
-        self.train(attn.training)
+        super().__init__(attn, attn.named_children())
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale, self.norm_eps = scale, norm_eps
         self.omission_rate = check_omission_rate(omission_rate)
@@ -178,13 +266,7 @@ class SATAttention(nn.Module):
             raise ValueError(f"SATAttention: attention_dropout={dense.attention_dropout} is not supported in "
                              f"training mode; set it to 0")
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            proj = getattr(self, name)
-            if not isinstance(proj, nn.Linear):
-                raise TypeError(f"SATAttention.{name} must be an nn.Linear, got {type(proj).__name__}; adapters such "
-                                f"as PEFT LoRA on the attention are not supported: revert(model) before adding them")
-            if type(proj.weight).__name__ == "DTensor":
-                raise ValueError(f"SATAttention.{name}.weight is a sharded DTensor: fully_shard the decoder layers "
-                                 f"(or the attention module), not the projections inside it")
+            check_projection("SATAttention", name, getattr(self, name))
         hidden_states = call.get("hidden_states")
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
             raise ValueError(f"SATAttention: hidden_states must be a [B, T, h] tensor, got "

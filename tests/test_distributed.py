@@ -1,5 +1,6 @@
-"""DDP and FSDP2 on 2 CPU processes (gloo): SAT training matches single-process training on the global batch, and
-synchronized selection gives every rank the same kept neurons."""
+"""DDP, FSDP2 and FSDP1 on 2 CPU processes (gloo): SAT training matches single-process training on the global batch,
+and synchronized selection gives every rank the same kept neurons. Set-ups that gather a projection's weight only in
+its own forward (FSDP units at the projections, DeepSpeed ZeRO-3) are refused."""
 import os
 
 import pytest
@@ -20,10 +21,13 @@ def _batches():
 
 
 def _kept_rows(model_or_layers):
-    """Per layer, the rows of gate_proj with non-zero gradient (the kept neurons), as a bool mask."""
+    """Per layer, the rows of gate_proj with non-zero gradient (the kept neurons), as a bool mask; an empty tensor
+    under FSDP1, which keeps the gradients in its flat parameters."""
     masks = []
     for layer in model_or_layers:
         g = layer.mlp.gate_proj.weight.grad
+        if g is None:
+            return torch.empty(0)
         g = g.full_tensor() if hasattr(g, "full_tensor") else g
         masks.append(g.abs().sum(1) != 0)
     return torch.stack(masks)
@@ -56,6 +60,11 @@ def _worker(rank, init_file, wrap, sync, out_dir, forward="sparse"):
     if wrap == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         wrapped = DistributedDataParallel(model)
+    elif wrap == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        wrapped = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({type(layers[0])}),
+                                           device_id=torch.device("cpu"))
     else:
         from torch.distributed.fsdp import fully_shard
         for layer in layers:
@@ -63,7 +72,12 @@ def _worker(rank, init_file, wrap, sync, out_dir, forward="sparse"):
         wrapped = fully_shard(model)
     losses, kept = _train(wrapped, layers, _batches(), rank, WORLD)
     dist.all_reduce(losses)
-    state = _full_state(model)
+    if wrap == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel, StateDictType
+        with FullyShardedDataParallel.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT):
+            state = _full_state(wrapped)
+    else:
+        state = _full_state(model)
     torch.save({"losses": losses / WORLD, "kept": kept, "state": state}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -100,6 +114,17 @@ def test_synchronized_selection_matches_single_process(tmp_path, wrap, forward, 
             torch.testing.assert_close(out["state"][name], value, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_fsdp1_with_decoder_layer_units_matches_single_process(tmp_path, single_process):
+    """FSDP1 gathers a decoder layer's flat parameter before the layer's forward, so SAT reads whole weights."""
+    ranks = _spawn(tmp_path, "fsdp1", None)
+    ref = single_process
+    for out in ranks:
+        torch.testing.assert_close(out["losses"], ref["losses"], rtol=1e-5, atol=1e-6)
+        assert sorted(out["state"]) == sorted(ref["keys"])
+        for name, value in ref["state"].items():
+            torch.testing.assert_close(out["state"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_unsynchronized_ranks_select_from_their_own_batch(tmp_path):
     ranks = _spawn(tmp_path, "ddp", False)
     # DDP averages the ranks' gradients: without sync, rows kept by either rank get gradient (the union of two sets)
@@ -127,3 +152,44 @@ def test_projections_sharded_on_their_own_are_refused(tmp_path):
             model(torch.randint(0, 96, (1, 5)))
     finally:
         dist.destroy_process_group()
+
+
+def test_fsdp1_units_at_the_projections_are_refused(tmp_path):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        model = sk.replace_mlp(tiny_model("llama"), 0.5).train()
+        wrapped = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}),
+                                           device_id=torch.device("cpu"))
+        with pytest.raises(ValueError, match=r"SATMLP\.gate_proj is an FSDP1 unit of its own .*decoder layers the "
+                                             r"wrapping units.*SAT training supports DDP, FSDP2"):
+            wrapped(torch.randint(0, 96, (1, 5)))
+    finally:
+        dist.destroy_process_group()
+
+
+def _partitioned(ds_id=None):
+    """A parameter as DeepSpeed ZeRO-3 leaves it outside its module's forward: empty, with a ``ds_id``."""
+    p = torch.nn.Parameter(torch.empty(0))
+    if ds_id is not None:
+        p.ds_id = ds_id
+    return p
+
+
+@pytest.mark.parametrize("kind", ["mlp", "attention"])
+def test_zero3_partitioned_weights_are_refused_in_training(kind):
+    model = tiny_model("llama").train()
+    if kind == "mlp":
+        sk.replace_mlp(model, 0.5)
+        module, name, match = model.model.layers[0].mlp, "down_proj", r"SATMLP\.down_proj\.weight is a DeepSpeed ZeRO-3"
+    else:
+        sk.replace_attention(model, 0.5)
+        module, name, match = model.model.layers[0].self_attn, "k_proj", r"SATAttention\.k_proj\.weight is a DeepSpeed"
+    getattr(module, name).weight = _partitioned(ds_id=7)
+    with pytest.raises(ValueError, match=match + r".*ZeRO-1/2"):
+        model(torch.randint(0, 96, (1, 5)))
+    getattr(module, name).weight = _partitioned()
+    with pytest.raises(ValueError, match=rf"{name}\.weight is empty \(\(0,\)\): a partitioned parameter"):
+        model(torch.randint(0, 96, (1, 5)))

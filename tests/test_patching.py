@@ -1,4 +1,6 @@
-"""replace_mlp / set_omission_rate / revert on tiny random Hugging Face models (no downloads)."""
+"""replace_mlp / set_omission_rate / revert / patch_summary on tiny random Hugging Face models (no downloads)."""
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -173,5 +175,178 @@ def test_adapter_added_after_patching_is_refused():
             return self.base(x)
 
     model.model.layers[0].mlp.up_proj = Adapter(model.model.layers[0].mlp.up_proj)
-    with pytest.raises(TypeError, match="up_proj must be a bias-free nn.Linear"):
+    with pytest.raises(TypeError, match=r"up_proj must be an nn.Linear \(exactly torch.nn.Linear\), got .*Adapter"):
         model(_ids())
+
+
+def _hf_model(config_name, **kwargs):
+    import transformers
+
+    if not hasattr(transformers, config_name):
+        pytest.skip(f"transformers {transformers.__version__} has no {config_name}")
+    torch.manual_seed(0)
+    config = getattr(transformers, config_name)(vocab_size=96, hidden_size=48, intermediate_size=96,
+                                                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                                head_dim=24, **kwargs)
+    return transformers.AutoModelForCausalLM.from_config(config).float()
+
+
+def test_gemma3n_activation_sparsity_is_refused():
+    model = _hf_model("Gemma3nTextConfig", activation_sparsity_pattern=[0.95, 0.0], hidden_size_per_layer_input=8,
+                      vocab_size_per_layer_input=96, laurel_rank=4, altup_num_inputs=2, num_kv_shared_layers=0,
+                      layer_types=["sliding_attention", "full_attention"], sliding_window=16)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp \(Gemma3nTextMLP\) does not compute "
+                                         r"down_proj\(act_fn\(gate_proj\(x\)\) \* up_proj\(x\)\): in eval mode"):
+        sk.replace_mlp(model)
+    assert not any(isinstance(m, sk.SATMLP) for m in model.modules()), "a failed call must not patch"
+    model.model.layers[0].mlp.activation_sparsity = 0.0
+    sk.replace_mlp(model)
+    assert all(isinstance(layer.mlp, sk.SATMLP) for layer in model.model.layers)
+
+
+def test_falcon_h1_mlp_multipliers_are_refused():
+    model = _hf_model("FalconH1Config", mlp_multipliers=[0.5, 2.0], mamba_d_ssm=48, mamba_n_heads=4,
+                      mamba_d_head=12, mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=16)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.feed_forward \(FalconH1MLP\) does not compute"):
+        sk.replace_mlp(model)
+    for layer in model.model.layers:
+        layer.feed_forward.gate_multiplier = layer.feed_forward.down_multiplier = 1.0
+    sk.replace_mlp(model)
+
+
+def test_seed_oss_residual_dropout_is_refused_and_eval_reaches_the_wrapped_module():
+    model = _hf_model("SeedOssConfig", residual_dropout=0.1, attention_dropout=0.0).train()
+    with pytest.raises(ValueError, match=r"\(SeedOssMLP\) does not compute .* in training mode its forward differs"
+                                         r".*residual_dropout=0\.1 looks like a dropout: set it to 0"):
+        sk.replace_mlp(model)
+    rng = torch.get_rng_state()
+    for layer in model.model.layers:
+        layer.mlp.residual_dropout = 0.0
+    sk.replace_mlp(model)
+    assert torch.equal(torch.get_rng_state(), rng), "the probe must not move the global RNG"
+    mlp = model.model.layers[0].mlp
+    assert mlp.training and mlp.dense_module.training
+    model.eval()
+    assert not mlp.dense_module.training, "eval() must reach the wrapped module"
+    model.train()
+    assert mlp.dense_module.training
+
+
+class _Wrapper(nn.Module):
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp = mlp
+
+
+class _MLP(nn.Module):
+    def __init__(self, h=16, inter=40):
+        super().__init__()
+        self.gate_proj = nn.Linear(h, inter, bias=False)
+        self.up_proj = nn.Linear(h, inter, bias=False)
+        self.down_proj = nn.Linear(inter, h, bias=False)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _ClampedMLP(_MLP):
+    def forward(self, x):
+        return self.down_proj((self.act_fn(self.gate_proj(x)) * self.up_proj(x)).clamp(-0.1, 0.1))
+
+
+class _ScaledMLP(_MLP):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _DropoutMLP(_MLP):
+    def __init__(self):
+        super().__init__()
+        self.dropout = nn.Dropout(0.1)
+
+    def forward(self, x):
+        return self.dropout(super().forward(x))
+
+
+@pytest.mark.parametrize("cls,match", [(_ClampedMLP, r"mlp \(_ClampedMLP\) does not compute .* in eval mode"),
+                                       (_ScaledMLP, r"mlp \(_ScaledMLP\) does not compute .* in eval mode"),
+                                       (_DropoutMLP, r"mlp \(_DropoutMLP\) has dropout \['dropout'\]")],
+                         ids=["clamped", "scaled", "dropout"])
+def test_mlps_computing_something_else_are_refused(cls, match):
+    with pytest.raises(ValueError, match=match):
+        sk.replace_mlp(_Wrapper(cls()))
+    sk.replace_mlp(_Wrapper(_MLP()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_probe_accepts_low_precision_and_skips_meta_weights(dtype):
+    sk.replace_mlp(tiny_model("llama").to(dtype))
+    with torch.device("meta"):
+        model = _Wrapper(_ScaledMLP())
+    sk.replace_mlp(model)   # nothing to evaluate before the weights are loaded
+    assert isinstance(model.mlp, sk.SATMLP)
+
+
+def _moe_model(config_name, **kwargs):
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, config_name)(vocab_size=96, hidden_size=48, intermediate_size=96,
+                                                moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                **kwargs)
+    return transformers.AutoModelForCausalLM.from_config(config).float()
+
+
+def test_summary_of_a_fully_patched_model_is_logged_as_info(caplog):
+    model = tiny_model("llama")
+    before = sk.patch_summary(model)["mlp"]
+    assert before.num_layers == 2 and not before.complete and before.skipped == {
+        "LlamaMLP": "not patched: replace_mlp was not called or was reverted"}
+    with caplog.at_level(logging.INFO, logger="sat_kernels"):
+        sk.replace_attention(sk.replace_mlp(model))
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.INFO, "replace_mlp: SAT MLP in 2 of 2 layers (LlamaMLP), 2 SAT MLP modules in all"),
+        (logging.INFO, "replace_attention: SAT attention in 2 of 2 layers (LlamaAttention), 2 SAT attention modules "
+                       "in all")]
+    summary = sk.patch_summary(model)
+    assert summary["mlp"].complete and summary["attention"].complete
+    assert summary["mlp"].patched_layers == summary["mlp"].sat_modules == ("model.layers.0.mlp", "model.layers.1.mlp")
+    sk.revert(model)
+    assert sk.patch_summary(model)["attention"].unpatched_layers == {"model.layers.0.self_attn": "LlamaAttention",
+                                                                     "model.layers.1.self_attn": "LlamaAttention"}
+
+
+def test_qwen2_moe_only_shared_experts_are_patched_with_a_warning(caplog):
+    model = _moe_model("Qwen2MoeConfig", shared_expert_intermediate_size=64)
+    with caplog.at_level(logging.INFO, logger="sat_kernels"):
+        sk.replace_mlp(model)
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    assert record.getMessage().startswith(
+        "replace_mlp: SAT MLP in 0 of 2 layers, 2 SAT MLP modules in all; partly patched: 2 layers of "
+        "Qwen2MoeSparseMoeBlock (mixture of experts: shared_expert patched; ")
+    assert "experts (Qwen2MoeExperts)" in record.getMessage()
+    summary = sk.patch_summary(model)["mlp"]
+    assert not summary.complete and summary.patched_layers == ()
+    assert summary.partial_layers == {f"model.layers.{i}.mlp": "Qwen2MoeSparseMoeBlock" for i in range(2)}
+    assert summary.sat_modules == ("model.layers.0.mlp.shared_expert", "model.layers.1.mlp.shared_expert")
+    assert "not a supported attention class" in sk.patch_summary(model)["attention"].skipped["Qwen2MoeAttention"]
+
+
+def test_qwen3_moe_dense_layers_only_with_a_warning_and_pure_moe_refused(caplog):
+    model = _moe_model("Qwen3MoeConfig", head_dim=12, mlp_only_layers=[1])
+    with caplog.at_level(logging.INFO, logger="sat_kernels"):
+        sk.replace_mlp(model)
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING and record.getMessage() == (
+        "replace_mlp: SAT MLP in 1 of 2 layers (Qwen3MoeMLP), 1 SAT MLP module in all; not patched: 1 layer of "
+        "Qwen3MoeSparseMoeBlock (mixture of experts: its routed experts (Qwen3MoeExperts) are not supported)")
+    summary = sk.patch_summary(model)["mlp"]
+    assert summary.patched_layers == ("model.layers.1.mlp",)
+    assert summary.unpatched_layers == {"model.layers.0.mlp": "Qwen3MoeSparseMoeBlock"}
+
+    with pytest.raises(ValueError, match=r"has no SwiGLU MLP .*Qwen3MoeSparseMoeBlock: mixture of experts: its routed "
+                                         r"experts \(Qwen3MoeExperts\) are not supported"):
+        sk.replace_mlp(_moe_model("Qwen3MoeConfig", head_dim=12))

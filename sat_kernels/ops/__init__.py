@@ -158,6 +158,20 @@ def sat_mlp_kept(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
         y = dense_mlp(x, w_gate, w_up, w_down, act)
         return (y, torch.arange(inter, device=x.device)) if return_indices else y
 
+    select = make_selector(k, metric=metric, strategy=strategy, generator=generator, group=group, w_down=w_down,
+                           stats=stats)
+    y, idx = _run(launcher, x, w_gate, w_up, w_down, select, act, forward == "dense")
+    return (y, idx) if return_indices else y
+
+
+def make_selector(k: int, *, metric: str, strategy: str, generator: Optional[torch.Generator], group,
+                  w_down: Optional[torch.Tensor], stats: Optional[dict] = None):
+    """The in-step selection an autograd op calls: ``select(a [T, I]) -> idx [k]`` (or ``select(scores=fp32 [I])``).
+
+    Scores ``a`` with ``metric`` (``"contrib"`` weighs by the column norms of ``w_down``), all-reduces the scores (and
+    rank 0's noise) over ``group`` when it is not ``None``, picks ``k`` with ``strategy`` and puts the selection's
+    statistics into ``stats`` (as :func:`sat_mlp` documents them) when it is a dict.
+    """
     def select(a: Optional[torch.Tensor] = None, *, scores: Optional[torch.Tensor] = None,
                select_fn=select_neurons) -> torch.Tensor:
         # select_fn: select_neurons or a backend's kernel with its signature, which draws the noise itself when
@@ -166,7 +180,7 @@ def sat_mlp_kept(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
             scores = activation_scores(a, metric, w_down)
         uniform = None
         if group is not None:
-            uniform = draw_uniform(inter, strategy, scores.device, generator)
+            uniform = draw_uniform(scores.numel(), strategy, scores.device, generator)
             scores, uniform = all_reduce_scores(scores, metric, uniform, group)
         idx = select_fn(scores, k, strategy=strategy, generator=generator, uniform=uniform)
         if stats is not None:
@@ -174,8 +188,7 @@ def sat_mlp_kept(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
         return idx
 
     select.metric = metric  # a backend that fuses the scoring into its kernels calls select(scores=fp32 [I])
-    y, idx = _run(launcher, x, w_gate, w_up, w_down, select, act, forward == "dense")
-    return (y, idx) if return_indices else y
+    return select
 
 
 def gathered_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,

@@ -47,6 +47,37 @@ def reference_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     return F.linear(a, w_down)
 
 
+def _lora_linear(inp: torch.Tensor, w: torch.Tensor, adapter) -> torch.Tensor:
+    """``inp W^T + s (inp A^T) B^T`` as PEFT computes it: the adapter in its own dtype, the sum cast back."""
+    out = F.linear(inp, w)
+    if adapter is None:
+        return out
+    return (out + F.linear(F.linear(inp.to(adapter.a.dtype), adapter.a), adapter.b) * adapter.scaling).to(out.dtype)
+
+
+def reference_lora_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, adapters,
+                       indices: Optional[torch.Tensor] = None, *, act: str = "silu",
+                       forward: str = "sparse") -> torch.Tensor:
+    """:func:`reference_mlp` with LoRA adapters: each projection computes ``W x + s B (A x)``.
+
+    ``adapters``: ``(gate, up, down)``, each ``None`` or with fields ``a`` ``[r, in]``, ``b`` ``[out, r]``,
+    ``scaling`` (:class:`sat_kernels.ops.sat_mlp_lora.LoRA`; dropout is not modelled here). The mask over ``indices``
+    applies to the input of the down projection, base and adapter; with ``forward="dense"`` the activations and the
+    columns of ``W_down`` and ``A_down`` pass their value everywhere and their gradient only at kept neurons.
+    """
+    gate, up, down = adapters
+    a = _act(_lora_linear(x, w_gate, gate), act) * _lora_linear(x, w_up, up)
+    if indices is None:
+        return _lora_linear(a, w_down, down)
+    mask = torch.zeros(w_gate.shape[0], dtype=a.dtype, device=a.device)
+    mask[indices] = 1
+    if forward == "dense":
+        if down is not None:
+            down = down._replace(a=_masked_gradient(down.a, mask.to(down.a.dtype)))
+        return _lora_linear(_masked_gradient(a, mask), _masked_gradient(w_down, mask), down)
+    return _lora_linear(a * mask, w_down, down)
+
+
 @torch.no_grad()
 def reference_indices(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                       omission_rate: float, *, metric: str = "l2", act: str = "silu") -> torch.Tensor:

@@ -1,0 +1,236 @@
+"""SAT SwiGLU MLP with LoRA adapters (PEFT semantics) on a frozen base, on the ``"torch"`` backend.
+
+Each projection ``P`` of ``gate``, ``up``, ``down`` computes ``W_P x + s_P B_P A_P drop_P(x)`` (the adapter term is
+optional per projection; ``A_P`` is ``[r, in]``, ``B_P`` is ``[out, r]``). SAT scores and selects from the adapted
+activations and runs the down projection, base and adapter, over the kept neurons (DESIGN.md section 2, "LoRA")::
+
+    Zg = drop_g(x) A_g^T                          [T, r]
+    G  = x W_g^T + s_g Zg B_g^T                   [T, I]   all neurons, once (the scores need them); U likewise
+    A  = act(G) * U, S = select(score(A))         [T, I], [k]
+    D  = drop_d(A)                                [T, I]   the mask is drawn over every neuron, as PEFT draws it
+    Zd = D[:, S] A_d[:, S]^T                      [T, r]
+    y  = A[:, S] W_d[:, S]^T + s_d Zd B_d^T       [T, h]   forward="sparse" (the paper's mode)
+    y  = A W_d^T + s_d (D A_d^T) B_d^T            [T, h]   forward="dense" (the exact output); same backward
+
+Backward, over the kept neurons only (``m``: the dropout scale of ``D``, 0 or ``1/(1-p)``)::
+
+    dZd = s_d dy B_d;  dB_d = s_d dy^T Zd;  dA_d[:, S] = dZd^T D[:, S]            (columns outside S: zero)
+    dA_S = dy W_d[:, S] + m_S * (dZd A_d[:, S]);  dG_S, dU_S = SwiGLU backward
+    dZg = s_g dG_S B_g[S];  dB_g[S] = s_g dG_S^T Zg;  dA_g = dZg^T drop_g(x)        (rows of B_g outside S: zero)
+    dx  = dG_S W_g[S] + dU_S W_u[S] + (dZg A_g + dZu A_u through the dropouts of x)
+
+Frozen base weights get no gradient GEMM (a base weight that requires grad gets the SAT gradient of
+:mod:`sat_kernels.ops.sat_mlp`). Saved for backward: ``G[:, S]``, ``U[:, S]``, the ``[T, r]`` adapter activations,
+the dropped inputs of the gate/up adapters (``x`` itself without dropout), ``m[:, S]`` with dropout on the down
+adapter, and ``x`` only when a base weight needs a gradient.
+
+FLOPs per ``T*h*I`` (forward + backward; the adapter GEMMs, ``O(T*r*(h + I))``, are left out): the dense LoRA MLP
+on a frozen base runs 3 GEMMs forward and 3 backward (``dx`` only): 12. SAT with ``rho = k/I``: forward
+``4 + 2*rho``, backward ``6*rho`` (``dA_S`` and the two ``dx`` GEMMs): ``4 + 8*rho``; with ``forward="dense"``
+``6 + 6*rho``. The selection, gathers and dropout mask are elementwise (``O(T*I)``).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, NamedTuple, Optional, Tuple
+
+import torch
+
+from ..distributed import default_sync_group
+from ..selection import FORWARD_MODES, METRICS, STRATEGIES, check_choice
+from . import check_mlp_inputs, make_selector
+from .sat_mlp import ACTIVATIONS, TorchIndexOps as ops, act_bwd, act_fwd
+
+
+class LoRA(NamedTuple):
+    """The active LoRA adapter of one projection: ``s * B (A drop(x))``.
+
+    Attributes:
+        a: ``lora_A`` weight ``[r, in]``.
+        b: ``lora_B`` weight ``[out, r]``.
+        scaling: ``s`` (``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA: PEFT's ``scaling``).
+        dropout: the dropout module applied to the adapter's input (PEFT's ``lora_dropout``), ``None`` for none.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scaling: float
+    dropout: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+
+def _adapted(x: torch.Tensor, w: torch.Tensor, xd: Optional[torch.Tensor], a: Optional[torch.Tensor],
+             b: Optional[torch.Tensor], s: float) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(x W^T + s (xd A^T) B^T, xd A^T)`` as PEFT computes it: the adapter in its own dtype, the sum cast back."""
+    out = torch.mm(x, w.t())                                           # [T, out]
+    if a is None:
+        return out, None
+    z = torch.mm(xd, a.t())                                            # [T, r]
+    return (out + torch.mm(z, b.t()) * s).to(out.dtype), z
+
+
+def _adapter_bwd(dout_s: torch.Tensor, xd: torch.Tensor, a: torch.Tensor, b: torch.Tensor, z: torch.Tensor,
+                 s: float, idx: torch.Tensor, n: int, need_xd: bool, need_a: bool, need_b: bool):
+    """Gradients of the gate/up adapter from ``dout_s`` ``[T, k]`` (the kept outputs): ``(dxd, dA, dB)``."""
+    dout = dout_s.to(b.dtype)
+    db = ops.scatter_rows(torch.mm(dout.t(), z) * s, idx, n) if need_b else None          # [n, r]
+    dz = torch.mm(dout, ops.gather_rows(b, idx)) * s                                        # [T, r]
+    da = torch.mm(dz.t(), xd) if need_a else None                                           # [r, h]
+    dxd = torch.mm(dz, a) if need_xd else None                                              # [T, h]
+    return dxd, da, db
+
+
+class SATLoRAMLPFunction(torch.autograd.Function):
+    """Autograd op of the SAT MLP with LoRA adapters on 2-D ``x`` (see the module docstring).
+
+    ``xg``/``xu``: the dropped inputs of the gate/up adapters (``None`` without an adapter); ``a_*``/``b_*``: the
+    adapter weights or ``None``; ``noise``: ``None`` or a callable returning the down adapter's dropout scale for a
+    shape (drawn like PEFT's dropout module); ``select``: ``select(a [T, I]) -> idx [k]``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, xg, xu, w_gate, w_up, w_down, a_g, b_g, a_u, b_u, a_d, b_d, scaling, noise, select,
+                act: str, dense_forward: bool):
+        s_g, s_u, s_d = scaling
+        g, z_g = _adapted(x, w_gate, xg, a_g, b_g, s_g)                # [T, I], [T, r]
+        u, z_u = _adapted(x, w_up, xu, a_u, b_u, s_u)                  # [T, I], [T, r]
+        a = act_fwd(g, act).mul_(u)                                    # [T, I]
+        idx = select(a)                                                # [k]
+        g_s, u_s = ops.gather_cols(g, idx), ops.gather_cols(u, idx)    # [T, k]
+        del g, u
+        a_s = ops.gather_cols(a, idx)                                  # [T, k]
+        y = torch.mm(a, w_down.t()) if dense_forward else torch.mm(a_s, ops.gather_cols(w_down, idx).t())  # [T, h]
+        m_s = z_d = None
+        if a_d is not None:
+            m = noise(a.shape, a.device) if noise is not None else None                 # [T, I]
+            if dense_forward:
+                d = a if m is None else a * m                                            # [T, I]
+                z_d = torch.mm(d.to(a_d.dtype), a_d.t())                                 # [T, r]
+            if m is not None:
+                m_s = ops.gather_cols(m, idx)                                            # [T, k]
+            if not dense_forward:
+                d_s = a_s if m_s is None else a_s * m_s                                  # [T, k]
+                z_d = torch.mm(d_s.to(a_d.dtype), ops.gather_cols(a_d, idx).t())         # [T, r]
+            y = (y + torch.mm(z_d, b_d.t()) * s_d).to(y.dtype)
+        need = ctx.needs_input_grad
+        ctx.save_for_backward(x if need[3] or need[4] else None, xg if need[6] else None,
+                              xu if need[8] else None, w_gate, w_up, w_down, a_g, b_g, a_u, b_u, a_d, b_d, idx,
+                              g_s, u_s, m_s, z_g, z_u, z_d)
+        ctx.scaling, ctx.act = scaling, act
+        ctx.mark_non_differentiable(idx)
+        return y, idx
+
+    @staticmethod
+    def backward(ctx, dy, _didx):
+        (x, xg, xu, w_gate, w_up, w_down, a_g, b_g, a_u, b_u, a_d, b_d, idx, g_s, u_s, m_s, z_g, z_u,
+         z_d) = ctx.saved_tensors
+        s_g, s_u, s_d = ctx.scaling
+        act, need = ctx.act, ctx.needs_input_grad
+        inter = w_gate.shape[0]
+        dy = dy.contiguous()
+        da_s = torch.mm(dy, ops.gather_cols(w_down, idx))              # [T, k]
+        act_g = act_fwd(g_s, act)                                      # [T, k]
+        a_s = act_g * u_s                                              # [T, k]
+        dwd = ops.scatter_cols(torch.mm(dy.t(), a_s), idx, inter) if need[5] else None   # [h, I]
+        da_d = db_d = None
+        if a_d is not None:
+            dyl = dy.to(b_d.dtype)
+            db_d = torch.mm(dyl.t(), z_d) * s_d if need[11] else None                    # [h, r]
+            dz_d = torch.mm(dyl, b_d) * s_d                                               # [T, r]
+            if need[10]:
+                d_s = a_s if m_s is None else a_s * m_s                                   # [T, k]
+                da_d = ops.scatter_cols(torch.mm(dz_d.t(), d_s.to(a_d.dtype)), idx, inter)   # [r, I]
+            dd_s = torch.mm(dz_d, ops.gather_cols(a_d, idx))                              # [T, k]
+            da_s += (dd_s if m_s is None else dd_s * m_s).to(da_s.dtype)
+        dg_s = act_bwd(da_s * u_s, g_s, act)                           # [T, k]
+        du_s = da_s.mul_(act_g)                                        # [T, k]
+        dx = dwg = dwu = dxg = dxu = da_g = db_g = da_u = db_u = None
+        if need[0]:
+            dx = torch.mm(dg_s, ops.gather_rows(w_gate, idx))          # [T, h]
+            dx.addmm_(du_s, ops.gather_rows(w_up, idx))
+        if need[3]:
+            dwg = ops.scatter_rows(torch.mm(dg_s.t(), x), idx, inter)  # [I, h]
+        if need[4]:
+            dwu = ops.scatter_rows(torch.mm(du_s.t(), x), idx, inter)  # [I, h]
+        if a_g is not None:
+            dxg, da_g, db_g = _adapter_bwd(dg_s, xg, a_g, b_g, z_g, s_g, idx, inter, need[1], need[6], need[7])
+        if a_u is not None:
+            dxu, da_u, db_u = _adapter_bwd(du_s, xu, a_u, b_u, z_u, s_u, idx, inter, need[2], need[8], need[9])
+        return (dx, dxg, dxu, dwg, dwu, dwd, da_g, db_g, da_u, db_u, da_d, db_d,
+                None, None, None, None, None)
+
+
+def _operand(term: Optional[LoRA], field: str):
+    return None if term is None else getattr(term, field)
+
+
+def sat_lora_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                 adapters: Tuple[Optional[LoRA], Optional[LoRA], Optional[LoRA]], k: int, *,
+                 metric: str = "l2", strategy: str = "topk", act: str = "silu", sync_selection=False,
+                 forward: str = "sparse", return_indices: bool = False, stats: Optional[dict] = None):
+    """SAT SwiGLU MLP whose projections carry LoRA adapters, keeping ``k`` neurons, differentiable w.r.t. ``x``, the
+    adapters and the base.
+
+    Args:
+        x: ``[..., h]``; w_gate, w_up ``[I, h]``, w_down ``[h, I]``: the base weights, of ``x``'s dtype.
+        adapters: ``(gate, up, down)``, each a :class:`LoRA` or ``None``. Adapter weights may have another dtype
+            (PEFT keeps them in fp32 on a bf16 base): the adapter runs in it and the sum is cast back, as in PEFT.
+        k: kept neurons, an int in ``[1, I]`` (``num_kept(I, omission_rate)``), as in
+            :func:`sat_kernels.ops.sat_mlp_kept`.
+        metric, strategy, act, sync_selection, forward, return_indices, stats: as in :func:`sat_kernels.sat_mlp`.
+            ``"contrib"`` weighs the scores by the column norms of the adapted down weight ``W_d + s_d B_d A_d``.
+
+    Returns:
+        ``y`` of shape ``[..., h]``, or ``(y, indices)``.
+
+    Example:
+        >>> k = num_kept(w_g.shape[0], 0.5)
+        >>> y = sat_lora_mlp(x, w_g, w_u, w_d, (LoRA(a_g, b_g, 2.0), None, LoRA(a_d, b_d, 2.0)), k)
+    """
+    inter, hidden = check_mlp_inputs(x, w_gate, w_up, w_down)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= inter:
+        raise ValueError(f"k must be an int in [1, {inter}] (the neurons of w_gate), got {k!r}")
+    check_choice(metric, METRICS, "metric")
+    check_choice(strategy, STRATEGIES, "strategy")
+    check_choice(act, ACTIVATIONS, "act")
+    check_choice(forward, FORWARD_MODES, "forward")
+    shapes = {"gate": (hidden, inter), "up": (hidden, inter), "down": (inter, hidden)}
+    for (name, (fan_in, fan_out)), term in zip(shapes.items(), adapters):
+        if term is None:
+            continue
+        r = term.a.shape[0]
+        if term.a.dim() != 2 or tuple(term.a.shape) != (r, fan_in) or tuple(term.b.shape) != (fan_out, r):
+            raise ValueError(f"the {name} adapter must have A [r, {fan_in}] and B [{fan_out}, r], got "
+                             f"{tuple(term.a.shape)} and {tuple(term.b.shape)}")
+        if term.a.device != x.device or term.b.device != x.device:
+            raise ValueError(f"the {name} adapter must be on {x.device} (the device of x)")
+        if term.a.dtype != term.b.dtype or not term.a.is_floating_point():
+            raise TypeError(f"the {name} adapter's A and B must share one float dtype, got {term.a.dtype} and "
+                            f"{term.b.dtype}")
+    gate, up, down = adapters
+    w_eff = w_down
+    if metric == "contrib" and down is not None:
+        with torch.no_grad():
+            w_eff = w_down + (torch.mm(down.b, down.a) * down.scaling).to(w_down.dtype)
+    select = make_selector(k, metric=metric, strategy=strategy, generator=None,
+                           group=default_sync_group(sync_selection), w_down=w_eff, stats=stats)
+    x2 = x.reshape(-1, hidden)
+    # the adapters' input dropout, as PEFT applies it: on x cast to the adapter's dtype, through autograd
+    xg, xu = ((None if t is None else t.dropout(x2.to(t.a.dtype)) if t.dropout is not None else x2.to(t.a.dtype))
+              for t in (gate, up))
+    noise = None
+    if down is not None and down.dropout is not None:
+        drop, drop_dtype = down.dropout, down.a.dtype
+
+        def noise(shape, device):   # the scale PEFT's dropout multiplies the down adapter's input by
+            return drop(torch.ones(shape, dtype=drop_dtype, device=device))
+    operands = [x2, xg, xu, w_gate, w_up, w_down] + [_operand(t, f) for t in adapters for f in ("a", "b")]
+    device_type = x.device.type
+    autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+    if autocast:   # like F.linear under autocast: every GEMM in the autocast dtype
+        dtype = torch.get_autocast_dtype(device_type)
+        operands = [None if t is None else t.to(dtype) for t in operands]
+    scaling = tuple(1.0 if t is None else float(t.scaling) for t in adapters)
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        y2, idx = SATLoRAMLPFunction.apply(*operands, scaling, noise, select, act, forward == "dense")
+    y = y2.reshape(*x.shape[:-1], hidden)
+    return (y, idx) if return_indices else y
