@@ -53,13 +53,18 @@ def _out_and_grads(fn, tensors, dy):
     return [y.detach(), *torch.autograd.grad(y, list(tensors.values()), dy)]
 
 
+def _strict_ulps(dtype):
+    """Headroom of the strict comparisons: none, except in fp64, where the plain reference is the reference."""
+    return 8 if dtype == torch.float64 else 0
+
+
 def _ref(heads, const):
     return lambda **t: reference_attention(heads=heads, **t, **const)
 
 
-def assert_attention_matches_reference(fn, tensors, const, dy, heads):
+def assert_attention_matches_reference(fn, tensors, const, dy, heads, ulps=8):
     """``fn`` (y and the gradient of every tensor) against the fp64 masked-dense reference, within 2x the error of
-    the plain reference at the operands' dtype plus a few ulps (flash-attention's rule)."""
+    the plain reference at the operands' dtype (flash-attention's rule) plus ``ulps`` machine epsilons."""
     ours = _out_and_grads(fn, tensors, dy)
     fp64 = {k: v.detach().double().requires_grad_() for k, v in tensors.items()}
     const64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
@@ -71,7 +76,7 @@ def assert_attention_matches_reference(fn, tensors, const, dy, heads):
         assert o.shape == r.shape and o.dtype == dy.dtype, name
         assert not torch.isnan(o).any(), f"{name} has NaN"
         err, err_plain = rel_rms(o, r), rel_rms(p, r)
-        assert err <= 2 * err_plain + 8 * eps, f"{name}: rel-RMS error {err:.3e} > 2 x plain PyTorch {err_plain:.3e}"
+        assert err <= 2 * err_plain + ulps * eps, f"{name}: rel-RMS error {err:.3e} > 2 x plain PyTorch {err_plain:.3e}"
     return dict(zip(["y", *tensors], ours))
 
 
@@ -108,7 +113,7 @@ def test_gathered_attention_matches_reference(layout, masked, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=_dtype_id)
 def test_sat_attention_matches_reference(dtype, unit, core, monkeypatch):
     """In-step selection + both attention cores (fused CPU kernel and explicit softmax) against the reference."""
-    monkeypatch.setattr(sa, "_core_kind", lambda q: core)
+    monkeypatch.setattr(sa, "_core_kind", lambda *args: core)
     B, T, h, H, G, d = 3, 37, 48, 8, 4, 6
     tensors, const, dy = make_attention_operands(B, T, h, H, G, d, dtype, bias=True, norm=True, seed=1,
                                                  mask=_padding_mask(B, T, 4))
@@ -150,28 +155,50 @@ def test_odd_and_tiny_sequences(T):
                                        tensors, const, dy, heads)
 
 
-@pytest.mark.parametrize("mask_kind", ["bool", "additive-min", "additive-inf"])
-def test_query_rows_without_any_key(mask_kind):
-    """Left padding: query rows that may attend no key give 0 with -inf/boolean masks and stay finite with the
-    finfo.min masks of eager attention; the rows with keys match the reference."""
-    B, T, h, H, G, d = 2, 11, 24, 4, 2, 6
-    allowed = torch.ones(B, 1, T, T, dtype=torch.bool).tril()
-    allowed[1, :, :, :3] = False                                    # batch row 1: 3 left-padding tokens
-    mask = {"bool": allowed,
-            "additive-min": torch.zeros(B, 1, T, T).masked_fill(~allowed, torch.finfo(torch.float32).min),
-            "additive-inf": torch.zeros(B, 1, T, T).masked_fill(~allowed, float("-inf"))}[mask_kind]
-    tensors, const, dy = make_attention_operands(B, T, h, H, G, d, torch.float32, mask=mask)
-    dy[1, :3] = 0                                                   # padding positions carry no loss
-    heads = torch.tensor([1, 2])
-    ours = _out_and_grads(lambda **t: sk.gathered_attention(heads=heads, causal=False, **t, **const), tensors, dy)
-    assert all(torch.isfinite(g).all() for g in ours)
-    ref = reference_attention(heads=heads, causal=False, **{k: v.detach() for k, v in tensors.items()},
-                              **{**const, "attention_mask": allowed})
-    torch.testing.assert_close(ours[0][1, 3:], ref[1, 3:], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ours[0][0], ref[0], rtol=1e-5, atol=1e-5)
-    if mask_kind != "additive-min":
-        assert torch.equal(ours[0][1, :3], tensors["b_o"][None].expand(3, -1) if "b_o" in tensors
-                           else torch.zeros(3, h))
+def _no_key_mask(kind, padding, T, causal_in_mask=True):
+    """``[1, 1, T, T]`` mask, causal unless ``causal_in_mask`` is False, with two padding keys: ``"left"`` (the first
+    two query rows have no allowed key), ``"right"`` (every row keeps one) or ``"all"`` (no row has one)."""
+    allowed = torch.ones(1, 1, T, T, dtype=torch.bool)
+    if causal_in_mask:
+        allowed = allowed.tril()
+    allowed[..., {"left": slice(0, 2), "right": slice(T - 2, T), "all": slice(0, T)}[padding]] = False
+    if kind == "bool":
+        return allowed
+    fill = torch.finfo(torch.float32).min if kind == "additive-min" else float("-inf")
+    return torch.zeros(1, 1, T, T).masked_fill(~allowed, fill)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("core", ["flash", "math", "causal-arg"])
+@pytest.mark.parametrize("padding", ["left", "right", "all"])
+@pytest.mark.parametrize("mask_kind", ["additive-min", "additive-inf", "bool"])
+def test_rows_without_an_allowed_key(mask_kind, padding, core, dtype, monkeypatch):
+    """Query rows without an allowed key (left padding): with eager attention's finfo.min mask they weigh every key
+    equally and get autograd's gradient of that (the fused backward had rebuilt their probabilities as 1 each, up to
+    T times too large); with -inf or boolean masks they output 0. Output and every gradient against the fp64
+    reference at the kept heads, on both attention cores, and with ``causal=True`` on top of a padding-only mask."""
+    B, T, h, H, G, d = 1, 6, 64, 4, 2, 16
+    causal = core == "causal-arg"
+    if not causal:
+        monkeypatch.setattr(sa, "_core_kind", lambda *args: core)
+    mask = _no_key_mask(mask_kind, padding, T, causal_in_mask=not causal)
+    tensors, const, dy = make_attention_operands(B, T, h, H, G, d, dtype, mask=mask)
+    const["causal"] = causal
+    _, heads = sk.sat_attention(**tensors, omission_rate=0.5, return_indices=True, **const)
+    assert_attention_matches_reference(lambda **t: sk.sat_attention(**t, omission_rate=0.5, **const),
+                                       tensors, const, dy, heads, ulps=_strict_ulps(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("padding", ["left", "all"])
+@pytest.mark.parametrize("mask_kind", ["additive-min", "additive-inf", "bool"])
+def test_rows_without_an_allowed_key_dense_path(mask_kind, padding, dtype):
+    """Omission rate 0 runs the dense autograd path; there, too, rows without an allowed key follow eager attention
+    (``F.scaled_dot_product_attention``'s fused CPU backward has the same log-sum-exp rounding with finfo.min masks)."""
+    tensors, const, dy = make_attention_operands(1, 6, 64, 4, 2, 16, dtype, mask=_no_key_mask(mask_kind, padding, 6))
+    const["causal"] = False
+    assert_attention_matches_reference(lambda **t: sk.sat_attention(**t, omission_rate=0.0, **const),
+                                       tensors, const, dy, None, ulps=_strict_ulps(dtype))
 
 
 def test_rate_zero_and_tiny_rates_are_dense_autograd():
@@ -399,6 +426,54 @@ def test_left_padding_in_training_is_finite(impl):
     loss = model(ids, attention_mask=am, labels=labels).loss
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+_PARAMETER_NAMES = {"w_q": "q_proj.weight", "w_k": "k_proj.weight", "w_v": "v_proj.weight", "w_o": "o_proj.weight",
+                    "b_q": "q_proj.bias", "b_k": "k_proj.bias", "b_v": "v_proj.bias", "b_o": "o_proj.bias",
+                    "q_norm_weight": "q_norm.weight", "k_norm_weight": "k_norm.weight"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("left", [True, False], ids=["left-padding", "right-padding"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "gemma"])
+def test_patched_model_padding_gradients_match_reference(family, impl, left, dtype):
+    """Layer 0 of a tiny patched model on the hidden states, mask and RoPE tables the model passed it (left padding
+    leaves query rows without an allowed key: finfo.min rows with eager, all-False rows with sdpa). The original
+    module against the fp64 reference with all heads, and the SAT module against it with the kept heads: output and
+    every gradient."""
+    model = sk.replace_attention(tiny_model(family, attn_implementation=impl).to(dtype), 0.5).train()
+    sat = model.model.layers[0].self_attn
+    seen = {}
+    sat.register_forward_hook(lambda m, a, k, out: seen.update(kwargs=k), with_kwargs=True)
+    with torch.no_grad():
+        model(_ids(), attention_mask=_padding(left=left), use_cache=False)
+    kw = dict(seen["kwargs"])
+    x = kw.pop("hidden_states")
+    mask = kw["attention_mask"]
+    assert (mask.dtype == torch.bool) == (impl == "sdpa")
+    no_key = ~mask.any(-1) if impl == "sdpa" else mask.amax(-1) == torch.finfo(dtype).min
+    assert no_key.any() == left
+    params = dict(sat.named_parameters())
+    names = {k: n for k, n in _PARAMETER_NAMES.items() if n in params}
+    tensors = {"x": x.detach().clone().requires_grad_(),
+               **{k: params[n].detach().clone().requires_grad_() for k, n in names.items()}}
+    cos, sin = kw["position_embeddings"]
+    const = dict(num_heads=sat.num_heads, num_kv_heads=sat.num_kv_heads, scale=sat.scale, norm_eps=sat.norm_eps,
+                 cos=cos, sin=sin, attention_mask=mask, causal=False)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+
+    def call(module):
+        def fn(x, **t):
+            weights = {names[k]: v for k, v in t.items()}
+            return torch.func.functional_call(module, weights, args=(), kwargs={**kw, "hidden_states": x})[0]
+        return fn
+
+    assert_attention_matches_reference(call(sat.dense_module), tensors, const, dy, None, ulps=0)
+    g_q = _out_and_grads(call(sat), tensors, dy)[2]
+    heads = (g_q.view(sat.num_heads, -1).abs().sum(1) != 0).nonzero().flatten()
+    assert heads.numel() == sk.num_kept(sat.num_heads, 0.5)
+    assert_attention_matches_reference(call(sat), tensors, const, dy, heads, ulps=0)
 
 
 def test_generation_and_cache_are_unchanged():

@@ -8,13 +8,13 @@ Forward (in-step selection, DESIGN.md section 2), token-major layouts ``[B, T, h
     s = score(O) per unit, S = select(s)               unit = a query head, or a KV group (its rep query heads)
     y = O[:, :, S] W_o[:, S]^T (+b_o)                  [B, T, h]: kept heads only
 
-Saved for backward: ``x``, the kept heads' ``Q``, ``O``, ``lse`` and the ``K``, ``V`` of their groups (post-RoPE),
-plus the pre-norm projections of those heads when there is a q/k norm: never a tensor over all heads. The backward is
-written out and runs only over kept heads: the ``o_proj`` gradients, the attention backward (torch's own fused CPU
-flash-attention backward from the saved ``O``/``lse``, or an explicit softmax backward), RoPE, norm and the q/k/v
-projection gradients of the kept heads' rows. The compact weight gradients are scattered into zero full-size ones, so
-omitted heads' rows of ``W_q`` (and of ``W_k``/``W_v`` when no head of a group is kept) and columns of ``W_o`` get
-exactly zero.
+Saved for backward: ``x``, the kept heads' ``Q``, ``O``, ``lse`` (fused kernel) and the ``K``, ``V`` of their groups
+(post-RoPE), plus the pre-norm projections of those heads when there is a q/k norm: never a tensor over all heads. The
+backward is written out and runs only over kept heads: the ``o_proj`` gradients, the attention backward (torch's own
+fused CPU flash-attention backward from the saved ``O``/``lse``, or an explicit softmax backward), RoPE, norm and the
+q/k/v projection gradients of the kept heads' rows. The compact weight gradients are scattered into zero full-size
+ones, so omitted heads' rows of ``W_q`` (and of ``W_k``/``W_v`` when no head of a group is kept) and columns of ``W_o``
+get exactly zero.
 
 Writing the backward out beats re-entering autograd for the kept heads (forward of everything under no-grad, then a
 second differentiable forward of the kept heads with gathered weights), which repeats the kept heads' q/k/v
@@ -144,9 +144,17 @@ def _project(x2: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], rows:
 
 # ----------------------------------------------------------------------------------------------------- attention core
 
-def _core_kind(q: torch.Tensor) -> str:
+def _is_float_mask(mask: Optional[torch.Tensor]) -> bool:
+    return mask is not None and mask.dtype != torch.bool
+
+
+def _core_kind(q: torch.Tensor, mask: Optional[torch.Tensor], spec: AttentionSpec) -> str:
     """``"flash"``: torch's fused CPU flash-attention forward/backward (2.6x faster than the explicit path for
-    B 4, 5 heads, T 512, d 64, fp32, 2 threads, torch 2.13); ``"math"``: explicit matmul + softmax (any device)."""
+    B 4, 5 heads, T 512, d 64, fp32, 2 threads, torch 2.13); ``"math"``: explicit matmul + softmax (any device; also
+    a float mask together with ``causal``: a row without an allowed key then weighs only the keys up to its query,
+    which :func:`_no_key_dk` does not cover)."""
+    if spec.causal and _is_float_mask(mask):
+        return "math"
     return "flash" if q.device.type == "cpu" and q.dtype in _FLASH_CPU_DTYPES else "math"
 
 
@@ -159,36 +167,78 @@ def additive_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[
     return mask.to(dtype)
 
 
-def _math_scores(q, k, mask, spec: AttentionSpec) -> torch.Tensor:
-    """``q k^T * scale + mask`` (causal: upper triangle -inf) in the accumulation dtype: ``[B, n, T, S]``."""
+def _flash_bias(mask: Optional[torch.Tensor], dtype: torch.dtype):
+    """The additive mask for the fused kernel, in the accumulation dtype ``dtype`` (fp32 for bf16 operands, so a
+    ``finfo(float32).min`` mask does not become -inf), and the query rows without an allowed key under a float mask
+    (``[B or 1, 1, T, 1]`` bool; ``None`` without a float mask).
+
+    The fused backward rebuilds the probabilities as ``exp(score + mask - lse)`` from the forward's log-sum-exp. With
+    Hugging Face's eager masks that broke on a left-padded query, whose row is ``finfo.min`` everywhere: eager attention
+    computes ``score + finfo.min == finfo.min`` for every key there, so equal weights ``1/S``, but the log-sum-exp
+    ``finfo.min + log S`` rounds to ``finfo.min`` and the backward took every weight as 1 (gradients up to S times too
+    large). So a float mask is shifted per query row by its largest finite value (the softmax is the same, the
+    log-sum-exp stays representable), and a row holding one value ``c`` with ``c + 1 == c`` (no score can change it)
+    gets its query zeroed by the caller: all its scores 0, weights ``1/S`` as eager's, with the forward's
+    log-sum-exp exact. A -inf or boolean row with no allowed key outputs 0.
+    """
+    if not _is_float_mask(mask):
+        return additive_mask(mask, dtype), None
+    m = mask.to(dtype)
+    hi, lo = m.amax(-1, keepdim=True), m.amin(-1, keepdim=True)                    # [B or 1, 1, T, 1]
+    finite = hi > float("-inf")
+    no_key = finite & (hi == lo) & (hi + 1 == hi)
+    return m - torch.where(finite, hi, torch.zeros_like(hi)), no_key
+
+
+def _no_key_dk(q, do, v, no_key, scale: float) -> torch.Tensor:
+    """The key gradient from the query rows without an allowed key, which the fused backward misses (it saw their
+    queries as 0). Such a row ``i`` has weights ``1/S`` and output ``mean(v)``, so autograd's
+    ``sum_i ds_ij q_i = (scale / S) D (v_j - mean(v))`` with ``D = sum_i q_i do_i^T``: ``[d, d]`` per head, two
+    ``T x d x d`` products instead of the ``T x S x d`` ones of an explicit backward."""
+    acc = _acc_dtype(q.dtype)
+    q_nk = q.to(acc).masked_fill(~no_key, 0.0)                                           # [B, n, T, d]
+    d_nk = torch.matmul(q_nk.transpose(-1, -2), do.to(acc))                              # [B, n, d, d]
+    v_c = v.to(acc) - v.to(acc).mean(-2, keepdim=True)                                   # [B, n, S, d]
+    return torch.matmul(v_c, d_nk.transpose(-1, -2)).mul_(scale / v.shape[-2])          # [B, n, S, d]
+
+
+def _math_probs(q, k, mask, spec: AttentionSpec) -> torch.Tensor:
+    """``softmax(q k^T * scale + mask)`` (causal: upper triangle -inf) in the accumulation dtype, ``[B, n, T, S]``,
+    as eager attention computes it; a row with no finite score (-inf or boolean mask) is 0."""
     s = torch.matmul(q, k.transpose(-1, -2)).to(_acc_dtype(q.dtype)).mul_(spec.scale)
     if mask is not None:
-        s = s + mask.to(s.dtype)
+        s = s + additive_mask(mask, s.dtype)
     if spec.causal:
         t, l = s.shape[-2:]
         s = s.masked_fill(torch.ones(t, l, dtype=torch.bool, device=s.device).triu_(l - t + 1), float("-inf"))
-    return s
+    dead = s.amax(-1, keepdim=True) == float("-inf")
+    return torch.softmax(s.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0)      # dense_attention differentiates it
 
 
 def _core_fwd(q, k, v, mask, spec: AttentionSpec):
-    """Attention of ``[B, n, T, d]`` views (k, v with as many heads as q); returns ``(o, lse)``, o like q's layout."""
-    if _core_kind(q) == "flash":
+    """Attention of ``[B, n, T, d]`` views (k, v with as many heads as q); returns ``(o, lse)``, o like q's layout;
+    ``lse`` ``[B, n, T]`` is the fused kernel's log-sum-exp (its backward rebuilds the probabilities from it), ``None``
+    on the explicit path, whose backward recomputes the softmax."""
+    if _core_kind(q, mask, spec) == "flash":
+        bias, no_key = _flash_bias(mask, _acc_dtype(q.dtype))
+        q_s = q if no_key is None else q.masked_fill(no_key, 0.0)
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, spec.causal, attn_mask=additive_mask(mask, q.dtype), scale=spec.scale)
-    s = _math_scores(q, k, additive_mask(mask, _acc_dtype(q.dtype)), spec)
-    lse = torch.logsumexp(s, -1)
-    lse = lse.masked_fill(lse == float("-inf"), 0.0)           # a row with no key attended: p = 0, o = 0
-    p = torch.exp(s - lse[..., None]).to(q.dtype)
-    return torch.matmul(p, v), lse
+            q_s, k, v, 0.0, spec.causal, attn_mask=bias, scale=spec.scale)
+    return torch.matmul(_math_probs(q, k, mask, spec).to(q.dtype), v), None
 
 
 def _core_bwd(do, q, k, v, o, lse, mask, spec: AttentionSpec):
     """``(dq, dk, dv)`` of :func:`_core_fwd` from its saved ``o`` and ``lse``."""
-    if _core_kind(q) == "flash":
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do, q, k, v, o, lse, 0.0, spec.causal, attn_mask=additive_mask(mask, q.dtype), scale=spec.scale)
     acc = _acc_dtype(q.dtype)
-    p = torch.exp(_math_scores(q, k, additive_mask(mask, acc), spec) - lse[..., None])        # [B, n, T, S]
+    if _core_kind(q, mask, spec) == "flash":
+        bias, no_key = _flash_bias(mask, acc)
+        q_s = q if no_key is None else q.masked_fill(no_key, 0.0)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do, q_s, k, v, o, lse, 0.0, spec.causal, attn_mask=bias, scale=spec.scale)
+        if no_key is not None:
+            dk = (dk.to(acc) + _no_key_dk(q, do, v, no_key, spec.scale)).to(dk.dtype)
+        return dq, dk, dv
+    p = _math_probs(q, k, mask, spec)                                                      # [B, n, T, S]
     dv = torch.matmul(p.to(q.dtype).transpose(-1, -2), do)
     dp = torch.matmul(do, v.transpose(-1, -2)).to(acc)
     delta = (do.to(acc) * o.to(acc)).sum(-1, keepdim=True)
@@ -250,7 +300,7 @@ class SATAttentionFunction(torch.autograd.Function):
             groups, head_group = _groups_of(heads, rep)
             kq, kg = heads.numel(), groups.numel()
             o_s = _take_heads(o.transpose(1, 2), heads)                                 # [B, T, kq, d]
-            lse_s = lse.index_select(1, heads)                                          # [B, kq, T]
+            lse_s = lse.index_select(1, heads) if lse is not None else None             # [B, kq, T]
             del o, lse
             q_s = _take_heads(q, heads)
             k_g = _take_heads(k_all, groups) if kg < G else k_all
@@ -338,7 +388,7 @@ def sat_attention_torch(x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, qn_w, kn_w, c
 def dense_attention(x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, qn_w, kn_w, cos, sin, mask,
                     spec: AttentionSpec) -> torch.Tensor:
     """The dense attention as Hugging Face's ``sdpa`` attention computes it (``F.linear``, RMSNorm, RoPE,
-    ``F.scaled_dot_product_attention``), differentiated by autograd."""
+    ``F.scaled_dot_product_attention``; with a float mask, its ``eager`` attention), differentiated by autograd."""
     B, T, _ = x.shape
     H, G, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
     if cos is not None:
@@ -348,8 +398,11 @@ def dense_attention(x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, qn_w, kn_w, cos, 
     v = F.linear(x, w_v, b_v).view(B, T, G, d).transpose(1, 2)
     if H != G:
         k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask(mask, q.dtype), is_causal=spec.causal,
-                                       scale=spec.scale)
+    if _is_float_mask(mask):   # F.scaled_dot_product_attention's fused CPU backward: see _flash_bias
+        o = torch.matmul(_math_probs(q, k, mask, spec).to(q.dtype), v)
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask(mask, q.dtype), is_causal=spec.causal,
+                                           scale=spec.scale)
     return F.linear(o.transpose(1, 2).reshape(B, T, H * d), w_o, b_o)
 
 
@@ -576,7 +629,9 @@ def sat_attention(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_v: to
         cos, sin: RoPE tables ``[B or 1, T, d]`` (Hugging Face ``position_embeddings``; constants, not
             differentiated), or ``None`` for no rotary embedding.
         attention_mask: ``None``, or ``[B or 1, 1, T, T]`` boolean (True = attend) or additive float (constant).
-            A query row with no key to attend gives output 0 (with a -inf / boolean mask).
+            A query row with no key to attend gives output 0 with a -inf / boolean mask; with Hugging Face's eager
+            masks (``finfo.min`` on every key of a left-padded query) it weighs all keys equally, as eager attention
+            does, and gets autograd's gradient of that.
         causal: add causal masking (on top of ``attention_mask``). Default ``True``.
         scale: softmax scale, default ``d ** -0.5``.
         b_q, b_k, b_v, b_o: optional biases (Qwen2 has q/k/v biases).
