@@ -1,5 +1,9 @@
 """SAT attention-head omission: the op against the fp64 masked-dense reference, and the model integration."""
+import itertools
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,6 +203,48 @@ def test_rows_without_an_allowed_key_dense_path(mask_kind, padding, dtype):
     const["causal"] = False
     assert_attention_matches_reference(lambda **t: sk.sat_attention(**t, omission_rate=0.0, **const),
                                        tensors, const, dy, None, ulps=_strict_ulps(dtype))
+
+
+def check_zero_length_inputs():
+    """Every attention entry point on an empty batch ``[0, 16, h]`` and an empty sequence ``[2, 0, h]``: the empty
+    output, exact zero gradients of every tensor, valid kept heads, zero scores. Runs in a child process (see
+    :func:`test_zero_length_inputs`)."""
+    import torch.utils.deterministic as det
+
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    det.fill_uninitialized_memory = True           # as conftest.py: an unwritten output element reads NaN
+    H, G = 4, 2
+    for (B, T), dtype, core, mask_kind in itertools.product([(0, 16), (2, 0)], [torch.float32, torch.bfloat16],
+                                                            ["flash", "math"], [None, "bool", "additive-min"]):
+        sa._core_kind = lambda *args, core=core: core
+        mask = None if mask_kind is None else _no_key_mask(mask_kind, "left", T).expand(max(B, 1), 1, T, T)
+        tensors, const, _ = make_attention_operands(B, T, 64, H, G, 16, dtype, bias=True, norm=True, mask=mask)
+        const["causal"] = mask is None
+        calls = {"sat": lambda **t: sk.sat_attention(**t, omission_rate=0.5, **const),
+                 "sat-group": lambda **t: sk.sat_attention(**t, omission_rate=0.5, unit="group", **const),
+                 "dense": lambda **t: sk.sat_attention(**t, omission_rate=0.0, **const),
+                 "gathered": lambda **t: sk.gathered_attention(heads=torch.tensor([0, 3]), **t, **const)}
+        for name, fn in calls.items():
+            where = f"{name} B{B} T{T} {dtype} {core} mask={mask_kind}"
+            y = fn(**tensors)
+            assert y.shape == (B, T, 64) and y.dtype == dtype, where
+            grads = torch.autograd.grad(y, list(tensors.values()), torch.ones_like(y))
+            for (n, t), g in zip(tensors.items(), grads):
+                assert g.shape == t.shape and g.dtype == dtype and not g.any(), f"{where}: d{n}"
+        plain = {k: v.detach() for k, v in tensors.items()}
+        _, heads = sk.sat_attention(**plain, omission_rate=0.5, return_indices=True, **const)
+        assert heads.numel() == sk.num_kept(H, 0.5) and torch.equal(heads, torch.unique(heads))
+        scores = sk.head_scores(**plain, **const)
+        assert scores.shape == (H,) and not scores.any()
+
+
+def test_zero_length_inputs():
+    """Zero-length batch or sequence: empty outputs and zero gradients on both attention cores. In a child process:
+    the fused CPU flash-attention kernel kills the process with SIGFPE at T = 0 (torch 2.13), which an in-process
+    test could not report."""
+    proc = subprocess.run([sys.executable, "-c", "import test_attention; test_attention.check_zero_length_inputs()"],
+                          cwd=Path(__file__).parent, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
 
 
 def test_rate_zero_and_tiny_rates_are_dense_autograd():

@@ -211,7 +211,7 @@ def _math_probs(q, k, mask, spec: AttentionSpec) -> torch.Tensor:
     if spec.causal:
         t, l = s.shape[-2:]
         s = s.masked_fill(torch.ones(t, l, dtype=torch.bool, device=s.device).triu_(l - t + 1), float("-inf"))
-    dead = s.amax(-1, keepdim=True) == float("-inf")
+    dead = (s == float("-inf")).all(-1, keepdim=True)
     return torch.softmax(s.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0)      # dense_attention differentiates it
 
 
@@ -219,6 +219,8 @@ def _core_fwd(q, k, v, mask, spec: AttentionSpec):
     """Attention of ``[B, n, T, d]`` views (k, v with as many heads as q); returns ``(o, lse)``, o like q's layout;
     ``lse`` ``[B, n, T]`` is the fused kernel's log-sum-exp (its backward rebuilds the probabilities from it), ``None``
     on the explicit path, whose backward recomputes the softmax."""
+    if q.numel() == 0:      # B or T is 0: the fused CPU kernel dies of SIGFPE at T = 0 (torch 2.13)
+        return q.new_zeros(q.shape), q.new_zeros(q.shape[:-1], dtype=_acc_dtype(q.dtype))
     if _core_kind(q, mask, spec) == "flash":
         bias, no_key = _flash_bias(mask, _acc_dtype(q.dtype))
         q_s = q if no_key is None else q.masked_fill(no_key, 0.0)
@@ -229,6 +231,8 @@ def _core_fwd(q, k, v, mask, spec: AttentionSpec):
 
 def _core_bwd(do, q, k, v, o, lse, mask, spec: AttentionSpec):
     """``(dq, dk, dv)`` of :func:`_core_fwd` from its saved ``o`` and ``lse``."""
+    if q.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     acc = _acc_dtype(q.dtype)
     if _core_kind(q, mask, spec) == "flash":
         bias, no_key = _flash_bias(mask, acc)
@@ -358,7 +362,7 @@ class SATAttentionFunction(torch.autograd.Function):
             dq, grads[9] = _rms_norm_bwd(dq, q_raw_s, qn_w, spec.norm_eps, need[9])
         if kn_w is not None:
             dk, grads[10] = _rms_norm_bwd(dk, k_raw_g, kn_w, spec.norm_eps, need[10])
-        dq2, dk2, dv2 = (t.reshape(B * T, -1) for t in (dq, dk, dv))
+        dq2, dk2, dv2 = dq.reshape(B * T, kq * d), dk.reshape(B * T, kg * d), dv.reshape(B * T, kg * d)
         rows_q = _head_rows(heads, d)
         rows_kv = _head_rows(groups, d) if kg < G else None
         for i, (w, g2, rows) in enumerate(((w_q, dq2, rows_q), (w_k, dk2, rows_kv), (w_v, dv2, rows_kv)), start=1):
@@ -481,9 +485,9 @@ def check_attention_inputs(x, w_q, w_k, w_v, w_o, *, num_heads, num_kv_heads=Non
     G = H if num_kv_heads is None else _check_int(num_kv_heads, "num_kv_heads")
     if H % G:
         raise ValueError(f"num_heads ({H}) must be a multiple of num_kv_heads ({G})")
-    if w_q.dim() != 2 or w_q.shape[1] != hidden or w_q.shape[0] % H:
-        raise ValueError(f"w_q must be [num_heads * head_dim, h] with h = {hidden} (x.shape[-1]) and num_heads = {H}, "
-                         f"got shape {tuple(w_q.shape)}")
+    if w_q.dim() != 2 or w_q.shape[1] != hidden or w_q.shape[0] % H or w_q.shape[0] == 0:
+        raise ValueError(f"w_q must be [num_heads * head_dim, h] with h = {hidden} (x.shape[-1]), num_heads = {H} "
+                         f"and head_dim >= 1, got shape {tuple(w_q.shape)}")
     d = w_q.shape[0] // H
     for name, w in (("w_k", w_k), ("w_v", w_v)):
         if tuple(w.shape) != (G * d, hidden):
