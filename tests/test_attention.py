@@ -565,6 +565,43 @@ def test_output_attentions_in_eval_unchanged_and_refused_in_training():
         model(ids, output_attentions=True)
 
 
+def test_output_attentions_first_asked_after_patching():
+    """Transformers installs its capturing hooks on the first call that asks for attentions: with the model patched
+    before that call, the original attention modules still get them (eval), and keep them after revert."""
+    model = sk.replace_attention(tiny_model("llama", attn_implementation="eager"), 0.5).eval()
+    ids = _ids()
+    with torch.no_grad():
+        patched = model(ids, output_attentions=True).attentions
+        sk.revert(model)
+        dense = model(ids, output_attentions=True).attentions
+    assert len(patched) == len(dense) == 2 and all(torch.equal(a, b) for a, b in zip(patched, dense))
+
+
+def test_whole_model_pickling(tmp_path):
+    """``torch.save(model)`` of a tiny Llama, patched (MLP and attention) and reverted: the loaded model computes the
+    same logits, trains with SAT when patched, and still returns attentions in eval."""
+    model = tiny_model("llama", attn_implementation="eager").eval()
+    ids = _ids()
+    with torch.no_grad():
+        dense = model(ids).logits
+    for state in ("patched", "reverted"):
+        if state == "patched":
+            sk.replace_attention(sk.replace_mlp(model, 0.5), 0.5)
+        else:
+            sk.revert(model)
+        torch.save(model, tmp_path / f"{state}.pt")
+        loaded = torch.load(tmp_path / f"{state}.pt", weights_only=False)
+        assert isinstance(loaded.model.layers[0].self_attn, sk.SATAttention) == (state == "patched")
+        with torch.no_grad():
+            out = loaded(ids, output_attentions=True)
+        assert torch.equal(out.logits, dense) and len(out.attentions) == 2, state
+        loaded.train()
+        loaded(ids, labels=ids).loss.backward()
+        grads = [m.q_proj.weight.grad for m in loaded.modules() if isinstance(m, sk.SATAttention)]
+        assert len(grads) == (2 if state == "patched" else 0)
+        assert all((g.view(4, -1).abs().sum(1) == 0).sum() == 2 for g in grads), "two of four heads omitted"
+
+
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
 @pytest.mark.parametrize("strategy", ["topk", "sample", "random"])
 def test_gradient_checkpointing_gives_the_same_gradients(strategy, reentrant):
