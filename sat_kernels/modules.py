@@ -8,7 +8,7 @@ from torch import nn
 
 from .ops import sat_mlp
 from .ops.sat_attention import DEFAULT_UNIT, UNITS, sat_attention_impl
-from .selection import check_omission_rate, num_kept
+from .selection import check_choice, check_omission_rate, num_kept
 
 _CACHE_ARGS = ("cache", "past_key_values", "past_key_value")
 
@@ -93,22 +93,44 @@ class SATAttention(nn.Module):
         self.train(attn.training)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale, self.norm_eps = scale, norm_eps
-        self.omission_rate = check_omission_rate(omission_rate)
+        self._unit = check_choice(unit, UNITS, "unit")
+        self.omission_rate = omission_rate
         self.metric = metric
         self.strategy = strategy
-        if unit not in UNITS:
-            raise ValueError(f"unit must be one of {list(UNITS)}, got {unit!r}")
-        self.unit = unit
         self.backend = backend
         self.sync_selection = sync_selection
         self.__dict__["_signature"] = inspect.signature(attn.forward)
 
-    def _kept_all(self) -> bool:
-        n_units = self.num_heads if self.unit == "head" else self.num_kv_heads
-        return num_kept(n_units, self.omission_rate) == n_units
+    @property
+    def omission_rate(self) -> float:
+        return self._omission_rate
+
+    @omission_rate.setter
+    def omission_rate(self, rate: float) -> None:
+        self._omission_rate = check_omission_rate(rate)
+        self._count_kept()
+
+    @property
+    def unit(self) -> str:
+        return self._unit
+
+    @unit.setter
+    def unit(self, unit: str) -> None:
+        self._unit = check_choice(unit, UNITS, "unit")
+        self._count_kept()
+
+    @property
+    def n_units(self) -> int:
+        """Selection units per layer: query heads (``unit="head"``) or KV groups (``"group"``)."""
+        return self.num_heads if self._unit == "head" else self.num_kv_heads
+
+    def _count_kept(self) -> None:
+        """``kept_units``, the number of units kept at the current rate: an int the forward reads instead of the float
+        rate, so that a compiled forward guards on it (one graph per kept count) and traces no float arithmetic."""
+        self.kept_units = num_kept(self.n_units, self._omission_rate)
 
     def forward(self, *args, **kwargs):
-        if not self.training or self.omission_rate == 0.0 or self._kept_all():
+        if not self.training or self.kept_units == self.n_units:
             return self.dense_module(*args, **kwargs)
         dense = self.dense_module
         try:
@@ -163,7 +185,7 @@ class SATAttention(nn.Module):
         norm = getattr(self, "q_norm", None) is not None
         y, _, k_all, v_all = sat_attention_impl(
             hidden_states, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.o_proj.weight,
-            self.omission_rate, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, cos=cos, sin=sin,
+            None, kept_units=self.kept_units, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, cos=cos, sin=sin,
             attention_mask=mask, causal=causal, scale=self.scale, b_q=self.q_proj.bias, b_k=self.k_proj.bias,
             b_v=self.v_proj.bias, b_o=self.o_proj.bias, q_norm_weight=self.q_norm.weight if norm else None,
             k_norm_weight=self.k_norm.weight if norm else None, norm_eps=self.norm_eps, metric=self.metric,

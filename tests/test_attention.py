@@ -621,6 +621,34 @@ def test_gradient_checkpointing_gives_the_same_gradients(strategy, reentrant):
         torch.testing.assert_close(ckpt[name], plain[name], rtol=0, atol=0, msg=name)
 
 
+def test_torch_compile_fullgraph_training():
+    """``torch.compile(fullgraph=True)`` of a tiny patched Llama (attention only: SATMLP's rate check is not
+    traceable yet) in training mode, forward and backward, across omission-rate changes: no graph break (so no host
+    sync in the attention op), one compilation per distinct kept-head count (4 heads: 0.5 and 0.4 keep 2), and the
+    eager gradients."""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    model = sk.replace_attention(tiny_model("llama"), 0.5).train()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    ids = _ids()
+    try:
+        for rate in (0.5, 0.4, 0.75, 0.0, 0.5):            # kept heads: 2, 2, 1, 4 (the dense module), 2
+            sk.set_omission_rate(model, rate)
+            grads = []
+            for run in (compiled, model):
+                model.zero_grad()
+                run(ids, labels=ids, use_cache=False).loss.backward()
+                grads.append({n: p.grad for n, p in model.named_parameters()})
+            for name in grads[1]:
+                torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6,
+                                           msg=f"rate {rate}: {name}")
+        assert counter.frame_count == 3, f"{counter.frame_count} compilations for 3 distinct kept counts"
+    finally:
+        torch._dynamo.reset()
+
+
 def test_set_omission_rate_kinds_and_repatch():
     model = sk.replace_attention(sk.replace_mlp(tiny_model("llama"), 0.5), 0.5)
     mlps = [m for m in model.modules() if isinstance(m, sk.SATMLP)]

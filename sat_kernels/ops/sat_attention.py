@@ -55,6 +55,7 @@ class AttentionSpec(NamedTuple):
     causal: bool
     norm_eps: float
     return_kv: bool = False
+    group_units: bool = False      # the kept heads form whole KV groups (unit="group")
 
 
 # --------------------------------------------------------------------------------------------------- elementwise parts
@@ -102,16 +103,29 @@ def _head_rows(heads: torch.Tensor, d: int) -> torch.Tensor:
     return (heads[:, None] * d + torch.arange(d, device=heads.device)).reshape(-1)
 
 
-def _groups_of(heads: torch.Tensor, rep: int):
-    """KV groups holding ``heads`` (sorted, unique) and, per head, the position of its group in that list.
+def _groups_of(heads: torch.Tensor, spec: AttentionSpec):
+    """The KV groups whose keys and values the kept query heads ``heads`` (sorted) are computed with (sorted), and per
+    head the position of its group among them.
 
-    With ``rep > 1`` this is ``torch.unique`` (a host synchronisation on GPU); the groups' count is data-dependent.
+    Their number depends only on ``len(heads)``, never on which heads were kept, and finding them needs no host
+    synchronisation (``torch.unique``, used before, has a data-dependent size: a sync on GPU and a graph break under
+    ``torch.compile``). With ``group_units`` the heads form ``len(heads) / rep`` whole groups. Otherwise the first
+    ``min(G, len(heads))`` groups are every group that holds a kept head, then the lowest-numbered others, whose k/v
+    gradients come out exactly zero: with at least G kept heads (SmolLM2: 3 groups, omission <= 2/3) that is all groups.
     """
+    G = spec.num_kv_heads
+    rep, kq = spec.num_heads // G, heads.numel()
     if rep == 1:
-        return heads, torch.arange(heads.numel(), device=heads.device)
+        return heads, torch.arange(kq, device=heads.device)
     of_head = torch.div(heads, rep, rounding_mode="floor")
-    groups = torch.unique(of_head)
-    return groups, torch.searchsorted(groups, of_head)
+    kg = kq // rep if spec.group_units else min(G, kq)
+    if kg == G:
+        return torch.arange(G, device=heads.device), of_head
+    touched = torch.zeros(G, device=heads.device).index_fill_(0, of_head, 1.0)                      # [G]
+    groups = torch.sort(torch.argsort(touched, descending=True, stable=True)[:kg]).values           # [kg]
+    position = torch.zeros(G, dtype=torch.long, device=heads.device).index_copy_(
+        0, groups, torch.arange(kg, device=heads.device))
+    return groups, position[of_head]
 
 
 def _take_heads(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -278,7 +292,7 @@ class SATAttentionFunction(torch.autograd.Function):
         k_all = v_all = None
         if isinstance(select, torch.Tensor):
             heads = select
-            groups, head_group = _groups_of(heads, rep)
+            groups, head_group = _groups_of(heads, spec)
             kq, kg = heads.numel(), groups.numel()
             q_raw = _project(x2, w_q, b_q, _head_rows(heads, d)).view(B, T, kq, d)
             k_raw = _project(x2, w_k, b_k, _head_rows(groups, d) if kg < G else None).view(B, T, kg, d)
@@ -301,7 +315,7 @@ class SATAttentionFunction(torch.autograd.Function):
             o, lse = _core_fwd(q.transpose(1, 2), k_e.transpose(1, 2), v_e.transpose(1, 2), mask, spec)
             del k_e, v_e
             heads = select(o)                                                           # [kq]
-            groups, head_group = _groups_of(heads, rep)
+            groups, head_group = _groups_of(heads, spec)
             kq, kg = heads.numel(), groups.numel()
             o_s = _take_heads(o.transpose(1, 2), heads)                                 # [B, T, kq, d]
             lse_s = lse.index_select(1, heads) if lse is not None else None             # [B, kq, T]
@@ -332,7 +346,7 @@ class SATAttentionFunction(torch.autograd.Function):
          o_flat, lse_s, q_raw_s, k_raw_g) = ctx.saved_tensors
         spec = ctx.spec
         B, T, hidden = ctx.shape
-        G, d = spec.num_kv_heads, spec.head_dim
+        H, G, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
         kq, kg = heads.numel(), groups.numel()
         need = ctx.needs_input_grad
         grads = [None] * 16
@@ -352,7 +366,7 @@ class SATAttentionFunction(torch.autograd.Function):
                                    v_e.transpose(1, 2), o_flat.view(B, T, kq, d).transpose(1, 2), lse_s, mask, spec)
         del k_e, v_e, do
         dq, dk_e, dv_e = dq.transpose(1, 2), dk_e.transpose(1, 2), dv_e.transpose(1, 2)   # [B, T, n, d]
-        if kq == kg:      # one kept head per kept group (MHA, or GQA heads from distinct groups): no reduction
+        if H == G:        # multi-head attention: one group per kept head, no reduction
             dk, dv = dk_e, dv_e
         else:
             dk, dv = _sum_heads_into_groups(dk_e, head_group, kg), _sum_heads_into_groups(dv_e, head_group, kg)
@@ -560,10 +574,13 @@ def _structural(ops: _Operands):
 def sat_attention_impl(x, w_q, w_k, w_v, w_o, omission_rate, *, num_heads, num_kv_heads=None, cos=None, sin=None,
                        attention_mask=None, causal=True, scale=None, b_q=None, b_k=None, b_v=None, b_o=None,
                        q_norm_weight=None, k_norm_weight=None, norm_eps=1e-6, metric="l2", strategy="topk",
-                       unit=DEFAULT_UNIT, generator=None, backend="auto", sync_selection=False, return_kv=False):
+                       unit=DEFAULT_UNIT, generator=None, backend="auto", sync_selection=False, return_kv=False,
+                       kept_units=None):
     """:func:`sat_attention` returning ``(y, heads, K, V)``: ``K``/``V`` ``[B, G, T, d]`` (post-RoPE keys and
     values of all groups, for a KV cache) with ``return_kv``, else ``None``. ``heads`` is ``None`` when every unit is
-    kept (the dense computation runs then)."""
+    kept (the dense computation runs then). ``kept_units``: the number of units to keep, given instead of
+    ``omission_rate`` (pass ``None`` for it); :class:`~sat_kernels.SATAttention` passes its count, so that a compiled
+    forward reads no float rate."""
     ops, spec = check_attention_inputs(
         x, w_q, w_k, w_v, w_o, num_heads=num_heads, num_kv_heads=num_kv_heads, cos=cos, sin=sin,
         attention_mask=attention_mask, causal=causal, scale=scale, b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o,
@@ -577,7 +594,14 @@ def sat_attention_impl(x, w_q, w_k, w_v, w_o, omission_rate, *, num_heads, num_k
     group = default_sync_group(sync_selection)
     H, G = spec.num_heads, spec.num_kv_heads
     n_units = H if unit == "head" else G
-    k = num_kept(n_units, check_omission_rate(omission_rate))
+    if kept_units is None:
+        k = num_kept(n_units, check_omission_rate(omission_rate))
+    elif omission_rate is not None or isinstance(kept_units, bool) or not isinstance(kept_units, numbers.Integral) \
+            or not 1 <= kept_units <= n_units:
+        raise ValueError(f"kept_units must be an integer in [1, {n_units}] (the {unit}s), given instead of "
+                         f"omission_rate (None), got kept_units={kept_units!r}, omission_rate={omission_rate!r}")
+    else:
+        k = int(kept_units)
     if k == n_units:
         return dense_attention(*ops[:5], *_structural(ops), spec), None, None, None
     rep = H // G
@@ -592,7 +616,7 @@ def sat_attention_impl(x, w_q, w_k, w_v, w_o, omission_rate, *, num_heads, num_k
             kept = (kept[:, None] * rep + torch.arange(rep, device=kept.device)).reshape(-1)
         return kept
 
-    y, heads, k_all, v_all = _run(ops, select, spec._replace(return_kv=bool(return_kv)))
+    y, heads, k_all, v_all = _run(ops, select, spec._replace(return_kv=bool(return_kv), group_units=unit == "group"))
     return y, heads, (k_all if return_kv else None), (v_all if return_kv else None)
 
 
