@@ -15,7 +15,8 @@ from torch import nn
 
 from .backends import resolve_backend
 from .modules import SATMLP, SATAttention
-from .ops.sat_attention import DEFAULT_UNIT, UNITS, check_attention_backend
+from .ops.attention.checks import check_attention_backend
+from .ops.sat_attention import DEFAULT_UNIT, UNITS
 from .ops.sat_mlp import act_fwd
 from .selection import METRICS, STRATEGIES, check_choice, check_omission_rate
 

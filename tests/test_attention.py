@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import sat_kernels as sk
-from sat_kernels.ops import sat_attention as sa
+from sat_kernels.ops.attention import core as attention_core
 from sat_kernels.ops.reference import reference_attention, reference_head_indices, reference_head_outputs
 
 from helpers import rel_rms, tiny_model
@@ -117,7 +117,7 @@ def test_gathered_attention_matches_reference(layout, masked, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=_dtype_id)
 def test_sat_attention_matches_reference(dtype, unit, core, monkeypatch):
     """In-step selection + both attention cores (fused CPU kernel and explicit softmax) against the reference."""
-    monkeypatch.setattr(sa, "_core_kind", lambda *args: core)
+    monkeypatch.setattr(attention_core, "core_kind", lambda *args: core)
     B, T, h, H, G, d = 3, 37, 48, 8, 4, 6
     tensors, const, dy = make_attention_operands(B, T, h, H, G, d, dtype, bias=True, norm=True, seed=1,
                                                  mask=_padding_mask(B, T, 4))
@@ -184,7 +184,7 @@ def test_rows_without_an_allowed_key(mask_kind, padding, core, dtype, monkeypatc
     B, T, h, H, G, d = 1, 6, 64, 4, 2, 16
     causal = core == "causal-arg"
     if not causal:
-        monkeypatch.setattr(sa, "_core_kind", lambda *args: core)
+        monkeypatch.setattr(attention_core, "core_kind", lambda *args: core)
     mask = _no_key_mask(mask_kind, padding, T, causal_in_mask=not causal)
     tensors, const, dy = make_attention_operands(B, T, h, H, G, d, dtype, mask=mask)
     const["causal"] = causal
@@ -216,7 +216,7 @@ def check_zero_length_inputs():
     H, G = 4, 2
     for (B, T), dtype, core, mask_kind in itertools.product([(0, 16), (2, 0)], [torch.float32, torch.bfloat16],
                                                             ["flash", "math"], [None, "bool", "additive-min"]):
-        sa._core_kind = lambda *args, core=core: core
+        attention_core.core_kind = lambda *args, core=core: core
         mask = None if mask_kind is None else _no_key_mask(mask_kind, "left", T).expand(max(B, 1), 1, T, T)
         tensors, const, _ = make_attention_operands(B, T, 64, H, G, 16, dtype, bias=True, norm=True, mask=mask)
         const["causal"] = mask is None
