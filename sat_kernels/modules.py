@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .ops import sat_mlp
-from .ops.sat_attention import DEFAULT_UNIT, UNITS, sat_attention_impl
+from .ops.sat_attention import DEFAULT_UNIT, UNITS, sat_attention_kept
 from .selection import check_choice, check_omission_rate, num_kept
 
 _CACHE_ARGS = ("cache", "past_key_values", "past_key_value")
@@ -75,6 +75,9 @@ class SATAttention(nn.Module):
     :func:`sat_kernels.sat_attention` with the module's RoPE tables, mask and causality, as the module's
     ``config._attn_implementation`` (``"eager"`` or ``"sdpa"``) would apply them, and returns ``(output, None)``.
 
+    Setting ``omission_rate`` (or ``unit``) computes the kept unit count ``k``, and the forward depends on ``k`` only:
+    under ``torch.compile`` (``fullgraph=True`` included) a model recompiles once per distinct ``k``, not per rate.
+
     Args:
         attn: the module to wrap (kept, unregistered, for eval and for :func:`sat_kernels.revert`).
         num_heads, num_kv_heads, head_dim, scale, norm_eps: its layout (as :func:`sat_kernels.replace_attention`
@@ -107,6 +110,9 @@ class SATAttention(nn.Module):
 
     @omission_rate.setter
     def omission_rate(self, rate: float) -> None:
+        # The forward reads the int kept count only: under torch.compile a float attribute read in the forward
+        # would recompile at every new rate (and become a symbolic float that check_omission_rate cannot test),
+        # an int recompiles once per distinct k.
         self._omission_rate = check_omission_rate(rate)
         self._count_kept()
 
@@ -119,18 +125,12 @@ class SATAttention(nn.Module):
         self._unit = check_choice(unit, UNITS, "unit")
         self._count_kept()
 
-    @property
-    def n_units(self) -> int:
-        """Selection units per layer: query heads (``unit="head"``) or KV groups (``"group"``)."""
-        return self.num_heads if self._unit == "head" else self.num_kv_heads
-
     def _count_kept(self) -> None:
-        """``kept_units``, the number of units kept at the current rate: an int the forward reads instead of the float
-        rate, so that a compiled forward guards on it (one graph per kept count) and traces no float arithmetic."""
-        self.kept_units = num_kept(self.n_units, self._omission_rate)
+        self._units = self.num_heads if self._unit == "head" else self.num_kv_heads
+        self._kept = num_kept(self._units, self._omission_rate)
 
     def forward(self, *args, **kwargs):
-        if not self.training or self.kept_units == self.n_units:
+        if not self.training or self._kept == self._units:
             return self.dense_module(*args, **kwargs)
         dense = self.dense_module
         try:
@@ -183,9 +183,9 @@ class SATAttention(nn.Module):
             is_causal = getattr(dense, "is_causal", True)
         causal = impl == "sdpa" and mask is None and seq > 1 and bool(is_causal)
         norm = getattr(self, "q_norm", None) is not None
-        y, _, k_all, v_all = sat_attention_impl(
+        y, _, k_all, v_all = sat_attention_kept(
             hidden_states, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.o_proj.weight,
-            None, kept_units=self.kept_units, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, cos=cos, sin=sin,
+            self._kept, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, cos=cos, sin=sin,
             attention_mask=mask, causal=causal, scale=self.scale, b_q=self.q_proj.bias, b_k=self.k_proj.bias,
             b_v=self.v_proj.bias, b_o=self.o_proj.bias, q_norm_weight=self.q_norm.weight if norm else None,
             k_norm_weight=self.k_norm.weight if norm else None, norm_eps=self.norm_eps, metric=self.metric,

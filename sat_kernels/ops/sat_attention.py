@@ -7,7 +7,6 @@ heads only (:mod:`sat_kernels.ops.attention.function` tells the forward/backward
 """
 from __future__ import annotations
 
-import numbers
 from typing import Optional
 
 import torch
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from ..distributed import all_reduce_scores, default_sync_group
 from ..selection import METRICS, STRATEGIES, check_choice, check_omission_rate, draw_uniform, num_kept, select_neurons
 from . import _autocast_operands, check_indices
-from .attention.checks import Operands, check_attention_backend, check_attention_inputs
+from .attention.checks import Operands, check_attention_backend, check_attention_inputs, check_head_counts
 from .attention.core import core_fwd
 from .attention.function import dense_attention, sat_attention_torch
 from .attention.layout import AttentionSpec, acc_dtype, take_heads
@@ -66,16 +65,28 @@ def _structural(ops: Operands):
             ops.attention_mask)
 
 
-def sat_attention_impl(x, w_q, w_k, w_v, w_o, omission_rate, *, num_heads, num_kv_heads=None, cos=None, sin=None,
+def sat_attention_impl(x, w_q, w_k, w_v, w_o, omission_rate, *, num_heads, num_kv_heads=None, unit=DEFAULT_UNIT,
+                       **kwargs):
+    """:func:`sat_attention_kept` keeping ``num_kept(n_units, omission_rate)`` units (``n_units``: ``num_heads`` for
+    ``unit="head"``, ``num_kv_heads`` for ``"group"``); the other arguments as there."""
+    H, G = check_head_counts(num_heads, num_kv_heads)
+    check_choice(unit, UNITS, "unit")
+    k = num_kept(H if unit == "head" else G, check_omission_rate(omission_rate))
+    return sat_attention_kept(x, w_q, w_k, w_v, w_o, k, num_heads=H, num_kv_heads=G, unit=unit, **kwargs)
+
+
+def sat_attention_kept(x, w_q, w_k, w_v, w_o, k, *, num_heads, num_kv_heads=None, cos=None, sin=None,
                        attention_mask=None, causal=True, scale=None, b_q=None, b_k=None, b_v=None, b_o=None,
                        q_norm_weight=None, k_norm_weight=None, norm_eps=1e-6, metric="l2", strategy="topk",
-                       unit=DEFAULT_UNIT, generator=None, backend="auto", sync_selection=False, return_kv=False,
-                       kept_units=None):
-    """:func:`sat_attention` returning ``(y, heads, K, V)``: ``K``/``V`` ``[B, G, T, d]`` (post-RoPE keys and
-    values of all groups, for a KV cache) with ``return_kv``, else ``None``. ``heads`` is ``None`` when every unit is
-    kept (the dense computation runs then). ``kept_units``: the number of units to keep, given instead of
-    ``omission_rate`` (pass ``None`` for it); :class:`~sat_kernels.SATAttention` passes its count, so that a compiled
-    forward reads no float rate."""
+                       unit=DEFAULT_UNIT, generator=None, backend="auto", sync_selection=False, return_kv=False):
+    """:func:`sat_attention` keeping ``k`` units (an int in ``[1, n_units]``) instead of an omission rate, returning
+    ``(y, heads, K, V)``: ``K``/``V`` ``[B, G, T, d]`` (post-RoPE keys and values of all groups, for a KV cache) with
+    ``return_kv``, else ``None``. ``heads`` is ``None`` when every unit is kept (the dense computation runs then).
+
+    :class:`sat_kernels.SATAttention` calls this with the ``k`` of its rate, computed when the rate is set: under
+    ``torch.compile`` the graph then depends on the int ``k`` alone (one compilation per distinct ``k``), where a
+    float rate read in the forward would recompile for every new rate and be traced as a symbolic float.
+    """
     ops, spec = check_attention_inputs(
         x, w_q, w_k, w_v, w_o, num_heads=num_heads, num_kv_heads=num_kv_heads, cos=cos, sin=sin,
         attention_mask=attention_mask, causal=causal, scale=scale, b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o,
@@ -89,14 +100,8 @@ def sat_attention_impl(x, w_q, w_k, w_v, w_o, omission_rate, *, num_heads, num_k
     group = default_sync_group(sync_selection)
     H, G = spec.num_heads, spec.num_kv_heads
     n_units = H if unit == "head" else G
-    if kept_units is None:
-        k = num_kept(n_units, check_omission_rate(omission_rate))
-    elif omission_rate is not None or isinstance(kept_units, bool) or not isinstance(kept_units, numbers.Integral) \
-            or not 1 <= kept_units <= n_units:
-        raise ValueError(f"kept_units must be an integer in [1, {n_units}] (the {unit}s), given instead of "
-                         f"omission_rate (None), got kept_units={kept_units!r}, omission_rate={omission_rate!r}")
-    else:
-        k = int(kept_units)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_units:
+        raise ValueError(f"k must be an int in [1, {n_units}] (the {unit}s), got {k!r}")
     if k == n_units:
         return dense_attention(*ops[:5], *_structural(ops), spec), None, None, None
     rep = H // G

@@ -37,6 +37,15 @@ def _check_int(value, name: str) -> int:
     return int(value)
 
 
+def check_head_counts(num_heads, num_kv_heads=None):
+    """``(H, G)``: ``num_heads`` and ``num_kv_heads`` (default ``H``), positive ints, ``H`` a multiple of ``G``."""
+    H = _check_int(num_heads, "num_heads")
+    G = H if num_kv_heads is None else _check_int(num_kv_heads, "num_kv_heads")
+    if H % G:
+        raise ValueError(f"num_heads ({H}) must be a multiple of num_kv_heads ({G})")
+    return H, G
+
+
 def check_attention_inputs(x, w_q, w_k, w_v, w_o, *, num_heads, num_kv_heads=None, cos=None, sin=None,
                            attention_mask=None, causal=True, scale=None, b_q=None, b_k=None, b_v=None, b_o=None,
                            q_norm_weight=None, k_norm_weight=None, norm_eps=1e-6):
@@ -63,10 +72,7 @@ def check_attention_inputs(x, w_q, w_k, w_v, w_o, *, num_heads, num_kv_heads=Non
     if x.dim() != 3:
         raise ValueError(f"x must be [B, T, h], got shape {tuple(x.shape)}")
     B, T, hidden = x.shape
-    H = _check_int(num_heads, "num_heads")
-    G = H if num_kv_heads is None else _check_int(num_kv_heads, "num_kv_heads")
-    if H % G:
-        raise ValueError(f"num_heads ({H}) must be a multiple of num_kv_heads ({G})")
+    H, G = check_head_counts(num_heads, num_kv_heads)
     if w_q.dim() != 2 or w_q.shape[1] != hidden or w_q.shape[0] % H or w_q.shape[0] == 0:
         raise ValueError(f"w_q must be [num_heads * head_dim, h] with h = {hidden} (x.shape[-1]), num_heads = {H} "
                          f"and head_dim >= 1, got shape {tuple(w_q.shape)}")
