@@ -23,6 +23,7 @@ class AttentionSpec(NamedTuple):
     norm_eps: float
     return_kv: bool = False
     group_units: bool = False      # the kept heads form whole KV groups (unit="group")
+    dense_forward: bool = False    # forward="dense": o_proj over every head, the backward over the kept ones
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -41,9 +42,10 @@ def groups_of(heads: torch.Tensor, spec: AttentionSpec):
 
     Their number depends only on ``len(heads)``, never on which heads were kept, and finding them needs no host
     synchronisation (the distinct groups of the heads, ``torch.unique``, would have a data-dependent size: a sync on
-    GPU and a graph break under ``torch.compile``). With ``group_units`` the heads form ``len(heads) / rep`` whole groups. Otherwise the first
-    ``min(G, len(heads))`` groups are every group that holds a kept head, then the lowest-numbered others, whose k/v
-    gradients come out exactly zero: with at least G kept heads (SmolLM2: 3 groups, omission <= 2/3) that is all groups.
+    GPU and a graph break under ``torch.compile``). With ``group_units`` the heads form ``len(heads) / rep`` whole
+    groups. Otherwise the first ``min(G, len(heads))`` groups are every group that holds a kept head, then the
+    lowest-numbered others, whose k/v gradients come out exactly zero: with at least G kept heads (SmolLM2: 3 groups,
+    omission <= 2/3) that is all groups.
     """
     G = spec.num_kv_heads
     rep, kq = spec.num_heads // G, heads.numel()
