@@ -8,7 +8,7 @@ from torch import nn
 
 from .ops import sat_mlp
 from .ops.sat_attention import DEFAULT_UNIT, UNITS, sat_attention_kept
-from .selection import check_choice, check_omission_rate, num_kept
+from .selection import FORWARD_MODES, check_choice, check_omission_rate, num_kept
 
 _CACHE_ARGS = ("cache", "past_key_values", "past_key_value")
 
@@ -84,11 +84,13 @@ class SATAttention(nn.Module):
             finds and checks it).
         omission_rate, metric, strategy, unit, backend: as in :func:`sat_kernels.sat_attention`.
         sync_selection: as in :class:`SATMLP`.
+        forward: ``"sparse"`` or ``"dense"`` (exact forward output, sparse backward), as in
+            :func:`sat_kernels.sat_attention`; stored as ``forward_mode``.
     """
 
     def __init__(self, attn: nn.Module, *, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  norm_eps: float = 1e-6, omission_rate: float = 0.5, metric: str = "l2", strategy: str = "topk",
-                 unit: str = DEFAULT_UNIT, backend: str = "auto", sync_selection=None):
+                 unit: str = DEFAULT_UNIT, backend: str = "auto", sync_selection=None, forward: str = "sparse"):
         super().__init__()
         for name, child in attn.named_children():
             setattr(self, name, child)
@@ -102,6 +104,7 @@ class SATAttention(nn.Module):
         self.strategy = strategy
         self.backend = backend
         self.sync_selection = sync_selection
+        self.forward_mode = check_choice(forward, FORWARD_MODES, "forward")
         self.__dict__["_signature"] = inspect.signature(attn.forward)
 
     @property
@@ -190,7 +193,7 @@ class SATAttention(nn.Module):
             b_v=self.v_proj.bias, b_o=self.o_proj.bias, q_norm_weight=self.q_norm.weight if norm else None,
             k_norm_weight=self.k_norm.weight if norm else None, norm_eps=self.norm_eps, metric=self.metric,
             strategy=self.strategy, unit=self.unit, backend=self.backend, sync_selection=self.sync_selection,
-            return_kv=cache is not None)
+            forward=self.forward_mode, return_kv=cache is not None)
         if cache is not None:
             cache.update(k_all, v_all, layer_idx)
         return y, None
@@ -198,4 +201,4 @@ class SATAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"omission_rate={self.omission_rate}, metric={self.metric!r}, strategy={self.strategy!r}, "
-                f"unit={self.unit!r}, backend={self.backend!r}")
+                f"unit={self.unit!r}, backend={self.backend!r}, forward={self.forward_mode!r}")

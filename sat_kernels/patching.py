@@ -18,7 +18,7 @@ from .modules import SATMLP, SATAttention
 from .ops.attention.checks import check_attention_backend
 from .ops.sat_attention import DEFAULT_UNIT, UNITS
 from .ops.sat_mlp import act_fwd
-from .selection import METRICS, STRATEGIES, check_choice, check_omission_rate
+from .selection import FORWARD_MODES, METRICS, STRATEGIES, check_choice, check_omission_rate
 
 _MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
 
@@ -255,7 +255,8 @@ def _remove_output_capture_installers(model: nn.Module) -> None:
 
 
 def replace_attention(model: nn.Module, omission_rate: float = 0.5, *, metric: str = "l2", strategy: str = "topk",
-                      unit: str = DEFAULT_UNIT, backend: str = "auto", sync_selection=None) -> nn.Module:
+                      unit: str = DEFAULT_UNIT, backend: str = "auto", sync_selection=None,
+                      forward: str = "sparse") -> nn.Module:
     """Replace every supported self-attention of ``model`` by a :class:`SATAttention` sharing its submodules, in place.
 
     Training-mode forwards then keep ``1 - omission_rate`` of the heads (or KV groups, ``unit="group"``) per layer and
@@ -272,6 +273,8 @@ def replace_attention(model: nn.Module, omission_rate: float = 0.5, *, metric: s
         omission_rate: in ``[0, 1)``.
         metric, strategy, unit, backend: as in :func:`sat_kernels.sat_attention`.
         sync_selection: as in :func:`replace_mlp`.
+        forward: ``"sparse"`` (default) or ``"dense"``: the training forward's output is the dense model's (``o_proj``
+            over every head) while the backward stays over the kept heads, as in :func:`sat_kernels.sat_attention`.
 
     Example:
         >>> sk.replace_attention(sk.replace_mlp(model, 0.5), 0.5)
@@ -283,6 +286,7 @@ def replace_attention(model: nn.Module, omission_rate: float = 0.5, *, metric: s
     check_choice(metric, METRICS, "metric")
     check_choice(strategy, STRATEGIES, "strategy")
     check_choice(unit, UNITS, "unit")
+    check_choice(forward, FORWARD_MODES, "forward")
     check_attention_backend(backend)
     found = list(_attentions(model))
     if any(name == "" for name, _ in found):
@@ -298,10 +302,11 @@ def replace_attention(model: nn.Module, omission_rate: float = 0.5, *, metric: s
         _add_output_capture_installer(model)
     for name, attn in found:
         _set_child(model, name, SATAttention(attn, omission_rate=rate, metric=metric, strategy=strategy, unit=unit,
-                                             backend=backend, sync_selection=sync_selection, **layouts[name]))
+                                             backend=backend, sync_selection=sync_selection, forward=forward,
+                                             **layouts[name]))
     for _, module in patched:
         module.omission_rate, module.metric, module.strategy, module.unit = rate, metric, strategy, unit
-        module.backend, module.sync_selection = backend, sync_selection
+        module.backend, module.sync_selection, module.forward_mode = backend, sync_selection, forward
     return model
 
 

@@ -66,15 +66,20 @@ def _ref(heads, const):
     return lambda **t: reference_attention(heads=heads, **t, **const)
 
 
-def assert_attention_matches_reference(fn, tensors, const, dy, heads, ulps=8):
+def assert_attention_matches_reference(fn, tensors, const, dy, heads, ulps=8, dense_output=False):
     """``fn`` (y and the gradient of every tensor) against the fp64 masked-dense reference, within 2x the error of
-    the plain reference at the operands' dtype (flash-attention's rule) plus ``ulps`` machine epsilons."""
+    the plain reference at the operands' dtype (flash-attention's rule) plus ``ulps`` machine epsilons.
+    ``dense_output``: ``y`` against the reference with every head (the exact-forward mode), the gradients still at
+    ``heads``."""
     ours = _out_and_grads(fn, tensors, dy)
     fp64 = {k: v.detach().double().requires_grad_() for k, v in tensors.items()}
     const64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
                for k, v in const.items()}
     ref = _out_and_grads(_ref(heads, const64), fp64, dy.double())
     plain = _out_and_grads(_ref(heads, const), {k: v.detach().clone().requires_grad_() for k, v in tensors.items()}, dy)
+    if dense_output:
+        ref[0] = _ref(None, const64)(**fp64).detach()
+        plain[0] = _ref(None, const)(**{k: v.detach() for k, v in tensors.items()})
     eps = torch.finfo(dy.dtype).eps
     for name, o, r, p in zip(["y", *tensors], ours, ref, plain):
         assert o.shape == r.shape and o.dtype == dy.dtype, name
@@ -128,6 +133,33 @@ def test_sat_attention_matches_reference(dtype, unit, core, monkeypatch):
         assert torch.equal(heads.view(-1, H // G) % (H // G), torch.arange(H // G).expand(heads.numel() // 2, -1))
     assert_attention_matches_reference(lambda **t: sk.sat_attention(**t, omission_rate=0.5, unit=unit, **const),
                                        tensors, const, dy, heads)
+
+
+@pytest.mark.parametrize("core", ["flash", "math"])
+@pytest.mark.parametrize("unit", ["head", "group"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_dense_forward_output_is_dense_gradients_are_sparse(dtype, unit, core, monkeypatch):
+    """``forward="dense"``: ``y`` is the dense attention (``o_proj`` over every head) and every gradient is the sparse
+    mode's at the same kept heads, bitwise (the same backward from the same saved tensors), i.e. the masked-dense
+    reference's; the saved tensors are the sparse mode's."""
+    monkeypatch.setattr(attention_core, "core_kind", lambda *args: core)
+    B, T, h, H, G, d = 3, 37, 48, 8, 4, 6
+    tensors, const, dy = make_attention_operands(B, T, h, H, G, d, dtype, bias=True, norm=True, seed=1,
+                                                 mask=_padding_mask(B, T, 4))
+    runs = {}
+    for forward in ("sparse", "dense"):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.shape, t.dtype)) or t, lambda t: t):
+            y, heads = sk.sat_attention(**tensors, omission_rate=0.5, unit=unit, forward=forward,
+                                        return_indices=True, **const)
+        runs[forward] = (heads, saved, torch.autograd.grad(y, list(tensors.values()), dy))
+    (heads, saved, sparse_grads), (dense_heads, dense_saved, dense_grads) = runs["sparse"], runs["dense"]
+    assert torch.equal(dense_heads, heads) and dense_saved == saved
+    for name, a, b in zip(tensors, dense_grads, sparse_grads):
+        assert torch.equal(a, b), name
+    assert_attention_matches_reference(
+        lambda **t: sk.sat_attention(**t, omission_rate=0.5, unit=unit, forward="dense", **const),
+        tensors, const, dy, heads, dense_output=True)
 
 
 @pytest.mark.parametrize("unit", ["head", "group"])
@@ -603,10 +635,11 @@ def test_whole_model_pickling(tmp_path):
 
 
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
-@pytest.mark.parametrize("strategy", ["topk", "sample", "random"])
-def test_gradient_checkpointing_gives_the_same_gradients(strategy, reentrant):
+@pytest.mark.parametrize("strategy,forward", [("topk", "sparse"), ("sample", "sparse"), ("random", "sparse"),
+                                              ("topk", "dense"), ("random", "dense")])
+def test_gradient_checkpointing_gives_the_same_gradients(strategy, forward, reentrant):
     def grads(checkpoint):
-        model = sk.replace_attention(tiny_model("qwen3"), 0.5, strategy=strategy).train()
+        model = sk.replace_attention(tiny_model("qwen3"), 0.5, strategy=strategy, forward=forward).train()
         if checkpoint:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
@@ -647,6 +680,34 @@ def test_torch_compile_fullgraph_training():
         assert counter.frame_count == 3, f"{counter.frame_count} compilations for 3 distinct kept counts"
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_dense_forward_mode_in_a_model(impl):
+    """``replace_attention(forward="dense")``: the training forward gives the dense model's logits (fp32, left
+    padding), ``o_proj`` columns of omitted heads still get no gradient, eval is the original module; the setting is
+    stored as ``forward_mode`` (``forward`` stays the module's method), shown by ``repr`` and updated by a second
+    call."""
+    model = tiny_model("llama", attn_implementation=impl).train()
+    ids, am = _ids(), _padding(left=True)
+    with torch.no_grad():
+        dense = model(ids, attention_mask=am).logits
+        dense_eval = model.eval()(ids, attention_mask=am).logits
+    sk.replace_attention(model, 0.5, forward="dense").train()
+    attns = [m for m in model.modules() if isinstance(m, sk.SATAttention)]
+    assert all(m.forward_mode == "dense" and callable(m.forward) for m in attns)
+    assert "forward='dense'" in repr(attns[0])
+    out = model(ids, attention_mask=am, labels=ids)
+    torch.testing.assert_close(out.logits, dense)
+    out.loss.backward()
+    for m in attns:
+        kept = m.q_proj.weight.grad.view(m.num_heads, -1).abs().sum(1) != 0
+        assert kept.sum() == sk.num_kept(m.num_heads, 0.5)
+        assert torch.equal(m.o_proj.weight.grad.view(-1, m.num_heads, m.head_dim).abs().sum((0, 2)) != 0, kept)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids, attention_mask=am).logits, dense_eval)
+    sk.replace_attention(model, 0.5)
+    assert all(m.forward_mode == "sparse" for m in attns)
 
 
 def test_set_omission_rate_kinds_and_repatch():
@@ -728,6 +789,7 @@ def test_bad_rate(rate, exc):
     ({"backend": "jax"}, ValueError, "backend"),
     ({"backend": "triton"}, ValueError, "not available for attention"),
     ({"generator": 3}, TypeError, "generator"),
+    ({"forward": "exact"}, ValueError, "forward must be one of"),
     ({"causal": 1}, TypeError, "causal must be a bool"),
     ({"scale": 0.0}, ValueError, "scale must be a positive"),
     ({"norm_eps": -1.0}, ValueError, "norm_eps"),
@@ -812,7 +874,8 @@ def test_head_count_mismatch_is_refused():
                                           ({"unit": "kv"}, ValueError, "unit"),
                                           ({"metric": "max"}, ValueError, "metric"),
                                           ({"strategy": "greedy"}, ValueError, "strategy"),
-                                          ({"backend": "cuda"}, ValueError, "not available")])
+                                          ({"backend": "cuda"}, ValueError, "not available"),
+                                          ({"forward": "exact"}, ValueError, "forward must be one of")])
 def test_replace_attention_bad_arguments(kw, exc, match):
     model = tiny_model("llama")
     with pytest.raises(exc, match=match):

@@ -7,7 +7,8 @@ Forward (in-step selection, DESIGN.md section 2), token-major layouts ``[B, T, h
     Q, K = rope(norm(Q)), rope(norm(K))                optional per-head RMSNorm (Qwen3), RoPE from (cos, sin)
     O, lse = attention(Q, K, V)                        [B, T, H, d], [B, H, T]: every head (fused CPU kernel)
     s = score(O) per unit, S = select(s)               unit = a query head, or a KV group (its rep query heads)
-    y = O[:, :, S] W_o[:, S]^T (+b_o)                  [B, T, h]: kept heads only
+    y = O[:, :, S] W_o[:, S]^T (+b_o)                  [B, T, h]: kept heads only (forward="sparse", the paper's)
+    y = O W_o^T (+b_o)                                 [B, T, h]: every head (forward="dense", the exact output)
 
 Saved for backward: ``x``, the kept heads' ``Q``, ``O``, ``lse`` (fused kernel) and the ``K``, ``V`` of their groups
 (post-RoPE), plus the pre-norm projections of those heads when there is a q/k norm: never a tensor over all heads. The
@@ -23,6 +24,10 @@ projections and attention. Forward+backward time relative to the dense Hugging F
 SmolLM2-135M attention shapes (h 576, 9 query / 3 KV heads, d 64), random weights, B 4, fp32, omission 0.5, median of
 7 interleaved ratios, 1 thread of a shared 2-core x86-64 machine (load average 5-7), torch 2.13.0+cpu: T 512 0.70x
 written out vs 0.90x re-entering autograd; T 1024 0.67x vs 0.82x.
+
+The exact-forward mode (``forward="dense"``, DESIGN.md section 2) changes only ``y``: its backward, saved tensors
+and gradients are the sparse mode's at the same kept heads (the gradient is taken at the dense model's loss). Its
+forward adds the ``o_proj`` columns of the omitted heads: ``2 T h (H - k) d`` FLOPs.
 
 With a given head set (``gathered_attention``) the op computes only the kept heads' projections and attention.
 """
@@ -41,8 +46,10 @@ class SATAttentionFunction(torch.autograd.Function):
 
     ``select`` is either a ``LongTensor`` of kept query heads (``gathered_attention``) or a callable
     ``select(o) -> heads`` that scores the attention output of all heads ``o`` ``[B, H, T, d]`` and picks the kept
-    heads (``sat_attention``). Outputs ``(y [B, T, h], heads [k], K, V)``; ``K``/``V`` (``[B, G, T, d]``, post-RoPE, all
-    groups) only with ``spec.return_kv`` (to fill a KV cache), else empty.
+    heads (``sat_attention``). Outputs ``(y [B, T, h], heads [k], K, V)``; ``K``/``V`` (``[B, G, T, d]``, post-RoPE,
+    all groups) only with ``spec.return_kv`` (to fill a KV cache), else empty. With ``spec.dense_forward`` (a callable
+    ``select`` only) ``y`` is ``o_proj`` over every head, the exact dense output; the saved tensors and the backward
+    are those of the kept heads all the same.
     """
 
     @staticmethod
@@ -82,6 +89,8 @@ class SATAttentionFunction(torch.autograd.Function):
             heads = select(o)                                                           # [kq]
             groups, head_group = groups_of(heads, spec)
             kq, kg = heads.numel(), groups.numel()
+            if spec.dense_forward:                                                      # o_proj over all heads
+                y = F.linear(o.transpose(1, 2).reshape(B * T, H * d), w_o, b_o)       # [B*T, h]
             o_s = take_heads(o.transpose(1, 2), heads)                                 # [B, T, kq, d]
             lse_s = lse.index_select(1, heads) if lse is not None else None             # [B, kq, T]
             del o, lse
@@ -92,7 +101,8 @@ class SATAttentionFunction(torch.autograd.Function):
             k_raw_g = (take_heads(k_raw, groups) if kg < G else k_raw) if kn_w is not None else None
             del q, q_raw, k_raw
         o_flat = o_s.reshape(B * T, kq * d)
-        y = F.linear(o_flat, w_o.index_select(1, head_rows(heads, d)), b_o)           # [B*T, h]
+        if not spec.dense_forward:
+            y = F.linear(o_flat, w_o.index_select(1, head_rows(heads, d)), b_o)       # [B*T, h]: kept heads only
         ctx.save_for_backward(x2, w_q, w_k, w_v, w_o, b_q, b_k, b_v, qn_w, kn_w, cos, sin, mask, heads, groups,
                               head_group, q_s, k_g, v_g, o_flat, lse_s,
                               q_raw_s if qn_w is not None else None, k_raw_g if kn_w is not None else None)
