@@ -7,7 +7,8 @@ SAT, dense, SAT, ...) so both see the same machine state; the figure is the medi
 next to the FLOP limit of the in-step scheme::
 
     dense = 3 P + 3.5 C                      P: q/k/v/o projection FLOPs of the forward, C: causal attention forward
-    SAT   = P_qkv + rho P_o + C + 2 (rho P_q + gamma P_kv + rho P_o) + 2.5 rho C
+    SAT   = P_qkv + rho P_o + C + 2 (rho P_q + gamma P_kv + rho P_o) + 2.5 rho C      forward="sparse"
+    SAT   = P_qkv + P_o + C + 2 (rho P_q + gamma P_kv + rho P_o) + 2.5 rho C          forward="dense"
 
 ``rho`` = kept query heads / H, ``gamma`` = kept KV groups / G (``unit="group"``: ``gamma = rho``; ``unit="head"``:
 ``gamma = 1``, the usual case with grouped-query attention, where most groups keep a head). The attention backward is
@@ -15,6 +16,7 @@ counted as 2.5 forwards (flash attention recomputes the scores).
 
     python benchmarks/attention_speed.py                               # SmolLM2-135M shapes, CPU, omission 0.5
     python benchmarks/attention_speed.py --rates 0.25 0.5 0.75 --units head group --seqs 256 512 1024
+    python benchmarks/attention_speed.py --forward sparse dense --seqs 512 --threads 1    # exact-forward mode too
     python benchmarks/attention_speed.py --llama7b --device cuda --dtype bfloat16    # meant for a GPU
 
 ``--llama7b`` uses Llama-2-7B attention shapes (h 4096, 32 heads x 128, MHA, seq 2048/4096, batch 1); it is meant for a
@@ -48,14 +50,15 @@ def _attention(hidden, heads, kv_heads, head_dim, impl, dtype, device, seed=0):
     return cfg, attn, LlamaRotaryEmbedding(cfg).to(device)
 
 
-def flop_limit(hidden, heads, kv_heads, head_dim, batch, seq, kept_heads, kept_groups):
+def flop_limit(hidden, heads, kv_heads, head_dim, batch, seq, kept_heads, kept_groups, forward="sparse"):
     tok = batch * seq
     p_q = p_o = 2 * tok * hidden * heads * head_dim
     p_kv = 2 * 2 * tok * hidden * kv_heads * head_dim
     core = 2 * batch * seq * seq * head_dim * heads            # causal: half of 4 B T^2 d H
     rho, gamma = kept_heads / heads, kept_groups / kv_heads
     dense = 3 * (p_q + p_kv + p_o) + 3.5 * core
-    sat = p_q + p_kv + rho * p_o + core + 2 * (rho * p_q + gamma * p_kv + rho * p_o) + 2.5 * rho * core
+    o_forward = p_o if forward == "dense" else rho * p_o
+    sat = p_q + p_kv + o_forward + core + 2 * (rho * p_q + gamma * p_kv + rho * p_o) + 2.5 * rho * core
     return sat / dense
 
 
@@ -65,7 +68,7 @@ def _sync(device):
 
 
 def measure(shape: dict, seq: int, rate: float, unit: str, repeats: int, impl="sdpa", dtype=torch.float32,
-            device="cpu"):
+            device="cpu", forward="sparse"):
     hidden, heads, kv_heads, head_dim, batch = (shape[k] for k in ("hidden", "heads", "kv_heads", "head_dim", "batch"))
     cfg, attn, rotary = _attention(hidden, heads, kv_heads, head_dim, impl, dtype, device)
     gen = torch.Generator(device="cpu").manual_seed(1)
@@ -78,7 +81,7 @@ def measure(shape: dict, seq: int, rate: float, unit: str, repeats: int, impl="s
         mask = torch.full((seq, seq), torch.finfo(dtype).min, dtype=dtype, device=device).triu_(1)[None, None]
     holder = torch.nn.Module()
     holder.self_attn = attn
-    sat = sk.replace_attention(holder, rate, unit=unit).self_attn       # wraps `attn` itself: same parameters
+    sat = sk.replace_attention(holder, rate, unit=unit, forward=forward).self_attn   # wraps `attn`: same parameters
     params = list(attn.parameters())
 
     def step(module):
@@ -101,11 +104,12 @@ def measure(shape: dict, seq: int, rate: float, unit: str, repeats: int, impl="s
     ratios = [s / d for s, d in zip(times["sat"], times["dense"])]
     return {
         "B": batch, "T": seq, "h": hidden, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
-        "omission_rate": rate, "unit": unit, "impl": impl, "dtype": str(dtype).replace("torch.", ""),
+        "omission_rate": rate, "unit": unit, "forward": forward, "impl": impl,
+        "dtype": str(dtype).replace("torch.", ""),
         "kept_heads": kept_heads, "kept_groups": kept_groups,
         "dense_ms": 1e3 * statistics.median(times["dense"]), "sat_ms": 1e3 * statistics.median(times["sat"]),
         "ratio": statistics.median(ratios),
-        "flop_limit": flop_limit(hidden, heads, kv_heads, head_dim, batch, seq, kept_heads, kept_groups),
+        "flop_limit": flop_limit(hidden, heads, kv_heads, head_dim, batch, seq, kept_heads, kept_groups, forward),
     }
 
 
@@ -113,6 +117,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rates", type=float, nargs="+", default=[0.5])
     p.add_argument("--units", nargs="+", default=["head"], choices=["head", "group"])
+    p.add_argument("--forward", nargs="+", default=["sparse"], choices=["sparse", "dense"],
+                   help="forward mode(s) of the SAT module (dense: exact output, sparse backward)")
     p.add_argument("--seqs", type=int, nargs="+", default=None)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--repeats", type=int, default=7)
@@ -131,16 +137,18 @@ def main(argv=None):
     where = torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else \
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"# {where}, torch {torch.__version__}, {args.dtype}, attn_implementation={args.impl}")
-    print("| B | T | h | heads/kv | d | omission | unit | kept heads/groups | dense ms | SAT ms | SAT/dense | "
-          "FLOP limit |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| B | T | h | heads/kv | d | omission | unit | forward | kept heads/groups | dense ms | SAT ms | "
+          "SAT/dense | FLOP limit |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for seq in args.seqs or shape["seqs"]:
         for rate in args.rates:
             for unit in args.units:
-                r = measure(shape, seq, rate, unit, args.repeats, args.impl, dtype, args.device)
-                print(f"| {r['B']} | {r['T']} | {r['h']} | {r['heads']}/{r['kv_heads']} | {r['head_dim']} | "
-                      f"{rate:g} | {unit} | {r['kept_heads']}/{r['kept_groups']} | {r['dense_ms']:.1f} | "
-                      f"{r['sat_ms']:.1f} | {r['ratio']:.3f} | {r['flop_limit']:.3f} |", flush=True)
+                for forward in args.forward:
+                    r = measure(shape, seq, rate, unit, args.repeats, args.impl, dtype, args.device, forward)
+                    print(f"| {r['B']} | {r['T']} | {r['h']} | {r['heads']}/{r['kv_heads']} | {r['head_dim']} | "
+                          f"{rate:g} | {unit} | {forward} | {r['kept_heads']}/{r['kept_groups']} | "
+                          f"{r['dense_ms']:.1f} | {r['sat_ms']:.1f} | {r['ratio']:.3f} | {r['flop_limit']:.3f} |",
+                          flush=True)
 
 
 if __name__ == "__main__":

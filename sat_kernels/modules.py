@@ -9,7 +9,7 @@ from torch import nn
 from .lora import lora_parts, peft_adapter
 from .ops import sat_mlp_kept
 from .ops.sat_mlp_lora import sat_lora_mlp
-from .ops.sat_attention import DEFAULT_UNIT, UNITS, sat_attention_impl
+from .ops.sat_attention import DEFAULT_UNIT, UNITS, sat_attention_kept
 from .selection import FORWARD_MODES, check_choice, check_omission_rate, num_kept
 
 _CACHE_ARGS = ("cache", "past_key_values", "past_key_value")
@@ -216,36 +216,61 @@ class SATAttention(_SATWrapper):
     :func:`sat_kernels.sat_attention` with the module's RoPE tables, mask and causality, as the module's
     ``config._attn_implementation`` (``"eager"`` or ``"sdpa"``) would apply them, and returns ``(output, None)``.
 
+    Setting ``omission_rate`` (or ``unit``) computes the kept unit count ``k``, and the forward depends on ``k`` only:
+    under ``torch.compile`` (``fullgraph=True`` included) a model recompiles once per distinct ``k``, not per rate.
+
     Args:
         attn: the module to wrap (kept, unregistered, for eval and for :func:`sat_kernels.revert`).
         num_heads, num_kv_heads, head_dim, scale, norm_eps: its layout (as :func:`sat_kernels.replace_attention`
             finds and checks it).
         omission_rate, metric, strategy, unit, backend: as in :func:`sat_kernels.sat_attention`.
         sync_selection: as in :class:`SATMLP`.
+        forward: ``"sparse"`` or ``"dense"`` (exact forward output, sparse backward), as in
+            :func:`sat_kernels.sat_attention`; stored as ``forward_mode``.
     """
 
     def __init__(self, attn: nn.Module, *, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  norm_eps: float = 1e-6, omission_rate: float = 0.5, metric: str = "l2", strategy: str = "topk",
-                 unit: str = DEFAULT_UNIT, backend: str = "auto", sync_selection=None):
+                 unit: str = DEFAULT_UNIT, backend: str = "auto", sync_selection=None, forward: str = "sparse"):
         super().__init__(attn, attn.named_children())
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale, self.norm_eps = scale, norm_eps
-        self.omission_rate = check_omission_rate(omission_rate)
+        self._unit = check_choice(unit, UNITS, "unit")
+        self.omission_rate = omission_rate
         self.metric = metric
         self.strategy = strategy
-        if unit not in UNITS:
-            raise ValueError(f"unit must be one of {list(UNITS)}, got {unit!r}")
-        self.unit = unit
         self.backend = backend
         self.sync_selection = sync_selection
+        self.forward_mode = check_choice(forward, FORWARD_MODES, "forward")
         self.__dict__["_signature"] = inspect.signature(attn.forward)
 
-    def _kept_all(self) -> bool:
-        n_units = self.num_heads if self.unit == "head" else self.num_kv_heads
-        return num_kept(n_units, self.omission_rate) == n_units
+    @property
+    def omission_rate(self) -> float:
+        return self._omission_rate
+
+    @omission_rate.setter
+    def omission_rate(self, rate: float) -> None:
+        # The forward reads the int kept count only: under torch.compile a float attribute read in the forward
+        # would recompile at every new rate (and become a symbolic float that check_omission_rate cannot test),
+        # an int recompiles once per distinct k.
+        self._omission_rate = check_omission_rate(rate)
+        self._count_kept()
+
+    @property
+    def unit(self) -> str:
+        return self._unit
+
+    @unit.setter
+    def unit(self, unit: str) -> None:
+        self._unit = check_choice(unit, UNITS, "unit")
+        self._count_kept()
+
+    def _count_kept(self) -> None:
+        self._units = self.num_heads if self._unit == "head" else self.num_kv_heads
+        self._kept = num_kept(self._units, self._omission_rate)
 
     def forward(self, *args, **kwargs):
-        if not self.training or self.omission_rate == 0.0 or self._kept_all():
+        if not self.training or self._kept == self._units:
             return self.dense_module(*args, **kwargs)
         dense = self.dense_module
         try:
@@ -292,14 +317,14 @@ class SATAttention(_SATWrapper):
             is_causal = getattr(dense, "is_causal", True)
         causal = impl == "sdpa" and mask is None and seq > 1 and bool(is_causal)
         norm = getattr(self, "q_norm", None) is not None
-        y, _, k_all, v_all = sat_attention_impl(
+        y, _, k_all, v_all = sat_attention_kept(
             hidden_states, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.o_proj.weight,
-            self.omission_rate, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, cos=cos, sin=sin,
+            self._kept, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, cos=cos, sin=sin,
             attention_mask=mask, causal=causal, scale=self.scale, b_q=self.q_proj.bias, b_k=self.k_proj.bias,
             b_v=self.v_proj.bias, b_o=self.o_proj.bias, q_norm_weight=self.q_norm.weight if norm else None,
             k_norm_weight=self.k_norm.weight if norm else None, norm_eps=self.norm_eps, metric=self.metric,
             strategy=self.strategy, unit=self.unit, backend=self.backend, sync_selection=self.sync_selection,
-            return_kv=cache is not None)
+            forward=self.forward_mode, return_kv=cache is not None)
         if cache is not None:
             cache.update(k_all, v_all, layer_idx)
         return y, None
@@ -307,4 +332,4 @@ class SATAttention(_SATWrapper):
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"omission_rate={self.omission_rate}, metric={self.metric!r}, strategy={self.strategy!r}, "
-                f"unit={self.unit!r}, backend={self.backend!r}")
+                f"unit={self.unit!r}, backend={self.backend!r}, forward={self.forward_mode!r}")

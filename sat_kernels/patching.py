@@ -20,7 +20,8 @@ from torch import nn
 from .backends import resolve_backend
 from .lora import lora_parts, peft_adapter
 from .modules import SATMLP, SATAttention, class_path
-from .ops.sat_attention import DEFAULT_UNIT, UNITS, check_attention_backend
+from .ops.attention.checks import check_attention_backend
+from .ops.sat_attention import DEFAULT_UNIT, UNITS
 from .ops.sat_mlp import act_fwd
 from .selection import FORWARD_MODES, METRICS, STRATEGIES, check_choice, check_omission_rate
 
@@ -290,27 +291,63 @@ def _check_attention(name: str, attn: nn.Module) -> dict:
                 norm_eps=norm_eps)
 
 
-def _install_output_hooks(model: nn.Module) -> None:
-    """Install transformers' output-capturing hooks (``output_attentions``) on the original attention modules now.
+class _OutputCaptureInstaller:
+    """Forward pre-hook of the pretrained models that hold SAT attention (transformers 5).
 
-    Transformers 5 installs them lazily on the modules of the attention class found in the model; once those are
-    wrapped they would not be found, and ``eval()`` with ``output_attentions=True`` would return no attentions.
+    Transformers installs its output-capturing hooks (``output_attentions``, ``output_hidden_states``) the first time
+    a call asks for such an output, on the modules of the classes it records, which it finds by class: it would miss
+    the original attention modules inside :class:`SATAttention`, and ``eval()`` with ``output_attentions=True`` would
+    return no attentions. This hook puts the originals back in place for that one installation. Installing the hooks
+    up front instead made every patched model fail ``torch.save(model)``: transformers' hooks are local functions,
+    which do not pickle, whereas this hook is an instance of a module-level class. (Once a call has asked for such
+    outputs, a model carries transformers' hooks and no longer pickles whole, patched or not.)
     """
+
+    def __call__(self, model: nn.Module, args, kwargs) -> None:
+        if getattr(model, "_output_capturing_hooks_installed", False):
+            return
+        config = getattr(model, "config", None)
+        if not any(kwargs.get(f"output_{key}", getattr(config, f"output_{key}", False))
+                   for key in getattr(model, "_can_record_outputs", None) or {}):
+            return
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+
+        wrapped = list(sat_modules(model, "attention"))
+        for name, module in wrapped:
+            _set_child(model, name, module.dense_module)
+        try:
+            maybe_install_capturing_hooks(model)
+        finally:
+            for name, module in wrapped:
+                _set_child(model, name, module)
+
+
+def _add_output_capture_installer(model: nn.Module) -> None:
+    """Register :class:`_OutputCaptureInstaller` on the pretrained models of ``model`` whose forward captures outputs
+    (``LlamaModel`` in ``LlamaForCausalLM``: the innermost ones), once."""
     try:
         from transformers import PreTrainedModel
-        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks  # noqa: F401
     except ImportError:  # transformers 4: attention weights are returned through the layers' outputs
         return
-    # Transformers installs them from the model whose forward captures the outputs (``LlamaModel`` in
-    # ``LlamaForCausalLM``): the innermost pretrained models. Installing from an outer one as well would hook twice.
     pretrained = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
     for module in pretrained:
-        if not any(other is not module and any(o is other for o in module.modules()) for other in pretrained):
-            maybe_install_capturing_hooks(module)
+        innermost = not any(other is not module and any(o is other for o in module.modules()) for other in pretrained)
+        if innermost and not any(isinstance(h, _OutputCaptureInstaller) for h in module._forward_pre_hooks.values()):
+            module.register_forward_pre_hook(_OutputCaptureInstaller(), with_kwargs=True)
+
+
+def _remove_output_capture_installers(model: nn.Module) -> None:
+    for module in model.modules():
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if isinstance(hook, _OutputCaptureInstaller):
+                del module._forward_pre_hooks[key]
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
 def replace_attention(model: nn.Module, omission_rate: float = 0.5, *, metric: str = "l2", strategy: str = "topk",
-                      unit: str = DEFAULT_UNIT, backend: str = "auto", sync_selection=None) -> nn.Module:
+                      unit: str = DEFAULT_UNIT, backend: str = "auto", sync_selection=None,
+                      forward: str = "sparse") -> nn.Module:
     """Replace every supported self-attention of ``model`` by a :class:`SATAttention` sharing its submodules, in place.
 
     Training-mode forwards then keep ``1 - omission_rate`` of the heads (or KV groups, ``unit="group"``) per layer and
@@ -328,6 +365,8 @@ def replace_attention(model: nn.Module, omission_rate: float = 0.5, *, metric: s
         omission_rate: in ``[0, 1)``.
         metric, strategy, unit, backend: as in :func:`sat_kernels.sat_attention`.
         sync_selection: as in :func:`replace_mlp`.
+        forward: ``"sparse"`` (default) or ``"dense"``: the training forward's output is the dense model's (``o_proj``
+            over every head) while the backward stays over the kept heads, as in :func:`sat_kernels.sat_attention`.
 
     Example:
         >>> sk.replace_attention(sk.replace_mlp(model, 0.5), 0.5)
@@ -339,6 +378,7 @@ def replace_attention(model: nn.Module, omission_rate: float = 0.5, *, metric: s
     check_choice(metric, METRICS, "metric")
     check_choice(strategy, STRATEGIES, "strategy")
     check_choice(unit, UNITS, "unit")
+    check_choice(forward, FORWARD_MODES, "forward")
     check_attention_backend(backend)
     found = list(_attentions(model))
     if any(name == "" for name, _ in found):
@@ -351,13 +391,14 @@ def replace_attention(model: nn.Module, omission_rate: float = 0.5, *, metric: s
                          f"{f' ({others} are not supported)' if others else ''}; supported: {list(_ATTENTION_CLASSES)}")
     layouts = {name: _check_attention(name, attn) for name, attn in found}   # check all before changing any
     if found:
-        _install_output_hooks(model)
+        _add_output_capture_installer(model)
     for name, attn in found:
         _set_child(model, name, SATAttention(attn, omission_rate=rate, metric=metric, strategy=strategy, unit=unit,
-                                             backend=backend, sync_selection=sync_selection, **layouts[name]))
+                                             backend=backend, sync_selection=sync_selection, forward=forward,
+                                             **layouts[name]))
     for _, module in patched:
         module.omission_rate, module.metric, module.strategy, module.unit = rate, metric, strategy, unit
-        module.backend, module.sync_selection = backend, sync_selection
+        module.backend, module.sync_selection, module.forward_mode = backend, sync_selection, forward
     _log_summary("replace_attention", model, "attention")
     return model
 
@@ -403,6 +444,7 @@ def revert(model: nn.Module) -> nn.Module:
     for name, module in list(sat_modules(model)):
         module.dense_module.train(module.training)
         _set_child(model, name, module.dense_module)
+    _remove_output_capture_installers(model)
     return model
 
 

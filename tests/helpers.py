@@ -56,6 +56,26 @@ def assert_matches_reference(fn, operands, dy, indices, act="silu", forward="spa
     return ours
 
 
+def check_zero_tokens(dtype, backend="auto", device="cpu"):
+    """``sat_mlp`` (in-step and dense), ``gathered_mlp`` and ``neuron_scores`` on an empty batch and an empty
+    sequence: empty ``y``, exact zero gradients of ``x`` and every weight, a valid kept set, zero scores."""
+    import sat_kernels as sk
+
+    for lead in ((0,), (0, 16), (2, 0)):
+        operands, dy = make_operands(None, 40, 90, dtype, lead=lead, device=device)
+        calls = {"sat": lambda *o: sk.sat_mlp(*o, 0.5, backend=backend),
+                 "dense": lambda *o: sk.sat_mlp(*o, 0.0, backend=backend),
+                 "gathered": lambda *o: sk.gathered_mlp(*o, torch.tensor([3, 50], device=device), backend=backend)}
+        for name, fn in calls.items():
+            y, *grads = out_and_grads(fn, operands, dy)
+            assert y.shape == lead + (40,) and y.dtype == dtype, (name, lead)
+            for t, g in zip(operands, grads):
+                assert g.shape == t.shape and not g.any(), (name, lead)
+        _, idx = sk.sat_mlp(*operands, 0.5, backend=backend, return_indices=True)
+        assert idx.numel() == sk.num_kept(90, 0.5) and torch.equal(idx, torch.unique(idx)), lead
+        assert not sk.neuron_scores(*operands).any(), lead
+
+
 def tiny_config(family="llama", **overrides):
     """A tiny config of one of the supported decoder families (random weights, no downloads)."""
     import transformers

@@ -20,7 +20,7 @@ from sat_kernels.ops import cuda as cuda_ops
 from sat_kernels.ops.cuda import kernels
 from sat_kernels.ops.reference import reference_indices
 
-from helpers import assert_matches_reference, make_operands
+from helpers import assert_matches_reference, check_zero_tokens, make_operands
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -597,3 +597,10 @@ def test_gpu_cuda_backend_checkpoint_replays_the_draw(strategy):
     ckpt = torch.autograd.grad(checkpoint(fn, *operands, use_reentrant=False), operands, dy)
     for p, c in zip(plain, ckpt):
         assert torch.equal(p, c)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_gpu_cuda_backend_zero_tokens(dtype):
+    """Zero tokens: the gathers of the empty activations are not launched (a zero-size grid is a CUDA error)."""
+    check_zero_tokens(dtype, backend="cuda", device="cuda")

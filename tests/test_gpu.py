@@ -41,3 +41,24 @@ def test_cuda_generator_reproducible():
     picks = [sk.sat_mlp(*operands, 0.5, strategy="sample", return_indices=True,
                         generator=torch.Generator(device="cuda").manual_seed(3))[1] for _ in range(2)]
     assert torch.equal(*picks)
+
+
+@pytest.mark.parametrize("unit", ["head", "group"])
+@pytest.mark.parametrize("strategy", ["topk", "sample", "random"])
+def test_attention_no_host_sync_in_forward_and_backward(strategy, unit):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    B, T, h, H, G, d = 2, 256, 256, 8, 2, 32
+    x = torch.randn(B, T, h, device="cuda", generator=gen, dtype=torch.bfloat16, requires_grad=True)
+    ws = [(torch.randn(*shape, device="cuda", generator=gen) * 0.05).bfloat16().requires_grad_()
+          for shape in ((H * d, h), (G * d, h), (G * d, h), (h, H * d))]
+
+    def step():
+        sk.sat_attention(x, *ws, 0.6, num_heads=H, num_kv_heads=G, strategy=strategy, unit=unit).sum().backward()
+
+    step()                                                  # warm-up (lazy init may sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

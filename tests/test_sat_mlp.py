@@ -5,7 +5,7 @@ import torch
 import sat_kernels as sk
 from sat_kernels.ops.reference import reference_indices, reference_mlp, reference_sat_mlp
 
-from helpers import assert_matches_reference, fp64_copies, make_operands, out_and_grads
+from helpers import assert_matches_reference, check_zero_tokens, fp64_copies, make_operands, out_and_grads
 
 SHAPES = [(1, 8, 5), (63, 97, 123), (97, 64, 431), (130, 123, 63)]
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -154,6 +154,11 @@ def test_fp64_grads_agree_with_autograd_of_reference_for_every_strategy():
         ref = out_and_grads(lambda *o: reference_mlp(*o, idx), fp64_copies(operands), dy)
         for o, r in zip(ours, ref):
             torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_zero_tokens(dtype):
+    check_zero_tokens(dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))

@@ -20,7 +20,8 @@ import sat_kernels as sk  # noqa: E402
 from sat_kernels.ops.reference import reference_indices, reference_mlp  # noqa: E402
 from sat_kernels.ops.triton import sat_mlp as triton_sat_mlp  # noqa: E402
 
-from helpers import assert_matches_reference, fp64_copies, make_operands, out_and_grads, rel_rms  # noqa: E402
+from helpers import (assert_matches_reference, check_zero_tokens, fp64_copies, make_operands,  # noqa: E402
+                     out_and_grads, rel_rms)
 
 DTYPES = [torch.float32, torch.float16]
 SHAPES = [(1, 8, 5), (37, 40, 70), (70, 33, 100), (63, 48, 97)]
@@ -319,3 +320,8 @@ def test_patched_llama_trains_like_the_torch_backend():
         ref = results["torch"][1][name]
         assert torch.equal(grad == 0, ref == 0), f"{name}: different omitted rows/columns"
         assert rel_rms(grad, ref) < 1e-4, name
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
+def test_zero_tokens(dtype):
+    check_zero_tokens(dtype, backend="triton")

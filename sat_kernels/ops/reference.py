@@ -115,7 +115,8 @@ def reference_head_outputs(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor
 
     Projections, optional per-head RMSNorm (Qwen3), RoPE, masked softmax (in the operands' dtype for fp64/fp32, in
     fp32 for fp16/bf16, as Hugging Face's eager attention). ``attention_mask``: boolean (True = attend) or additive;
-    a query row with no key to attend outputs 0. Arguments as in :func:`sat_kernels.sat_attention`.
+    a query row with no key to attend (False or -inf everywhere) outputs 0. Arguments as in
+    :func:`sat_kernels.sat_attention`.
     """
     B, T, _ = x.shape
     H = num_heads
@@ -143,6 +144,7 @@ def reference_head_outputs(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor
             allowed = allowed & attention_mask
         else:
             scores = scores + attention_mask.to(acc)
+            allowed = allowed & (attention_mask > float("-inf"))
     any_key = allowed.any(-1, keepdim=True)
     scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~any_key, 0.0)
     p = torch.softmax(scores, dim=-1).masked_fill(~any_key, 0.0).to(x.dtype)

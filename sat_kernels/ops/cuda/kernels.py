@@ -205,14 +205,21 @@ def _check_scatter(src, idx, n, dim: int) -> Tuple[int, torch.device]:
     return n, _check_device(src=src, idx=idx)
 
 
+def _launch(kernel: str, out: Tensor, *args) -> Tensor:
+    """Run the extension's ``kernel``, which writes ``out``; nothing to run for an empty ``out`` (zero tokens), whose
+    zero-size grid would be a CUDA launch error."""
+    if out.numel():
+        getattr(load_extension(), kernel)(*args)
+    return out
+
+
 @torch.library.custom_op("sat_kernels::cuda_gather_rows", mutates_args=())
 def _gather_rows_op(src: Tensor, idx: Tensor) -> Tensor:
     device = _check_gather(src, idx)
     (n, width), k = src.shape, idx.numel()
     out = torch.empty(k, width, dtype=src.dtype, device=device)
-    load_extension().gather_rows(src.data_ptr(), idx.data_ptr(), out.data_ptr(), n, k, width, src.element_size(),
-                                 *_launch_args(device))
-    return out
+    return _launch("gather_rows", out, src.data_ptr(), idx.data_ptr(), out.data_ptr(), n, k, width,
+                   src.element_size(), *_launch_args(device))
 
 
 @_gather_rows_op.register_fake
@@ -226,9 +233,8 @@ def _gather_cols_op(src: Tensor, idx: Tensor) -> Tensor:
     device = _check_gather(src, idx)
     (rows, n), k = src.shape, idx.numel()
     out = torch.empty(rows, k, dtype=src.dtype, device=device)
-    load_extension().gather_cols(src.data_ptr(), idx.data_ptr(), out.data_ptr(), rows, n, k, src.element_size(),
-                                 *_launch_args(device))
-    return out
+    return _launch("gather_cols", out, src.data_ptr(), idx.data_ptr(), out.data_ptr(), rows, n, k,
+                   src.element_size(), *_launch_args(device))
 
 
 @_gather_cols_op.register_fake
@@ -242,9 +248,8 @@ def _scatter_rows_op(src: Tensor, idx: Tensor, n: int) -> Tensor:
     n, device = _check_scatter(src, idx, n, 0)
     k, width = src.shape
     out = torch.empty(n, width, dtype=src.dtype, device=device)
-    load_extension().scatter_rows(src.data_ptr(), idx.data_ptr(), out.data_ptr(), n, k, width, src.element_size(),
-                                  *_launch_args(device))
-    return out
+    return _launch("scatter_rows", out, src.data_ptr(), idx.data_ptr(), out.data_ptr(), n, k, width,
+                   src.element_size(), *_launch_args(device))
 
 
 @_scatter_rows_op.register_fake
@@ -258,9 +263,8 @@ def _scatter_cols_op(src: Tensor, idx: Tensor, n: int) -> Tensor:
     n, device = _check_scatter(src, idx, n, 1)
     rows, k = src.shape
     out = torch.empty(rows, n, dtype=src.dtype, device=device)
-    load_extension().scatter_cols(src.data_ptr(), idx.data_ptr(), out.data_ptr(), rows, n, k, src.element_size(),
-                                  *_launch_args(device))
-    return out
+    return _launch("scatter_cols", out, src.data_ptr(), idx.data_ptr(), out.data_ptr(), rows, n, k,
+                   src.element_size(), *_launch_args(device))
 
 
 @_scatter_cols_op.register_fake

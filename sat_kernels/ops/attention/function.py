@@ -1,0 +1,197 @@
+"""The autograd op of SAT attention-head omission (Llama / Mistral / Qwen2 / Qwen3 / Gemma attention), and the dense
+path it falls back to when every unit is kept.
+
+Forward (in-step selection, DESIGN.md section 2), token-major layouts ``[B, T, heads, d]``::
+
+    Q = x W_q^T (+b_q), K = x W_k^T, V = x W_v^T      all H query / G key-value heads, once (the scores need them)
+    Q, K = rope(norm(Q)), rope(norm(K))                optional per-head RMSNorm (Qwen3), RoPE from (cos, sin)
+    O, lse = attention(Q, K, V)                        [B, T, H, d], [B, H, T]: every head (fused CPU kernel)
+    s = score(O) per unit, S = select(s)               unit = a query head, or a KV group (its rep query heads)
+    y = O[:, :, S] W_o[:, S]^T (+b_o)                  [B, T, h]: kept heads only (forward="sparse", the paper's)
+    y = O W_o^T (+b_o)                                 [B, T, h]: every head (forward="dense", the exact output)
+
+Saved for backward: ``x``, the kept heads' ``Q``, ``O``, ``lse`` (fused kernel) and the ``K``, ``V`` of their groups
+(post-RoPE), plus the pre-norm projections of those heads when there is a q/k norm: never a tensor over all heads. The
+backward is written out and runs only over kept heads: the ``o_proj`` gradients, the attention backward (torch's own
+fused CPU flash-attention backward from the saved ``O``/``lse``, or an explicit softmax backward), RoPE, norm and the
+q/k/v projection gradients of the kept heads' rows. The compact weight gradients are scattered into zero full-size
+ones, so omitted heads' rows of ``W_q`` (and of ``W_k``/``W_v`` when no head of a group is kept) and columns of ``W_o``
+get exactly zero.
+
+Writing the backward out beats re-entering autograd for the kept heads (forward of everything under no-grad, then a
+second differentiable forward of the kept heads with gathered weights), which repeats the kept heads' q/k/v
+projections and attention. Forward+backward time relative to the dense Hugging Face ``LlamaAttention`` (sdpa) at
+SmolLM2-135M attention shapes (h 576, 9 query / 3 KV heads, d 64), random weights, B 4, fp32, omission 0.5, median of
+7 interleaved ratios, 1 thread of a shared 2-core x86-64 machine (load average 5-7), torch 2.13.0+cpu: T 512 0.70x
+written out vs 0.90x re-entering autograd; T 1024 0.67x vs 0.82x.
+
+The exact-forward mode (``forward="dense"``, DESIGN.md section 2) changes only ``y``: its backward, saved tensors
+and gradients are the sparse mode's at the same kept heads (the gradient is taken at the dense model's loss). Its
+forward adds the ``o_proj`` columns of the omitted heads: ``2 T h (H - k) d`` FLOPs.
+
+With a given head set (``gathered_attention``) the op computes only the kept heads' projections and attention.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .core import additive_mask, core_bwd, core_fwd, is_float_mask, math_probs
+from .layout import AttentionSpec, groups_of, head_rows, project, sum_heads_into_groups, take_heads
+from .rope_norm import prep_qk, rms_norm_bwd, rope_bwd
+
+
+class SATAttentionFunction(torch.autograd.Function):
+    """Autograd op of SAT attention on ``x`` ``[B, T, h]``.
+
+    ``select`` is either a ``LongTensor`` of kept query heads (``gathered_attention``) or a callable
+    ``select(o) -> heads`` that scores the attention output of all heads ``o`` ``[B, H, T, d]`` and picks the kept
+    heads (``sat_attention``). Outputs ``(y [B, T, h], heads [k], K, V)``; ``K``/``V`` (``[B, G, T, d]``, post-RoPE,
+    all groups) only with ``spec.return_kv`` (to fill a KV cache), else empty. With ``spec.dense_forward`` (a callable
+    ``select`` only) ``y`` is ``o_proj`` over every head, the exact dense output; the saved tensors and the backward
+    are those of the kept heads all the same.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, qn_w, kn_w, cos, sin, mask, select,
+                spec: AttentionSpec):
+        B, T, hidden = x.shape
+        H, G, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        rep = H // G
+        x2 = x.reshape(B * T, hidden)
+        if cos is not None:
+            cos, sin = cos.to(x.dtype).unsqueeze(2), sin.to(x.dtype).unsqueeze(2)      # [B or 1, T, 1, d]
+        k_all = v_all = None
+        if isinstance(select, torch.Tensor):
+            heads = select
+            groups, head_group = groups_of(heads, spec)
+            kq, kg = heads.numel(), groups.numel()
+            q_raw = project(x2, w_q, b_q, head_rows(heads, d)).view(B, T, kq, d)
+            k_raw = project(x2, w_k, b_k, head_rows(groups, d) if kg < G else None).view(B, T, kg, d)
+            v_g = project(x2, w_v, b_v, head_rows(groups, d) if kg < G else None).view(B, T, kg, d)
+            q_s = prep_qk(q_raw, qn_w, cos, sin, spec.norm_eps)                        # [B, T, kq, d]
+            k_g = prep_qk(k_raw, kn_w, cos, sin, spec.norm_eps)                        # [B, T, kg, d]
+            o_s, lse_s = core_fwd(q_s.transpose(1, 2), take_heads(k_g, head_group).transpose(1, 2),
+                                   take_heads(v_g, head_group).transpose(1, 2), mask, spec)
+            o_s = o_s.transpose(1, 2)                                                   # [B, T, kq, d]
+            q_raw_s, k_raw_g = q_raw, k_raw
+        else:
+            q_raw = F.linear(x2, w_q, b_q).view(B, T, H, d)
+            k_raw = F.linear(x2, w_k, b_k).view(B, T, G, d)
+            v_all = F.linear(x2, w_v, b_v).view(B, T, G, d)
+            q = prep_qk(q_raw, qn_w, cos, sin, spec.norm_eps)                          # [B, T, H, d]
+            k_all = prep_qk(k_raw, kn_w, cos, sin, spec.norm_eps)                      # [B, T, G, d]
+            group_of = torch.arange(H, device=x.device) // rep
+            k_e = take_heads(k_all, group_of) if rep > 1 else k_all
+            v_e = take_heads(v_all, group_of) if rep > 1 else v_all
+            o, lse = core_fwd(q.transpose(1, 2), k_e.transpose(1, 2), v_e.transpose(1, 2), mask, spec)
+            del k_e, v_e
+            heads = select(o)                                                           # [kq]
+            groups, head_group = groups_of(heads, spec)
+            kq, kg = heads.numel(), groups.numel()
+            if spec.dense_forward:                                                      # o_proj over all heads
+                y = F.linear(o.transpose(1, 2).reshape(B * T, H * d), w_o, b_o)       # [B*T, h]
+            o_s = take_heads(o.transpose(1, 2), heads)                                 # [B, T, kq, d]
+            lse_s = lse.index_select(1, heads) if lse is not None else None             # [B, kq, T]
+            del o, lse
+            q_s = take_heads(q, heads)
+            k_g = take_heads(k_all, groups) if kg < G else k_all
+            v_g = take_heads(v_all, groups) if kg < G else v_all
+            q_raw_s = take_heads(q_raw, heads) if qn_w is not None else None
+            k_raw_g = (take_heads(k_raw, groups) if kg < G else k_raw) if kn_w is not None else None
+            del q, q_raw, k_raw
+        o_flat = o_s.reshape(B * T, kq * d)
+        if not spec.dense_forward:
+            y = F.linear(o_flat, w_o.index_select(1, head_rows(heads, d)), b_o)       # [B*T, h]: kept heads only
+        ctx.save_for_backward(x2, w_q, w_k, w_v, w_o, b_q, b_k, b_v, qn_w, kn_w, cos, sin, mask, heads, groups,
+                              head_group, q_s, k_g, v_g, o_flat, lse_s,
+                              q_raw_s if qn_w is not None else None, k_raw_g if kn_w is not None else None)
+        ctx.spec, ctx.shape, ctx.has_b_o = spec, (B, T, hidden), b_o is not None
+        empty = x.new_empty(0)
+        if spec.return_kv and k_all is not None:
+            kv = (k_all.transpose(1, 2), v_all.transpose(1, 2))
+        else:
+            kv = (empty, empty.clone())
+        ctx.mark_non_differentiable(heads, *kv)
+        return y.view(B, T, hidden), heads, kv[0], kv[1]
+
+    @staticmethod
+    def backward(ctx, dy, _dheads, _dk, _dv):
+        (x2, w_q, w_k, w_v, w_o, b_q, b_k, b_v, qn_w, kn_w, cos, sin, mask, heads, groups, head_group, q_s, k_g, v_g,
+         o_flat, lse_s, q_raw_s, k_raw_g) = ctx.saved_tensors
+        spec = ctx.spec
+        B, T, hidden = ctx.shape
+        H, G, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        kq, kg = heads.numel(), groups.numel()
+        need = ctx.needs_input_grad
+        grads = [None] * 16
+        dy2 = dy.reshape(B * T, hidden)
+        cols = head_rows(heads, d)
+        # o_proj
+        if need[4]:
+            grads[4] = w_o.new_zeros(w_o.shape).index_copy_(1, cols, torch.mm(dy2.t(), o_flat).to(w_o.dtype))
+        if ctx.has_b_o and need[8]:
+            grads[8] = dy2.sum(0).to(w_o.dtype)
+        if not any(need[i] for i in (0, 1, 2, 3, 5, 6, 7, 9, 10)):
+            return tuple(grads)
+        do = torch.mm(dy2, w_o.index_select(1, cols)).view(B, T, kq, d)
+        # attention core, kept heads only
+        k_e, v_e = take_heads(k_g, head_group), take_heads(v_g, head_group)
+        dq, dk_e, dv_e = core_bwd(do.transpose(1, 2), q_s.transpose(1, 2), k_e.transpose(1, 2),
+                                   v_e.transpose(1, 2), o_flat.view(B, T, kq, d).transpose(1, 2), lse_s, mask, spec)
+        del k_e, v_e, do
+        dq, dk_e, dv_e = dq.transpose(1, 2), dk_e.transpose(1, 2), dv_e.transpose(1, 2)   # [B, T, n, d]
+        if H == G:        # multi-head attention: one group per kept head, no reduction
+            dk, dv = dk_e, dv_e
+        else:
+            dk, dv = sum_heads_into_groups(dk_e, head_group, kg), sum_heads_into_groups(dv_e, head_group, kg)
+        if cos is not None:
+            dq, dk = rope_bwd(dq, cos, sin), rope_bwd(dk, cos, sin)
+        if qn_w is not None:
+            dq, grads[9] = rms_norm_bwd(dq, q_raw_s, qn_w, spec.norm_eps, need[9])
+        if kn_w is not None:
+            dk, grads[10] = rms_norm_bwd(dk, k_raw_g, kn_w, spec.norm_eps, need[10])
+        dq2, dk2, dv2 = dq.reshape(B * T, kq * d), dk.reshape(B * T, kg * d), dv.reshape(B * T, kg * d)
+        rows_q = head_rows(heads, d)
+        rows_kv = head_rows(groups, d) if kg < G else None
+        for i, (w, g2, rows) in enumerate(((w_q, dq2, rows_q), (w_k, dk2, rows_kv), (w_v, dv2, rows_kv)), start=1):
+            if need[i]:
+                gw = torch.mm(g2.t(), x2).to(w.dtype)
+                grads[i] = gw if rows is None else w.new_zeros(w.shape).index_copy_(0, rows, gw)
+            if need[i + 4]:
+                gb = g2.sum(0).to(w.dtype)
+                grads[i + 4] = gb if rows is None else w.new_zeros(w.shape[0]).index_copy_(0, rows, gb)
+        if need[0]:
+            dx = torch.mm(dq2, w_q.index_select(0, rows_q))
+            dx.addmm_(dk2, w_k if rows_kv is None else w_k.index_select(0, rows_kv))
+            dx.addmm_(dv2, w_v if rows_kv is None else w_v.index_select(0, rows_kv))
+            grads[0] = dx.view(B, T, hidden)
+        return tuple(grads)
+
+
+def sat_attention_torch(x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, qn_w, kn_w, cos, sin, mask, select,
+                        spec: AttentionSpec):
+    """Launcher of the torch backend; returns ``(y [B, T, h], heads [k], K, V)`` (see :class:`SATAttentionFunction`)."""
+    return SATAttentionFunction.apply(x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, qn_w, kn_w, cos, sin, mask, select,
+                                      spec)
+
+
+def dense_attention(x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, qn_w, kn_w, cos, sin, mask,
+                    spec: AttentionSpec) -> torch.Tensor:
+    """The dense attention as Hugging Face's ``sdpa`` attention computes it (``F.linear``, RMSNorm, RoPE,
+    ``F.scaled_dot_product_attention``; with a float mask, its ``eager`` attention), differentiated by autograd."""
+    B, T, _ = x.shape
+    H, G, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    if cos is not None:
+        cos, sin = cos.to(x.dtype).unsqueeze(2), sin.to(x.dtype).unsqueeze(2)
+    q = prep_qk(F.linear(x, w_q, b_q).view(B, T, H, d), qn_w, cos, sin, spec.norm_eps).transpose(1, 2)
+    k = prep_qk(F.linear(x, w_k, b_k).view(B, T, G, d), kn_w, cos, sin, spec.norm_eps).transpose(1, 2)
+    v = F.linear(x, w_v, b_v).view(B, T, G, d).transpose(1, 2)
+    if H != G:
+        k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
+    if is_float_mask(mask):   # F.scaled_dot_product_attention's fused CPU backward: see core._flash_bias
+        o = torch.matmul(math_probs(q, k, mask, spec).to(q.dtype), v)
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask(mask, q.dtype), is_causal=spec.causal,
+                                           scale=spec.scale)
+    return F.linear(o.transpose(1, 2).reshape(B, T, H * d), w_o, b_o)
