@@ -132,7 +132,7 @@ def test_gpu_w_down_gathered_in_kernel(monkeypatch, dtype):
 def test_gpu_fused_scores(dtype, metric):
     """Fused scores vs sk.neuron_scores: at most 2x its distance to the fp64 scores; fp32 picks the fp64 top-k."""
     x, wg, wu, wd = (t.detach() for t in make_operands(2048, 576, 1536, dtype, device="cuda")[0])
-    _, _, fused = torch.ops.sat_kernels.triton_gate_up_scores(x, wg, wu, wd, "silu", metric)
+    _, _, _, fused = torch.ops.sat_kernels.triton_gate_up_scores(x, wg, wu, wd, "silu", metric, False)
     exact = sk.neuron_scores(*(t.double() for t in (x, wg, wu, wd)), metric=metric)
     plain = sk.neuron_scores(x, wg, wu, wd, metric=metric)
     assert rel_rms(fused, exact) <= 2 * rel_rms(plain, exact) + 1e-6
@@ -212,7 +212,7 @@ def test_gpu_autotuned_first_call():
         kern.cache.clear()
     operands, dy = make_operands(1000, 576, 1536, torch.bfloat16, device="cuda")
     x, wg, wu, wd = (t.detach() for t in operands)
-    _, _, fused = torch.ops.sat_kernels.triton_gate_up_scores(x, wg, wu, wd, "silu", "l2")
+    _, _, _, fused = torch.ops.sat_kernels.triton_gate_up_scores(x, wg, wu, wd, "silu", "l2", False)
     exact = sk.neuron_scores(*(t.double() for t in (x, wg, wu, wd)))
     assert rel_rms(fused, exact) <= 2 * rel_rms(sk.neuron_scores(x, wg, wu, wd), exact) + 1e-6
     _, idx = sk.sat_mlp(*operands, 0.5, backend="triton", return_indices=True)

@@ -112,7 +112,7 @@ def test_fused_scores_equal_neuron_scores(dtype, metric, act):
     """The scores accumulated in the gate/up epilogue are sk.neuron_scores: equal within fp32 rounding in fp32; in
     fp16 at most 2x as far from the fp64 scores as neuron_scores itself (which squares in fp16)."""
     x, wg, wu, wd = (t.detach() for t in make_operands(70, 33, 100, dtype, seed=2)[0])
-    _, _, fused = torch.ops.sat_kernels.triton_gate_up_scores(x, wg, wu, wd, act, metric)
+    _, _, _, fused = torch.ops.sat_kernels.triton_gate_up_scores(x, wg, wu, wd, act, metric, False)
     assert fused.dtype == torch.float32 and fused.shape == (100,)
     plain = sk.neuron_scores(x, wg, wu, wd, metric=metric, act=act)
     if dtype == torch.float32:
@@ -293,7 +293,7 @@ def test_autotuning_with_several_configs(monkeypatch):
         monkeypatch.setattr(kern, "_do_bench", fake_bench)
     operands, dy = make_operands(70, 33, 100, torch.float32, seed=6)
     x, wg, wu, wd = (t.detach() for t in operands)
-    _, _, fused = torch.ops.sat_kernels.triton_gate_up_scores(x, wg, wu, wd, "silu", "l2")
+    _, _, _, fused = torch.ops.sat_kernels.triton_gate_up_scores(x, wg, wu, wd, "silu", "l2", False)
     assert gate_up._gate_up_fwd_kernel.best_config.kwargs["BM"] == 32
     torch.testing.assert_close(fused, sk.neuron_scores(x, wg, wu, wd), rtol=2e-6, atol=0)
     _, idx = sk.sat_mlp(*operands, 0.5, backend="triton", return_indices=True)
