@@ -49,6 +49,69 @@ def test_unavailable_without_cuda_or_interpreter():
 
 
 
+@pytest.fixture
+def fake_launches(monkeypatch):
+    """The Triton launchers on CPU tensors without a GPU or the interpreter: every kernel launch is a stand-in that
+    records its arguments (outputs stay uninitialised), every autotune benchmark a stand-in that counts its calls.
+    Yields ``(launches, bench_calls)``: lists of ``(kernel name, args, kwargs)`` and of kernel names."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    from sat_kernels.ops.triton import gate_up, interpreting
+    from sat_kernels.ops.triton import sat_mlp as triton_sat_mlp
+
+    if interpreting():
+        pytest.skip("TRITON_INTERPRET=1: the interpreter has one config and nothing to tune")
+    launches, bench_calls = [], []
+
+    def fake_run(name):
+        def run(*args, grid=None, warmup=False, **kwargs):
+            launches.append((name, args, kwargs))
+        return run
+
+    def fake_bench(name):
+        def bench(kernel_call, quantiles):
+            bench_calls.append(name)
+            return [1.0] * len(quantiles)
+        return bench
+
+    monkeypatch.setattr(triton_sat_mlp, "check_tensors", lambda *tensors: None)
+    monkeypatch.setattr(gate_up._kept_act_fwd_kernel, "run", fake_run("_kept_act_fwd_kernel"))
+    for kern in _autotuned_kernels():
+        name = kern.base_fn.__name__
+        monkeypatch.setattr(kern, "cache", {})
+        monkeypatch.setitem(kern.__dict__, "do_bench", fake_bench(name))   # over the cached property, unread
+        monkeypatch.setattr(kern.fn, "run", fake_run(name))
+    yield launches, bench_calls
+
+
+def _topk_select(k, metric="l2"):
+    def select(a=None, *, scores=None):
+        return torch.sort(torch.topk(scores, k).indices).values
+    select.metric = metric
+    return select
+
+
+def test_autotuning_runs_once_per_size_bucket(fake_launches):
+    """50 training steps with a new token count at every step (a padding collator) and a new kept count (a linear
+    schedule): each kernel tunes once per power-of-two bucket of T and k, not once per step. Here T falls in 2
+    buckets and k in 2, so at most 2 (gate/up forward: T only) + 5 x 4 = 22 tuning runs instead of up to 300."""
+    from sat_kernels.ops.triton.sat_mlp import sat_mlp_triton
+
+    _, bench_calls = fake_launches
+    h, inter = 64, 1376
+    sched = sk.LinearOmissionScheduler(0.5, total_steps=50, dense_fraction=0.0)
+    gen = torch.Generator().manual_seed(0)
+    (_, wg, wu, wd), _ = make_operands(1, h, inter, torch.bfloat16)
+    for step in range(50):
+        T = int(torch.randint(300, 1025, (), generator=gen))
+        x = torch.randn(T, h, dtype=torch.bfloat16, requires_grad=True)
+        y, _ = sat_mlp_triton(x, wg, wu, wd, _topk_select(sk.num_kept(inter, sched.rate(step))), "silu")
+        y.backward(torch.ones_like(y))
+    runs = {kern.base_fn.__name__: len(kern.cache) for kern in _autotuned_kernels()}
+    assert runs["_gate_up_fwd_kernel"] == 2 and sum(runs.values()) <= 22, runs
+    assert len(bench_calls) == sum(n * len(kern.configs) for n, kern in zip(runs.values(), _autotuned_kernels()))
+
+
 def test_benchmark_needs_cuda():
     if torch.cuda.is_available():
         pytest.skip("CUDA is available")

@@ -15,13 +15,14 @@ import triton
 import triton.language as tl
 
 from .utils import ACT_IDS, ONE_ACC_CONFIGS, SWIGLU_BWD_CONFIGS, act_fwd_bwd, as_padded, dot_precision, \
-    padded_empty, split_cols, tile_ids
+    padded_empty, split_cols, tile_ids, tune_keys
 
 
-@triton.autotune(configs=ONE_ACC_CONFIGS, key=["M", "N", "K", "GATHER"])
+@triton.autotune(configs=ONE_ACC_CONFIGS, key=["M_KEY", "N_KEY", "K_KEY", "GATHER"])
 @triton.jit
-def _down_fwd_kernel(a_ptr, wd_ptr, idx_ptr, y_ptr, M, N, K, LDA, LDW, GATHER: tl.constexpr, PRECISION: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+def _down_fwd_kernel(a_ptr, wd_ptr, idx_ptr, y_ptr, M, N, K, M_KEY, N_KEY, K_KEY, LDA, LDW, GATHER: tl.constexpr,
+                     PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     GROUP_M: tl.constexpr):
     """y = A_S W_down[:, S]^T (M = T, N = h, K = k), fp32 accumulation.
 
     GATHER: column kk of the K loop is w_down[:, idx[kk]] (LDW = I); else w_down is the compact [h, k] (LDW >= k).
@@ -63,15 +64,15 @@ def down_fwd(a_s: torch.Tensor, w_down: torch.Tensor, idx: Optional[torch.Tensor
     if T == 0:
         return y
     grid = lambda meta: (triton.cdiv(T, meta["BM"]) * triton.cdiv(h, meta["BN"]),)  # noqa: E731
-    _down_fwd_kernel[grid](a_s, w_down, idx, y, T, h, k, a_s.stride(0), w_down.stride(0), GATHER=idx is not None,
-                           PRECISION=dot_precision(a_s.dtype))
+    _down_fwd_kernel[grid](a_s, w_down, idx, y, T, h, k, *tune_keys(T, h, k), a_s.stride(0), w_down.stride(0),
+                           GATHER=idx is not None, PRECISION=dot_precision(a_s.dtype))
     return y
 
 
-@triton.autotune(configs=SWIGLU_BWD_CONFIGS, key=["M", "N", "K", "GATHER"])
+@triton.autotune(configs=SWIGLU_BWD_CONFIGS, key=["M_KEY", "N_KEY", "K_KEY", "GATHER"])
 @triton.jit
-def _down_bwd_kernel(dy_ptr, wd_ptr, idx_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, a_ptr, M, N, K, LDS, LDW,
-                     GATHER: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr,
+def _down_bwd_kernel(dy_ptr, wd_ptr, idx_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, a_ptr, M, N, K, M_KEY, N_KEY, K_KEY, LDS,
+                     LDW, GATHER: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr,
                      BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """dA_S = dy W_down[:, S] (M = T, N = k, K = h) with the SwiGLU backward in the epilogue.
 
@@ -134,15 +135,17 @@ def down_bwd(dy: torch.Tensor, w_down: torch.Tensor, idx: Optional[torch.Tensor]
     if T == 0:
         return dg_s, du_s, a_s
     grid = lambda meta: (triton.cdiv(T, meta["BM"]) * triton.cdiv(k, meta["BN"]),)  # noqa: E731
-    _down_bwd_kernel[grid](dy, w_down, idx, g_s, u_s, dg_s, du_s, a_s, T, k, h, dg_s.stride(0), w_down.stride(0),
-                           GATHER=idx is not None, ACT=ACT_IDS[act], PRECISION=dot_precision(dy.dtype))
+    _down_bwd_kernel[grid](dy, w_down, idx, g_s, u_s, dg_s, du_s, a_s, T, k, h, *tune_keys(T, k, h), dg_s.stride(0),
+                           w_down.stride(0), GATHER=idx is not None, ACT=ACT_IDS[act],
+                           PRECISION=dot_precision(dy.dtype))
     return dg_s, du_s, a_s
 
 
-@triton.autotune(configs=ONE_ACC_CONFIGS, key=["M", "N", "K"])
+@triton.autotune(configs=ONE_ACC_CONFIGS, key=["M_KEY", "N_KEY", "K_KEY"])
 @triton.jit
-def _down_weight_bwd_kernel(dy_ptr, a_ptr, idx_ptr, dwd_ptr, M, N, K, LDA, LDO, PRECISION: tl.constexpr,
-                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+def _down_weight_bwd_kernel(dy_ptr, a_ptr, idx_ptr, dwd_ptr, M, N, K, M_KEY, N_KEY, K_KEY, LDA, LDO,
+                            PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                            GROUP_M: tl.constexpr):
     """dW_down[:, idx] = dy^T A_S (M = h, N = k, K = T), written into columns idx of the [h, LDO = I] gradient."""
     i_m, i_n = tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
     o_m = i_m * BM + tl.arange(0, BM)                                  # [BM] hidden
@@ -185,5 +188,6 @@ def down_weight_bwd(dy: torch.Tensor, a_s: torch.Tensor, idx: torch.Tensor, inte
     k = a_s.shape[1]
     dwd = dy.new_zeros(h, inter)
     grid = lambda meta: (triton.cdiv(h, meta["BM"]) * triton.cdiv(k, meta["BN"]),)  # noqa: E731
-    _down_weight_bwd_kernel[grid](dy, a_s, idx, dwd, h, k, T, a_s.stride(0), inter, PRECISION=dot_precision(dy.dtype))
+    _down_weight_bwd_kernel[grid](dy, a_s, idx, dwd, h, k, T, *tune_keys(h, k, T), a_s.stride(0), inter,
+                                  PRECISION=dot_precision(dy.dtype))
     return dwd

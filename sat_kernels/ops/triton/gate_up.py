@@ -13,15 +13,16 @@ import triton
 import triton.language as tl
 
 from .utils import ACT_IDS, MIN_BM, ONE_ACC_CONFIGS, SCORE_IDS, TWO_ACC_CONFIGS, act_fwd, dot_precision, \
-    padded_empty, split_cols, tile_ids
+    padded_empty, split_cols, tile_ids, tune_keys
 
 
 # reset_to_zero: configs with a smaller BM write more partial rows; the autotuner zeroes the buffer before each trial
 # and before the final launch, so rows written only by a losing config do not add to the scores.
-@triton.autotune(configs=TWO_ACC_CONFIGS, key=["M", "N", "K", "HAS_IDX", "STORE_A", "SCORE"],
+@triton.autotune(configs=TWO_ACC_CONFIGS, key=["M_KEY", "N_KEY", "K_KEY", "HAS_IDX", "STORE_A", "SCORE"],
                  reset_to_zero=["part_ptr"])
 @triton.jit
-def _gate_up_fwd_kernel(x_ptr, wg_ptr, wu_ptr, idx_ptr, g_ptr, u_ptr, a_ptr, part_ptr, M, N, K, LDO,
+def _gate_up_fwd_kernel(x_ptr, wg_ptr, wu_ptr, idx_ptr, g_ptr, u_ptr, a_ptr, part_ptr, M, N, K, M_KEY, N_KEY, K_KEY,
+                        LDO,
                         HAS_IDX: tl.constexpr, STORE_A: tl.constexpr, SCORE: tl.constexpr, ACT: tl.constexpr,
                         PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                         GROUP_M: tl.constexpr):
@@ -116,7 +117,7 @@ def gate_up_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, act: 
     if T == 0 or n == 0:
         return g, u, a, part if score else None
     grid = lambda meta: (triton.cdiv(T, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
-    _gate_up_fwd_kernel[grid](x, w_gate, w_up, idx, g, u, a, part, T, n, h, g.stride(0),
+    _gate_up_fwd_kernel[grid](x, w_gate, w_up, idx, g, u, a, part, T, n, h, *tune_keys(T, n, h), g.stride(0),
                               HAS_IDX=idx is not None, STORE_A=store_a, SCORE=SCORE_IDS[score], ACT=ACT_IDS[act],
                               PRECISION=dot_precision(x.dtype))
     return g, u, a, part if score else None
@@ -160,9 +161,9 @@ def kept_act_fwd(g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor,
     return g_s, u_s, a_s
 
 
-@triton.autotune(configs=TWO_ACC_CONFIGS, key=["M", "N", "K"])
+@triton.autotune(configs=TWO_ACC_CONFIGS, key=["M_KEY", "N_KEY", "K_KEY"])
 @triton.jit
-def _gate_up_weight_bwd_kernel(dg_ptr, du_ptr, x_ptr, idx_ptr, dwg_ptr, dwu_ptr, M, N, K, LDD,
+def _gate_up_weight_bwd_kernel(dg_ptr, du_ptr, x_ptr, idx_ptr, dwg_ptr, dwu_ptr, M, N, K, M_KEY, N_KEY, K_KEY, LDD,
                                PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                                GROUP_M: tl.constexpr):
     """dW_gate[idx] = dG_S^T x and dW_up[idx] = dU_S^T x, one [BM, BN] tile of each (M = k, N = h, K = T).
@@ -208,14 +209,14 @@ def gate_up_weight_bwd(dg_s: torch.Tensor, du_s: torch.Tensor, x: torch.Tensor, 
     dwg = x.new_zeros(inter, h)
     dwu = x.new_zeros(inter, h)
     grid = lambda meta: (triton.cdiv(k, meta["BM"]) * triton.cdiv(h, meta["BN"]),)  # noqa: E731
-    _gate_up_weight_bwd_kernel[grid](dg_s, du_s, x, idx, dwg, dwu, k, h, T, dg_s.stride(0),
+    _gate_up_weight_bwd_kernel[grid](dg_s, du_s, x, idx, dwg, dwu, k, h, T, *tune_keys(k, h, T), dg_s.stride(0),
                                      PRECISION=dot_precision(x.dtype))
     return dwg, dwu
 
 
-@triton.autotune(configs=ONE_ACC_CONFIGS, key=["M", "N", "K"])
+@triton.autotune(configs=ONE_ACC_CONFIGS, key=["M_KEY", "N_KEY", "K_KEY"])
 @triton.jit
-def _gate_up_input_bwd_kernel(dg_ptr, du_ptr, wg_ptr, wu_ptr, idx_ptr, dx_ptr, M, N, K, LDD,
+def _gate_up_input_bwd_kernel(dg_ptr, du_ptr, wg_ptr, wu_ptr, idx_ptr, dx_ptr, M, N, K, M_KEY, N_KEY, K_KEY, LDD,
                               PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                               GROUP_M: tl.constexpr):
     """dx = dG_S W_gate[idx] + dU_S W_up[idx] in one accumulator (M = T, N = h, K = k).
@@ -261,6 +262,6 @@ def gate_up_input_bwd(dg_s: torch.Tensor, du_s: torch.Tensor, w_gate: torch.Tens
     if T == 0:
         return dx
     grid = lambda meta: (triton.cdiv(T, meta["BM"]) * triton.cdiv(h, meta["BN"]),)  # noqa: E731
-    _gate_up_input_bwd_kernel[grid](dg_s, du_s, w_gate, w_up, idx, dx, T, h, k, dg_s.stride(0),
+    _gate_up_input_bwd_kernel[grid](dg_s, du_s, w_gate, w_up, idx, dx, T, h, k, *tune_keys(T, h, k), dg_s.stride(0),
                                     PRECISION=dot_precision(dg_s.dtype))
     return dx

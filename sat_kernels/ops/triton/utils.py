@@ -54,6 +54,18 @@ else:
 MIN_BM = min(c.kwargs["BM"] for c in TWO_ACC_CONFIGS)
 
 
+def tune_keys(*sizes: int) -> tuple:
+    """Autotune keys of GEMM sizes: each rounded up to a power of two, at least 16.
+
+    The token count T changes at almost every step (a collator pads to the longest example) and the kept count k
+    with the omission schedule. Keyed on exact sizes, each new T or k would benchmark every config again (device
+    syncs: seconds per step, and no CUDA-graph capture after warm-up); keyed on these buckets, sizes within a factor
+    of two share one tuned config. Powers of two >= 16 are all divisible by 16, so the key arguments add no JIT
+    specialisation (the kernels do not read them).
+    """
+    return tuple(max(16, triton.next_power_of_2(n)) for n in sizes)
+
+
 def padded_empty(like: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """Uninitialised ``[rows, cols]`` like ``like`` whose row stride is ``cols`` rounded up to 16 elements.
 
