@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -52,8 +53,9 @@ def test_unavailable_without_cuda_or_interpreter():
 @pytest.fixture
 def fake_launches(monkeypatch):
     """The Triton launchers on CPU tensors without a GPU or the interpreter: every kernel launch is a stand-in that
-    records its arguments (outputs stay uninitialised), every autotune benchmark a stand-in that counts its calls.
-    Yields ``(launches, bench_calls)``: lists of ``(kernel name, args, kwargs)`` and of kernel names."""
+    records its arguments and the device made current by ``torch.cuda.device`` (a stand-in too), every autotune
+    benchmark a stand-in that counts its calls. Outputs stay uninitialised. Yields a namespace with ``launches``
+    (``(kernel name, args, kwargs, current device or None)``) and ``bench_calls`` (kernel names)."""
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
     from sat_kernels.ops.triton import gate_up, interpreting
@@ -61,19 +63,30 @@ def fake_launches(monkeypatch):
 
     if interpreting():
         pytest.skip("TRITON_INTERPRET=1: the interpreter has one config and nothing to tune")
-    launches, bench_calls = [], []
+    fake = types.SimpleNamespace(launches=[], bench_calls=[], current=[])
+
+    class CudaDevice:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            fake.current.append(self.device)
+
+        def __exit__(self, *exc):
+            fake.current.pop()
 
     def fake_run(name):
         def run(*args, grid=None, warmup=False, **kwargs):
-            launches.append((name, args, kwargs))
+            fake.launches.append((name, args, kwargs, fake.current[-1] if fake.current else None))
         return run
 
     def fake_bench(name):
         def bench(kernel_call, quantiles):
-            bench_calls.append(name)
+            fake.bench_calls.append(name)
             return [1.0] * len(quantiles)
         return bench
 
+    monkeypatch.setattr(torch.cuda, "device", CudaDevice)
     monkeypatch.setattr(triton_sat_mlp, "check_tensors", lambda *tensors: None)
     monkeypatch.setattr(gate_up._kept_act_fwd_kernel, "run", fake_run("_kept_act_fwd_kernel"))
     for kern in _autotuned_kernels():
@@ -81,7 +94,7 @@ def fake_launches(monkeypatch):
         monkeypatch.setattr(kern, "cache", {})
         monkeypatch.setitem(kern.__dict__, "do_bench", fake_bench(name))   # over the cached property, unread
         monkeypatch.setattr(kern.fn, "run", fake_run(name))
-    yield launches, bench_calls
+    yield fake
 
 
 def _topk_select(k, metric="l2"):
@@ -97,7 +110,7 @@ def test_autotuning_runs_once_per_size_bucket(fake_launches):
     buckets and k in 2, so at most 2 (gate/up forward: T only) + 5 x 4 = 22 tuning runs instead of up to 300."""
     from sat_kernels.ops.triton.sat_mlp import sat_mlp_triton
 
-    _, bench_calls = fake_launches
+    bench_calls = fake_launches.bench_calls
     h, inter = 64, 1376
     sched = sk.LinearOmissionScheduler(0.5, total_steps=50, dense_fraction=0.0)
     gen = torch.Generator().manual_seed(0)
@@ -110,6 +123,22 @@ def test_autotuning_runs_once_per_size_bucket(fake_launches):
     runs = {kern.base_fn.__name__: len(kern.cache) for kern in _autotuned_kernels()}
     assert runs["_gate_up_fwd_kernel"] == 2 and sum(runs.values()) <= 22, runs
     assert len(bench_calls) == sum(n * len(kern.configs) for n, kern in zip(runs.values(), _autotuned_kernels()))
+
+
+@pytest.mark.parametrize("entry", ["sparse", "dense_forward", "gathered"])
+def test_every_launch_runs_on_the_tensors_device(fake_launches, monkeypatch, entry):
+    """Forward and backward launch every kernel under torch.cuda.device(<the tensors' device>): Triton launches on the
+    current device, so a layer on cuda:1 of a model split over GPUs would otherwise run on cuda:0."""
+    from sat_kernels.ops.triton.sat_mlp import sat_mlp_triton
+
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 1)   # every tensor reports cuda:1
+    operands, dy = make_operands(70, 64, 200, torch.bfloat16)
+    select = torch.arange(0, 200, 3) if entry == "gathered" else _topk_select(77)
+    y, _ = sat_mlp_triton(*operands, select, "silu", dense_forward=entry == "dense_forward")
+    y.backward(dy)
+    names = {name for name, *_ in fake_launches.launches}
+    assert len(names) == 6 + (entry != "gathered"), names
+    assert [dev for *_, dev in fake_launches.launches] == [1] * len(fake_launches.launches)
 
 
 def test_benchmark_needs_cuda():

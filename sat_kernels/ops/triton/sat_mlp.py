@@ -32,7 +32,7 @@ from ...selection import _norm
 from ..sat_mlp import act_fwd
 from .down import down_bwd, down_fwd, down_weight_bwd
 from .gate_up import gate_up_fwd, gate_up_input_bwd, gate_up_weight_bwd, kept_act_fwd
-from .utils import check_tensors, padded_empty, padded_index
+from .utils import check_tensors, on_device, padded_empty, padded_index
 
 # Gather the kept columns of w_down into a compact [h, k] copy (one pass over h * I) instead of gathering them inside
 # the down GEMMs, where they are the contiguous dimension (2-byte scalar loads). Chosen by that reasoning, not
@@ -52,7 +52,8 @@ def _gate_up_scores_op(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, 
                        metric: Optional[str], store_a: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(G [T, I], U [T, I], A [T, I], scores [I] fp32)``; ``A`` is empty unless ``store_a``, ``scores`` when
     ``metric`` is ``None``."""
-    g, u, a, part = gate_up_fwd(x, w_gate, w_up, act, score=metric, store_a=store_a)
+    with on_device(x):
+        g, u, a, part = gate_up_fwd(x, w_gate, w_up, act, score=metric, store_a=store_a)
     a = a if store_a else x.new_empty(0)
     if metric is None:
         return g, u, a, x.new_empty(0, dtype=torch.float32)
@@ -75,7 +76,8 @@ def _(x, w_gate, w_up, w_down, act, metric, store_a):
 @torch.library.custom_op("sat_kernels::triton_kept_act", mutates_args=())
 def _kept_act_op(g: Tensor, u: Tensor, indices: Tensor, act: str) -> Tuple[Tensor, Tensor, Tensor]:
     """``(G_S, U_S, A_S)`` ``[T, k]`` from the full ``[T, I]`` pre-activations."""
-    return kept_act_fwd(g, u, indices, act)
+    with on_device(g):
+        return kept_act_fwd(g, u, indices, act)
 
 
 @_kept_act_op.register_fake
@@ -87,7 +89,8 @@ def _(g, u, indices, act):
 def _gate_up_kept_op(x: Tensor, w_gate: Tensor, w_up: Tensor, indices: Tensor,
                      act: str) -> Tuple[Tensor, Tensor, Tensor]:
     """``(G_S, U_S, A_S)`` ``[T, k]`` computed over the kept weight rows only (``gathered_mlp``)."""
-    g_s, u_s, a_s, _ = gate_up_fwd(x, w_gate, w_up, act, idx=indices, store_a=True)
+    with on_device(x):
+        g_s, u_s, a_s, _ = gate_up_fwd(x, w_gate, w_up, act, idx=indices, store_a=True)
     return g_s, u_s, a_s
 
 
@@ -102,9 +105,10 @@ def _kept_mlp_op(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, indice
     """``y = A_S W_down[:, S]^T`` (``a`` is ``A_S [T, k]``), or with ``dense_forward`` ``y = A W_down^T`` (``a`` is
     the full ``A [T, I]``); differentiable w.r.t. ``x`` and the weights (``G_S``, ``U_S``, ``a`` are the detached
     activations of ``x``; the backward takes the whole chain through the kept neurons)."""
-    if dense_forward:
-        return down_fwd(a, w_down, None)
-    return down_fwd(a, *_w_down_operand(w_down, indices))
+    with on_device(x):
+        if dense_forward:
+            return down_fwd(a, w_down, None)
+        return down_fwd(a, *_w_down_operand(w_down, indices))
 
 
 @_kept_mlp_op.register_fake
@@ -119,11 +123,12 @@ def _kept_mlp_bwd_op(dy: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, w_down
     """``(dx, dW_gate, dW_up, dW_down)``; a gradient that is not needed comes back empty (``[0]``)."""
     inter = w_gate.shape[0]
     none = dy.new_empty(0)
-    dg_s, du_s, a_s = down_bwd(dy, *_w_down_operand(w_down, indices), g_s, u_s, act)
-    dwd = down_weight_bwd(dy, a_s, indices, inter) if need_w_down else none
-    del a_s
-    dwg, dwu = gate_up_weight_bwd(dg_s, du_s, x, indices, inter) if need_w_gate_up else (none, none)
-    dx = gate_up_input_bwd(dg_s, du_s, w_gate, w_up, indices) if need_x else none
+    with on_device(dy):
+        dg_s, du_s, a_s = down_bwd(dy, *_w_down_operand(w_down, indices), g_s, u_s, act)
+        dwd = down_weight_bwd(dy, a_s, indices, inter) if need_w_down else none
+        del a_s
+        dwg, dwu = gate_up_weight_bwd(dg_s, du_s, x, indices, inter) if need_w_gate_up else (none, none)
+        dx = gate_up_input_bwd(dg_s, du_s, w_gate, w_up, indices) if need_x else none
     return dx, dwg, dwu, dwd
 
 

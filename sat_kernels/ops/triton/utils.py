@@ -95,6 +95,17 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def on_device(t: torch.Tensor):
+    """``with on_device(t):`` makes ``t``'s CUDA device current for the Triton launches inside.
+
+    Triton launches on ``torch.cuda.current_device()`` and its current stream, not on the device of its arguments: a
+    layer on cuda:1 (``device_map="auto"``, any model split over GPUs) would otherwise launch on cuda:0 (an illegal
+    address, or a race with peer access). For a CPU tensor (the interpreter) ``get_device()`` is -1, for which
+    ``torch.cuda.device`` does nothing.
+    """
+    return torch.cuda.device(t.get_device())
+
+
 def check_tensors(*tensors: torch.Tensor) -> None:
     """Dtype/device rules of the Triton backend, as a clear error instead of a wrong result or a crash."""
     t = tensors[0]
