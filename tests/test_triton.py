@@ -141,6 +141,22 @@ def test_every_launch_runs_on_the_tensors_device(fake_launches, monkeypatch, ent
     assert [dev for *_, dev in fake_launches.launches] == [1] * len(fake_launches.launches)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9: legacy flag only")
+def test_dot_precision_follows_the_new_tf32_flag():
+    """torch 2.9+: once fp32_precision is set, reading the legacy allow_tf32 raises; the kernels' fp32 precision must
+    come from the new flag (also in fp32 kernels launched after torch.set_float32_matmul_precision)."""
+    from sat_kernels.ops.triton.utils import dot_precision
+
+    matmul = torch.backends.cuda.matmul
+    try:
+        for flag, want in (("tf32", "tf32"), ("ieee", "ieee")):
+            matmul.fp32_precision = flag
+            assert dot_precision(torch.float32) == want and dot_precision(torch.bfloat16) == "tf32"
+    finally:
+        matmul.fp32_precision = "none"
+
+
 def test_benchmark_needs_cuda():
     if torch.cuda.is_available():
         pytest.skip("CUDA is available")

@@ -89,10 +89,18 @@ def padded_index(idx: torch.Tensor) -> torch.Tensor:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision: fp32 operands follow ``torch.backends.cuda.matmul.allow_tf32`` like ``torch.mm``."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+    """``tl.dot`` input precision: fp32 operands follow torch's cuBLAS TF32 setting like ``torch.mm``.
+
+    Read from ``torch.backends.cuda.matmul.fp32_precision`` where it exists (torch 2.9+; it also reflects the legacy
+    ``allow_tf32`` and ``torch.set_float32_matmul_precision``), because reading the legacy ``allow_tf32`` there raises
+    ``RuntimeError`` once a user has set the new flag.
+    """
+    if dtype != torch.float32:
+        return "tf32"
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        return "tf32" if matmul.fp32_precision == "tf32" else "ieee"
+    return "tf32" if matmul.allow_tf32 else "ieee"
 
 
 def on_device(t: torch.Tensor):
