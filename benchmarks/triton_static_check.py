@@ -25,14 +25,14 @@ def kernels(dtype: str):
     """``(label, autotuned kernel, pointer types, constexprs, configs)`` for every kernel variant the backend runs."""
     p, i64 = "*" + dtype, "*i64"
     prec = "ieee" if dtype == "fp32" else "tf32"
-    gu = {"x_ptr": p, "wg_ptr": p, "wu_ptr": p, "idx_ptr": i64, "g_ptr": p, "u_ptr": p, "a_ptr": p, "part_ptr": "*fp32"}
+    gu = {"x_ptr": p, "wg_ptr": p, "wu_ptr": p, "idx_ptr": i64, "g_ptr": p, "u_ptr": p, "a_ptr": p, "part_ptr": "*fp64"}
     dn = {"a_ptr": p, "wd_ptr": p, "idx_ptr": i64, "y_ptr": p}
     db = {"dy_ptr": p, "wd_ptr": p, "idx_ptr": i64, "g_ptr": p, "u_ptr": p, "dg_ptr": p, "du_ptr": p, "a_ptr": p}
     return [
         ("gate_up_fwd scores", gate_up._gate_up_fwd_kernel, gu,
-         dict(HAS_IDX=False, STORE_A=False, SCORE=1, ACT=0, PRECISION=prec), utils.TWO_ACC_CONFIGS),
+         dict(HAS_IDX=False, STORE_A=False, SCORE=1, ACT=0, PRECISION=prec, ROWS=utils.SCORE_ROWS), utils.TWO_ACC_CONFIGS),
         ("gate_up_fwd kept rows", gate_up._gate_up_fwd_kernel, gu,
-         dict(HAS_IDX=True, STORE_A=True, SCORE=0, ACT=0, PRECISION=prec), utils.TWO_ACC_CONFIGS),
+         dict(HAS_IDX=True, STORE_A=True, SCORE=0, ACT=0, PRECISION=prec, ROWS=utils.SCORE_ROWS), utils.TWO_ACC_CONFIGS),
         ("gate_up_weight_bwd", gate_up._gate_up_weight_bwd_kernel,
          {"dg_ptr": p, "du_ptr": p, "x_ptr": p, "idx_ptr": i64, "dwg_ptr": p, "dwu_ptr": p}, dict(PRECISION=prec),
          utils.TWO_ACC_CONFIGS),

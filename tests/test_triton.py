@@ -294,12 +294,15 @@ def test_gpu_offsets_past_2_31():
 @pytest.mark.slow
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA and triton")
 def test_gpu_every_config_matches(monkeypatch):
-    """Each autotune candidate of each kernel alone computes the op (bf16, odd shape: every tile is masked)."""
+    """Each autotune candidate of each kernel alone computes the op (bf16, odd shape: every tile is masked), and
+    every gate/up config gives bitwise the same fused scores (so the kept set does not depend on the winner)."""
     from sat_kernels.ops.triton import sat_mlp as triton_sat_mlp
 
     candidates = {kern: list(kern.configs) for kern in _autotuned_kernels()}
     operands, dy = make_operands(333, 264, 1000, torch.bfloat16, device="cuda")
+    x, wg, wu, wd = (t.detach() for t in operands)
     fixed = torch.sort(torch.randperm(1000, device="cuda")[:501]).values
+    scores = []
     for compact in (True, False):
         monkeypatch.setattr(triton_sat_mlp, "COMPACT_W_DOWN", compact)
         for i in range(max(map(len, candidates.values()))):
@@ -309,6 +312,8 @@ def test_gpu_every_config_matches(monkeypatch):
             assert_matches_reference(lambda *o: sk.gathered_mlp(*o, fixed, backend="triton"), operands, dy, fixed)
             _, idx = sk.sat_mlp(*operands, 0.5, backend="triton", return_indices=True)
             assert_matches_reference(lambda *o: sk.sat_mlp(*o, 0.5, backend="triton"), operands, dy, idx)
+            scores.append(torch.ops.sat_kernels.triton_gate_up_scores(x, wg, wu, wd, "silu", "l2", False)[3])
+    assert all(torch.equal(scores[0], s) for s in scores)
 
 
 @pytest.mark.gpu

@@ -12,26 +12,23 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import ACT_IDS, MIN_BM, ONE_ACC_CONFIGS, SCORE_IDS, TWO_ACC_CONFIGS, act_fwd, dot_precision, \
+from .utils import ACT_IDS, ONE_ACC_CONFIGS, SCORE_IDS, SCORE_ROWS, TWO_ACC_CONFIGS, act_fwd, dot_precision, \
     padded_empty, split_cols, tile_ids, tune_keys
 
 
-# reset_to_zero: configs with a smaller BM write more partial rows; the autotuner zeroes the buffer before each trial
-# and before the final launch, so rows written only by a losing config do not add to the scores.
-@triton.autotune(configs=TWO_ACC_CONFIGS, key=["M_KEY", "N_KEY", "K_KEY", "HAS_IDX", "STORE_A", "SCORE"],
-                 reset_to_zero=["part_ptr"])
+@triton.autotune(configs=TWO_ACC_CONFIGS, key=["M_KEY", "N_KEY", "K_KEY", "HAS_IDX", "STORE_A", "SCORE"])
 @triton.jit
 def _gate_up_fwd_kernel(x_ptr, wg_ptr, wu_ptr, idx_ptr, g_ptr, u_ptr, a_ptr, part_ptr, M, N, K, M_KEY, N_KEY, K_KEY,
                         LDO,
                         HAS_IDX: tl.constexpr, STORE_A: tl.constexpr, SCORE: tl.constexpr, ACT: tl.constexpr,
-                        PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                        GROUP_M: tl.constexpr):
+                        PRECISION: tl.constexpr, ROWS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                        BK: tl.constexpr, GROUP_M: tl.constexpr):
     """G = x W_gate[rows]^T, U = x W_up[rows]^T (rows = idx or all), one [BM, BN] tile of each.
 
     Epilogue, in two column halves: stores G, U (and A = act(G) * U if STORE_A) in the input dtype and, if SCORE, the
-    per-neuron partial score of this row tile (1: sum of A^2, 2: sum of |A|) from A as it is rounded to the input
-    dtype, into row i_m of the fp32 partials [*, N] (each element written by exactly one program: no atomics,
-    deterministic).
+    per-neuron partial scores (1: sum of A^2, 2: sum of |A|) from A as it is rounded to the input dtype: one fp64
+    partial per ROWS rows (BM is a multiple of ROWS), row t // ROWS of the partials [cdiv(M, ROWS), N]. Each partial
+    element is written by exactly one program (no atomics) and covers the same rows whatever the config.
     """
     i_m, i_n = tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
     o_m = i_m * BM + tl.arange(0, BM)                                  # [BM]
@@ -60,14 +57,15 @@ def _gate_up_fwd_kernel(x_ptr, wg_ptr, wu_ptr, idx_ptr, g_ptr, u_ptr, a_ptr, par
     b_u0, b_u1 = split_cols(b_u, BM, BN)                                # [BM, BN // 2] each
     o_h = tl.arange(0, BN // 2)                                         # [BN // 2]
     _gate_up_fwd_epilogue(b_g0, b_u0, i_m, o_m, i_n * BN + o_h, M, N, LDO, g_ptr, u_ptr, a_ptr, part_ptr,
-                          STORE_A, SCORE, ACT)
+                          STORE_A, SCORE, ACT, ROWS, BM, BN // 2)
     _gate_up_fwd_epilogue(b_g1, b_u1, i_m, o_m, i_n * BN + BN // 2 + o_h, M, N, LDO, g_ptr, u_ptr, a_ptr, part_ptr,
-                          STORE_A, SCORE, ACT)
+                          STORE_A, SCORE, ACT, ROWS, BM, BN // 2)
 
 
 @triton.jit
 def _gate_up_fwd_epilogue(b_g, b_u, i_m, o_m, o_n, M, N, LDO, g_ptr, u_ptr, a_ptr, part_ptr, STORE_A: tl.constexpr,
-                          SCORE: tl.constexpr, ACT: tl.constexpr):
+                          SCORE: tl.constexpr, ACT: tl.constexpr, ROWS: tl.constexpr, BM: tl.constexpr,
+                          BH: tl.constexpr):
     """Stores of one column block of the gate/up tile (fp32 accumulators b_g, b_u [BM, BH], columns o_n)."""
     dtype = g_ptr.dtype.element_ty
     m_m = o_m < M
@@ -83,12 +81,17 @@ def _gate_up_fwd_epilogue(b_g, b_u, i_m, o_m, o_n, M, N, LDO, g_ptr, u_ptr, a_pt
         if STORE_A:
             tl.store(a_ptr + o_out, b_a, mask=m_out)
         if SCORE != 0:
-            b_af = tl.where(m_m[:, None], b_a.to(tl.float32), 0.0)                     # [BM, BH]
+            # fp64: the squares of 16-bit (or fp32) values are exact, and the sums of ROWS of them are exact or
+            # rounded far below the fp32 rounding of the scores, whatever order the reduction takes in a config
+            b_af = tl.where(m_m[:, None], b_a.to(tl.float64), 0.0)                     # [BM, BH]
             if SCORE == 1:
-                b_s = tl.sum(b_af * b_af, axis=0)                                      # [BH]
+                b_af = b_af * b_af
             else:
-                b_s = tl.sum(tl.abs(b_af), axis=0)                                     # [BH]
-            tl.store(part_ptr + i_m.to(tl.int64) * N + o_n, b_s, mask=m_n)
+                b_af = tl.abs(b_af)
+            b_s = tl.sum(tl.reshape(b_af, (BM // ROWS, ROWS, BH)), axis=1)            # [BM // ROWS, BH]
+            o_p = i_m * (BM // ROWS) + tl.arange(0, BM // ROWS)                        # [BM // ROWS] partial rows
+            m_p = (o_p < tl.cdiv(M, ROWS))[:, None] & m_n[None, :]
+            tl.store(part_ptr + o_p.to(tl.int64)[:, None] * N + o_n[None, :], b_s, mask=m_p)
 
 
 def gate_up_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, act: str = "silu", *,
@@ -105,21 +108,21 @@ def gate_up_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, act: 
         score: ``None``, ``"l2"``/``"contrib"`` (partials of ``sum_t A^2``) or ``"l1"`` (of ``sum_t |A|``).
 
     Returns:
-        ``(G [T, n], U [T, n], A [T, n] or None, partials [P, n] fp32 or None)``, ``n = k`` or ``I``; the score is
-        ``partials.sum(0)`` (rows past the last row tile are zero).
+        ``(G [T, n], U [T, n], A [T, n] or None, partials [cdiv(T, SCORE_ROWS), n] fp64 or None)``, ``n = k`` or
+        ``I``; the score is ``partials.sum(0)``.
     """
     T, h = x.shape
     n = w_gate.shape[0] if idx is None else idx.numel()
     g = padded_empty(x, T, n)
     u = padded_empty(x, T, n)
     a = padded_empty(x, T, n) if store_a else None
-    part = torch.zeros(triton.cdiv(T, MIN_BM) if score else 0, n, device=x.device, dtype=torch.float32)
+    part = torch.empty(triton.cdiv(T, SCORE_ROWS) if score else 0, n, device=x.device, dtype=torch.float64)
     if T == 0 or n == 0:
         return g, u, a, part if score else None
     grid = lambda meta: (triton.cdiv(T, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
     _gate_up_fwd_kernel[grid](x, w_gate, w_up, idx, g, u, a, part, T, n, h, *tune_keys(T, n, h), g.stride(0),
                               HAS_IDX=idx is not None, STORE_A=store_a, SCORE=SCORE_IDS[score], ACT=ACT_IDS[act],
-                              PRECISION=dot_precision(x.dtype))
+                              PRECISION=dot_precision(x.dtype), ROWS=SCORE_ROWS)
     return g, u, a, part if score else None
 
 

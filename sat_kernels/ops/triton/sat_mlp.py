@@ -2,8 +2,8 @@
 
 Forward of ``sat_mlp`` (in-step selection, DESIGN.md section 2)::
 
-    G, U, s = gate_up_fwd(x)                    one kernel: both projections of all I neurons, fp32 score partials
-                                                of act(G) * U per row tile in the epilogue (no [T, I] re-read)
+    G, U, s = gate_up_fwd(x)                    one kernel: both projections of all I neurons, fp64 score partials
+                                                of act(G) * U per 64 rows in the epilogue (no [T, I] re-read)
     S = select(scores=s)                        torch.topk + sort on the fp32 scores, no host sync
     G_S, U_S, A_S = kept_act_fwd(G, U, S)       compaction of the kept columns, A_S = act(G_S) * U_S
     y = down_fwd(A_S, W_down[:, S])             [T, h], fp32 accumulation (forward="sparse")
@@ -60,6 +60,7 @@ def _gate_up_scores_op(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, 
     scores = part.sum(0)
     if metric != "l1":
         scores = scores.sqrt_()
+    scores = scores.float()
     if metric == "contrib":
         scores = scores * _norm(w_down, 2)
     return g, u, a, scores

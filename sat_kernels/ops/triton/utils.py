@@ -51,7 +51,10 @@ else:
         _config(64, 128, 64, 4, 4),
         _config(64, 64, 64, 4, 4),
     ]
-MIN_BM = min(c.kwargs["BM"] for c in TWO_ACC_CONFIGS)
+# Rows per score partial of the gate/up kernel: a fixed granularity that divides the BM of every config, so the
+# partials, and the scores summed from them, do not depend on which config won autotuning.
+SCORE_ROWS = min(c.kwargs["BM"] for c in TWO_ACC_CONFIGS)
+assert all(c.kwargs["BM"] % SCORE_ROWS == 0 for c in TWO_ACC_CONFIGS)
 
 
 def tune_keys(*sizes: int) -> tuple:
