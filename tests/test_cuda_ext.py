@@ -148,6 +148,23 @@ def test_sample_keys_with_given_noise_are_the_torch_formula():
     assert torch.equal(_host_keys(u, "random", uniform=u), _host_keys(u, "topk")), "random with noise: key = u"
 
 
+@pytest.mark.parametrize("strategy", ["topk", "random"])
+def test_torch_selection_keeps_the_kernels_set(strategy):
+    """sk.select_neurons (torch and triton backends) keeps the set the selection kernel keeps from the same keys: ties
+    to the lower index, NaN below -inf, -0.0 equal to +0.0 (the kernel's keys from its host twin)."""
+    gen = torch.Generator().manual_seed(3)
+    n = 3000
+    values = torch.randint(0, 5, (n,), generator=gen).float()                  # many ties
+    for special in (float("nan"), -0.0, float("-inf"), float("inf")):
+        values[torch.rand(n, generator=gen) < 0.05] = special
+    scores = values if strategy == "topk" else torch.rand(n, generator=gen)
+    uniform = None if strategy == "topk" else values
+    keys = _host_keys(scores, strategy, uniform=uniform)
+    for k in (1, 100, n // 2, n - 200, n - 1):
+        kernel_set = torch.sort(torch.sort(keys, descending=True, stable=True).indices[:k]).values
+        assert torch.equal(sk.select_neurons(scores, k, strategy=strategy, uniform=uniform), kernel_set), k
+
+
 def test_sample_keys_are_finite_for_positive_scores():
     keys = _host_keys(torch.full((4096,), 1.0), "sample", seed=7)
     inf_key = _host_keys(torch.tensor([float("inf")]), "topk")[0]

@@ -9,7 +9,8 @@ Selection (:func:`select_kept`, :func:`select_neurons`): one launch per call, on
 
 - ``"topk"``: the ``k`` largest scores. Ties go to the lower index, so the set is the first ``k`` of a *stable*
   descending sort. NaN scores rank below every number (``-inf`` included): they are kept only when ``k`` exceeds the
-  number of non-NaN scores. (``torch.topk``, which the torch backend uses, ranks NaN above everything.)
+  number of non-NaN scores. :func:`sat_kernels.select_neurons` (torch and triton backends) ranks the same way, so
+  every backend keeps the same set from the same scores.
 - ``"sample"``: ``k`` draws without replacement with probability proportional to the score: the top ``k`` of
   ``log(score) + Gumbel`` (zero or negative scores are drawn last).
 - ``"random"``: ``k`` uniform draws without replacement.
