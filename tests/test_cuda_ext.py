@@ -295,6 +295,32 @@ def test_fake_implementations_give_output_shapes():
             kernels.scatter_rows(torch.empty(20, 10, device="cuda"), idx, 19)
 
 
+@pytest.mark.parametrize("strategy", ["sample", "random"])
+def test_noise_while_a_cuda_graph_is_captured(monkeypatch, strategy):
+    """During CUDA-graph capture reading a generator's seed and offset raises (and a captured Philox offset would
+    replay one draw): select_kept draws torch.rand noise on the scores' device instead, and refuses a CPU generator
+    with a clear error. Capture faked on fake CUDA tensors: no GPU needed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def no_philox(*args):
+        raise AssertionError("the generator's seed/offset were read during capture")
+
+    passed = []
+    op = kernels._select_kept_op
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(kernels, "philox_seed_offset", no_philox)
+    monkeypatch.setattr(kernels, "_select_kept_op", lambda scores, uniform, *args: passed.append(uniform) or
+                        op(scores, uniform, *args))
+    with FakeTensorMode():
+        scores = torch.empty(2, 100, device="cuda")
+        assert kernels.select_kept(scores, 7, strategy=strategy).shape == (2, 7)
+        uniform, = passed
+        assert uniform.shape == (2, 100) and uniform.dtype == torch.float32 and uniform.device.type == "cuda"
+        with pytest.raises(RuntimeError, match="cannot draw from a generator on cpu while a CUDA graph is being"):
+            kernels.select_kept(scores, 7, strategy=strategy, generator=torch.Generator())
+
+
 # ------------------------------------------------------------------------------------------------- build options
 @pytest.mark.parametrize("spec,want", [
     ("80;90", ["80", "90"]), ("8.0 9.0", ["80", "90"]), ("sm_90a,sm_80", ["80", "90a"]), ("120;86;86", ["86", "120"]),
@@ -466,6 +492,24 @@ def test_gpu_noise_reproducible_and_valid(strategy):
     assert torch.equal(d, kernels.select_kept(scores, 7168, strategy=strategy)) and not torch.equal(d, e)
     cpu_gen = [torch.Generator().manual_seed(4) for _ in range(2)]
     assert torch.equal(*[kernels.select_kept(scores, 7168, strategy=strategy, generator=g) for g in cpu_gen])
+
+
+@gpu
+@pytest.mark.parametrize("strategy", ["sample", "random"])
+def test_gpu_noise_in_a_captured_cuda_graph(strategy):
+    """select_kept captured in a CUDA graph: every replay draws a new valid set (torch.rand noise while capturing)."""
+    scores = torch.rand(14336, device="cuda") + 0.01
+    kernels.select_kept(scores, 7168, strategy=strategy)     # warm-up outside the graph (shared-memory attribute)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        idx = kernels.select_kept(scores, 7168, strategy=strategy)
+    draws = []
+    for _ in range(2):
+        graph.replay()
+        draws.append(idx.clone())
+    for d in draws:
+        assert d.shape == (7168,) and torch.equal(d, torch.unique(d))
+    assert not torch.equal(*draws)
 
 
 @gpu
