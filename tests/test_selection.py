@@ -119,8 +119,8 @@ def test_nan_ranks_below_a_zero_score_in_sample():
     nan = float("nan")
     for s, want in (([nan, nan, 0.0, 0.0, 1.0, 2.0], [2, 3, 4, 5]), ([0.0, 0.0, 1.0, 2.0, nan, nan], [0, 1, 2, 3])):
         for seed in range(5):
-            idx = sk.select_neurons(torch.tensor(s), 4, strategy="sample", generator=torch.Generator().manual_seed(seed))
-            assert idx.tolist() == want, (s, seed)
+            gen = torch.Generator().manual_seed(seed)
+            assert sk.select_neurons(torch.tensor(s), 4, strategy="sample", generator=gen).tolist() == want, (s, seed)
 
 
 @pytest.mark.parametrize("n", [7, 1000, 11008])

@@ -23,6 +23,7 @@ from helpers import assert_matches_reference, fp64_copies, make_operands, rel_rm
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 ON_GPU = torch.cuda.is_available() and "triton" in sk.available_backends()
 CASES = Path(__file__).with_name("triton_interpreter_cases.py")
+ROOT = CASES.parent.parent
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -155,6 +156,42 @@ def test_dot_precision_follows_the_new_tf32_flag():
             assert dot_precision(torch.float32) == want and dot_precision(torch.bfloat16) == "tf32"
     finally:
         matmul.fp32_precision = "none"
+
+
+def _static_check():
+    spec = importlib.util.spec_from_file_location("triton_static_check", ROOT / "benchmarks" / "triton_static_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not os.path.exists(module.CUOBJDUMP):
+        pytest.skip(f"no cuobjdump in the triton install ({module.CUOBJDUMP})")
+    return module
+
+
+def test_odd_kept_count_keeps_16_byte_pipelined_memory_access(fake_launches):
+    """Static (sm_90a cubins, no GPU; about 30 s on 2 cores): every kernel launch of the sparse and the gathered path,
+    bf16, first config, at k = 4403 (omission 0.6 of I = 11008, not a multiple of 16) issues as many 16-byte cp.async
+    loads and 16-byte stores, and spills no more, than at k = 5504. Masks on a k that is not a multiple of 16 cannot
+    be proven constant over 8 elements, and the compiler falls back to scalar, unpipelined accesses."""
+    from sat_kernels.ops.triton import gate_up
+    from sat_kernels.ops.triton.sat_mlp import sat_mlp_triton
+
+    static = _static_check()
+    kernels = {k.base_fn.__name__: k for k in _autotuned_kernels()}
+    kernels["_kept_act_fwd_kernel"] = gate_up._kept_act_fwd_kernel
+    T, h, inter = 64, 64, 11008                    # the divisibility of T = 8192, h = 4096 at a tiny size
+    operands, dy = make_operands(T, h, inter, torch.bfloat16)
+    results = {}
+    for k in (4403, 5504):
+        fake_launches.launches.clear()
+        for select in (_topk_select(k), torch.sort(torch.randperm(inter)[:k]).values):
+            y, _ = sat_mlp_triton(*operands, select, "silu")
+            y.backward(dy)
+        results[k] = [(name, static.compile_launch(kernels[name], args, kwargs))
+                      for name, args, kwargs, _ in fake_launches.launches]
+    assert [name for name, _ in results[4403]] == [name for name, _ in results[5504]]
+    for (name, odd), (_, even) in zip(results[4403], results[5504]):
+        assert (odd["cp_async16"], odd["st16"]) == (even["cp_async16"], even["st16"]), (name, odd, even)
+        assert odd["stack"] <= even["stack"], (name, odd, even)
 
 
 def test_benchmark_needs_cuda():

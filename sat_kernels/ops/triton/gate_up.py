@@ -1,10 +1,11 @@
 """Gate/up projections of the SAT MLP in Triton: fused forward with scoring, compaction, and their backward GEMMs.
 
 Layouts (row-major): ``x [T, h]``, ``w_gate``/``w_up [I, h]`` (``nn.Linear``) contiguous; pre-activations and
-activations ``[T, n]`` with ``n = I`` (all neurons) or ``n = k`` (kept, compact), unit column stride and a row stride
-padded to 16 elements (:func:`.utils.padded_empty`). Every gather goes through the sorted int64 kept index
-``idx [k]``; inside the GEMMs only whole weight rows are gathered (each contiguous), so the GEMM operands are loaded
-with 16-byte vectors; activation columns are gathered only in the memory-bound compaction.
+activations ``[T, n]`` with ``n = I`` (all neurons, row stride padded to 16 elements, :func:`.utils.padded_empty`) or
+``n = kp`` (kept, compact: ``kp = pad16(k)`` columns, the pad columns zero). Every gather goes through the sorted int64
+kept index padded with -1 to ``kp`` entries (:func:`.utils.padded_index`; a -1 entry reads zeros and stores nothing);
+inside the GEMMs only whole weight rows are gathered (each contiguous), so the GEMM operands are loaded with 16-byte
+vectors; activation columns are gathered only in the memory-bound compaction.
 """
 from typing import Optional, Tuple
 
@@ -37,9 +38,11 @@ def _gate_up_fwd_kernel(x_ptr, wg_ptr, wu_ptr, idx_ptr, g_ptr, u_ptr, a_ptr, par
     m_m = o_m < M
     m_n = o_n < N
     if HAS_IDX:
-        r_n = tl.load(idx_ptr + o_n, mask=m_n, other=0)                # [BN] weight rows (int64)
+        r_n = tl.load(idx_ptr + o_n, mask=m_n, other=-1)               # [BN] weight rows (int64), -1: padding
+        m_w = r_n >= 0
     else:
         r_n = o_n.to(tl.int64)
+        m_w = m_n
     p_x = x_ptr + o_m.to(tl.int64)[:, None] * K + o_k[None, :]         # [BM, BK]
     o_w = r_n[None, :] * K + o_k[:, None]                              # [BK, BN]
     b_g = tl.zeros((BM, BN), dtype=tl.float32)                         # [BM, BN]
@@ -47,8 +50,8 @@ def _gate_up_fwd_kernel(x_ptr, wg_ptr, wu_ptr, idx_ptr, g_ptr, u_ptr, a_ptr, par
     for k0 in range(0, K, BK):
         m_k = o_k < K - k0
         b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)              # [BM, BK]
-        b_wg = tl.load(wg_ptr + o_w, mask=m_k[:, None] & m_n[None, :], other=0.0)    # [BK, BN]
-        b_wu = tl.load(wu_ptr + o_w, mask=m_k[:, None] & m_n[None, :], other=0.0)    # [BK, BN]
+        b_wg = tl.load(wg_ptr + o_w, mask=m_k[:, None] & m_w[None, :], other=0.0)    # [BK, BN]
+        b_wu = tl.load(wu_ptr + o_w, mask=m_k[:, None] & m_w[None, :], other=0.0)    # [BK, BN]
         b_g = tl.dot(b_x, b_wg, b_g, input_precision=PRECISION)
         b_u = tl.dot(b_x, b_wu, b_u, input_precision=PRECISION)
         p_x += BK
@@ -103,7 +106,8 @@ def gate_up_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, act: 
     Args:
         x: ``[T, h]``; w_gate, w_up: ``[I, h]``; all contiguous, one dtype.
         act: ``"silu"`` or ``"gelu_tanh"``.
-        idx: sorted int64 ``[k]`` kept rows, or ``None`` for all.
+        idx: kept rows, sorted int64 padded with -1 (:func:`.utils.padded_index`, ``n`` entries; the columns of the
+            -1 entries come out zero), or ``None`` for all ``n = I``.
         store_a: also return ``A = act(G) * U``.
         score: ``None``, ``"l2"``/``"contrib"`` (partials of ``sum_t A^2``) or ``"l1"`` (of ``sum_t |A|``).
 
@@ -129,15 +133,17 @@ def gate_up_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, act: 
 @triton.jit
 def _kept_act_fwd_kernel(g_ptr, u_ptr, idx_ptr, gs_ptr, us_ptr, as_ptr, M, N, LD, LDO, ACT: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr):
-    """Compaction of the kept columns: G_S = G[:, idx], U_S = U[:, idx], A_S = act(G_S) * U_S, [M, N] each."""
+    """Compaction of the kept columns: G_S = G[:, idx], U_S = U[:, idx], A_S = act(G_S) * U_S, [M, N] each (zero
+    in the columns of the -1 entries of idx)."""
     o_m = tl.program_id(0) * BM + tl.arange(0, BM)                     # [BM]
     o_n = tl.program_id(1) * BN + tl.arange(0, BN)                     # [BN]
     m_n = o_n < N
     m = (o_m < M)[:, None] & m_n[None, :]
-    c_n = tl.load(idx_ptr + o_n, mask=m_n, other=0)                    # [BN] int64
+    c_n = tl.load(idx_ptr + o_n, mask=m_n, other=-1)                   # [BN] int64, -1: padding
+    m_in = (o_m < M)[:, None] & (c_n >= 0)[None, :]
     o_full = o_m.to(tl.int64)[:, None] * LD + c_n[None, :]            # [BM, BN]
-    b_g = tl.load(g_ptr + o_full, mask=m, other=0.0)                   # [BM, BN]
-    b_u = tl.load(u_ptr + o_full, mask=m, other=0.0)                   # [BM, BN]
+    b_g = tl.load(g_ptr + o_full, mask=m_in, other=0.0)                # [BM, BN]
+    b_u = tl.load(u_ptr + o_full, mask=m_in, other=0.0)                # [BM, BN]
     b_a = act_fwd(b_g.to(tl.float32), ACT) * b_u.to(tl.float32)        # [BM, BN]
     o_out = o_m.to(tl.int64)[:, None] * LDO + o_n[None, :]             # [BM, BN]
     tl.store(gs_ptr + o_out, b_g, mask=m)
@@ -147,10 +153,11 @@ def _kept_act_fwd_kernel(g_ptr, u_ptr, idx_ptr, gs_ptr, us_ptr, as_ptr, M, N, LD
 
 def kept_act_fwd(g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor,
                  act: str = "silu") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(G[:, idx], U[:, idx], act(G[:, idx]) * U[:, idx])``, each ``[T, k]`` (padded rows), in one memory-bound pass.
+    """``(G[:, idx], U[:, idx], act(G[:, idx]) * U[:, idx])``, each ``[T, kp]``, in one memory-bound pass.
 
     Args:
-        g, u: ``[T, I]`` pre-activations with one row stride; idx: sorted int64 ``[k]``.
+        g, u: ``[T, I]`` pre-activations with one row stride; idx: ``[kp]`` sorted int64 padded with -1
+            (:func:`.utils.padded_index`), whose columns come out zero.
     """
     T = g.shape[0]
     k = idx.numel()
@@ -169,10 +176,10 @@ def kept_act_fwd(g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor,
 def _gate_up_weight_bwd_kernel(dg_ptr, du_ptr, x_ptr, idx_ptr, dwg_ptr, dwu_ptr, M, N, K, M_KEY, N_KEY, K_KEY, LDD,
                                PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                                GROUP_M: tl.constexpr):
-    """dW_gate[idx] = dG_S^T x and dW_up[idx] = dU_S^T x, one [BM, BN] tile of each (M = k, N = h, K = T).
+    """dW_gate[idx] = dG_S^T x and dW_up[idx] = dU_S^T x, one [BM, BN] tile of each (M = kp, N = h, K = T).
 
-    The x tile is loaded once for both products; the rows idx of the two [I, h] gradients are written, the others
-    stay as the caller initialised them (zeros).
+    The x tile is loaded once for both products; the rows idx of the two [I, h] gradients are written (nothing for
+    the -1 entries), the others stay as the caller initialised them (zeros).
     """
     i_m, i_n = tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
     o_m = i_m * BM + tl.arange(0, BM)                                  # [BM] kept neurons
@@ -193,9 +200,9 @@ def _gate_up_weight_bwd_kernel(dg_ptr, du_ptr, x_ptr, idx_ptr, dwg_ptr, dwu_ptr,
         b_dwu = tl.dot(b_du, b_x, b_dwu, input_precision=PRECISION)
         o_d += BK * LDD
         o_x += BK * N
-    r_m = tl.load(idx_ptr + o_m, mask=m_m, other=0)                    # [BM] int64 rows of the gradients
+    r_m = tl.load(idx_ptr + o_m, mask=m_m, other=-1)                   # [BM] int64 rows of the gradients
     o_out = r_m[:, None] * N + o_n[None, :]                            # [BM, BN]
-    m_out = m_m[:, None] & m_n[None, :]
+    m_out = (r_m >= 0)[:, None] & m_n[None, :]
     tl.store(dwg_ptr + o_out, b_dwg.to(dwg_ptr.dtype.element_ty), mask=m_out)
     tl.store(dwu_ptr + o_out, b_dwu.to(dwu_ptr.dtype.element_ty), mask=m_out)
 
@@ -205,7 +212,8 @@ def gate_up_weight_bwd(dg_s: torch.Tensor, du_s: torch.Tensor, x: torch.Tensor, 
     """Full-size ``(dW_gate, dW_up)`` ``[I, h]``: ``dG_S^T x``, ``dU_S^T x`` in rows ``idx``, exact zeros elsewhere.
 
     Args:
-        dg_s, du_s: ``[T, k]`` with one row stride; x: ``[T, h]``; idx: sorted int64 ``[k]``; inter: ``I``.
+        dg_s, du_s: ``[T, kp]`` with one row stride, zero in the columns of the -1 entries of ``idx``; x: ``[T, h]``;
+        idx: ``[kp]`` sorted int64 padded with -1 (:func:`.utils.padded_index`); inter: ``I``.
     """
     T, h = x.shape
     k = idx.numel()
@@ -222,9 +230,10 @@ def gate_up_weight_bwd(dg_s: torch.Tensor, du_s: torch.Tensor, x: torch.Tensor, 
 def _gate_up_input_bwd_kernel(dg_ptr, du_ptr, wg_ptr, wu_ptr, idx_ptr, dx_ptr, M, N, K, M_KEY, N_KEY, K_KEY, LDD,
                               PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                               GROUP_M: tl.constexpr):
-    """dx = dG_S W_gate[idx] + dU_S W_up[idx] in one accumulator (M = T, N = h, K = k).
+    """dx = dG_S W_gate[idx] + dU_S W_up[idx] in one accumulator (M = T, N = h, K = kp).
 
-    The K dimension runs over the kept neurons; the weight rows are gathered through idx (each row contiguous).
+    The K dimension runs over the kept neurons; the weight rows are gathered through idx (each row contiguous; zeros
+    for the -1 entries).
     """
     i_m, i_n = tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
     o_m = i_m * BM + tl.arange(0, BM)                                  # [BM] tokens
@@ -237,9 +246,9 @@ def _gate_up_input_bwd_kernel(dg_ptr, du_ptr, wg_ptr, wu_ptr, idx_ptr, dx_ptr, M
     b_dx = tl.zeros((BM, BN), dtype=tl.float32)                        # [BM, BN]
     for k0 in range(0, K, BK):
         m_k = o_k < K - k0
-        r_k = tl.load(idx_ptr + k0 + o_k, mask=m_k, other=0)           # [BK] int64 weight rows
+        r_k = tl.load(idx_ptr + k0 + o_k, mask=m_k, other=-1)          # [BK] int64 weight rows, -1: padding
         o_w = r_k[:, None] * N + o_n[None, :]                          # [BK, BN]
-        m_w = m_k[:, None] & m_n[None, :]
+        m_w = (r_k >= 0)[:, None] & m_n[None, :]
         b_dg = tl.load(p_dg, mask=m_m[:, None] & m_k[None, :], other=0.0)             # [BM, BK]
         b_du = tl.load(p_du, mask=m_m[:, None] & m_k[None, :], other=0.0)             # [BM, BK]
         b_wg = tl.load(wg_ptr + o_w, mask=m_w, other=0.0)                              # [BK, BN]
@@ -257,7 +266,8 @@ def gate_up_input_bwd(dg_s: torch.Tensor, du_s: torch.Tensor, w_gate: torch.Tens
     """``dx [T, h] = dG_S W_gate[idx] + dU_S W_up[idx]``.
 
     Args:
-        dg_s, du_s: ``[T, k]`` with one row stride; w_gate, w_up: ``[I, h]``; idx: sorted int64 ``[k]``.
+        dg_s, du_s: ``[T, kp]`` with one row stride; w_gate, w_up: ``[I, h]``; idx: ``[kp]`` sorted int64 padded
+            with -1 (:func:`.utils.padded_index`).
     """
     T, k = dg_s.shape
     h = w_gate.shape[1]

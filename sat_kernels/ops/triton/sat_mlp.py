@@ -19,7 +19,10 @@ tensor). Backward, only over the kept neurons (``k = |S|``)::
     dW_gate[S], dW_up[S] = dG_S^T x, dU_S^T x                  one kernel (x loaded once), rows S of zero gradients
     dx = dG_S W_gate[S] + dU_S W_up[S]                         one kernel, weight rows gathered through S
 
-Everything accumulates in fp32; there are no atomics (every output element has exactly one writer), so results are
+Every kernel runs over ``pad16(k)`` kept neurons: the compact ``[T, k]`` tensors are views of buffers with zero pad
+columns up to a multiple of 16, and ``S`` is padded with -1 entries (see :mod:`.utils`), so no mask on ``k`` breaks
+the 16-byte vector loads, ``cp.async`` pipelining and vector stores whatever the omission rate. Everything
+accumulates in fp32; there are no atomics (every output element has exactly one writer), so results are
 deterministic and the kernels are safe to re-run while autotuning. The kernels are ``torch.library`` custom ops with
 fake implementations, so ``torch.compile`` traces the op without a graph break.
 """
@@ -32,7 +35,7 @@ from ...selection import _norm
 from ..sat_mlp import act_fwd
 from .down import down_bwd, down_fwd, down_weight_bwd
 from .gate_up import gate_up_fwd, gate_up_input_bwd, gate_up_weight_bwd, kept_act_fwd
-from .utils import check_tensors, on_device, padded_empty, padded_index
+from .utils import as_padded, check_tensors, on_device, padded_empty, padded_index, wide
 
 # Gather the kept columns of w_down into a compact [h, k] copy (one pass over h * I) instead of gathering them inside
 # the down GEMMs, where they are the contiguous dimension (2-byte scalar loads). Chosen by that reasoning, not
@@ -40,11 +43,25 @@ from .utils import check_tensors, on_device, padded_empty, padded_index
 COMPACT_W_DOWN = True
 
 
-def _w_down_operand(w_down: Tensor, indices: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
-    """``(w_down operand, index for the in-kernel gather or None)`` of the down GEMMs."""
+def compact_w_down(w_down: Tensor, idx: Tensor, k: int) -> Tensor:
+    """``w_down[:, S]`` as ``[h, pad16(k)]`` with zero pad columns, from ``idx`` = :func:`.utils.padded_index` of the
+    ``k`` kept indices ``S``."""
+    w_s = w_down.index_select(1, idx.clamp(min=0))
+    w_s[:, k:] = 0
+    return w_s
+
+
+def _w_down_operand(w_down: Tensor, idx: Tensor, k: int) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(w_down operand, index for the in-kernel gather or None)`` of the down GEMMs (``idx``, ``k``: as in
+    :func:`compact_w_down`)."""
     if COMPACT_W_DOWN:
-        return w_down.index_select(1, padded_index(indices))[:, :indices.numel()], None
-    return w_down, indices
+        return compact_w_down(w_down, idx, k), None
+    return w_down, idx
+
+
+def _compact(tensors, k: int) -> Tuple[Tensor, ...]:
+    """The ``[T, k]`` views of the kernels' ``[T, pad16(k)]`` outputs (the zero pad columns stay in the buffer)."""
+    return tuple(t[:, :k] for t in tensors)
 
 
 @torch.library.custom_op("sat_kernels::triton_gate_up_scores", mutates_args=())
@@ -78,7 +95,7 @@ def _(x, w_gate, w_up, w_down, act, metric, store_a):
 def _kept_act_op(g: Tensor, u: Tensor, indices: Tensor, act: str) -> Tuple[Tensor, Tensor, Tensor]:
     """``(G_S, U_S, A_S)`` ``[T, k]`` from the full ``[T, I]`` pre-activations."""
     with on_device(g):
-        return kept_act_fwd(g, u, indices, act)
+        return _compact(kept_act_fwd(g, u, padded_index(indices), act), indices.numel())
 
 
 @_kept_act_op.register_fake
@@ -91,8 +108,8 @@ def _gate_up_kept_op(x: Tensor, w_gate: Tensor, w_up: Tensor, indices: Tensor,
                      act: str) -> Tuple[Tensor, Tensor, Tensor]:
     """``(G_S, U_S, A_S)`` ``[T, k]`` computed over the kept weight rows only (``gathered_mlp``)."""
     with on_device(x):
-        g_s, u_s, a_s, _ = gate_up_fwd(x, w_gate, w_up, act, idx=indices, store_a=True)
-    return g_s, u_s, a_s
+        g_s, u_s, a_s, _ = gate_up_fwd(x, w_gate, w_up, act, idx=padded_index(indices), store_a=True)
+    return _compact((g_s, u_s, a_s), indices.numel())
 
 
 @_gate_up_kept_op.register_fake
@@ -109,7 +126,7 @@ def _kept_mlp_op(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, indice
     with on_device(x):
         if dense_forward:
             return down_fwd(a, w_down, None)
-        return down_fwd(a, *_w_down_operand(w_down, indices))
+        return down_fwd(wide(as_padded(a)), *_w_down_operand(w_down, padded_index(indices), indices.numel()))
 
 
 @_kept_mlp_op.register_fake
@@ -124,12 +141,14 @@ def _kept_mlp_bwd_op(dy: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, w_down
     """``(dx, dW_gate, dW_up, dW_down)``; a gradient that is not needed comes back empty (``[0]``)."""
     inter = w_gate.shape[0]
     none = dy.new_empty(0)
+    idx = padded_index(indices)
+    g_s, u_s = wide(as_padded(g_s)), wide(as_padded(u_s))
     with on_device(dy):
-        dg_s, du_s, a_s = down_bwd(dy, *_w_down_operand(w_down, indices), g_s, u_s, act)
-        dwd = down_weight_bwd(dy, a_s, indices, inter) if need_w_down else none
+        dg_s, du_s, a_s = down_bwd(dy, *_w_down_operand(w_down, idx, indices.numel()), g_s, u_s, act)
+        dwd = down_weight_bwd(dy, a_s, idx, inter) if need_w_down else none
         del a_s
-        dwg, dwu = gate_up_weight_bwd(dg_s, du_s, x, indices, inter) if need_w_gate_up else (none, none)
-        dx = gate_up_input_bwd(dg_s, du_s, w_gate, w_up, indices) if need_x else none
+        dwg, dwu = gate_up_weight_bwd(dg_s, du_s, x, idx, inter) if need_w_gate_up else (none, none)
+        dx = gate_up_input_bwd(dg_s, du_s, w_gate, w_up, idx) if need_x else none
     return dx, dwg, dwu, dwd
 
 

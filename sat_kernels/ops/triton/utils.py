@@ -69,26 +69,46 @@ def tune_keys(*sizes: int) -> tuple:
     return tuple(max(16, triton.next_power_of_2(n)) for n in sizes)
 
 
+def pad16(n: int) -> int:
+    """``n`` rounded up to a multiple of 16."""
+    return -(-n // 16) * 16
+
+
+# Kept counts. The compact [T, k] tensors (G_S, U_S, A_S and their gradients) are [T, k] views of [T, pad16(k)]
+# buffers whose pad columns are zero, and the kernels get the index padded with -1 entries to pad16(k) (see
+# padded_index): they run over pad16(k) kept neurons, read zeros and store nothing for the -1 entries. A mask on a
+# k that is not a multiple of 16 cannot be proven constant over 8 bf16 elements: compiled for sm_90a at k = 4403,
+# down_fwd lost all of its 36 16-byte cp.async and its pipelining, the down backward epilogue issued 192 scalar
+# stores instead of 24 16-byte ones (triton 3.9; tests/test_triton.py checks every kernel at k = 4403 and 5504).
+
+
 def padded_empty(like: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Uninitialised ``[rows, cols]`` like ``like`` whose row stride is ``cols`` rounded up to 16 elements.
+    """Uninitialised ``[rows, cols]`` like ``like``, a view of a ``[rows, pad16(cols)]`` buffer.
 
     Triton specialises integer arguments divisible by 16, so the kernels see aligned rows and load them with 16-byte
     vectors (and ``cp.async``) even where ``cols`` (the kept count ``k``, e.g. 4403 of 11008 at omission 0.6) is odd.
     """
-    return like.new_empty(rows, -(-cols // 16) * 16)[:, :cols]
+    return like.new_empty(rows, pad16(cols))[:, :cols]
 
 
 def as_padded(t: torch.Tensor) -> torch.Tensor:
-    """``t`` (2-D) itself if it has the row stride of :func:`padded_empty`, else a copy that has it."""
-    out = padded_empty(t, *t.shape)
-    return t if t.stride() == out.stride() else out.copy_(t)
+    """``t`` (2-D) itself if it has the layout of :func:`padded_empty` (the compact tensors of this backend, whose pad
+    columns are zero), else a copy that has it, with zero pad columns."""
+    rows, cols = t.shape
+    if t.stride(1) == 1 and t.stride(0) == pad16(cols):
+        return t
+    return t.new_zeros(rows, pad16(cols))[:, :cols].copy_(t)
+
+
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """The ``[rows, pad16(cols)]`` view of ``t`` with the layout of :func:`padded_empty`: its pad columns included."""
+    return t.as_strided((t.shape[0], pad16(t.shape[1])), (t.stride(0), 1))
 
 
 def padded_index(idx: torch.Tensor) -> torch.Tensor:
-    """``idx`` extended with zeros to a multiple of 16 entries: ``w.index_select(1, padded_index(idx))[:, :k]`` is the
-    compact ``w[:, idx]`` with a 16-aligned row stride (the extra columns are never read)."""
-    pad = -idx.numel() % 16
-    return torch.cat([idx, idx.new_zeros(pad)]) if pad else idx
+    """The kept index ``idx [k]`` extended with -1 to ``pad16(k)`` entries, as the kernels take it."""
+    pad = pad16(idx.numel()) - idx.numel()
+    return torch.cat([idx, idx.new_full((pad,), -1)]) if pad else idx
 
 
 def dot_precision(dtype: torch.dtype) -> str:
