@@ -30,33 +30,33 @@ _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", 
 
 
 def kernels(dtype: str):
-    """``(label, autotuned kernel, pointer types, constexprs, configs)`` for every kernel variant the backend runs."""
+    """``(label, autotuned kernel, pointer types, constexprs, configs)`` for every kernel variant the backend runs.
+
+    fp32: with TF32 and the fp32 configs (without TF32 the backend runs fp32 on the torch backend)."""
     p, i64 = "*" + dtype, "*i64"
-    prec = "ieee" if dtype == "fp32" else "tf32"
+    prec = "tf32"
+    fp32 = dtype == "fp32"
+    two = utils.TWO_ACC_FP32_CONFIGS if fp32 else utils.TWO_ACC_CONFIGS
+    one = utils.ONE_ACC_FP32_CONFIGS if fp32 else utils.ONE_ACC_CONFIGS
+    swiglu = utils.SWIGLU_BWD_FP32_CONFIGS if fp32 else utils.SWIGLU_BWD_CONFIGS
     gu = {"x_ptr": p, "wg_ptr": p, "wu_ptr": p, "idx_ptr": i64, "g_ptr": p, "u_ptr": p, "a_ptr": p, "part_ptr": "*fp64"}
     dn = {"a_ptr": p, "wd_ptr": p, "idx_ptr": i64, "y_ptr": p}
     db = {"dy_ptr": p, "wd_ptr": p, "idx_ptr": i64, "g_ptr": p, "u_ptr": p, "dg_ptr": p, "du_ptr": p, "a_ptr": p}
     return [
         ("gate_up_fwd scores", gate_up._gate_up_fwd_kernel, gu,
-         dict(HAS_IDX=False, STORE_A=False, SCORE=1, ACT=0, PRECISION=prec, ROWS=utils.SCORE_ROWS),
-         utils.TWO_ACC_CONFIGS),
+         dict(HAS_IDX=False, STORE_A=False, SCORE=1, ACT=0, PRECISION=prec, ROWS=utils.SCORE_ROWS), two),
         ("gate_up_fwd kept rows", gate_up._gate_up_fwd_kernel, gu,
-         dict(HAS_IDX=True, STORE_A=True, SCORE=0, ACT=0, PRECISION=prec, ROWS=utils.SCORE_ROWS),
-         utils.TWO_ACC_CONFIGS),
+         dict(HAS_IDX=True, STORE_A=True, SCORE=0, ACT=0, PRECISION=prec, ROWS=utils.SCORE_ROWS), two),
         ("gate_up_weight_bwd", gate_up._gate_up_weight_bwd_kernel,
-         {"dg_ptr": p, "du_ptr": p, "x_ptr": p, "idx_ptr": i64, "dwg_ptr": p, "dwu_ptr": p}, dict(PRECISION=prec),
-         utils.TWO_ACC_CONFIGS),
+         {"dg_ptr": p, "du_ptr": p, "x_ptr": p, "idx_ptr": i64, "dwg_ptr": p, "dwu_ptr": p}, dict(PRECISION=prec), two),
         ("gate_up_input_bwd", gate_up._gate_up_input_bwd_kernel,
-         {"dg_ptr": p, "du_ptr": p, "wg_ptr": p, "wu_ptr": p, "idx_ptr": i64, "dx_ptr": p}, dict(PRECISION=prec),
-         utils.ONE_ACC_CONFIGS),
-        ("down_fwd compact", down._down_fwd_kernel, dn, dict(GATHER=False, PRECISION=prec), utils.ONE_ACC_CONFIGS),
-        ("down_fwd gather", down._down_fwd_kernel, dn, dict(GATHER=True, PRECISION=prec), utils.ONE_ACC_CONFIGS),
-        ("down_bwd compact", down._down_bwd_kernel, db, dict(GATHER=False, ACT=0, PRECISION=prec),
-         utils.SWIGLU_BWD_CONFIGS),
-        ("down_bwd gather", down._down_bwd_kernel, db, dict(GATHER=True, ACT=0, PRECISION=prec),
-         utils.SWIGLU_BWD_CONFIGS),
+         {"dg_ptr": p, "du_ptr": p, "wg_ptr": p, "wu_ptr": p, "idx_ptr": i64, "dx_ptr": p}, dict(PRECISION=prec), one),
+        ("down_fwd compact", down._down_fwd_kernel, dn, dict(GATHER=False, PRECISION=prec), one),
+        ("down_fwd gather", down._down_fwd_kernel, dn, dict(GATHER=True, PRECISION=prec), one),
+        ("down_bwd compact", down._down_bwd_kernel, db, dict(GATHER=False, ACT=0, PRECISION=prec), swiglu),
+        ("down_bwd gather", down._down_bwd_kernel, db, dict(GATHER=True, ACT=0, PRECISION=prec), swiglu),
         ("down_weight_bwd", down._down_weight_bwd_kernel, {"dy_ptr": p, "a_ptr": p, "idx_ptr": i64, "dwd_ptr": p},
-         dict(PRECISION=prec), utils.ONE_ACC_CONFIGS),
+         dict(PRECISION=prec), one),
     ]
 
 

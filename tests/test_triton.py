@@ -4,6 +4,7 @@
 it, so the CPU tests live in ``tests/triton_interpreter_cases.py`` and run here in a child pytest process with
 ``TRITON_INTERPRET=1`` (fp32/fp16, tiny odd shapes). The GPU tests run the compiled kernels in this process.
 """
+import contextlib
 import importlib.util
 import os
 import re
@@ -17,6 +18,7 @@ import torch
 
 import sat_kernels as sk
 from sat_kernels.ops.reference import reference_indices
+from sat_kernels.selection import activation_scores
 
 from helpers import assert_matches_reference, fp64_copies, make_operands, rel_rms
 
@@ -99,7 +101,10 @@ def fake_launches(monkeypatch):
 
 
 def _topk_select(k, metric="l2"):
-    def select(a=None, *, scores=None):
+    """A selection callable as sat_mlp builds it: fused scores, or activations on the torch backend."""
+    def select(a=None, *, scores=None, select_fn=None):
+        if scores is None:
+            scores = activation_scores(a, metric)
         return torch.sort(torch.topk(scores, k).indices).values
     select.metric = metric
     return select
@@ -123,7 +128,8 @@ def test_autotuning_runs_once_per_size_bucket(fake_launches):
         y.backward(torch.ones_like(y))
     runs = {kern.base_fn.__name__: len(kern.cache) for kern in _autotuned_kernels()}
     assert runs["_gate_up_fwd_kernel"] == 2 and sum(runs.values()) <= 22, runs
-    assert len(bench_calls) == sum(n * len(kern.configs) for n, kern in zip(runs.values(), _autotuned_kernels()))
+    bf16_configs = [len([c for c in kern.configs if not _is_fp32(c)]) for kern in _autotuned_kernels()]
+    assert len(bench_calls) == sum(n * m for n, m in zip(runs.values(), bf16_configs))
 
 
 @pytest.mark.parametrize("entry", ["sparse", "dense_forward", "gathered"])
@@ -156,6 +162,25 @@ def test_dot_precision_follows_the_new_tf32_flag():
             assert dot_precision(torch.float32) == want and dot_precision(torch.bfloat16) == "tf32"
     finally:
         matmul.fp32_precision = "none"
+
+
+def test_fp32_without_tf32_runs_the_torch_backend(fake_launches):
+    """fp32 without TF32 would be FMA code spilling kilobytes per thread: the launcher runs the torch backend (no
+    Triton launch, the torch backend's result). With TF32 every autotuned launch gets an fp32 (BK = 32) config."""
+    from sat_kernels.ops.sat_mlp import sat_mlp_torch
+    from sat_kernels.ops.triton.sat_mlp import sat_mlp_triton
+
+    operands, dy = make_operands(70, 64, 200, torch.float32)
+    with _tf32(False):
+        y, idx = sat_mlp_triton(*operands, _topk_select(77), "silu")
+        assert fake_launches.launches == []
+        y_torch, idx_torch = sat_mlp_torch(*operands, _topk_select(77), "silu")
+        assert torch.equal(y, y_torch) and torch.equal(idx, idx_torch)
+    with _tf32(True):
+        y, _ = sat_mlp_triton(*operands, _topk_select(77), "silu")
+        y.backward(dy)
+    tuned = [kwargs for name, _, kwargs, _ in fake_launches.launches if name != "_kept_act_fwd_kernel"]
+    assert len(tuned) == 6 and all(_is_fp32(types.SimpleNamespace(kwargs=kw)) for kw in tuned)
 
 
 def _static_check():
@@ -211,12 +236,39 @@ def _autotuned_kernels():
 
 @pytest.fixture
 def one_config(monkeypatch):
-    """Compile the first config of each kernel instead of autotuning them all: a full autotune compiles about 36
-    kernels per dtype and shape specialisation (minutes). The configs differ in constexpr tile sizes only;
-    test_gpu_every_config_matches checks each one and the benchmark autotunes them all."""
+    """Compile the first config of each kernel (for 16-bit and for fp32 operands) instead of autotuning them all: a
+    full autotune compiles about 36 kernels per dtype and shape specialisation (minutes). The configs differ in
+    constexpr tile sizes only; test_gpu_every_config_matches checks each one and the benchmark autotunes them all."""
     for kernel in _autotuned_kernels():
-        monkeypatch.setattr(kernel, "configs", kernel.configs[:1])
+        firsts = {}
+        for config in kernel.configs:
+            firsts.setdefault(_is_fp32(config), config)
+        monkeypatch.setattr(kernel, "configs", list(firsts.values()))
         monkeypatch.setattr(kernel, "cache", {})
+
+
+def _is_fp32(config):
+    from sat_kernels.ops.triton.utils import FP32_BK
+
+    return config.kwargs["BK"] == FP32_BK
+
+
+@contextlib.contextmanager
+def _tf32(on: bool):
+    """fp32 matmuls with (on) or without TF32, set through the API this torch has; the default restored after."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = "tf32" if on else "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = "none"
+    else:
+        old, matmul.allow_tf32 = matmul.allow_tf32, on
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = old
 
 
 def gpu(test):
@@ -269,6 +321,20 @@ def test_gpu_w_down_gathered_in_kernel(monkeypatch, dtype):
     operands, dy = make_operands(1024, 576, 1536, dtype, device="cuda")
     idx = torch.sort(torch.randperm(1536, device="cuda")[:700]).values
     assert_matches_reference(lambda *o: sk.gathered_mlp(*o, idx, backend="triton"), operands, dy, idx)
+
+
+@gpu
+@pytest.mark.parametrize("forward", ["sparse", "dense"])
+def test_gpu_fp32_with_tf32_runs_the_fp32_configs(forward):
+    """fp32 with TF32 on runs the Triton kernels on their BK = 32 configs (without TF32, the torch backend)."""
+    with _tf32(True):
+        operands, dy = make_operands(1024, 576, 1536, torch.float32, device="cuda")
+        fn = lambda *o: sk.sat_mlp(*o, 0.6, backend="triton", forward=forward)  # noqa: E731
+        _, idx = sk.sat_mlp(*operands, 0.6, backend="triton", forward=forward, return_indices=True)
+        assert_matches_reference(fn, operands, dy, idx, forward=forward)
+    from sat_kernels.ops.triton import down
+
+    assert _is_fp32(down._down_bwd_kernel.best_config)
 
 
 @gpu
@@ -335,7 +401,7 @@ def test_gpu_every_config_matches(monkeypatch):
     every gate/up config gives bitwise the same fused scores (so the kept set does not depend on the winner)."""
     from sat_kernels.ops.triton import sat_mlp as triton_sat_mlp
 
-    candidates = {kern: list(kern.configs) for kern in _autotuned_kernels()}
+    candidates = {kern: [c for c in kern.configs if not _is_fp32(c)] for kern in _autotuned_kernels()}
     operands, dy = make_operands(333, 264, 1000, torch.bfloat16, device="cuda")
     x, wg, wu, wd = (t.detach() for t in operands)
     fixed = torch.sort(torch.randperm(1000, device="cuda")[:501]).values

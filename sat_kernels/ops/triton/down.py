@@ -15,11 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import ACT_IDS, ONE_ACC_CONFIGS, SWIGLU_BWD_CONFIGS, act_fwd_bwd, as_padded, dot_precision, \
-    padded_empty, split_cols, tile_ids, tune_keys
+from .utils import ACT_IDS, BY_DTYPE, ONE_ACC_CONFIGS, ONE_ACC_FP32_CONFIGS, SWIGLU_BWD_CONFIGS, \
+    SWIGLU_BWD_FP32_CONFIGS, act_fwd_bwd, as_padded, dot_precision, padded_empty, split_cols, tile_ids, tune_keys
 
 
-@triton.autotune(configs=ONE_ACC_CONFIGS, key=["M_KEY", "N_KEY", "K_KEY", "GATHER"])
+@triton.autotune(configs=ONE_ACC_CONFIGS + ONE_ACC_FP32_CONFIGS, key=["M_KEY", "N_KEY", "K_KEY", "GATHER"],
+                 prune_configs_by=BY_DTYPE)
 @triton.jit
 def _down_fwd_kernel(a_ptr, wd_ptr, idx_ptr, y_ptr, M, N, K, M_KEY, N_KEY, K_KEY, LDA, LDW, GATHER: tl.constexpr,
                      PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -74,7 +75,8 @@ def down_fwd(a_s: torch.Tensor, w_down: torch.Tensor, idx: Optional[torch.Tensor
     return y
 
 
-@triton.autotune(configs=SWIGLU_BWD_CONFIGS, key=["M_KEY", "N_KEY", "K_KEY", "GATHER"])
+@triton.autotune(configs=SWIGLU_BWD_CONFIGS + SWIGLU_BWD_FP32_CONFIGS,
+                 key=["M_KEY", "N_KEY", "K_KEY", "GATHER"], prune_configs_by=BY_DTYPE)
 @triton.jit
 def _down_bwd_kernel(dy_ptr, wd_ptr, idx_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, a_ptr, M, N, K, M_KEY, N_KEY, K_KEY, LDS,
                      LDW, GATHER: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr,
@@ -148,7 +150,8 @@ def down_bwd(dy: torch.Tensor, w_down: torch.Tensor, idx: Optional[torch.Tensor]
     return dg_s, du_s, a_s
 
 
-@triton.autotune(configs=ONE_ACC_CONFIGS, key=["M_KEY", "N_KEY", "K_KEY"])
+@triton.autotune(configs=ONE_ACC_CONFIGS + ONE_ACC_FP32_CONFIGS, key=["M_KEY", "N_KEY", "K_KEY"],
+                 prune_configs_by=BY_DTYPE)
 @triton.jit
 def _down_weight_bwd_kernel(dy_ptr, a_ptr, idx_ptr, dwd_ptr, M, N, K, M_KEY, N_KEY, K_KEY, LDA, LDO,
                             PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,

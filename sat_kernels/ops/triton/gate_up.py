@@ -13,11 +13,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import ACT_IDS, ONE_ACC_CONFIGS, SCORE_IDS, SCORE_ROWS, TWO_ACC_CONFIGS, act_fwd, dot_precision, \
-    padded_empty, split_cols, tile_ids, tune_keys
+from .utils import ACT_IDS, BY_DTYPE, ONE_ACC_CONFIGS, ONE_ACC_FP32_CONFIGS, SCORE_IDS, SCORE_ROWS, TWO_ACC_CONFIGS, \
+    TWO_ACC_FP32_CONFIGS, act_fwd, dot_precision, padded_empty, split_cols, tile_ids, tune_keys
 
 
-@triton.autotune(configs=TWO_ACC_CONFIGS, key=["M_KEY", "N_KEY", "K_KEY", "HAS_IDX", "STORE_A", "SCORE"])
+@triton.autotune(configs=TWO_ACC_CONFIGS + TWO_ACC_FP32_CONFIGS,
+                 key=["M_KEY", "N_KEY", "K_KEY", "HAS_IDX", "STORE_A", "SCORE"], prune_configs_by=BY_DTYPE)
 @triton.jit
 def _gate_up_fwd_kernel(x_ptr, wg_ptr, wu_ptr, idx_ptr, g_ptr, u_ptr, a_ptr, part_ptr, M, N, K, M_KEY, N_KEY, K_KEY,
                         LDO,
@@ -171,7 +172,8 @@ def kept_act_fwd(g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor,
     return g_s, u_s, a_s
 
 
-@triton.autotune(configs=TWO_ACC_CONFIGS, key=["M_KEY", "N_KEY", "K_KEY"])
+@triton.autotune(configs=TWO_ACC_CONFIGS + TWO_ACC_FP32_CONFIGS, key=["M_KEY", "N_KEY", "K_KEY"],
+                 prune_configs_by=BY_DTYPE)
 @triton.jit
 def _gate_up_weight_bwd_kernel(dg_ptr, du_ptr, x_ptr, idx_ptr, dwg_ptr, dwu_ptr, M, N, K, M_KEY, N_KEY, K_KEY, LDD,
                                PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -225,7 +227,8 @@ def gate_up_weight_bwd(dg_s: torch.Tensor, du_s: torch.Tensor, x: torch.Tensor, 
     return dwg, dwu
 
 
-@triton.autotune(configs=ONE_ACC_CONFIGS, key=["M_KEY", "N_KEY", "K_KEY"])
+@triton.autotune(configs=ONE_ACC_CONFIGS + ONE_ACC_FP32_CONFIGS, key=["M_KEY", "N_KEY", "K_KEY"],
+                 prune_configs_by=BY_DTYPE)
 @triton.jit
 def _gate_up_input_bwd_kernel(dg_ptr, du_ptr, wg_ptr, wu_ptr, idx_ptr, dx_ptr, M, N, K, M_KEY, N_KEY, K_KEY, LDD,
                               PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,

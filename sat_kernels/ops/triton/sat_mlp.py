@@ -32,10 +32,10 @@ import torch
 from torch import Tensor
 
 from ...selection import _norm
-from ..sat_mlp import act_fwd
+from ..sat_mlp import act_fwd, sat_mlp_torch
 from .down import down_bwd, down_fwd, down_weight_bwd
 from .gate_up import gate_up_fwd, gate_up_input_bwd, gate_up_weight_bwd, kept_act_fwd
-from .utils import as_padded, check_tensors, on_device, padded_empty, padded_index, wide
+from .utils import INTERPRET, as_padded, check_tensors, dot_precision, on_device, padded_empty, padded_index, wide
 
 # Gather the kept columns of w_down into a compact [h, k] copy (one pass over h * I) instead of gathering them inside
 # the down GEMMs, where they are the contiguous dimension (2-byte scalar loads). Chosen by that reasoning, not
@@ -187,8 +187,15 @@ def sat_mlp_triton(x2: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, sel
     attribute (``"l2"``, ``"l1"`` or ``"contrib"``) gets the fp32 scores fused into the gate/up kernel,
     ``select(scores=s)``; any other callable gets the full activations, ``select(a)``. ``dense_forward`` (callable
     ``select`` only): ``y`` over every neuron, from the full ``A`` the gate/up kernel then also stores.
+
+    fp32 on a GPU with TF32 off (torch's default, ``torch.backends.cuda.matmul.fp32_precision``) runs the torch
+    backend: ``tl.dot`` on fp32 without TF32 is FMA code that spills kilobytes per thread (6 KB in the first config
+    of ``_down_fwd_kernel``, sm_90a, triton 3.9), where cuBLAS computes the same fp32 GEMMs. With TF32 on, fp32 runs
+    these kernels with their own BK = 32 configs.
     """
     check_tensors(x2)
+    if x2.dtype == torch.float32 and not INTERPRET and dot_precision(torch.float32) == "ieee":
+        return sat_mlp_torch(x2, w_gate, w_up, w_down, select, act, dense_forward)
     x2, w_gate, w_up, w_down = (t.contiguous() for t in (x2, w_gate, w_up, w_down))
     xd, wgd, wud, wdd = (t.detach() for t in (x2, w_gate, w_up, w_down))
     if isinstance(select, Tensor):

@@ -15,9 +15,12 @@ def _config(bm, bn, bk, stages, warps, group_m=8):
     return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group_m}, num_stages=stages, num_warps=warps)
 
 
+FP32_BK = 32   # the BK of the fp32 (TF32) configs, which early_config_prune tells from the 16-bit ones by it
+
 if INTERPRET:
     # The interpreter runs every program in numpy: one small config (no autotuning on CPU), 16 = tl.dot's minimum.
     TWO_ACC_CONFIGS = ONE_ACC_CONFIGS = SWIGLU_BWD_CONFIGS = [_config(16, 16, 16, 1, 1, group_m=2)]
+    TWO_ACC_FP32_CONFIGS = ONE_ACC_FP32_CONFIGS = SWIGLU_BWD_FP32_CONFIGS = []
 else:
     # Hopper (H100/H200) candidates for bf16/fp16, autotuned per shape. Their speed is not measured on a GPU yet (which
     # config wins at the Llama shapes must come from a GPU run of benchmarks/triton_mlp_speed.py). Checked statically
@@ -51,10 +54,42 @@ else:
         _config(64, 128, 64, 4, 4),
         _config(64, 64, 64, 4, 4),
     ]
+    # fp32 operands with TF32 on (tf32 wgmma; without TF32 the triton launcher runs the torch backend, see
+    # sat_mlp.py). 4-byte tiles: with BK = 64 the 3-stage 128-wide configs need 288 KB of shared memory (the limit is
+    # 227 KB), so BK = 32. Static check (sm_90a, triton 3.9): all wgmma, at most 147 KB of shared memory; no spills
+    # except 160 bytes in the score epilogue of _gate_up_fwd_kernel at 128x128 (the 64x64 config has none); the
+    # weight-gradient kernels load their transposed operands without cp.async (tf32 wgmma wants K-major operands).
+    TWO_ACC_FP32_CONFIGS = [
+        _config(128, 128, FP32_BK, 3, 8),
+        _config(64, 64, FP32_BK, 4, 4),
+    ]
+    ONE_ACC_FP32_CONFIGS = [
+        _config(128, 256, FP32_BK, 3, 8),
+        _config(128, 128, FP32_BK, 4, 8),
+        _config(128, 64, FP32_BK, 4, 4),
+        _config(64, 64, FP32_BK, 4, 4),
+    ]
+    SWIGLU_BWD_FP32_CONFIGS = [
+        _config(128, 128, FP32_BK, 3, 8),
+        _config(64, 128, FP32_BK, 4, 4),
+        _config(64, 64, FP32_BK, 4, 4),
+    ]
+
+
+def _configs_for_dtype(configs, named_args, **kwargs):
+    """``early_config_prune`` of the autotuned kernels: the fp32 configs (BK = FP32_BK) for fp32 operands, the others
+    for 16-bit ones (the first kernel argument is an operand; the autotune key holds its dtype)."""
+    fp32 = next(iter(named_args.values())).dtype == torch.float32
+    return [c for c in configs if (c.kwargs["BK"] == FP32_BK) == fp32] or configs
+
+
+BY_DTYPE = {"early_config_prune": _configs_for_dtype}
+
+
 # Rows per score partial of the gate/up kernel: a fixed granularity that divides the BM of every config, so the
 # partials, and the scores summed from them, do not depend on which config won autotuning.
 SCORE_ROWS = min(c.kwargs["BM"] for c in TWO_ACC_CONFIGS)
-assert all(c.kwargs["BM"] % SCORE_ROWS == 0 for c in TWO_ACC_CONFIGS)
+assert all(c.kwargs["BM"] % SCORE_ROWS == 0 for c in TWO_ACC_CONFIGS + TWO_ACC_FP32_CONFIGS)
 
 
 def tune_keys(*sizes: int) -> tuple:
