@@ -45,11 +45,12 @@ def _gemm_rows(T, h, inter, idx, dtype):
     """One row per Triton kernel: (name, callable, FLOPs, cuBLAS callable of the same GEMM(s)) at kept set ``idx``,
     each launched as the backend launches it (kept count padded to a multiple of 16, see ops/triton/utils.py)."""
     from sat_kernels.ops.triton import down, gate_up
-    from sat_kernels.ops.triton.sat_mlp import compact_w_down
+    from sat_kernels.ops.triton.sat_mlp import compact_w_down, kept_positions
     from sat_kernels.ops.triton.utils import padded_index
 
     k = idx.numel()
     idx_p = padded_index(idx)
+    pos, omitted = kept_positions(idx, inter)
     dev = "cuda"
     x = torch.randn(T, h, device=dev, dtype=dtype)
     wg, wu = (torch.randn(inter, h, device=dev, dtype=dtype) / h ** 0.5 for _ in range(2))
@@ -82,9 +83,9 @@ def _gemm_rows(T, h, inter, idx, dtype):
          2 * T * h * k, lambda: torch.mm(dy, wd_c)),
         ("down_bwd in-kernel gather dA+SwiGLU [T,h]x[h,k]", lambda: down.down_bwd(dy, wd, idx_p, g_s, u_s),
          2 * T * h * k, lambda: torch.mm(dy, wd_c)),
-        ("down_weight_bwd [h,T]x[T,k]", lambda: down.down_weight_bwd(dy, a_s, idx_p, inter), 2 * T * h * k,
+        ("down_weight_bwd [h,T]x[T,k] (+scatter to [h,I])", lambda: down.down_weight_bwd(dy, a_s, pos), 2 * T * h * k,
          lambda: torch.mm(dy.t(), a_c)),
-        ("gate_up_weight_bwd [k,T]x[T,h] x2", lambda: gate_up.gate_up_weight_bwd(dg_s, du_s, x, idx_p, inter),
+        ("gate_up_weight_bwd [k,T]x[T,h] x2", lambda: gate_up.gate_up_weight_bwd(dg_s, du_s, x, idx_p, omitted, inter),
          4 * T * h * k, twice(lambda: torch.mm(dg_c.t(), x))),
         ("gate_up_input_bwd [T,k]x[k,h] x2", lambda: gate_up.gate_up_input_bwd(dg_s, du_s, wg, wu, idx_p),
          4 * T * h * k, twice(lambda: torch.mm(dg_c, wg_c))),

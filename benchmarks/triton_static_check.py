@@ -55,7 +55,7 @@ def kernels(dtype: str):
         ("down_fwd gather", down._down_fwd_kernel, dn, dict(GATHER=True, PRECISION=prec), one),
         ("down_bwd compact", down._down_bwd_kernel, db, dict(GATHER=False, ACT=0, PRECISION=prec), swiglu),
         ("down_bwd gather", down._down_bwd_kernel, db, dict(GATHER=True, ACT=0, PRECISION=prec), swiglu),
-        ("down_weight_bwd", down._down_weight_bwd_kernel, {"dy_ptr": p, "a_ptr": p, "idx_ptr": i64, "dwd_ptr": p},
+        ("down_weight_bwd", down._down_weight_bwd_kernel, {"dy_ptr": p, "a_ptr": p, "dws_ptr": p},
          dict(PRECISION=prec), one),
     ]
 

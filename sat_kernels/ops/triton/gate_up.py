@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import ACT_IDS, BY_DTYPE, ONE_ACC_CONFIGS, ONE_ACC_FP32_CONFIGS, SCORE_IDS, SCORE_ROWS, TWO_ACC_CONFIGS, \
-    TWO_ACC_FP32_CONFIGS, act_fwd, dot_precision, padded_empty, split_cols, tile_ids, tune_keys
+from .utils import ACT_IDS, BY_DTYPE, INTERPRET, ONE_ACC_CONFIGS, ONE_ACC_FP32_CONFIGS, SCORE_IDS, SCORE_ROWS, \
+    TWO_ACC_CONFIGS, TWO_ACC_FP32_CONFIGS, act_fwd, dot_precision, padded_empty, split_cols, tile_ids, tune_keys
 
 
 @triton.autotune(configs=TWO_ACC_CONFIGS + TWO_ACC_FP32_CONFIGS,
@@ -165,7 +165,7 @@ def kept_act_fwd(g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor,
     g_s, u_s, a_s = (padded_empty(g, T, k) for _ in range(3))
     if T == 0:
         return g_s, u_s, a_s
-    bm, bn = (16, 32) if g.device.type == "cpu" else (32, 128)
+    bm, bn = (16, 32) if INTERPRET else (32, 128)
     grid = (triton.cdiv(T, bm), triton.cdiv(k, bn))
     _kept_act_fwd_kernel[grid](g, u, idx, g_s, u_s, a_s, T, k, g.stride(0), g_s.stride(0), ACT=ACT_IDS[act], BM=bm,
                                BN=bn, num_warps=4)
@@ -181,7 +181,7 @@ def _gate_up_weight_bwd_kernel(dg_ptr, du_ptr, x_ptr, idx_ptr, dwg_ptr, dwu_ptr,
     """dW_gate[idx] = dG_S^T x and dW_up[idx] = dU_S^T x, one [BM, BN] tile of each (M = kp, N = h, K = T).
 
     The x tile is loaded once for both products; the rows idx of the two [I, h] gradients are written (nothing for
-    the -1 entries), the others stay as the caller initialised them (zeros).
+    the -1 entries), the others by the launcher (zeros).
     """
     i_m, i_n = tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
     o_m = i_m * BM + tl.arange(0, BM)                                  # [BM] kept neurons
@@ -210,17 +210,19 @@ def _gate_up_weight_bwd_kernel(dg_ptr, du_ptr, x_ptr, idx_ptr, dwg_ptr, dwu_ptr,
 
 
 def gate_up_weight_bwd(dg_s: torch.Tensor, du_s: torch.Tensor, x: torch.Tensor, idx: torch.Tensor,
-                       inter: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Full-size ``(dW_gate, dW_up)`` ``[I, h]``: ``dG_S^T x``, ``dU_S^T x`` in rows ``idx``, exact zeros elsewhere.
+                       omitted: torch.Tensor, inter: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Full-size ``(dW_gate, dW_up)`` ``[I, h]``: ``dG_S^T x``, ``dU_S^T x`` in rows ``idx``, exact zeros elsewhere;
+    every element written once (the kernel the kept rows, ``index_fill_`` the omitted ones).
 
     Args:
         dg_s, du_s: ``[T, kp]`` with one row stride, zero in the columns of the -1 entries of ``idx``; x: ``[T, h]``;
-        idx: ``[kp]`` sorted int64 padded with -1 (:func:`.utils.padded_index`); inter: ``I``.
+        idx: ``[kp]`` sorted int64 padded with -1 (:func:`.utils.padded_index`); omitted: int64, the other rows;
+        inter: ``I``.
     """
     T, h = x.shape
     k = idx.numel()
-    dwg = x.new_zeros(inter, h)
-    dwu = x.new_zeros(inter, h)
+    dwg = x.new_empty(inter, h).index_fill_(0, omitted, 0)
+    dwu = x.new_empty(inter, h).index_fill_(0, omitted, 0)
     grid = lambda meta: (triton.cdiv(k, meta["BM"]) * triton.cdiv(h, meta["BN"]),)  # noqa: E731
     _gate_up_weight_bwd_kernel[grid](dg_s, du_s, x, idx, dwg, dwu, k, h, T, *tune_keys(k, h, T), dg_s.stride(0),
                                      PRECISION=dot_precision(x.dtype))

@@ -15,8 +15,8 @@ no scores, no compaction). Saved for backward: ``x``, the weights, ``S``, ``G_S`
 tensor). Backward, only over the kept neurons (``k = |S|``)::
 
     dG_S, dU_S, A_S = down_bwd(dy, W_down[:, S], G_S, U_S)     dA_S = dy W_down[:, S], SwiGLU backward in the epilogue
-    dW_down[:, S] = dy^T A_S                                   written into the columns S of a zero [h, I] gradient
-    dW_gate[S], dW_up[S] = dG_S^T x, dU_S^T x                  one kernel (x loaded once), rows S of zero gradients
+    dW_down[:, S] = dy^T A_S                                   compact [h, k], then spread over [h, I] with zeros
+    dW_gate[S], dW_up[S] = dG_S^T x, dU_S^T x                  one kernel (x loaded once) into rows S; the others zero
     dx = dG_S W_gate[S] + dU_S W_up[S]                         one kernel, weight rows gathered through S
 
 Every kernel runs over ``pad16(k)`` kept neurons: the compact ``[T, k]`` tensors are views of buffers with zero pad
@@ -57,6 +57,16 @@ def _w_down_operand(w_down: Tensor, idx: Tensor, k: int) -> Tuple[Tensor, Option
     if COMPACT_W_DOWN:
         return compact_w_down(w_down, idx, k), None
     return w_down, idx
+
+
+def kept_positions(indices: Tensor, n: int) -> Tuple[Tensor, Tensor]:
+    """``(pos, omitted)`` of the sorted kept ``indices [k]`` of ``n`` neurons, without a host sync: int32 ``pos [n]``
+    (the position of each neuron in ``indices``, -1 if omitted) and int64 ``omitted [n - k]`` (ascending)."""
+    k = indices.numel()
+    pos = torch.full((n,), -1, dtype=torch.int32, device=indices.device)
+    pos[indices] = torch.arange(k, dtype=torch.int32, device=indices.device)
+    omitted = torch.sort((pos >= 0).to(torch.uint8), stable=True).indices[:n - k]
+    return pos, omitted
 
 
 def _compact(tensors, k: int) -> Tuple[Tensor, ...]:
@@ -144,10 +154,11 @@ def _kept_mlp_bwd_op(dy: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, w_down
     idx = padded_index(indices)
     g_s, u_s = wide(as_padded(g_s)), wide(as_padded(u_s))
     with on_device(dy):
+        pos, omitted = kept_positions(indices, inter)
         dg_s, du_s, a_s = down_bwd(dy, *_w_down_operand(w_down, idx, indices.numel()), g_s, u_s, act)
-        dwd = down_weight_bwd(dy, a_s, idx, inter) if need_w_down else none
+        dwd = down_weight_bwd(dy, a_s, pos) if need_w_down else none
         del a_s
-        dwg, dwu = gate_up_weight_bwd(dg_s, du_s, x, idx, inter) if need_w_gate_up else (none, none)
+        dwg, dwu = gate_up_weight_bwd(dg_s, du_s, x, idx, omitted, inter) if need_w_gate_up else (none, none)
         dx = gate_up_input_bwd(dg_s, du_s, w_gate, w_up, idx) if need_x else none
     return dx, dwg, dwu, dwd
 
