@@ -41,3 +41,18 @@ def test_cuda_generator_reproducible():
     picks = [sk.sat_mlp(*operands, 0.5, strategy="sample", return_indices=True,
                         generator=torch.Generator(device="cuda").manual_seed(3))[1] for _ in range(2)]
     assert torch.equal(*picks)
+
+
+def test_gathered_mlp_syncs_only_when_validating():
+    """validate=True reads index values back (host syncs, as its docstring says); validate=False runs without one."""
+    operands, dy = make_operands(256, 128, 512, torch.bfloat16, device="cuda")
+    idx = torch.arange(0, 512, 3, device="cuda")
+    sk.gathered_mlp(*operands, idx, validate=False).backward(dy)   # warm-up (lazy init may sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sk.gathered_mlp(*operands, idx, validate=False).backward(dy)
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            sk.gathered_mlp(*operands, idx)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
