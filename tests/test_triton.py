@@ -6,6 +6,7 @@ it, so the CPU tests live in ``tests/triton_interpreter_cases.py`` and run here 
 """
 import contextlib
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -221,6 +222,23 @@ def test_odd_kept_count_keeps_16_byte_pipelined_memory_access(fake_launches):
         assert (odd["cp_async16"], odd["st16"]) == (even["cp_async16"], even["st16"]), (name, odd, even)
         assert odd["stack"] <= even["stack"], (name, odd, even)
         assert odd["st_scalar"] == even["st_scalar"] == 0, (name, odd, even)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_gpu_backend_check_script_under_the_interpreter(tmp_path):
+    """benchmarks/gpu_backend_check.py (stage llama of gpu_check.sh) end to end on CPU: the triton backend at tiny
+    odd shapes under TRITON_INTERPRET=1, one JSON line per case, each compared with the torch backend (about 10 s)."""
+    out = tmp_path / "backends.jsonl"
+    script = ROOT / "benchmarks" / "gpu_backend_check.py"
+    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--dtype", "fp32", "--shape", "40", "70",
+                           "--tokens", "37", "--rates", "0.5", "0.6", "--backends", "triton", "--out", str(out)],
+                          env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["omission_rate"], r["forward"]) for r in rows] == [(0.5, "sparse"), (0.5, "dense"), (0.6, "sparse")]
+    for r in rows:
+        assert r["ok"] and r["repeat_equal"] and r["kept_overlap"] == 1.0 and r["k"] in (35, 28), r
+        assert max(r["rel_rms_vs_torch"].values()) < 1e-5, r
 
 
 def test_benchmark_needs_cuda():
