@@ -24,10 +24,11 @@ if INTERPRET:
 else:
     # Hopper (H100/H200) candidates for bf16/fp16, autotuned per shape. Their speed is not measured on a GPU yet (which
     # config wins at the Llama shapes must come from a GPU run of benchmarks/triton_mlp_speed.py). Checked statically
-    # with benchmarks/triton_static_check.py (sm_90a cubins compiled without a GPU, triton 3.6 and 3.9, bf16,
-    # 16-divisible shapes): every config compiles to wgmma with cp.async pipelining; spill stacks are at most 24 bytes
-    # per thread except _down_weight_bwd_kernel on 128x256 (112 bytes, triton 3.6) and the in-kernel gathers of
-    # w_down's columns (up to 352 bytes; not the default, see down.py).
+    # with benchmarks/triton_static_check.py (sm_90a cubins compiled without a GPU, bf16, 16-divisible shapes): every
+    # config compiles to wgmma with 16-byte cp.async pipelining; with triton 3.9 no config of the default path spills,
+    # the in-kernel gathers of w_down's columns (not the default, see down.py) up to 176 bytes per thread. (Triton 3.6,
+    # before the fixed-granularity scores and the compact dW_down: at most 24 bytes, 112 in _down_weight_bwd_kernel at
+    # 128x256, 352 in the gathers; not re-checked since.)
     # Two fp32 [BM, BN] accumulators (gate/up forward, dW_gate/dW_up): BN <= 128 keeps them in 128 registers/thread.
     TWO_ACC_CONFIGS = [
         _config(128, 128, 64, 3, 8),
