@@ -42,25 +42,29 @@ def _fwd_bwd(forward, leaves, dy):
 
 
 def _gemm_rows(T, h, inter, idx, dtype):
-    """One row per Triton kernel: (name, callable, FLOPs, cuBLAS callable of the same GEMM(s)) at kept set ``idx``."""
+    """One row per Triton kernel: (name, callable, FLOPs, cuBLAS callable of the same GEMM(s)) at kept set ``idx``,
+    each launched as the backend launches it (kept count padded to a multiple of 16, see ops/triton/utils.py)."""
     from sat_kernels.ops.triton import down, gate_up
+    from sat_kernels.ops.triton.sat_mlp import compact_w_down, kept_positions
     from sat_kernels.ops.triton.utils import padded_index
 
     k = idx.numel()
+    idx_p = padded_index(idx)
+    pos, omitted = kept_positions(idx, inter)
     dev = "cuda"
     x = torch.randn(T, h, device=dev, dtype=dtype)
     wg, wu = (torch.randn(inter, h, device=dev, dtype=dtype) / h ** 0.5 for _ in range(2))
     wd = torch.randn(h, inter, device=dev, dtype=dtype) / inter ** 0.5
     dy = torch.randn(T, h, device=dev, dtype=dtype)
     g, u, _, _ = gate_up.gate_up_fwd(x, wg, wu, score="l2")
-    g_s, u_s, a_s = gate_up.kept_act_fwd(g, u, idx)
-    dg_s, du_s, _ = down.down_bwd(dy, wd, idx, g_s, u_s)
+    g_s, u_s, a_s = gate_up.kept_act_fwd(g, u, idx_p)
+    dg_s, du_s, _ = down.down_bwd(dy, wd, idx_p, g_s, u_s)
     # cuBLAS references: the same GEMM (M, N, K and operand layouts) on contiguous compact operands
-    a_c, dg_c = a_s.contiguous(), dg_s.contiguous()
+    a_c, dg_c = a_s[:, :k].contiguous(), dg_s[:, :k].contiguous()
     wd_c, wg_c = wd[:, idx].contiguous(), wg[idx].contiguous()
 
     def compact():
-        return wd.index_select(1, padded_index(idx))[:, :k]
+        return compact_w_down(wd, idx_p, k)
 
     def twice(f):
         return lambda: (f(), f())
@@ -68,22 +72,22 @@ def _gemm_rows(T, h, inter, idx, dtype):
     return [
         ("gate_up_fwd+scores [T,h]x[h,I] x2", lambda: gate_up.gate_up_fwd(x, wg, wu, score="l2"), 4 * T * h * inter,
          twice(lambda: torch.mm(x, wg.t()))),
-        ("gate_up_fwd kept rows [T,h]x[h,k] x2", lambda: gate_up.gate_up_fwd(x, wg, wu, idx=idx, store_a=True),
+        ("gate_up_fwd kept rows [T,h]x[h,k] x2", lambda: gate_up.gate_up_fwd(x, wg, wu, idx=idx_p, store_a=True),
          4 * T * h * k, twice(lambda: torch.mm(x, wg_c.t()))),
-        ("kept_act_fwd (compaction, memory-bound)", lambda: gate_up.kept_act_fwd(g, u, idx), 0, None),
+        ("kept_act_fwd (compaction, memory-bound)", lambda: gate_up.kept_act_fwd(g, u, idx_p), 0, None),
         ("down_fwd compact [T,k]x[k,h] (+gather copy)", lambda: down.down_fwd(a_s, compact(), None), 2 * T * k * h,
          lambda: torch.mm(a_c, wd_c.t())),
-        ("down_fwd in-kernel gather [T,k]x[k,h]", lambda: down.down_fwd(a_s, wd, idx), 2 * T * k * h,
+        ("down_fwd in-kernel gather [T,k]x[k,h]", lambda: down.down_fwd(a_s, wd, idx_p), 2 * T * k * h,
          lambda: torch.mm(a_c, wd_c.t())),
         ("down_bwd compact dA+SwiGLU [T,h]x[h,k] (+gather copy)", lambda: down.down_bwd(dy, compact(), None, g_s, u_s),
          2 * T * h * k, lambda: torch.mm(dy, wd_c)),
-        ("down_bwd in-kernel gather dA+SwiGLU [T,h]x[h,k]", lambda: down.down_bwd(dy, wd, idx, g_s, u_s),
+        ("down_bwd in-kernel gather dA+SwiGLU [T,h]x[h,k]", lambda: down.down_bwd(dy, wd, idx_p, g_s, u_s),
          2 * T * h * k, lambda: torch.mm(dy, wd_c)),
-        ("down_weight_bwd [h,T]x[T,k]", lambda: down.down_weight_bwd(dy, a_s, idx, inter), 2 * T * h * k,
+        ("down_weight_bwd [h,T]x[T,k] (+scatter to [h,I])", lambda: down.down_weight_bwd(dy, a_s, pos), 2 * T * h * k,
          lambda: torch.mm(dy.t(), a_c)),
-        ("gate_up_weight_bwd [k,T]x[T,h] x2", lambda: gate_up.gate_up_weight_bwd(dg_s, du_s, x, idx, inter),
+        ("gate_up_weight_bwd [k,T]x[T,h] x2", lambda: gate_up.gate_up_weight_bwd(dg_s, du_s, x, idx_p, omitted, inter),
          4 * T * h * k, twice(lambda: torch.mm(dg_c.t(), x))),
-        ("gate_up_input_bwd [T,k]x[k,h] x2", lambda: gate_up.gate_up_input_bwd(dg_s, du_s, wg, wu, idx),
+        ("gate_up_input_bwd [T,k]x[k,h] x2", lambda: gate_up.gate_up_input_bwd(dg_s, du_s, wg, wu, idx_p),
          4 * T * h * k, twice(lambda: torch.mm(dg_c, wg_c))),
     ]
 
@@ -109,7 +113,7 @@ def run(T, h, inter, rates, dtype):
         for backend in ("torch", "triton"):
             times[backend] = _bench(_fwd_bwd(lambda b=backend: sk.sat_mlp(x, *ws, rate, backend=b), leaves, dy))
         scores = torch.rand(inter, device="cuda")
-        part = torch.rand(T // 64, inter, device="cuda")
+        part = torch.rand(T // 64, inter, device="cuda", dtype=torch.float64)
         select_ms = _bench(lambda: sk.select_neurons(part.sum(0).sqrt_(), k))
         idx = sk.select_neurons(scores, k)
         gemms = []

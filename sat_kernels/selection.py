@@ -71,15 +71,20 @@ def activation_scores(a: torch.Tensor, metric: str = "l2", w_down: Optional[torc
 
 
 def _norm(t: torch.Tensor, order: int) -> torch.Tensor:
-    """fp32 column norms, accumulated in fp32 (fp64 for fp64 input).
+    """fp32 column norms, squared and accumulated in fp32 (fp64 for fp64 input), also for 16-bit ``t`` (as the Triton
+    backend's fused scores: squares rounded to bf16 would move a score by up to 2^-9 relative).
 
-    ``(t * t).sum(0)`` instead of ``torch.linalg.vector_norm(t, dim=0)``: 0.39 ms vs 5.1 ms for a [2048, 1536] fp32
-    tensor on 2 CPU cores (torch 2.13), where vector_norm reduces column by column.
+    On CUDA ``torch.linalg.vector_norm(t, dim=0, dtype=float32)``, which reduces 16-bit input in fp32 without an fp32
+    copy of ``t``. On CPU ``(t * t).sum(0)``: 0.39 ms vs 5.1 ms for vector_norm on a [2048, 1536] fp32 tensor on 2 CPU
+    cores (torch 2.13), where vector_norm reduces column by column.
     """
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    if t.is_cuda:
+        return torch.linalg.vector_norm(t, order, dim=0, dtype=acc).float()
+    t = t.to(acc)
     if order == 1:
-        return t.abs().sum(0, dtype=acc).float()
-    return (t * t).sum(0, dtype=acc).sqrt_().float()
+        return t.abs().sum(0).float()
+    return (t * t).sum(0).sqrt_().float()
 
 
 def selection_stats(scores: torch.Tensor, idx: torch.Tensor) -> dict:
@@ -115,7 +120,8 @@ def select_neurons(scores: torch.Tensor, k: int, *, strategy: str = "topk",
 
     Args:
         scores: ``[n]`` non-negative scores (any float dtype; compared in fp32). A NaN score ranks below every
-            number: that neuron is kept only when fewer than ``k`` scores are numbers.
+            number (``-inf`` included): that neuron is kept only when fewer than ``k`` scores are numbers. Ties go to
+            the lower index. The cuda backend's selection kernel keeps the same set from the same keys.
         k: kept count in ``[1, n]`` (see :func:`num_kept`).
         strategy: ``"topk"`` (the k highest scores), ``"sample"`` (without replacement, probability proportional to
             the score: Gumbel-top-k on ``log(score)``) or ``"random"`` (uniform without replacement).
@@ -150,6 +156,19 @@ def select_neurons(scores: torch.Tensor, k: int, *, strategy: str = "topk",
         keys = torch.log(scores.float()) + gumbel
     else:
         keys = uniform.float()
-    # NaN ranks below every number, as in the cuda backend's selection kernel (torch.topk alone ranks it highest)
-    idx = torch.topk(keys.nan_to_num(nan=-math.inf), k, sorted=False).indices
+    idx = torch.topk(_rank_keys(keys), k, sorted=False).indices
     return torch.sort(idx).values
+
+
+def _rank_keys(keys: torch.Tensor) -> torch.Tensor:
+    """int64 keys whose descending order is the selection order of fp32 ``keys [n]`` (``n < 2^31``): NaN below every
+    number (``-inf`` included), -0.0 equal to +0.0, ties to the lower index.
+
+    The key of the cuda backend's selection kernel (``order_key`` in ``csrc/selection_keys.cuh``: NaN 0, else the
+    float bits made order-preserving as unsigned) times 2^31, plus the reversed index, so both backends keep the same
+    set from the same keys (``torch.topk`` on the floats leaves the order of ties unspecified and ranks NaN highest).
+    """
+    bits = (keys.float() + 0.0).view(torch.int32).long() & 0xFFFFFFFF     # + 0.0 turns -0.0 into +0.0
+    ordered = torch.where(bits >= 2 ** 31, bits ^ 0xFFFFFFFF, bits | 2 ** 31)
+    ordered = ordered.masked_fill_(torch.isnan(keys), 0)
+    return ordered * 2 ** 31 + torch.arange(keys.numel() - 1, -1, -1, device=keys.device)

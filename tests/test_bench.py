@@ -1,5 +1,11 @@
-"""sat-bench end to end on tiny sizes: tables, JSONL rows with the environment, plots, argument errors."""
+"""sat-bench end to end on tiny sizes: tables, JSONL rows with the environment, plots, argument errors; the plumbing
+of the one-call GPU check (benchmarks/gpu_check.sh) on CPU."""
+import importlib.util
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,8 +38,8 @@ def test_train_step_bench(tmp_path, capsys, monkeypatch):
                                                          num_hidden_layers=2, num_attention_heads=4,
                                                          num_key_value_heads=2))
     rows = train_step.run_train_step("tiny", batch=2, seq=16, steps=2, rate=0.5, dtype=torch.float32,
-                                     device=torch.device("cpu"), repeats=1)
-    assert [r["run"] for r in rows] == ["dense", "sat"]
+                                     device=torch.device("cpu"), repeats=1, backend="torch")
+    assert [r["run"] for r in rows] == ["dense", "sat"] and [r["backend"] for r in rows] == ["dense", "torch"]
     assert rows[1]["speedup"] > 0 and rows[1]["mlp_only_ceiling"] >= 1.0
     assert all(r["tokens_per_s"] > 0 and 0 <= r["mlp_share"] for r in rows)
 
@@ -80,3 +86,43 @@ def test_cpu_clock_ignores_waiting():
     if threads > 1:
         with pytest.raises(ValueError, match="set torch.set_num_threads"):
             bench_cpu_interleaved(fns, repeats=1, clock="cpu")
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_check_records_a_failing_stage_and_summarizes(tmp_path):
+    """gpu_check.sh on a machine without a GPU: the build stage's backend check FAILS (cuda and triton are missing),
+    the verdict is in stages.jsonl and the log, the summary goes to $OUT and RESULTS, exit status 1."""
+    out, results = tmp_path / "out", tmp_path / "gpu_check.json"
+    env = dict(os.environ, OUT=str(out), RESULTS=str(results), STAGES="build", BUDGET_S="300",
+               SAT_KERNELS_SKIP_CUDA_BUILD="1", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "FAIL: GPU backends missing" in proc.stdout
+    stage, = [json.loads(line) for line in (out / "stages.jsonl").read_text().splitlines()]
+    assert stage["stage"] == "build" and stage["status"] == "fail"
+    summary = json.loads(results.read_text())
+    assert summary == json.loads((out / "gpu_check.json").read_text()) and not summary["ok"]
+    for key in ("device", "torch", "triton", "python", "git", "date"):
+        assert summary[key]
+    assert "FAIL: GPU backends missing" in (out / "gpu_check.log").read_text()
+
+
+def test_gpu_check_summary_tables(tmp_path, capsys):
+    """The summary reads whatever the stages left (a line cut short by a timeout is dropped) and prints the tables."""
+    spec = importlib.util.spec_from_file_location("gpu_check_summary", ROOT / "benchmarks" / "gpu_check_summary.py")
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    (tmp_path / "stages.jsonl").write_text(
+        '{"stage": "llama", "status": "pass", "seconds": 80, "limit_s": 150, "expected_s": 90}\n')
+    err = {n: 1e-3 for n in ("y", "dx", "dw_gate", "dw_up", "dw_down")}
+    row = {"backend": "triton", "T": 8191, "omission_rate": 0.6, "forward": "sparse", "first_call_s": 41.0,
+           "second_call_s": 0.05, "kept_overlap": 0.999, "err_vs_fp64": err, "torch_err_vs_fp64": err, "ok": True}
+    (tmp_path / "backends.jsonl").write_text(json.dumps(row) + "\n" + '{"backend": "cu')
+    assert summary.main([str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "| llama | pass | 80 | 150 | 90 |" in text and "| triton | 8191 | 0.6 | sparse | 41.00 | 0.050 |" in text
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["backends"] == [row]

@@ -148,6 +148,23 @@ def test_sample_keys_with_given_noise_are_the_torch_formula():
     assert torch.equal(_host_keys(u, "random", uniform=u), _host_keys(u, "topk")), "random with noise: key = u"
 
 
+@pytest.mark.parametrize("strategy", ["topk", "random"])
+def test_torch_selection_keeps_the_kernels_set(strategy):
+    """sk.select_neurons (torch and triton backends) keeps the set the selection kernel keeps from the same keys: ties
+    to the lower index, NaN below -inf, -0.0 equal to +0.0 (the kernel's keys from its host twin)."""
+    gen = torch.Generator().manual_seed(3)
+    n = 3000
+    values = torch.randint(0, 5, (n,), generator=gen).float()                  # many ties
+    for special in (float("nan"), -0.0, float("-inf"), float("inf")):
+        values[torch.rand(n, generator=gen) < 0.05] = special
+    scores = values if strategy == "topk" else torch.rand(n, generator=gen)
+    uniform = None if strategy == "topk" else values
+    keys = _host_keys(scores, strategy, uniform=uniform)
+    for k in (1, 100, n // 2, n - 200, n - 1):
+        kernel_set = torch.sort(torch.sort(keys, descending=True, stable=True).indices[:k]).values
+        assert torch.equal(sk.select_neurons(scores, k, strategy=strategy, uniform=uniform), kernel_set), k
+
+
 def test_sample_keys_are_finite_for_positive_scores():
     keys = _host_keys(torch.full((4096,), 1.0), "sample", seed=7)
     inf_key = _host_keys(torch.tensor([float("inf")]), "topk")[0]
@@ -276,6 +293,32 @@ def test_fake_implementations_give_output_shapes():
         assert kernels.scatter_rows(torch.empty(20, 10, dtype=torch.float16, device="cuda"), idx, 64).shape == (64, 10)
         with pytest.raises(ValueError, match="more than n = 19"):
             kernels.scatter_rows(torch.empty(20, 10, device="cuda"), idx, 19)
+
+
+@pytest.mark.parametrize("strategy", ["sample", "random"])
+def test_noise_while_a_cuda_graph_is_captured(monkeypatch, strategy):
+    """During CUDA-graph capture reading a generator's seed and offset raises (and a captured Philox offset would
+    replay one draw): select_kept draws torch.rand noise on the scores' device instead, and refuses a CPU generator
+    with a clear error. Capture faked on fake CUDA tensors: no GPU needed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def no_philox(*args):
+        raise AssertionError("the generator's seed/offset were read during capture")
+
+    passed = []
+    op = kernels._select_kept_op
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(kernels, "philox_seed_offset", no_philox)
+    monkeypatch.setattr(kernels, "_select_kept_op", lambda scores, uniform, *args: passed.append(uniform) or
+                        op(scores, uniform, *args))
+    with FakeTensorMode():
+        scores = torch.empty(2, 100, device="cuda")
+        assert kernels.select_kept(scores, 7, strategy=strategy).shape == (2, 7)
+        uniform, = passed
+        assert uniform.shape == (2, 100) and uniform.dtype == torch.float32 and uniform.device.type == "cuda"
+        with pytest.raises(RuntimeError, match="cannot draw from a generator on cpu while a CUDA graph is being"):
+            kernels.select_kept(scores, 7, strategy=strategy, generator=torch.Generator())
 
 
 # ------------------------------------------------------------------------------------------------- build options
@@ -449,6 +492,24 @@ def test_gpu_noise_reproducible_and_valid(strategy):
     assert torch.equal(d, kernels.select_kept(scores, 7168, strategy=strategy)) and not torch.equal(d, e)
     cpu_gen = [torch.Generator().manual_seed(4) for _ in range(2)]
     assert torch.equal(*[kernels.select_kept(scores, 7168, strategy=strategy, generator=g) for g in cpu_gen])
+
+
+@gpu
+@pytest.mark.parametrize("strategy", ["sample", "random"])
+def test_gpu_noise_in_a_captured_cuda_graph(strategy):
+    """select_kept captured in a CUDA graph: every replay draws a new valid set (torch.rand noise while capturing)."""
+    scores = torch.rand(14336, device="cuda") + 0.01
+    kernels.select_kept(scores, 7168, strategy=strategy)     # warm-up outside the graph (shared-memory attribute)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        idx = kernels.select_kept(scores, 7168, strategy=strategy)
+    draws = []
+    for _ in range(2):
+        graph.replay()
+        draws.append(idx.clone())
+    for d in draws:
+        assert d.shape == (7168,) and torch.equal(d, torch.unique(d))
+    assert not torch.equal(*draws)
 
 
 @gpu

@@ -62,3 +62,18 @@ def test_attention_no_host_sync_in_forward_and_backward(strategy, unit):
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_gathered_mlp_syncs_only_when_validating():
+    """validate=True reads index values back (host syncs, as its docstring says); validate=False runs without one."""
+    operands, dy = make_operands(256, 128, 512, torch.bfloat16, device="cuda")
+    idx = torch.arange(0, 512, 3, device="cuda")
+    sk.gathered_mlp(*operands, idx, validate=False).backward(dy)   # warm-up (lazy init may sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sk.gathered_mlp(*operands, idx, validate=False).backward(dy)
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            sk.gathered_mlp(*operands, idx)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -204,3 +204,23 @@ def test_forward_mode_is_checked():
     operands, _ = make_operands(8, 8, 16, torch.float32)
     with pytest.raises(ValueError, match="forward must be one of"):
         sk.sat_mlp(*operands, 0.5, forward="exact")
+
+
+@pytest.mark.parametrize("strategy", ["topk", "sample", "random"])
+def test_training_never_validates_indices(monkeypatch, strategy):
+    """gathered_mlp(validate=True) costs three host syncs per call on a GPU: a training step of a patched model (any
+    strategy, both forward modes, with checkpointing) must not run that validation."""
+    from helpers import tiny_model
+
+    import sat_kernels.ops as ops
+
+    def no_validation(*args, **kwargs):
+        raise AssertionError("a training step validated kept indices (host syncs on a GPU)")
+
+    monkeypatch.setattr(ops, "check_indices", no_validation)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    for forward in ("sparse", "dense"):
+        model = sk.replace_mlp(tiny_model("llama"), 0.5, strategy=strategy, forward=forward).train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert all(p.grad is not None for n, p in model.named_parameters() if ".mlp." in n)

@@ -4,11 +4,14 @@
 it, so the CPU tests live in ``tests/triton_interpreter_cases.py`` and run here in a child pytest process with
 ``TRITON_INTERPRET=1`` (fp32/fp16, tiny odd shapes). The GPU tests run the compiled kernels in this process.
 """
+import contextlib
 import importlib.util
+import json
 import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -16,12 +19,14 @@ import torch
 
 import sat_kernels as sk
 from sat_kernels.ops.reference import reference_indices
+from sat_kernels.selection import activation_scores
 
 from helpers import assert_matches_reference, fp64_copies, make_operands, rel_rms
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 ON_GPU = torch.cuda.is_available() and "triton" in sk.available_backends()
 CASES = Path(__file__).with_name("triton_interpreter_cases.py")
+ROOT = CASES.parent.parent
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -49,6 +54,193 @@ def test_unavailable_without_cuda_or_interpreter():
 
 
 
+@pytest.fixture
+def fake_launches(monkeypatch):
+    """The Triton launchers on CPU tensors without a GPU or the interpreter: every kernel launch is a stand-in that
+    records its arguments and the device made current by ``torch.cuda.device`` (a stand-in too), every autotune
+    benchmark a stand-in that counts its calls. Outputs stay uninitialised. Yields a namespace with ``launches``
+    (``(kernel name, args, kwargs, current device or None)``) and ``bench_calls`` (kernel names)."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    from sat_kernels.ops.triton import down, gate_up, interpreting
+    from sat_kernels.ops.triton import sat_mlp as triton_sat_mlp
+
+    if interpreting():
+        pytest.skip("TRITON_INTERPRET=1: the interpreter has one config and nothing to tune")
+    fake = types.SimpleNamespace(launches=[], bench_calls=[], current=[])
+
+    class CudaDevice:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            fake.current.append(self.device)
+
+        def __exit__(self, *exc):
+            fake.current.pop()
+
+    def fake_run(name):
+        def run(*args, grid=None, warmup=False, **kwargs):
+            fake.launches.append((name, args, kwargs, fake.current[-1] if fake.current else None))
+        return run
+
+    def fake_bench(name):
+        def bench(kernel_call, quantiles):
+            fake.bench_calls.append(name)
+            return [1.0] * len(quantiles)
+        return bench
+
+    monkeypatch.setattr(torch.cuda, "device", CudaDevice)
+    monkeypatch.setattr(triton_sat_mlp, "check_tensors", lambda *tensors: None)
+    monkeypatch.setattr(gate_up._kept_act_fwd_kernel, "run", fake_run("_kept_act_fwd_kernel"))
+    monkeypatch.setattr(down._scatter_cols_kernel, "run", fake_run("_scatter_cols_kernel"))
+    for kern in _autotuned_kernels():
+        name = kern.base_fn.__name__
+        monkeypatch.setattr(kern, "cache", {})
+        monkeypatch.setitem(kern.__dict__, "do_bench", fake_bench(name))   # over the cached property, unread
+        monkeypatch.setattr(kern.fn, "run", fake_run(name))
+    yield fake
+
+
+def _topk_select(k, metric="l2"):
+    """A selection callable as sat_mlp builds it: fused scores, or activations on the torch backend."""
+    def select(a=None, *, scores=None, select_fn=None):
+        if scores is None:
+            scores = activation_scores(a, metric)
+        return torch.sort(torch.topk(scores, k).indices).values
+    select.metric = metric
+    return select
+
+
+def test_autotuning_runs_once_per_size_bucket(fake_launches):
+    """50 training steps with a new token count at every step (a padding collator) and a new kept count (a linear
+    schedule): each kernel tunes once per power-of-two bucket of T and k, not once per step. Here T falls in 2
+    buckets and k in 2, so at most 2 (gate/up forward: T only) + 5 x 4 = 22 tuning runs instead of up to 300."""
+    from sat_kernels.ops.triton.sat_mlp import sat_mlp_triton
+
+    bench_calls = fake_launches.bench_calls
+    h, inter = 64, 1376
+    sched = sk.LinearOmissionScheduler(0.5, total_steps=50, dense_fraction=0.0)
+    gen = torch.Generator().manual_seed(0)
+    (_, wg, wu, wd), _ = make_operands(1, h, inter, torch.bfloat16)
+    for step in range(50):
+        T = int(torch.randint(300, 1025, (), generator=gen))
+        x = torch.randn(T, h, dtype=torch.bfloat16, requires_grad=True)
+        y, _ = sat_mlp_triton(x, wg, wu, wd, _topk_select(sk.num_kept(inter, sched.rate(step))), "silu")
+        y.backward(torch.ones_like(y))
+    runs = {kern.base_fn.__name__: len(kern.cache) for kern in _autotuned_kernels()}
+    assert runs["_gate_up_fwd_kernel"] == 2 and sum(runs.values()) <= 22, runs
+    bf16_configs = [len([c for c in kern.configs if not _is_fp32(c)]) for kern in _autotuned_kernels()]
+    assert len(bench_calls) == sum(n * m for n, m in zip(runs.values(), bf16_configs))
+
+
+@pytest.mark.parametrize("entry", ["sparse", "dense_forward", "gathered"])
+def test_every_launch_runs_on_the_tensors_device(fake_launches, monkeypatch, entry):
+    """Forward and backward launch every kernel under torch.cuda.device(<the tensors' device>): Triton launches on the
+    current device, so a layer on cuda:1 of a model split over GPUs would otherwise run on cuda:0."""
+    from sat_kernels.ops.triton.sat_mlp import sat_mlp_triton
+
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 1)   # every tensor reports cuda:1
+    operands, dy = make_operands(70, 64, 200, torch.bfloat16)
+    select = torch.arange(0, 200, 3) if entry == "gathered" else _topk_select(77)
+    y, _ = sat_mlp_triton(*operands, select, "silu", dense_forward=entry == "dense_forward")
+    y.backward(dy)
+    names = {name for name, *_ in fake_launches.launches}
+    assert len(names) == 7 + (entry != "gathered"), names
+    assert [dev for *_, dev in fake_launches.launches] == [1] * len(fake_launches.launches)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9: legacy flag only")
+def test_dot_precision_follows_the_new_tf32_flag():
+    """torch 2.9+: once fp32_precision is set, reading the legacy allow_tf32 raises; the kernels' fp32 precision must
+    come from the new flag (also in fp32 kernels launched after torch.set_float32_matmul_precision)."""
+    from sat_kernels.ops.triton.utils import dot_precision
+
+    matmul = torch.backends.cuda.matmul
+    try:
+        for flag, want in (("tf32", "tf32"), ("ieee", "ieee")):
+            matmul.fp32_precision = flag
+            assert dot_precision(torch.float32) == want and dot_precision(torch.bfloat16) == "tf32"
+    finally:
+        matmul.fp32_precision = "none"
+
+
+def test_fp32_without_tf32_runs_the_torch_backend(fake_launches):
+    """fp32 without TF32 would be FMA code spilling kilobytes per thread: the launcher runs the torch backend (no
+    Triton launch, the torch backend's result). With TF32 every autotuned launch gets an fp32 (BK = 32) config."""
+    from sat_kernels.ops.sat_mlp import sat_mlp_torch
+    from sat_kernels.ops.triton.sat_mlp import sat_mlp_triton
+
+    operands, dy = make_operands(70, 64, 200, torch.float32)
+    with _tf32(False):
+        y, idx = sat_mlp_triton(*operands, _topk_select(77), "silu")
+        assert fake_launches.launches == []
+        y_torch, idx_torch = sat_mlp_torch(*operands, _topk_select(77), "silu")
+        assert torch.equal(y, y_torch) and torch.equal(idx, idx_torch)
+    with _tf32(True):
+        y, _ = sat_mlp_triton(*operands, _topk_select(77), "silu")
+        y.backward(dy)
+    tuned = [kwargs for name, _, kwargs, _ in fake_launches.launches if "BK" in kwargs]
+    assert len(tuned) == 6 and all(_is_fp32(types.SimpleNamespace(kwargs=kw)) for kw in tuned)
+
+
+def _static_check():
+    spec = importlib.util.spec_from_file_location("triton_static_check", ROOT / "benchmarks" / "triton_static_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not os.path.exists(module.CUOBJDUMP):
+        pytest.skip(f"no cuobjdump in the triton install ({module.CUOBJDUMP})")
+    return module
+
+
+def test_odd_kept_count_keeps_16_byte_pipelined_memory_access(fake_launches):
+    """Static (sm_90a cubins, no GPU; about 15 s on 2 cores): every kernel launch of the sparse and the gathered path,
+    bf16, first config, at k = 4403 (omission 0.6 of I = 11008, not a multiple of 16) issues as many 16-byte cp.async
+    loads and 16-byte stores, and spills no more, than at k = 5504. Masks on a k that is not a multiple of 16 cannot
+    be proven constant over 8 elements, and the compiler falls back to scalar, unpipelined accesses. No launch stores
+    single 2-byte elements (the weight gradients are written with 16-byte stores, each element once)."""
+    from sat_kernels.ops.triton import down, gate_up
+    from sat_kernels.ops.triton.sat_mlp import sat_mlp_triton
+
+    static = _static_check()
+    kernels = {k.base_fn.__name__: k for k in _autotuned_kernels()}
+    kernels["_kept_act_fwd_kernel"] = gate_up._kept_act_fwd_kernel
+    kernels["_scatter_cols_kernel"] = down._scatter_cols_kernel
+    T, h, inter = 64, 64, 11008                    # the divisibility of T = 8192, h = 4096 at a tiny size
+    operands, dy = make_operands(T, h, inter, torch.bfloat16)
+    results = {}
+    for k in (4403, 5504):
+        fake_launches.launches.clear()
+        for select in (_topk_select(k), torch.sort(torch.randperm(inter)[:k]).values):
+            y, _ = sat_mlp_triton(*operands, select, "silu")
+            y.backward(dy)
+        results[k] = [(name, static.compile_launch(kernels[name], args, kwargs))
+                      for name, args, kwargs, _ in fake_launches.launches]
+    assert [name for name, _ in results[4403]] == [name for name, _ in results[5504]]
+    for (name, odd), (_, even) in zip(results[4403], results[5504]):
+        assert (odd["cp_async16"], odd["st16"]) == (even["cp_async16"], even["st16"]), (name, odd, even)
+        assert odd["stack"] <= even["stack"], (name, odd, even)
+        assert odd["st_scalar"] == even["st_scalar"] == 0, (name, odd, even)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_gpu_backend_check_script_under_the_interpreter(tmp_path):
+    """benchmarks/gpu_backend_check.py (stage llama of gpu_check.sh) end to end on CPU: the triton backend at tiny
+    odd shapes under TRITON_INTERPRET=1, one JSON line per case, each compared with the torch backend (about 10 s)."""
+    out = tmp_path / "backends.jsonl"
+    script = ROOT / "benchmarks" / "gpu_backend_check.py"
+    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--dtype", "fp32", "--shape", "40", "70",
+                           "--tokens", "37", "--rates", "0.5", "0.6", "--backends", "triton", "--out", str(out)],
+                          env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["omission_rate"], r["forward"]) for r in rows] == [(0.5, "sparse"), (0.5, "dense"), (0.6, "sparse")]
+    for r in rows:
+        assert r["ok"] and r["repeat_equal"] and r["kept_overlap"] == 1.0 and r["k"] in (35, 28), r
+        assert max(r["rel_rms_vs_torch"].values()) < 1e-5, r
+
+
 def test_benchmark_needs_cuda():
     if torch.cuda.is_available():
         pytest.skip("CUDA is available")
@@ -66,12 +258,39 @@ def _autotuned_kernels():
 
 @pytest.fixture
 def one_config(monkeypatch):
-    """Compile the first config of each kernel instead of autotuning them all: a full autotune compiles about 36
-    kernels per dtype and shape specialisation (minutes). The configs differ in constexpr tile sizes only;
-    test_gpu_every_config_matches checks each one and the benchmark autotunes them all."""
+    """Compile the first config of each kernel (for 16-bit and for fp32 operands) instead of autotuning them all: a
+    full autotune compiles about 36 kernels per dtype and shape specialisation (minutes). The configs differ in
+    constexpr tile sizes only; test_gpu_every_config_matches checks each one and the benchmark autotunes them all."""
     for kernel in _autotuned_kernels():
-        monkeypatch.setattr(kernel, "configs", kernel.configs[:1])
+        firsts = {}
+        for config in kernel.configs:
+            firsts.setdefault(_is_fp32(config), config)
+        monkeypatch.setattr(kernel, "configs", list(firsts.values()))
         monkeypatch.setattr(kernel, "cache", {})
+
+
+def _is_fp32(config):
+    from sat_kernels.ops.triton.utils import FP32_BK
+
+    return config.kwargs["BK"] == FP32_BK
+
+
+@contextlib.contextmanager
+def _tf32(on: bool):
+    """fp32 matmuls with (on) or without TF32, set through the API this torch has; the default restored after."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = "tf32" if on else "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = "none"
+    else:
+        old, matmul.allow_tf32 = matmul.allow_tf32, on
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = old
 
 
 def gpu(test):
@@ -124,6 +343,20 @@ def test_gpu_w_down_gathered_in_kernel(monkeypatch, dtype):
     operands, dy = make_operands(1024, 576, 1536, dtype, device="cuda")
     idx = torch.sort(torch.randperm(1536, device="cuda")[:700]).values
     assert_matches_reference(lambda *o: sk.gathered_mlp(*o, idx, backend="triton"), operands, dy, idx)
+
+
+@gpu
+@pytest.mark.parametrize("forward", ["sparse", "dense"])
+def test_gpu_fp32_with_tf32_runs_the_fp32_configs(forward):
+    """fp32 with TF32 on runs the Triton kernels on their BK = 32 configs (without TF32, the torch backend)."""
+    with _tf32(True):
+        operands, dy = make_operands(1024, 576, 1536, torch.float32, device="cuda")
+        fn = lambda *o: sk.sat_mlp(*o, 0.6, backend="triton", forward=forward)  # noqa: E731
+        _, idx = sk.sat_mlp(*operands, 0.6, backend="triton", forward=forward, return_indices=True)
+        assert_matches_reference(fn, operands, dy, idx, forward=forward)
+    from sat_kernels.ops.triton import down
+
+    assert _is_fp32(down._down_bwd_kernel.best_config)
 
 
 @gpu
@@ -186,12 +419,15 @@ def test_gpu_offsets_past_2_31():
 @pytest.mark.slow
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA and triton")
 def test_gpu_every_config_matches(monkeypatch):
-    """Each autotune candidate of each kernel alone computes the op (bf16, odd shape: every tile is masked)."""
+    """Each autotune candidate of each kernel alone computes the op (bf16, odd shape: every tile is masked), and
+    every gate/up config gives bitwise the same fused scores (so the kept set does not depend on the winner)."""
     from sat_kernels.ops.triton import sat_mlp as triton_sat_mlp
 
-    candidates = {kern: list(kern.configs) for kern in _autotuned_kernels()}
+    candidates = {kern: [c for c in kern.configs if not _is_fp32(c)] for kern in _autotuned_kernels()}
     operands, dy = make_operands(333, 264, 1000, torch.bfloat16, device="cuda")
+    x, wg, wu, wd = (t.detach() for t in operands)
     fixed = torch.sort(torch.randperm(1000, device="cuda")[:501]).values
+    scores = []
     for compact in (True, False):
         monkeypatch.setattr(triton_sat_mlp, "COMPACT_W_DOWN", compact)
         for i in range(max(map(len, candidates.values()))):
@@ -201,6 +437,8 @@ def test_gpu_every_config_matches(monkeypatch):
             assert_matches_reference(lambda *o: sk.gathered_mlp(*o, fixed, backend="triton"), operands, dy, fixed)
             _, idx = sk.sat_mlp(*operands, 0.5, backend="triton", return_indices=True)
             assert_matches_reference(lambda *o: sk.sat_mlp(*o, 0.5, backend="triton"), operands, dy, idx)
+            scores.append(torch.ops.sat_kernels.triton_gate_up_scores(x, wg, wu, wd, "silu", "l2", False)[3])
+    assert all(torch.equal(scores[0], s) for s in scores)
 
 
 @pytest.mark.gpu

@@ -3,6 +3,7 @@
     sat-bench                      # --quick on CPU: SmolLM2 MLP shape + training step, a few minutes on 2 cores
     sat-bench mlp --shapes llama2-7b --tokens 8192 --rates 0.5 0.75 --dtype bf16     # GPU
     sat-bench train-step --config smollm2-135m --rate 0.5
+    sat-bench train-step --backend triton          # GPU: the SAT MLP on the Triton kernels
     sat-bench plot                 # PNGs from benchmarks/results/mlp.jsonl
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..backends import BACKENDS
 from .mlp import MODES, SHAPES, available_providers, run_shape
 from .plot import plot_file
 from .results import append_jsonl, default_results_dir, environment, markdown_table
@@ -21,7 +23,7 @@ from .train_step import CONFIGS, run_train_step
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MLP_COLUMNS = ["shape", "T", "omission_rate", "provider", "mode", "median_ms", "p20_ms", "p80_ms", "ratio_to_dense",
                "flop_limit", "vs_limit", "tflops", "saved_bytes", "select_share"]
-STEP_COLUMNS = ["config", "run", "omission_rate", "batch", "seq", "step_ms", "tokens_per_s", "mlp_share",
+STEP_COLUMNS = ["config", "run", "backend", "omission_rate", "batch", "seq", "step_ms", "tokens_per_s", "mlp_share",
                 "attention_share", "speedup", "mlp_only_ceiling"]
 FORMATS = {"median_ms": ".2f", "p20_ms": ".2f", "p80_ms": ".2f", "ratio_to_dense": ".3f", "flop_limit": ".3f",
            "vs_limit": ".3f", "tflops": ".3f", "select_share": ".3%", "step_ms": ".1f", "tokens_per_s": ".0f",
@@ -83,7 +85,8 @@ def cmd_train_step(args) -> int:
     seq = args.seq or (256 if device.type == "cpu" else 2048)
     env = environment(device)
     rows = [{**env, **r} for r in run_train_step(config, batch=batch, seq=seq, steps=args.steps, rate=args.rate,
-                                                 attention_rate=args.attention_rate, dtype=dtype, device=device)]
+                                                 attention_rate=args.attention_rate, dtype=dtype, device=device,
+                                                 backend=args.backend)]
     print(f"\n# training step, {env['device']}, {dtype}, torch {env['torch']}, git {env['git']}")
     print(markdown_table(rows, STEP_COLUMNS, FORMATS))
     if not args.no_save:
@@ -128,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--rate", type=float, default=0.5)
     t.add_argument("--attention-rate", type=float, default=None)
     t.add_argument("--dtype", choices=list(DTYPES))
+    t.add_argument("--backend", default="auto", choices=list(BACKENDS), help="the SAT MLP's backend")
     pl = sub.add_parser("plot", help="PNGs from benchmarks/results/mlp.jsonl")
     pl.add_argument("--out-dir")
     return p

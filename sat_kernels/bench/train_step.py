@@ -63,15 +63,16 @@ def _module_ms(model, batch: int, seq: int, device, dtype, repeats: int) -> Dict
 
 
 def run_train_step(config_name: str, *, batch: int, seq: int, steps: int, rate: float, dtype, device,
-                   attention_rate: Optional[float] = None, repeats: int = 5) -> List[Dict]:
+                   attention_rate: Optional[float] = None, repeats: int = 5, backend: str = "auto") -> List[Dict]:
     """Dense and SAT: ``steps`` timed optimizer steps each (after 2 warm-up steps), interleaved (dense, SAT, dense,
-    SAT, ...) so both see the same machine state; one row per run, step time = median."""
+    SAT, ...) so both see the same machine state; one row per run, step time = median. ``backend``: the SAT MLP's
+    (``replace_mlp(backend=...)``)."""
     runs = [("dense", None)] + ([("sat", rate)] if rate > 0 else [])
     models, optimizers, times = {}, {}, {}
     for name, run_rate in runs:
         model = _model(config_name, seq, dtype, device)
         if run_rate is not None:
-            sk.replace_mlp(model, run_rate)
+            sk.replace_mlp(model, run_rate, backend=backend)
             if attention_rate:
                 sk.replace_attention(model, attention_rate)
         models[name], times[name] = model, []
@@ -98,7 +99,8 @@ def run_train_step(config_name: str, *, batch: int, seq: int, steps: int, rate: 
         parts = _module_ms(model, batch, seq, device, dtype, repeats)
         layers = model.config.num_hidden_layers
         mlp_ms, attn_ms = parts["mlp"] * layers, parts["attention"] * layers
-        rows.append({"config": config_name, "run": name, "omission_rate": run_rate or 0.0,
+        rows.append({"config": config_name, "run": name, "backend": backend if name == "sat" else "dense",
+                     "omission_rate": run_rate or 0.0,
                      "attention_omission_rate": (attention_rate or 0.0) if name == "sat" else 0.0,
                      "batch": batch, "seq": seq, "dtype": str(dtype).replace("torch.", ""),
                      "step_ms": step_ms, "tokens_per_s": batch * seq / (step_ms * 1e-3),

@@ -9,7 +9,8 @@ Selection (:func:`select_kept`, :func:`select_neurons`): one launch per call, on
 
 - ``"topk"``: the ``k`` largest scores. Ties go to the lower index, so the set is the first ``k`` of a *stable*
   descending sort. NaN scores rank below every number (``-inf`` included): they are kept only when ``k`` exceeds the
-  number of non-NaN scores. (``torch.topk``, which the torch backend uses, ranks NaN above everything.)
+  number of non-NaN scores. :func:`sat_kernels.select_neurons` (torch and triton backends) ranks the same way, so
+  every backend keeps the same set from the same scores.
 - ``"sample"``: ``k`` draws without replacement with probability proportional to the score: the top ``k`` of
   ``log(score) + Gumbel`` (zero or negative scores are drawn last).
 - ``"random"``: ``k`` uniform draws without replacement.
@@ -17,7 +18,9 @@ Selection (:func:`select_kept`, :func:`select_neurons`): one launch per call, on
 The noise of ``"sample"``/``"random"`` is Philox4x32-10 in the kernel, keyed by ``(seed, offset, row, index)``:
 reproducible from a ``torch.Generator`` (see :func:`philox_seed_offset`), but not the numbers of ``torch.rand``, so
 the torch and cuda backends draw different (equally distributed) sets from one seed. Pre-drawn noise (``uniform``)
-is used as is, e.g. the one all data-parallel ranks share.
+is used as is, e.g. the one all data-parallel ranks share. While a CUDA graph is being captured the noise is drawn
+with ``torch.rand`` from the generator instead (reading a generator's seed and offset on the host raises then, and a
+captured offset would replay one draw forever), so every replay draws anew.
 """
 from __future__ import annotations
 
@@ -115,8 +118,8 @@ def philox_seed_offset(generator: Optional[torch.Generator], device: torch.devic
     A CUDA generator (``None``: the default generator of ``device``, the one ``torch.manual_seed`` seeds and activation
     checkpointing saves and restores) gives its seed and Philox offset and moves the offset on by 4, as a torch kernel
     drawing one 128-bit block per element would: the next call draws anew and a replay from a saved state draws the
-    same. A CPU generator gives one 63-bit seed (offset 0). Reading them needs no GPU synchronisation. Not CUDA-graph
-    safe: a captured graph replays the offset it was captured with.
+    same. A CPU generator gives one 63-bit seed (offset 0). Reading them needs no GPU synchronisation, but raises
+    while a CUDA graph is being captured: :func:`select_kept` then draws the noise with :func:`capture_noise`.
     """
     if generator is None:
         generator = torch.cuda.default_generators[device.index if device.index is not None
@@ -128,6 +131,24 @@ def philox_seed_offset(generator: Optional[torch.Generator], device: torch.devic
         generator.set_offset(offset + 4)
         return seed, offset
     return int(torch.randint(0, 2 ** 63 - 1, (), generator=generator)), 0
+
+
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (``False`` without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def capture_noise(scores: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    """U(0, 1) fp32 noise of the shape of ``scores`` drawn by ``torch.rand`` on their device, for use while a CUDA graph
+    is captured: torch's CUDA generators hand a captured graph a fresh Philox offset at every replay.
+
+    ``generator``: ``None`` (the default CUDA generator) or a CUDA generator (one other than the default must be
+    registered with the graph, ``CUDAGraph.register_generator_state``); a CPU generator cannot run inside a graph.
+    """
+    if generator is not None and generator.device.type != "cuda":
+        raise RuntimeError(f"strategy 'sample'/'random' of the cuda backend cannot draw from a generator on "
+                           f"{generator.device} while a CUDA graph is being captured; pass a CUDA generator or None")
+    return torch.rand(scores.shape, device=scores.device, generator=generator)
 
 
 def _signed64(value: int) -> int:
@@ -144,7 +165,8 @@ def select_kept(scores: Tensor, k: int, *, strategy: str = "topk", generator: Op
         scores: fp32 CUDA tensor ``[n]`` or ``[rows, n]`` (e.g. one row per layer), contiguous.
         k: kept count per row, in ``[1, n]``.
         strategy: ``"topk"``, ``"sample"`` or ``"random"`` (see the module docstring for ties and NaN).
-        generator: source of the Philox seed/offset for ``"sample"``/``"random"`` (see :func:`philox_seed_offset`).
+        generator: source of the Philox seed/offset for ``"sample"``/``"random"`` (see :func:`philox_seed_offset`;
+            while a CUDA graph is captured, of ``torch.rand`` noise: :func:`capture_noise`).
         uniform: pre-drawn U(0, 1) fp32 noise of the shape of ``scores``, used instead of Philox.
         index_dtype: ``torch.int64`` (default) or ``torch.int32``.
 
@@ -164,7 +186,10 @@ def select_kept(scores: Tensor, k: int, *, strategy: str = "topk", generator: Op
     _check_select(scores, uniform, k, code, 0, 0)  # before the generator advances
     seed = offset = 0
     if code != STRATEGY_CODES["topk"] and uniform is None:
-        seed, offset = philox_seed_offset(generator, scores.device)
+        if capturing():
+            uniform = capture_noise(scores, generator)
+        else:
+            seed, offset = philox_seed_offset(generator, scores.device)
     return _select_kept_op(scores, uniform, k, code, _signed64(seed), _signed64(offset), index_dtype == torch.int32)
 
 

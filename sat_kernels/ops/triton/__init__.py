@@ -2,9 +2,10 @@
 
 Kernels, one module per projection, each with its launchers:
 
-- :mod:`.gate_up`: ``G = x W_gate^T``, ``U = x W_up^T`` in one kernel with ``act(G) * U`` and the per-neuron fp32 score
-  partials in the epilogue; the compaction of the kept columns; the backward GEMMs of the gate/up projections
-  (``dW_gate[S]``, ``dW_up[S]`` in one kernel, ``dx`` in one kernel with row-gathered weights).
+- :mod:`.gate_up`: ``G = x W_gate^T``, ``U = x W_up^T`` in one kernel with ``act(G) * U`` and the per-neuron fp64 score
+  partials (one per 64 rows, whatever the tile config) in the epilogue; the compaction of the kept columns; the
+  backward GEMMs of the gate/up projections (``dW_gate[S]``, ``dW_up[S]`` in one kernel, ``dx`` in one kernel with
+  row-gathered weights).
 - :mod:`.down`: the down projection over the kept neurons and its backward (``dA_S = dy W_down[:, S]`` with the SwiGLU
   backward in the epilogue, ``dW_down[:, S]``).
 - :mod:`.sat_mlp`: the ``torch.library`` custom ops, their autograd formula and the backend launcher.

@@ -1,10 +1,11 @@
 """Gate/up projections of the SAT MLP in Triton: fused forward with scoring, compaction, and their backward GEMMs.
 
 Layouts (row-major): ``x [T, h]``, ``w_gate``/``w_up [I, h]`` (``nn.Linear``) contiguous; pre-activations and
-activations ``[T, n]`` with ``n = I`` (all neurons) or ``n = k`` (kept, compact), unit column stride and a row stride
-padded to 16 elements (:func:`.utils.padded_empty`). Every gather goes through the sorted int64 kept index
-``idx [k]``; inside the GEMMs only whole weight rows are gathered (each contiguous), so the GEMM operands are loaded
-with 16-byte vectors; activation columns are gathered only in the memory-bound compaction.
+activations ``[T, n]`` with ``n = I`` (all neurons, row stride padded to 16 elements, :func:`.utils.padded_empty`) or
+``n = kp`` (kept, compact: ``kp = pad16(k)`` columns, the pad columns zero). Every gather goes through the sorted int64
+kept index padded with -1 to ``kp`` entries (:func:`.utils.padded_index`; a -1 entry reads zeros and stores nothing);
+inside the GEMMs only whole weight rows are gathered (each contiguous), so the GEMM operands are loaded with 16-byte
+vectors; activation columns are gathered only in the memory-bound compaction.
 """
 from typing import Optional, Tuple
 
@@ -12,25 +13,24 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import ACT_IDS, MIN_BM, ONE_ACC_CONFIGS, SCORE_IDS, TWO_ACC_CONFIGS, act_fwd, dot_precision, \
-    padded_empty, split_cols, tile_ids
+from .utils import ACT_IDS, BY_DTYPE, INTERPRET, ONE_ACC_CONFIGS, ONE_ACC_FP32_CONFIGS, SCORE_IDS, SCORE_ROWS, \
+    TWO_ACC_CONFIGS, TWO_ACC_FP32_CONFIGS, act_fwd, dot_precision, padded_empty, split_cols, tile_ids, tune_keys
 
 
-# reset_to_zero: configs with a smaller BM write more partial rows; the autotuner zeroes the buffer before each trial
-# and before the final launch, so rows written only by a losing config do not add to the scores.
-@triton.autotune(configs=TWO_ACC_CONFIGS, key=["M", "N", "K", "HAS_IDX", "STORE_A", "SCORE"],
-                 reset_to_zero=["part_ptr"])
+@triton.autotune(configs=TWO_ACC_CONFIGS + TWO_ACC_FP32_CONFIGS,
+                 key=["M_KEY", "N_KEY", "K_KEY", "HAS_IDX", "STORE_A", "SCORE"], prune_configs_by=BY_DTYPE)
 @triton.jit
-def _gate_up_fwd_kernel(x_ptr, wg_ptr, wu_ptr, idx_ptr, g_ptr, u_ptr, a_ptr, part_ptr, M, N, K, LDO,
+def _gate_up_fwd_kernel(x_ptr, wg_ptr, wu_ptr, idx_ptr, g_ptr, u_ptr, a_ptr, part_ptr, M, N, K, M_KEY, N_KEY, K_KEY,
+                        LDO,
                         HAS_IDX: tl.constexpr, STORE_A: tl.constexpr, SCORE: tl.constexpr, ACT: tl.constexpr,
-                        PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                        GROUP_M: tl.constexpr):
+                        PRECISION: tl.constexpr, ROWS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                        BK: tl.constexpr, GROUP_M: tl.constexpr):
     """G = x W_gate[rows]^T, U = x W_up[rows]^T (rows = idx or all), one [BM, BN] tile of each.
 
     Epilogue, in two column halves: stores G, U (and A = act(G) * U if STORE_A) in the input dtype and, if SCORE, the
-    per-neuron partial score of this row tile (1: sum of A^2, 2: sum of |A|) from A as it is rounded to the input
-    dtype, into row i_m of the fp32 partials [*, N] (each element written by exactly one program: no atomics,
-    deterministic).
+    per-neuron partial scores (1: sum of A^2, 2: sum of |A|) from A as it is rounded to the input dtype: one fp64
+    partial per ROWS rows (BM is a multiple of ROWS), row t // ROWS of the partials [cdiv(M, ROWS), N]. Each partial
+    element is written by exactly one program (no atomics) and covers the same rows whatever the config.
     """
     i_m, i_n = tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
     o_m = i_m * BM + tl.arange(0, BM)                                  # [BM]
@@ -39,9 +39,11 @@ def _gate_up_fwd_kernel(x_ptr, wg_ptr, wu_ptr, idx_ptr, g_ptr, u_ptr, a_ptr, par
     m_m = o_m < M
     m_n = o_n < N
     if HAS_IDX:
-        r_n = tl.load(idx_ptr + o_n, mask=m_n, other=0)                # [BN] weight rows (int64)
+        r_n = tl.load(idx_ptr + o_n, mask=m_n, other=-1)               # [BN] weight rows (int64), -1: padding
+        m_w = r_n >= 0
     else:
         r_n = o_n.to(tl.int64)
+        m_w = m_n
     p_x = x_ptr + o_m.to(tl.int64)[:, None] * K + o_k[None, :]         # [BM, BK]
     o_w = r_n[None, :] * K + o_k[:, None]                              # [BK, BN]
     b_g = tl.zeros((BM, BN), dtype=tl.float32)                         # [BM, BN]
@@ -49,8 +51,8 @@ def _gate_up_fwd_kernel(x_ptr, wg_ptr, wu_ptr, idx_ptr, g_ptr, u_ptr, a_ptr, par
     for k0 in range(0, K, BK):
         m_k = o_k < K - k0
         b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)              # [BM, BK]
-        b_wg = tl.load(wg_ptr + o_w, mask=m_k[:, None] & m_n[None, :], other=0.0)    # [BK, BN]
-        b_wu = tl.load(wu_ptr + o_w, mask=m_k[:, None] & m_n[None, :], other=0.0)    # [BK, BN]
+        b_wg = tl.load(wg_ptr + o_w, mask=m_k[:, None] & m_w[None, :], other=0.0)    # [BK, BN]
+        b_wu = tl.load(wu_ptr + o_w, mask=m_k[:, None] & m_w[None, :], other=0.0)    # [BK, BN]
         b_g = tl.dot(b_x, b_wg, b_g, input_precision=PRECISION)
         b_u = tl.dot(b_x, b_wu, b_u, input_precision=PRECISION)
         p_x += BK
@@ -59,14 +61,15 @@ def _gate_up_fwd_kernel(x_ptr, wg_ptr, wu_ptr, idx_ptr, g_ptr, u_ptr, a_ptr, par
     b_u0, b_u1 = split_cols(b_u, BM, BN)                                # [BM, BN // 2] each
     o_h = tl.arange(0, BN // 2)                                         # [BN // 2]
     _gate_up_fwd_epilogue(b_g0, b_u0, i_m, o_m, i_n * BN + o_h, M, N, LDO, g_ptr, u_ptr, a_ptr, part_ptr,
-                          STORE_A, SCORE, ACT)
+                          STORE_A, SCORE, ACT, ROWS, BM, BN // 2)
     _gate_up_fwd_epilogue(b_g1, b_u1, i_m, o_m, i_n * BN + BN // 2 + o_h, M, N, LDO, g_ptr, u_ptr, a_ptr, part_ptr,
-                          STORE_A, SCORE, ACT)
+                          STORE_A, SCORE, ACT, ROWS, BM, BN // 2)
 
 
 @triton.jit
 def _gate_up_fwd_epilogue(b_g, b_u, i_m, o_m, o_n, M, N, LDO, g_ptr, u_ptr, a_ptr, part_ptr, STORE_A: tl.constexpr,
-                          SCORE: tl.constexpr, ACT: tl.constexpr):
+                          SCORE: tl.constexpr, ACT: tl.constexpr, ROWS: tl.constexpr, BM: tl.constexpr,
+                          BH: tl.constexpr):
     """Stores of one column block of the gate/up tile (fp32 accumulators b_g, b_u [BM, BH], columns o_n)."""
     dtype = g_ptr.dtype.element_ty
     m_m = o_m < M
@@ -82,12 +85,17 @@ def _gate_up_fwd_epilogue(b_g, b_u, i_m, o_m, o_n, M, N, LDO, g_ptr, u_ptr, a_pt
         if STORE_A:
             tl.store(a_ptr + o_out, b_a, mask=m_out)
         if SCORE != 0:
-            b_af = tl.where(m_m[:, None], b_a.to(tl.float32), 0.0)                     # [BM, BH]
+            # fp64: the squares of 16-bit (or fp32) values are exact, and the sums of ROWS of them are exact or
+            # rounded far below the fp32 rounding of the scores, whatever order the reduction takes in a config
+            b_af = tl.where(m_m[:, None], b_a.to(tl.float64), 0.0)                     # [BM, BH]
             if SCORE == 1:
-                b_s = tl.sum(b_af * b_af, axis=0)                                      # [BH]
+                b_af = b_af * b_af
             else:
-                b_s = tl.sum(tl.abs(b_af), axis=0)                                     # [BH]
-            tl.store(part_ptr + i_m.to(tl.int64) * N + o_n, b_s, mask=m_n)
+                b_af = tl.abs(b_af)
+            b_s = tl.sum(tl.reshape(b_af, (BM // ROWS, ROWS, BH)), axis=1)            # [BM // ROWS, BH]
+            o_p = i_m * (BM // ROWS) + tl.arange(0, BM // ROWS)                        # [BM // ROWS] partial rows
+            m_p = (o_p < tl.cdiv(M, ROWS))[:, None] & m_n[None, :]
+            tl.store(part_ptr + o_p.to(tl.int64)[:, None] * N + o_n[None, :], b_s, mask=m_p)
 
 
 def gate_up_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, act: str = "silu", *,
@@ -99,41 +107,44 @@ def gate_up_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, act: 
     Args:
         x: ``[T, h]``; w_gate, w_up: ``[I, h]``; all contiguous, one dtype.
         act: ``"silu"`` or ``"gelu_tanh"``.
-        idx: sorted int64 ``[k]`` kept rows, or ``None`` for all.
+        idx: kept rows, sorted int64 padded with -1 (:func:`.utils.padded_index`, ``n`` entries; the columns of the
+            -1 entries come out zero), or ``None`` for all ``n = I``.
         store_a: also return ``A = act(G) * U``.
         score: ``None``, ``"l2"``/``"contrib"`` (partials of ``sum_t A^2``) or ``"l1"`` (of ``sum_t |A|``).
 
     Returns:
-        ``(G [T, n], U [T, n], A [T, n] or None, partials [P, n] fp32 or None)``, ``n = k`` or ``I``; the score is
-        ``partials.sum(0)`` (rows past the last row tile are zero).
+        ``(G [T, n], U [T, n], A [T, n] or None, partials [cdiv(T, SCORE_ROWS), n] fp64 or None)``, ``n = k`` or
+        ``I``; the score is ``partials.sum(0)``.
     """
     T, h = x.shape
     n = w_gate.shape[0] if idx is None else idx.numel()
     g = padded_empty(x, T, n)
     u = padded_empty(x, T, n)
     a = padded_empty(x, T, n) if store_a else None
-    part = torch.zeros(triton.cdiv(T, MIN_BM) if score else 0, n, device=x.device, dtype=torch.float32)
+    part = torch.empty(triton.cdiv(T, SCORE_ROWS) if score else 0, n, device=x.device, dtype=torch.float64)
     if T == 0 or n == 0:
         return g, u, a, part if score else None
     grid = lambda meta: (triton.cdiv(T, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
-    _gate_up_fwd_kernel[grid](x, w_gate, w_up, idx, g, u, a, part, T, n, h, g.stride(0),
+    _gate_up_fwd_kernel[grid](x, w_gate, w_up, idx, g, u, a, part, T, n, h, *tune_keys(T, n, h), g.stride(0),
                               HAS_IDX=idx is not None, STORE_A=store_a, SCORE=SCORE_IDS[score], ACT=ACT_IDS[act],
-                              PRECISION=dot_precision(x.dtype))
+                              PRECISION=dot_precision(x.dtype), ROWS=SCORE_ROWS)
     return g, u, a, part if score else None
 
 
 @triton.jit
 def _kept_act_fwd_kernel(g_ptr, u_ptr, idx_ptr, gs_ptr, us_ptr, as_ptr, M, N, LD, LDO, ACT: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr):
-    """Compaction of the kept columns: G_S = G[:, idx], U_S = U[:, idx], A_S = act(G_S) * U_S, [M, N] each."""
+    """Compaction of the kept columns: G_S = G[:, idx], U_S = U[:, idx], A_S = act(G_S) * U_S, [M, N] each (zero
+    in the columns of the -1 entries of idx)."""
     o_m = tl.program_id(0) * BM + tl.arange(0, BM)                     # [BM]
     o_n = tl.program_id(1) * BN + tl.arange(0, BN)                     # [BN]
     m_n = o_n < N
     m = (o_m < M)[:, None] & m_n[None, :]
-    c_n = tl.load(idx_ptr + o_n, mask=m_n, other=0)                    # [BN] int64
+    c_n = tl.load(idx_ptr + o_n, mask=m_n, other=-1)                   # [BN] int64, -1: padding
+    m_in = (o_m < M)[:, None] & (c_n >= 0)[None, :]
     o_full = o_m.to(tl.int64)[:, None] * LD + c_n[None, :]            # [BM, BN]
-    b_g = tl.load(g_ptr + o_full, mask=m, other=0.0)                   # [BM, BN]
-    b_u = tl.load(u_ptr + o_full, mask=m, other=0.0)                   # [BM, BN]
+    b_g = tl.load(g_ptr + o_full, mask=m_in, other=0.0)                # [BM, BN]
+    b_u = tl.load(u_ptr + o_full, mask=m_in, other=0.0)                # [BM, BN]
     b_a = act_fwd(b_g.to(tl.float32), ACT) * b_u.to(tl.float32)        # [BM, BN]
     o_out = o_m.to(tl.int64)[:, None] * LDO + o_n[None, :]             # [BM, BN]
     tl.store(gs_ptr + o_out, b_g, mask=m)
@@ -143,32 +154,34 @@ def _kept_act_fwd_kernel(g_ptr, u_ptr, idx_ptr, gs_ptr, us_ptr, as_ptr, M, N, LD
 
 def kept_act_fwd(g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor,
                  act: str = "silu") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(G[:, idx], U[:, idx], act(G[:, idx]) * U[:, idx])``, each ``[T, k]`` (padded rows), in one memory-bound pass.
+    """``(G[:, idx], U[:, idx], act(G[:, idx]) * U[:, idx])``, each ``[T, kp]``, in one memory-bound pass.
 
     Args:
-        g, u: ``[T, I]`` pre-activations with one row stride; idx: sorted int64 ``[k]``.
+        g, u: ``[T, I]`` pre-activations with one row stride; idx: ``[kp]`` sorted int64 padded with -1
+            (:func:`.utils.padded_index`), whose columns come out zero.
     """
     T = g.shape[0]
     k = idx.numel()
     g_s, u_s, a_s = (padded_empty(g, T, k) for _ in range(3))
     if T == 0:
         return g_s, u_s, a_s
-    bm, bn = (16, 32) if g.device.type == "cpu" else (32, 128)
+    bm, bn = (16, 32) if INTERPRET else (32, 128)
     grid = (triton.cdiv(T, bm), triton.cdiv(k, bn))
     _kept_act_fwd_kernel[grid](g, u, idx, g_s, u_s, a_s, T, k, g.stride(0), g_s.stride(0), ACT=ACT_IDS[act], BM=bm,
                                BN=bn, num_warps=4)
     return g_s, u_s, a_s
 
 
-@triton.autotune(configs=TWO_ACC_CONFIGS, key=["M", "N", "K"])
+@triton.autotune(configs=TWO_ACC_CONFIGS + TWO_ACC_FP32_CONFIGS, key=["M_KEY", "N_KEY", "K_KEY"],
+                 prune_configs_by=BY_DTYPE)
 @triton.jit
-def _gate_up_weight_bwd_kernel(dg_ptr, du_ptr, x_ptr, idx_ptr, dwg_ptr, dwu_ptr, M, N, K, LDD,
+def _gate_up_weight_bwd_kernel(dg_ptr, du_ptr, x_ptr, idx_ptr, dwg_ptr, dwu_ptr, M, N, K, M_KEY, N_KEY, K_KEY, LDD,
                                PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                                GROUP_M: tl.constexpr):
-    """dW_gate[idx] = dG_S^T x and dW_up[idx] = dU_S^T x, one [BM, BN] tile of each (M = k, N = h, K = T).
+    """dW_gate[idx] = dG_S^T x and dW_up[idx] = dU_S^T x, one [BM, BN] tile of each (M = kp, N = h, K = T).
 
-    The x tile is loaded once for both products; the rows idx of the two [I, h] gradients are written, the others
-    stay as the caller initialised them (zeros).
+    The x tile is loaded once for both products; the rows idx of the two [I, h] gradients are written (nothing for
+    the -1 entries), the others by the launcher (zeros).
     """
     i_m, i_n = tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
     o_m = i_m * BM + tl.arange(0, BM)                                  # [BM] kept neurons
@@ -189,38 +202,43 @@ def _gate_up_weight_bwd_kernel(dg_ptr, du_ptr, x_ptr, idx_ptr, dwg_ptr, dwu_ptr,
         b_dwu = tl.dot(b_du, b_x, b_dwu, input_precision=PRECISION)
         o_d += BK * LDD
         o_x += BK * N
-    r_m = tl.load(idx_ptr + o_m, mask=m_m, other=0)                    # [BM] int64 rows of the gradients
+    r_m = tl.load(idx_ptr + o_m, mask=m_m, other=-1)                   # [BM] int64 rows of the gradients
     o_out = r_m[:, None] * N + o_n[None, :]                            # [BM, BN]
-    m_out = m_m[:, None] & m_n[None, :]
+    m_out = (r_m >= 0)[:, None] & m_n[None, :]
     tl.store(dwg_ptr + o_out, b_dwg.to(dwg_ptr.dtype.element_ty), mask=m_out)
     tl.store(dwu_ptr + o_out, b_dwu.to(dwu_ptr.dtype.element_ty), mask=m_out)
 
 
 def gate_up_weight_bwd(dg_s: torch.Tensor, du_s: torch.Tensor, x: torch.Tensor, idx: torch.Tensor,
-                       inter: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Full-size ``(dW_gate, dW_up)`` ``[I, h]``: ``dG_S^T x``, ``dU_S^T x`` in rows ``idx``, exact zeros elsewhere.
+                       omitted: torch.Tensor, inter: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Full-size ``(dW_gate, dW_up)`` ``[I, h]``: ``dG_S^T x``, ``dU_S^T x`` in rows ``idx``, exact zeros elsewhere;
+    every element written once (the kernel the kept rows, ``index_fill_`` the omitted ones).
 
     Args:
-        dg_s, du_s: ``[T, k]`` with one row stride; x: ``[T, h]``; idx: sorted int64 ``[k]``; inter: ``I``.
+        dg_s, du_s: ``[T, kp]`` with one row stride, zero in the columns of the -1 entries of ``idx``; x: ``[T, h]``;
+        idx: ``[kp]`` sorted int64 padded with -1 (:func:`.utils.padded_index`); omitted: int64, the other rows;
+        inter: ``I``.
     """
     T, h = x.shape
     k = idx.numel()
-    dwg = x.new_zeros(inter, h)
-    dwu = x.new_zeros(inter, h)
+    dwg = x.new_empty(inter, h).index_fill_(0, omitted, 0)
+    dwu = x.new_empty(inter, h).index_fill_(0, omitted, 0)
     grid = lambda meta: (triton.cdiv(k, meta["BM"]) * triton.cdiv(h, meta["BN"]),)  # noqa: E731
-    _gate_up_weight_bwd_kernel[grid](dg_s, du_s, x, idx, dwg, dwu, k, h, T, dg_s.stride(0),
+    _gate_up_weight_bwd_kernel[grid](dg_s, du_s, x, idx, dwg, dwu, k, h, T, *tune_keys(k, h, T), dg_s.stride(0),
                                      PRECISION=dot_precision(x.dtype))
     return dwg, dwu
 
 
-@triton.autotune(configs=ONE_ACC_CONFIGS, key=["M", "N", "K"])
+@triton.autotune(configs=ONE_ACC_CONFIGS + ONE_ACC_FP32_CONFIGS, key=["M_KEY", "N_KEY", "K_KEY"],
+                 prune_configs_by=BY_DTYPE)
 @triton.jit
-def _gate_up_input_bwd_kernel(dg_ptr, du_ptr, wg_ptr, wu_ptr, idx_ptr, dx_ptr, M, N, K, LDD,
+def _gate_up_input_bwd_kernel(dg_ptr, du_ptr, wg_ptr, wu_ptr, idx_ptr, dx_ptr, M, N, K, M_KEY, N_KEY, K_KEY, LDD,
                               PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                               GROUP_M: tl.constexpr):
-    """dx = dG_S W_gate[idx] + dU_S W_up[idx] in one accumulator (M = T, N = h, K = k).
+    """dx = dG_S W_gate[idx] + dU_S W_up[idx] in one accumulator (M = T, N = h, K = kp).
 
-    The K dimension runs over the kept neurons; the weight rows are gathered through idx (each row contiguous).
+    The K dimension runs over the kept neurons; the weight rows are gathered through idx (each row contiguous; zeros
+    for the -1 entries).
     """
     i_m, i_n = tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
     o_m = i_m * BM + tl.arange(0, BM)                                  # [BM] tokens
@@ -233,9 +251,9 @@ def _gate_up_input_bwd_kernel(dg_ptr, du_ptr, wg_ptr, wu_ptr, idx_ptr, dx_ptr, M
     b_dx = tl.zeros((BM, BN), dtype=tl.float32)                        # [BM, BN]
     for k0 in range(0, K, BK):
         m_k = o_k < K - k0
-        r_k = tl.load(idx_ptr + k0 + o_k, mask=m_k, other=0)           # [BK] int64 weight rows
+        r_k = tl.load(idx_ptr + k0 + o_k, mask=m_k, other=-1)          # [BK] int64 weight rows, -1: padding
         o_w = r_k[:, None] * N + o_n[None, :]                          # [BK, BN]
-        m_w = m_k[:, None] & m_n[None, :]
+        m_w = (r_k >= 0)[:, None] & m_n[None, :]
         b_dg = tl.load(p_dg, mask=m_m[:, None] & m_k[None, :], other=0.0)             # [BM, BK]
         b_du = tl.load(p_du, mask=m_m[:, None] & m_k[None, :], other=0.0)             # [BM, BK]
         b_wg = tl.load(wg_ptr + o_w, mask=m_w, other=0.0)                              # [BK, BN]
@@ -253,7 +271,8 @@ def gate_up_input_bwd(dg_s: torch.Tensor, du_s: torch.Tensor, w_gate: torch.Tens
     """``dx [T, h] = dG_S W_gate[idx] + dU_S W_up[idx]``.
 
     Args:
-        dg_s, du_s: ``[T, k]`` with one row stride; w_gate, w_up: ``[I, h]``; idx: sorted int64 ``[k]``.
+        dg_s, du_s: ``[T, kp]`` with one row stride; w_gate, w_up: ``[I, h]``; idx: ``[kp]`` sorted int64 padded
+            with -1 (:func:`.utils.padded_index`).
     """
     T, k = dg_s.shape
     h = w_gate.shape[1]
@@ -261,6 +280,6 @@ def gate_up_input_bwd(dg_s: torch.Tensor, du_s: torch.Tensor, w_gate: torch.Tens
     if T == 0:
         return dx
     grid = lambda meta: (triton.cdiv(T, meta["BM"]) * triton.cdiv(h, meta["BN"]),)  # noqa: E731
-    _gate_up_input_bwd_kernel[grid](dg_s, du_s, w_gate, w_up, idx, dx, T, h, k, dg_s.stride(0),
+    _gate_up_input_bwd_kernel[grid](dg_s, du_s, w_gate, w_up, idx, dx, T, h, k, *tune_keys(T, h, k), dg_s.stride(0),
                                     PRECISION=dot_precision(dg_s.dtype))
     return dx
