@@ -323,10 +323,12 @@ def test_cli_dense_forward(tiny_dir, tmp_path, capsys):
     """--forward dense: the SAT run's first loss is the dense run's (exact forward); its gradients are sparse."""
     _run_cli(["--model", str(tiny_dir / "llama"), "--data", str(tiny_dir / "corpus.txt"), "--compare", "--steps", "3",
               "--seq-len", "16", "--batch-size", "2", "--scheduler", "constant", "--forward", "dense",
+              "--attn-omission-rate", "0.5",
               "--output-dir", str(tmp_path), "--timing-repeats", "0", "--no-progress"], capsys)
     report = json.loads((tmp_path / "train_cpt.json").read_text())
     assert report["config"]["forward"] == "dense"
     sat, dense = report["runs"]["SAT"], report["runs"]["dense"]
+    assert sat["attn_omission_rates"] == [0.5] * 3
     assert sat["losses"][0] == pytest.approx(dense["losses"][0], rel=1e-6)
     assert sat["losses"][2] != pytest.approx(dense["losses"][2], rel=1e-6)
     _run_cli(["--model", str(tiny_dir / "llama"), "--data", str(tiny_dir / "corpus.txt"), "--dense-only", "--steps",

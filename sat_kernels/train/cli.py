@@ -125,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=METRICS, default="l2", help="neuron score (default: l2)")
     p.add_argument("--strategy", choices=STRATEGIES, default="topk", help="neuron selection (default: topk)")
     p.add_argument("--forward", choices=FORWARD_MODES, default="sparse",
-                   help="sparse: omitted neurons are left out of the forward output too (the paper's mode); dense: "
-                        "exact forward output, backward over the kept neurons only (default: sparse)")
+                   help="sparse: omitted neurons (and heads) are left out of the forward output too (the paper's "
+                        "mode); dense: exact forward output, backward over the kept neurons (heads) only (default: "
+                        "sparse)")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="SAT kernel backend (default: auto)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 autocast on a GPU that supports it, else fp32 (default: auto)")

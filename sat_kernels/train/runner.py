@@ -128,7 +128,8 @@ def _patch(model, cfg: TrainConfig):
     sk.replace_mlp(model, cfg.omission_rate, metric=cfg.metric, strategy=cfg.strategy, backend=cfg.backend,
                    forward=cfg.forward)
     if cfg.attn_omission_rate is not None:
-        sk.replace_attention(model, cfg.attn_omission_rate, metric=cfg.metric, strategy=cfg.strategy)
+        sk.replace_attention(model, cfg.attn_omission_rate, metric=cfg.metric, strategy=cfg.strategy,
+                             forward=cfg.forward)
 
 
 def check_sat_supported(model, cfg: TrainConfig) -> None:
