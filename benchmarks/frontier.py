@@ -43,24 +43,37 @@ def _label(mlp: float, attn: Optional[float]) -> str:
     return f"SAT {mlp:g}" + (f" / attention {attn:g}" if attn is not None else "")
 
 
-def load_speed_tables(paths: List[str]) -> Dict[Tuple[str, str, str], Dict[str, float]]:
-    """``{(model, task, forward): {step label: ms}}`` from schedule_speed JSONs (later files override earlier)."""
+def load_speed_tables(paths: List[str]) -> Dict[Tuple, Dict[str, float]]:
+    """``{(model, task, forward, batch, seq_len): {step label: ms}}`` from schedule_speed JSONs (later files override
+    earlier ones)."""
     tables = {}
     for path in paths:
         report = json.loads(Path(path).read_text())
         forward = report["config"].get("forward", "sparse")
         model = _model_name(report["config"])
         for row in report["rows"]:
-            tables.setdefault((model, row["task"], forward), {}).update(row["step_ms"])
+            key = (model, row["task"], forward, row["batch"], row["seq_len"])
+            tables.setdefault(key, {}).update(row["step_ms"])
     return tables
+
+
+def _step_ms(table: Dict[str, float], mlp: float, attn: Optional[float]) -> Optional[float]:
+    """Step time at one (MLP, attention) rate; MLP-only runs are priced by MLP-only rows or rows with attention at 0
+    (a SAT attention module at rate 0 runs the original module)."""
+    if not mlp and not attn:
+        return table["dense"]
+    for label in ((_label(mlp, attn),) if attn else (_label(mlp, None), _label(mlp, 0.0))):
+        if label in table:
+            return table[label]
+    return None
 
 
 def schedule_speedup(table: Dict[str, float], rates: List[float], attn_rates: List[float]) -> Optional[float]:
     attn = attn_rates or [None] * len(rates)
-    labels = [_label(r, a) if (r or a) else "dense" for r, a in zip(rates, attn)]
-    if any(lbl != "dense" and lbl not in table for lbl in labels):
+    times = [_step_ms(table, r, a) for r, a in zip(rates, attn)]
+    if any(t is None for t in times):
         return None
-    return len(labels) * table["dense"] / sum(table[lbl] for lbl in labels)
+    return len(times) * table["dense"] / sum(times)
 
 
 def collect(result_paths: List[str], speed_tables) -> List[Dict]:
@@ -76,19 +89,23 @@ def collect(result_paths: List[str], speed_tables) -> List[Dict]:
     rows = []
     for name, report in reports:
         sat = report["runs"].get("SAT")
-        ref = dense.get(_arm_key(report))
+        own = report["runs"].get("dense")
+        ref = (name, own["eval_loss"]) if own else dense.get(_arm_key(report))
         if sat is None or ref is None:
             continue
         c = report["config"]
         model, task, forward = _model_name(c), c["task"], c.get("forward", "sparse")
         rates, attn_rates = sat["omission_rates"], sat.get("attn_omission_rates") or []
-        table = speed_tables.get((model, task, forward))
+        table = speed_tables.get((model, task, forward, c["batch_size"], c["seq_len"]))
         rows.append({
             "model": model, "task": task, "forward": forward, "seed": c.get("seed", 0),
             "schedule": (f"{c['metric']}, " if c.get("metric", "l2") != "l2" else "")
                         + f"{c.get('scheduler', 'ladder')} from {c['omission_rate']:g}"
                         + (f", {c.get('num_rungs', 2)} rungs, dense tail {c.get('dense_fraction', 0.1):g}"
                            if c.get("scheduler", "ladder") == "ladder" else ""),
+            "short": f"{c['omission_rate']:g}" + (f" tail {c.get('dense_fraction', 0.1):g}"
+                                                  if c.get("dense_fraction", 0.1) != 0.1 else "")
+                     + (f" {c['metric']}" if c.get("metric", "l2") != "l2" else ""),
             "attention": c.get("attn_omission_rate"), "metric": c.get("metric", "l2"),
             "mean_omission": sum(rates) / len(rates),
             "dense_eval_loss": ref[1], "sat_eval_loss": sat["eval_loss"],
@@ -115,8 +132,7 @@ def plot(rows: List[Dict], path: str) -> None:
             if r["attention"] is not None:
                 color = "tab:green" if r["forward"] == "dense" else "tab:orange"
             ax.scatter(r["speedup"], r["eval_loss_increase_pct"], marker=marker, color=color)
-            ax.annotate(r["schedule"].split(",")[0].replace("ladder ", "")
-                        + (f"/att {r['attention']:g}" if r["attention"] is not None else "")
+            ax.annotate(r["short"] + (f"/att {r['attention']:g}" if r["attention"] is not None else "")
                         + (f" s{r['seed']}" if r["seed"] else ""),
                         (r["speedup"], r["eval_loss_increase_pct"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
