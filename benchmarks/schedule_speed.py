@@ -19,7 +19,7 @@ import torch
 
 import sat_kernels as sk
 from sat_kernels.bench.results import environment
-from sat_kernels.selection import FORWARD_MODES
+from sat_kernels.selection import DEFAULT_FORWARD, FORWARD_MODES
 from sat_kernels.train.compare import write_json
 from sat_kernels.train.data import default_corpus, tokenize, training_order
 from sat_kernels.train.model import load_model, load_tokenizer
@@ -41,8 +41,8 @@ def main(argv=None):
     p.add_argument("--attn-starts", type=float, nargs="+", default=None,
                    help="also omit attention heads: the attention ladder's initial rate for each of --starts (one "
                         "value for all, or one per start)")
-    p.add_argument("--forward", choices=FORWARD_MODES, default="sparse",
-                   help="SAT forward mode of the MLP and attention (default: sparse)")
+    p.add_argument("--forward", choices=FORWARD_MODES, default=DEFAULT_FORWARD,
+                   help="SAT forward mode of the MLP and attention (default: dense, as sat-train)")
     p.add_argument("--model", default=None, help="sat-train --model (default: smollm2-135m)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",

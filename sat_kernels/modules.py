@@ -10,7 +10,7 @@ from .lora import lora_parts, peft_adapter
 from .ops import sat_mlp_kept
 from .ops.sat_mlp_lora import sat_lora_mlp
 from .ops.sat_attention import DEFAULT_UNIT, UNITS, sat_attention_kept
-from .selection import FORWARD_MODES, check_choice, check_omission_rate, num_kept
+from .selection import DEFAULT_FORWARD, FORWARD_MODES, check_choice, check_omission_rate, num_kept
 
 _CACHE_ARGS = ("cache", "past_key_values", "past_key_value")
 
@@ -123,12 +123,13 @@ class SATMLP(_SATWrapper):
         omission_rate, metric, strategy, backend: as in :func:`sat_kernels.sat_mlp`.
         sync_selection: as in :func:`sat_kernels.sat_mlp`, but ``None`` (auto) by default: under DDP/FSDP every rank
             keeps the neurons chosen from the global batch.
-        forward: ``"sparse"`` or ``"dense"`` (exact forward output, sparse backward), as in
+        forward: ``"dense"`` (default: exact forward output, sparse backward) or ``"sparse"``, as in
             :func:`sat_kernels.sat_mlp`; stored as ``forward_mode``.
     """
 
     def __init__(self, mlp: nn.Module, act: str, omission_rate: float = 0.5, *, metric: str = "l2",
-                 strategy: str = "topk", backend: str = "auto", sync_selection=None, forward: str = "sparse"):
+                 strategy: str = "topk", backend: str = "auto", sync_selection=None,
+                 forward: str = DEFAULT_FORWARD):
         super().__init__(mlp, ((name, getattr(mlp, name)) for name in ("gate_proj", "up_proj", "down_proj")))
         self.act = act
         self.omission_rate = omission_rate
@@ -225,13 +226,14 @@ class SATAttention(_SATWrapper):
             finds and checks it).
         omission_rate, metric, strategy, unit, backend: as in :func:`sat_kernels.sat_attention`.
         sync_selection: as in :class:`SATMLP`.
-        forward: ``"sparse"`` or ``"dense"`` (exact forward output, sparse backward), as in
+        forward: ``"dense"`` (default: exact forward output, sparse backward) or ``"sparse"``, as in
             :func:`sat_kernels.sat_attention`; stored as ``forward_mode``.
     """
 
     def __init__(self, attn: nn.Module, *, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  norm_eps: float = 1e-6, omission_rate: float = 0.5, metric: str = "l2", strategy: str = "topk",
-                 unit: str = DEFAULT_UNIT, backend: str = "auto", sync_selection=None, forward: str = "sparse"):
+                 unit: str = DEFAULT_UNIT, backend: str = "auto", sync_selection=None,
+                 forward: str = DEFAULT_FORWARD):
         super().__init__(attn, attn.named_children())
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale, self.norm_eps = scale, norm_eps

@@ -23,7 +23,7 @@ from .modules import SATMLP, SATAttention, class_path
 from .ops.attention.checks import check_attention_backend
 from .ops.sat_attention import DEFAULT_UNIT, UNITS
 from .ops.sat_mlp import act_fwd
-from .selection import FORWARD_MODES, METRICS, STRATEGIES, check_choice, check_omission_rate
+from .selection import DEFAULT_FORWARD, FORWARD_MODES, METRICS, STRATEGIES, check_choice, check_omission_rate
 
 logger = logging.getLogger("sat_kernels")
 
@@ -161,7 +161,7 @@ def _compare_probe(name: str, mlp: nn.Module, out, want: torch.Tensor, mode: str
 
 
 def replace_mlp(model: nn.Module, omission_rate: float = 0.5, *, metric: str = "l2", strategy: str = "topk",
-                backend: str = "auto", sync_selection=None, forward: str = "sparse") -> nn.Module:
+                backend: str = "auto", sync_selection=None, forward: str = DEFAULT_FORWARD) -> nn.Module:
     """Replace every SwiGLU MLP of ``model`` by a :class:`SATMLP` sharing its parameters, in place.
 
     Training-mode forwards then keep ``1 - omission_rate`` of the intermediate neurons per layer and step; ``eval()``
@@ -176,8 +176,9 @@ def replace_mlp(model: nn.Module, omission_rate: float = 0.5, *, metric: str = "
         sync_selection: ``None`` (auto: synchronized across ranks when torch.distributed is initialised with several
             ranks, as under DDP/FSDP), ``True``/a ``ProcessGroup``, or ``False`` (each rank selects from its own
             batch). See :mod:`sat_kernels.distributed`.
-        forward: ``"sparse"`` (omitted neurons are left out of the output too, the paper's mode) or ``"dense"``
-            (exact forward output, backward over the kept neurons only); see :func:`sat_kernels.sat_mlp`.
+        forward: ``"dense"`` (default: exact forward output, backward over the kept neurons only) or ``"sparse"``
+            (omitted neurons are left out of the output too, the paper's mode); see :func:`sat_kernels.sat_mlp` and
+            ``DEFAULT_FORWARD`` in :mod:`sat_kernels.selection` for the measurements behind the default.
 
     Example:
         >>> model = sk.replace_mlp(AutoModelForCausalLM.from_pretrained(path), omission_rate=0.5)
@@ -347,7 +348,7 @@ def _remove_output_capture_installers(model: nn.Module) -> None:
 
 def replace_attention(model: nn.Module, omission_rate: float = 0.5, *, metric: str = "l2", strategy: str = "topk",
                       unit: str = DEFAULT_UNIT, backend: str = "auto", sync_selection=None,
-                      forward: str = "sparse") -> nn.Module:
+                      forward: str = DEFAULT_FORWARD) -> nn.Module:
     """Replace every supported self-attention of ``model`` by a :class:`SATAttention` sharing its submodules, in place.
 
     Training-mode forwards then keep ``1 - omission_rate`` of the heads (or KV groups, ``unit="group"``) per layer and
@@ -365,8 +366,9 @@ def replace_attention(model: nn.Module, omission_rate: float = 0.5, *, metric: s
         omission_rate: in ``[0, 1)``.
         metric, strategy, unit, backend: as in :func:`sat_kernels.sat_attention`.
         sync_selection: as in :func:`replace_mlp`.
-        forward: ``"sparse"`` (default) or ``"dense"``: the training forward's output is the dense model's (``o_proj``
-            over every head) while the backward stays over the kept heads, as in :func:`sat_kernels.sat_attention`.
+        forward: ``"dense"`` (default): the training forward's output is the dense model's (``o_proj`` over every
+            head) while the backward stays over the kept heads; ``"sparse"``: omitted heads are left out of the output
+            too. As in :func:`sat_kernels.sat_attention`.
 
     Example:
         >>> sk.replace_attention(sk.replace_mlp(model, 0.5), 0.5)

@@ -432,7 +432,7 @@ def test_patched_model_eval_exact_training_matches_reference(family, impl):
     keys = list(model.state_dict())
     originals = [layer.self_attn for layer in model.model.layers]
 
-    assert sk.replace_attention(model, 0.5) is model
+    assert sk.replace_attention(model, 0.5, forward="sparse") is model
     assert all(isinstance(layer.self_attn, sk.SATAttention) for layer in model.model.layers)
     assert list(model.state_dict()) == keys
     assert all(p is params[n] for n, p in model.named_parameters())
@@ -520,7 +520,7 @@ def test_patched_model_padding_gradients_match_reference(family, impl, left, dty
     leaves query rows without an allowed key: finfo.min rows with eager, all-False rows with sdpa). The original
     module against the fp64 reference with all heads, and the SAT module against it with the kept heads: output and
     every gradient."""
-    model = sk.replace_attention(tiny_model(family, attn_implementation=impl).to(dtype), 0.5).train()
+    model = sk.replace_attention(tiny_model(family, attn_implementation=impl).to(dtype), 0.5, forward="sparse").train()
     sat = model.model.layers[0].self_attn
     seen = {}
     sat.register_forward_hook(lambda m, a, k, out: seen.update(kwargs=k), with_kwargs=True)
@@ -706,7 +706,7 @@ def test_dense_forward_mode_in_a_model(impl):
         assert torch.equal(m.o_proj.weight.grad.view(-1, m.num_heads, m.head_dim).abs().sum((0, 2)) != 0, kept)
     with torch.no_grad():
         assert torch.equal(model.eval()(ids, attention_mask=am).logits, dense_eval)
-    sk.replace_attention(model, 0.5)
+    sk.replace_attention(model, 0.5, forward="sparse")
     assert all(m.forward_mode == "sparse" for m in attns)
 
 

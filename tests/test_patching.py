@@ -26,7 +26,7 @@ def test_patch_keeps_parameters_and_eval_is_exact(family):
     keys = list(model.state_dict())
     originals = [layer.mlp for layer in model.model.layers]
 
-    assert sk.replace_mlp(model, 0.5) is model
+    assert sk.replace_mlp(model, 0.5, forward="sparse") is model
     assert all(isinstance(layer.mlp, sk.SATMLP) for layer in model.model.layers)
     assert list(model.state_dict()) == keys
     assert all(p is params[n] for n, p in model.named_parameters())
@@ -54,7 +54,7 @@ def test_expected_activation_detected():
 
 def test_training_forward_equals_functional_op():
     model = tiny_model("llama").train()
-    sk.replace_mlp(model, 0.5, strategy="topk")
+    sk.replace_mlp(model, 0.5, strategy="topk", forward="sparse")
     mlp = model.model.layers[0].mlp
     x = torch.randn(2, 5, 48)
     y = mlp(x)
@@ -126,12 +126,14 @@ def test_dense_forward_model_has_the_dense_loss_and_sparse_mlp_gradients():
         assert int(rows.sum()) == k
         assert torch.equal(rows, (layer.mlp.up_proj.weight.grad != 0).any(1))
         assert torch.equal(rows, (layer.mlp.down_proj.weight.grad != 0).any(0))
-    sk.replace_mlp(model, 0.5)
+    sk.replace_mlp(model, 0.5, forward="sparse")
     assert all(layer.mlp.forward_mode == "sparse" for layer in model.model.layers)
     with torch.no_grad():
         assert not torch.allclose(model(ids, labels=ids).loss, dense_loss)
     with pytest.raises(ValueError, match="forward must be one of"):
         sk.replace_mlp(model, 0.5, forward="exact")
+    assert sk.replace_mlp(tiny_model("llama"), 0.5).model.layers[0].mlp.forward_mode == "dense", "the default"
+    assert sk.replace_attention(tiny_model("llama"), 0.5).model.layers[0].self_attn.forward_mode == "dense"
 
 
 def test_unsupported_models_get_clear_errors():

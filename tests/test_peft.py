@@ -6,7 +6,7 @@ from torch import nn
 
 import sat_kernels as sk
 from sat_kernels.lora import peft_adapter
-from sat_kernels.ops.reference import _masked_gradient, reference_sat_mlp
+from sat_kernels.ops.reference import _masked_gradient
 from sat_kernels.selection import activation_scores, select_neurons
 
 from helpers import tiny_model
@@ -130,7 +130,7 @@ def test_lora_on_some_mlp_projections(targets):
     model = _sat_lora("patch-then-lora", targets)
     model.load_state_dict(ref.state_dict())
     loss, grads = _loss_and_grads(model.train(), ids)
-    _mask_mlps(ref, 0.5)
+    _mask_mlps(ref, 0.5, "dense")   # replace_mlp's default forward
     ref_loss, ref_grads = _loss_and_grads(ref.train(), ids)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
     assert len(grads) == 2 * 2 * len(targets)
@@ -222,7 +222,7 @@ def test_only_the_active_adapter_is_used():
     for m in (ref, model):
         m.set_adapter("second")
     loss, grads = _loss_and_grads(model.train(), ids)
-    _mask_mlps(ref, 0.5)
+    _mask_mlps(ref, 0.5, "dense")   # replace_mlp's default forward
     ref_loss, ref_grads = _loss_and_grads(ref.train(), ids)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
     assert grads and all(".second." in n for n in grads)
@@ -306,10 +306,7 @@ def test_lora_on_attention_with_sat_on_the_mlp(order):
     assert torch.equal(_logits(model.eval(), ids), _logits(ref.eval(), ids)), "eval() is the PEFT model"
 
     loss, grads = _loss_and_grads(model.train(), ids)
-    for mlp in ref.modules():
-        if type(mlp).__name__ == "LlamaMLP":
-            mlp.forward = lambda x, m=mlp: reference_sat_mlp(x, m.gate_proj.weight, m.up_proj.weight,
-                                                              m.down_proj.weight, 0.5)
+    _mask_mlps(ref, 0.5, "dense")   # replace_mlp's default forward
     ref_loss, ref_grads = _loss_and_grads(ref.train(), ids)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
     assert len(grads) == 16

@@ -207,7 +207,11 @@ def test_runs_share_seed_data_and_optimizer(tiny_dir):
     assert sat0.losses == dense1.losses and sat0.eval_loss == dense1.eval_loss
     assert not any(isinstance(m, sk.SATMLP) for m in m0.modules()), "the trained model is reverted to dense"
     sat, _ = train_run(pristine, order, held, cfg, sat=True, pad_id=pad, progress=False)
-    assert sat.losses[0] != dense1.losses[0], "omission changes the first step's loss"
+    assert sat.losses[0] == dense1.losses[0], "the exact forward (the default) keeps the first step's loss"
+    assert sat.losses[1] != dense1.losses[1], "the sparse gradient changes the next ones"
+    sparse_cfg = TrainConfig(steps=8, seq_len=16, batch_size=2, lr=3e-3, forward="sparse")
+    sparse, _ = train_run(pristine, order, held, sparse_cfg, sat=True, pad_id=pad, progress=False)
+    assert sparse.losses[0] != dense1.losses[0], "the sparse forward changes the first step's loss"
     assert sat.omission_rates == [0.5] * 4 + [0.25] * 3 + [0.0]   # LORS over 8 steps: 7 sparse in 2 rungs, 1 dense
     cfg4 = TrainConfig(steps=8, seq_len=16, batch_size=2, lr=3e-3, num_rungs=4, dense_fraction=0.25)
     sat4, _ = train_run(pristine, order, held, cfg4, sat=True, pad_id=pad, progress=False)
@@ -306,7 +310,7 @@ def test_cli_attention_omission(tiny_dir, tmp_path, capsys):
     out = _run_cli(["--model", str(tiny_dir / "llama"), "--data", str(tiny_dir / "corpus.txt"), "--compare",
                     "--steps", "10", "--seq-len", "16", "--batch-size", "2", "--omission-rate", "0.5",
                     "--attn-omission-rate", "0.5", "--scheduler", "linear", "--output-dir", str(tmp_path),
-                    "--timing-repeats", "2", "--no-progress"], capsys)
+                    "--timing-repeats", "2", "--forward", "sparse", "--no-progress"], capsys)
     assert "attention omission 0.50" in out
     report = json.loads((tmp_path / "train_cpt.json").read_text())
     sat, dense = report["runs"]["SAT"], report["runs"]["dense"]

@@ -78,7 +78,7 @@ def _eval_examples(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..selection import FORWARD_MODES, METRICS, STRATEGIES
+    from ..selection import DEFAULT_FORWARD, FORWARD_MODES, METRICS, STRATEGIES
     from ..backends import BACKENDS
 
     p = argparse.ArgumentParser(prog="sat-train", description=__doc__.split("\n\n")[0],
@@ -124,10 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ladder: share of the steps trained dense at the end, in [0, 1] (default 0.1)")
     p.add_argument("--metric", choices=METRICS, default="l2", help="neuron score (default: l2)")
     p.add_argument("--strategy", choices=STRATEGIES, default="topk", help="neuron selection (default: topk)")
-    p.add_argument("--forward", choices=FORWARD_MODES, default="sparse",
+    p.add_argument("--forward", choices=FORWARD_MODES, default=DEFAULT_FORWARD,
                    help="sparse: omitted neurons (and heads) are left out of the forward output too (the paper's "
                         "mode); dense: exact forward output, backward over the kept neurons (heads) only (default: "
-                        "sparse)")
+                        "dense)")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="SAT kernel backend (default: auto)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 autocast on a GPU that supports it, else fp32 (default: auto)")

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import sat_kernels as sk
 
+from ..selection import DEFAULT_FORWARD
 from .data import IGNORE_INDEX, collate
 
 SCHEDULERS = ("ladder", "constant", "linear")
@@ -49,7 +50,7 @@ class TrainConfig:
     dense_fraction: float = 0.1
     metric: str = "l2"
     strategy: str = "topk"
-    forward: str = "sparse"
+    forward: str = DEFAULT_FORWARD
     backend: str = "auto"
     precision: str = "auto"
     eval_batch_size: int = 8
