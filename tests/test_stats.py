@@ -61,6 +61,29 @@ def test_sat_mlp_fills_stats():
     assert dense == {}, "nothing is scored when every neuron is kept"
 
 
+@pytest.mark.parametrize("unit", ["head", "group"])
+def test_sat_attention_fills_stats(unit):
+    """Over units: a NaN column of w_o makes one head (one KV group) score NaN under "contrib"; kept_mass is the fp64
+    mass of the kept units among the finite scores."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 16, generator=gen)
+    w = [torch.randn(rows, 16, generator=gen) / 4 for rows in (16, 8, 8, 16)]   # H 4, G 2, d 4
+    w[3][:, 5] = float("nan")                                                 # head 1, in group 0
+    stats = {}
+    _, heads = sk.sat_attention(x, *w, 0.5, num_heads=4, num_kv_heads=2, metric="contrib", unit=unit,
+                                return_indices=True, stats=stats)
+    assert stats["kept"] == (2 if unit == "head" else 1)
+    assert int(stats["nonfinite"]) == 1 and stats["nonfinite"].dtype == torch.int64
+    scores = sk.head_scores(x.double(), *(t.double() for t in w), num_heads=4, num_kv_heads=2, metric="contrib",
+                            unit=unit)
+    kept = heads if unit == "head" else heads[::2] // 2
+    mass = (scores[kept].sum() / scores[torch.isfinite(scores)].sum()).item()
+    assert stats["kept_mass"].dtype == torch.float32 and float(stats["kept_mass"]) == pytest.approx(mass, rel=1e-5)
+    dense = {}
+    sk.sat_attention(x, *w, 0.0, num_heads=4, num_kv_heads=2, unit=unit, stats=dense)
+    assert dense == {}, "nothing is scored when every unit is kept"
+
+
 @pytest.mark.parametrize("metric", ["l2", "contrib"])
 def test_kept_count_and_mass_per_layer(metric):
     model = sk.replace_mlp(tiny_model("llama"), 0.25, metric=metric)
