@@ -115,15 +115,15 @@ def sat_attention_kept(x, w_q, w_k, w_v, w_o, k, *, num_heads, num_kv_heads=None
         uniform = draw_uniform(n_units, strategy, scores.device, generator)
         if group is not None:
             scores, uniform = all_reduce_scores(scores, metric, uniform, group)
-        kept = select_neurons(scores, k, strategy=strategy, generator=generator, uniform=uniform)     # [k] units
-        if stats is not None:
-            stats.update(selection_stats(scores, kept))
+        kept = select_neurons(scores, k, strategy=strategy, generator=generator, uniform=uniform)
         if unit == "group":
             kept = (kept[:, None] * rep + torch.arange(rep, device=kept.device)).reshape(-1)
-        return kept
+        return kept, scores
 
     spec = spec._replace(return_kv=bool(return_kv), group_units=unit == "group", dense_forward=forward == "dense")
-    y, heads, k_all, v_all = _run(ops, select, spec)
+    y, heads, scores, k_all, v_all = _run(ops, select, spec)
+    if stats is not None:   # the kept units: the kept heads, or the groups of every rep-th kept head
+        stats.update(selection_stats(scores, heads if unit == "head" else heads[::rep] // rep))
     return y, heads, (k_all if return_kv else None), (v_all if return_kv else None)
 
 
