@@ -70,7 +70,15 @@ def check_projection(owner: str, name: str, proj: nn.Module) -> None:
 
 class _SATWrapper(nn.Module):
     """Base of the SAT modules: holds the children of the wrapped module under the same names and keeps the wrapped
-    module itself (unregistered: its parameters are those of the children) for eval and for :func:`revert`."""
+    module itself (unregistered: its parameters are those of the children) for eval and for :func:`revert`.
+
+    It also keeps what :func:`sat_kernels.sat_stats` reads: the selection statistics of the last training forward
+    (device tensors, :meth:`_record`) and the number of non-finite unit scores since patching, accumulated on the
+    device of the weights without a host sync. A subclass sets ``_units`` and ``_kept`` (the units of selection, the
+    kept count at its rate) and names in ``_STATS_PROJ`` the child whose weight's device the counter follows.
+    """
+
+    _STATS_PROJ: str
 
     def __init__(self, wrapped: nn.Module, children):
         super().__init__()
@@ -78,6 +86,30 @@ class _SATWrapper(nn.Module):
             setattr(self, name, child)
         self.__dict__["_wrapped"] = wrapped
         self.train(wrapped.training)
+        self._last_stats = None
+        self._nonfinite_total = torch.zeros((), dtype=torch.int64, device=self._stats_device())
+        self._nonfinite_warned = False
+
+    def _stats_device(self) -> torch.device:
+        return getattr(self, self._STATS_PROJ).weight.device
+
+    def _apply(self, *args, **kwargs):
+        super()._apply(*args, **kwargs)
+        # the counter follows the weights (.to(), .cuda(), to_empty()); a meta counter starts again from zero
+        device = self._stats_device()
+        total = self._nonfinite_total
+        self._nonfinite_total = torch.zeros_like(total, device=device) if total.is_meta else total.to(device)
+        return self
+
+    def _record(self, stats: dict) -> None:
+        """Keep the statistics of this training forward (the ``stats`` the op filled; ``{}`` when every unit was kept
+        and nothing scored) for sat_kernels.sat_stats, detached, on the device."""
+        if not stats:
+            self._last_stats = {"kept": self._units, "kept_mass": 1.0, "nonfinite": 0}
+            return
+        self._last_stats = {key: value.detach() if isinstance(value, torch.Tensor) else value
+                            for key, value in stats.items()}
+        self._nonfinite_total = self._nonfinite_total + self._last_stats["nonfinite"]
 
     def train(self, mode: bool = True):
         """Set training mode here and in the wrapped module, whose forward runs in eval (and may read
@@ -127,6 +159,8 @@ class SATMLP(_SATWrapper):
             :func:`sat_kernels.sat_mlp`; stored as ``forward_mode``.
     """
 
+    _STATS_PROJ = "gate_proj"
+
     def __init__(self, mlp: nn.Module, act: str, omission_rate: float = 0.5, *, metric: str = "l2",
                  strategy: str = "topk", backend: str = "auto", sync_selection=None,
                  forward: str = DEFAULT_FORWARD):
@@ -138,19 +172,6 @@ class SATMLP(_SATWrapper):
         self.backend = backend
         self.sync_selection = sync_selection
         self.forward_mode = check_choice(forward, FORWARD_MODES, "forward")
-        # read by sat_kernels.sat_stats: the selection statistics of the last training forward (device tensors) and
-        # the number of non-finite neuron scores since patching, accumulated on the weights' device without a sync
-        self._last_stats = None
-        self._nonfinite_total = torch.zeros((), dtype=torch.int64, device=self.gate_proj.weight.device)
-        self._nonfinite_warned = False
-
-    def _apply(self, *args, **kwargs):
-        super()._apply(*args, **kwargs)
-        # the counter follows the weights (.to(), .cuda(), to_empty()); a meta counter starts again from zero
-        device = self.gate_proj.weight.device
-        total = self._nonfinite_total
-        self._nonfinite_total = torch.zeros_like(total, device=device) if total.is_meta else total.to(device)
-        return self
 
     @property
     def omission_rate(self) -> float:
@@ -162,21 +183,13 @@ class SATMLP(_SATWrapper):
         # would recompile at every new rate (and become a symbolic float that check_omission_rate cannot test),
         # an int recompiles once per distinct k.
         self._omission_rate = check_omission_rate(rate)
-        self._kept = num_kept(self.gate_proj.out_features, self._omission_rate)
-
-    def _record(self, stats: dict) -> None:
-        """Keep the statistics of this training forward for sat_kernels.sat_stats (detached, on the device)."""
-        if not stats:   # every neuron kept: nothing was scored
-            self._last_stats = {"kept": self.gate_proj.out_features, "kept_mass": 1.0, "nonfinite": 0}
-            return
-        self._last_stats = {key: value.detach() if isinstance(value, torch.Tensor) else value
-                            for key, value in stats.items()}
-        self._nonfinite_total = self._nonfinite_total + self._last_stats["nonfinite"]
+        self._units = self.gate_proj.out_features
+        self._kept = num_kept(self._units, self._omission_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return self.dense_module(x)
-        if self._kept == self.gate_proj.out_features:
+        if self._kept == self._units:
             self._record({})
             return self.dense_module(x)
         weights, adapters = [], []
@@ -230,6 +243,8 @@ class SATAttention(_SATWrapper):
             :func:`sat_kernels.sat_attention`; stored as ``forward_mode``.
     """
 
+    _STATS_PROJ = "q_proj"
+
     def __init__(self, attn: nn.Module, *, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  norm_eps: float = 1e-6, omission_rate: float = 0.5, metric: str = "l2", strategy: str = "topk",
                  unit: str = DEFAULT_UNIT, backend: str = "auto", sync_selection=None,
@@ -272,7 +287,10 @@ class SATAttention(_SATWrapper):
         self._kept = num_kept(self._units, self._omission_rate)
 
     def forward(self, *args, **kwargs):
-        if not self.training or self._kept == self._units:
+        if not self.training:
+            return self.dense_module(*args, **kwargs)
+        if self._kept == self._units:
+            self._record({})
             return self.dense_module(*args, **kwargs)
         dense = self.dense_module
         try:
@@ -319,6 +337,7 @@ class SATAttention(_SATWrapper):
             is_causal = getattr(dense, "is_causal", True)
         causal = impl == "sdpa" and mask is None and seq > 1 and bool(is_causal)
         norm = getattr(self, "q_norm", None) is not None
+        stats = {}
         y, _, k_all, v_all = sat_attention_kept(
             hidden_states, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.o_proj.weight,
             self._kept, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, cos=cos, sin=sin,
@@ -326,7 +345,8 @@ class SATAttention(_SATWrapper):
             b_v=self.v_proj.bias, b_o=self.o_proj.bias, q_norm_weight=self.q_norm.weight if norm else None,
             k_norm_weight=self.k_norm.weight if norm else None, norm_eps=self.norm_eps, metric=self.metric,
             strategy=self.strategy, unit=self.unit, backend=self.backend, sync_selection=self.sync_selection,
-            forward=self.forward_mode, return_kv=cache is not None)
+            forward=self.forward_mode, return_kv=cache is not None, stats=stats)
+        self._record(stats)
         if cache is not None:
             cache.update(k_all, v_all, layer_idx)
         return y, None

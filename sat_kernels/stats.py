@@ -1,7 +1,8 @@
 """Selection statistics of the SAT modules of a model, from their last training forward.
 
-Each :class:`SATMLP` keeps the statistics of its last training-mode forward as device tensors (a few scalars, no
-indices) and adds up the non-finite neuron scores it has seen; nothing is synchronised in the step.
+Each SAT module (:class:`SATMLP`, :class:`SATAttention`) keeps the statistics of its last training-mode forward as
+device tensors (a few scalars, no indices) and adds up the non-finite unit scores it has seen; nothing is synchronised
+in the step.
 :func:`sat_stats` reads them all with one host synchronisation, so read them at logging steps only
 (:class:`sat_kernels.SATCallback` does, at every Trainer logging step).
 """
@@ -16,6 +17,8 @@ from torch import nn
 from .patching import sat_modules
 
 _COUNTS = ("kept", "units", "nonfinite", "nonfinite_total")   # read back as int
+# per kind of SAT module: what its units of selection are called in the non-finite warning
+_UNITS = {"mlp": ("neuron", "neurons"), "attention": ("unit (head or KV group)", "units")}
 
 
 def _read(values: Dict[str, Dict]) -> Dict[str, Dict]:
@@ -31,7 +34,7 @@ def _read(values: Dict[str, Dict]) -> Dict[str, Dict]:
     return out
 
 
-def _warn_nonfinite(modules: Dict[str, nn.Module], layers: Dict[str, Dict]) -> None:
+def _warn_nonfinite(kind: str, modules: Dict[str, nn.Module], layers: Dict[str, Dict]) -> None:
     """One warning per module, the first time its count of non-finite scores is read non-zero."""
     new = [name for name, layer in layers.items()
            if layer["nonfinite_total"] > 0 and not modules[name]._nonfinite_warned]
@@ -40,10 +43,11 @@ def _warn_nonfinite(modules: Dict[str, nn.Module], layers: Dict[str, Dict]) -> N
     for name in new:
         modules[name]._nonfinite_warned = True
     counts = ", ".join(f"{name}: {layers[name]['nonfinite_total']}" for name in new)
-    warnings.warn(f"sat_stats: non-finite (NaN/inf) neuron scores in {len(new)} SAT layer(s) ({counts}). Selection "
-                  f"ranks NaN lowest and omits those neurons, so the SAT training loss can stay finite while the "
-                  f"dense (eval) model computes NaN: the weights or activations have diverged.", RuntimeWarning,
-                  stacklevel=3)
+    unit, units = _UNITS[kind]
+    warnings.warn(f"sat_stats: non-finite (NaN/inf) {unit} scores in {len(new)} SAT layer(s) ({counts}). "
+                  f"Selection ranks NaN lowest and omits those {units}, so the SAT training loss can stay finite "
+                  f"while the dense (eval) model computes NaN: the weights or activations have diverged.",
+                  RuntimeWarning, stacklevel=3)
 
 
 def _summary(layers: Dict[str, Dict]) -> Dict:
@@ -57,42 +61,49 @@ def _summary(layers: Dict[str, Dict]) -> Dict:
 
 
 def sat_stats(model: nn.Module) -> Dict[str, Dict]:
-    """Per-layer selection statistics of the SAT MLP modules of ``model`` from their last training forward, and
-    their mean/min over the layers.
+    """Per-layer selection statistics of the SAT modules of ``model`` from their last training forward, and their
+    mean/min over the layers, per kind: ``"mlp"`` (units: neurons) and ``"attention"`` (units: query heads or KV
+    groups, as the module's ``unit``).
 
-    Returns ``{"mlp": {"layers": {name: values}, "summary": summary}}`` (``{}`` for a model without SAT MLP modules;
-    ``"layers"`` holds the modules that have run a training forward). A layer's ``values``:
+    Returns ``{kind: {"layers": {name: values}, "summary": summary}}`` with a key for each kind the model has SAT
+    modules of (``{}`` for a model without SAT modules; ``"layers"`` holds the modules that have run a training
+    forward). A layer's ``values``:
 
-    - ``kept``: neurons kept (``k``) and ``units``: neurons of the layer (``I``);
+    - ``kept``: units kept (``k``) and ``units``: units of the layer (``I`` neurons; ``H`` heads or ``G`` groups);
     - ``kept_mass``: share of the score mass kept, ``sum(kept scores) / sum(all scores)`` over the finite scores of
-      the layer's metric (``l2``: column norms of the activations), in ``[0, 1]``;
-    - ``nonfinite``: NaN/inf neuron scores in that forward;
+      the layer's metric (``l2``: column norms of the MLP activations, norms of the units' attention outputs), in
+      ``[0, 1]``;
+    - ``nonfinite``: NaN/inf unit scores in that forward;
     - ``nonfinite_total``: NaN/inf scores in all its training forwards since patching (a forward recomputed by
       activation checkpointing counts again).
 
-    A dense training forward (omission rate 0) scores nothing: ``kept = units``, ``kept_mass`` 1, ``nonfinite`` 0.
-    ``summary``: ``kept_mean``, ``kept_min``, ``kept_mass_mean``, ``kept_mass_min`` over the layers, and
-    ``nonfinite``, ``nonfinite_total`` summed over the layers (``{}`` before any training forward).
+    A dense training forward (omission rate 0, or a rate that keeps every unit) scores nothing: ``kept = units``,
+    ``kept_mass`` 1, ``nonfinite`` 0. ``summary``: ``kept_mean``, ``kept_min``, ``kept_mass_mean``,
+    ``kept_mass_min`` over the layers, and ``nonfinite``, ``nonfinite_total`` summed over the layers (``{}`` before
+    any training forward).
 
-    NaN scores rank lowest and those neurons are omitted, so a diverged layer (e.g. a NaN row of ``gate_proj``) can
-    leave the SAT loss finite while the dense and eval loss is NaN. The statistics stay on the device during the step
-    (no host synchronisation); this call reads them with one synchronisation and issues a ``RuntimeWarning`` the
-    first time it finds non-finite scores in a module (once per module), so the warning appears when statistics are
-    read, e.g. at the Trainer's logging steps through :class:`sat_kernels.SATCallback`. Attention modules keep no
-    statistics yet.
+    NaN scores rank lowest and those units are omitted, so a diverged layer (e.g. a NaN row of ``gate_proj`` or
+    ``v_proj``) can leave the SAT loss finite while the dense and eval loss is NaN. The statistics stay on the device
+    during the step (no host synchronisation); this call reads them, all kinds together, with one synchronisation and
+    issues a ``RuntimeWarning`` the first time it finds non-finite scores in a module (once per module, one warning
+    per kind), so the warning appears when statistics are read, e.g. at the Trainer's logging steps through
+    :class:`sat_kernels.SATCallback`.
 
     Example:
-        >>> loss = sk.replace_mlp(model, 0.5)(**batch).loss
-        >>> stats = sk.sat_stats(model)["mlp"]
-        >>> stats["layers"]["model.layers.0.mlp"]["kept_mass"], stats["summary"]["kept_mass_min"]
+        >>> loss = sk.replace_attention(sk.replace_mlp(model, 0.5), 0.25)(**batch).loss
+        >>> stats = sk.sat_stats(model)
+        >>> stats["mlp"]["layers"]["model.layers.0.mlp"]["kept_mass"], stats["mlp"]["summary"]["kept_mass_min"]
+        >>> stats["attention"]["summary"]["kept_mass_min"]
     """
-    modules = {name: m for name, m in sat_modules(model, "mlp")}
-    if not modules:
-        return {}
-    raw = {name: {"kept": m._last_stats["kept"], "units": m.gate_proj.out_features,
-                  "kept_mass": m._last_stats["kept_mass"], "nonfinite": m._last_stats["nonfinite"],
-                  "nonfinite_total": m._nonfinite_total}
-           for name, m in modules.items() if m._last_stats is not None}
-    layers = _read(raw)
-    _warn_nonfinite(modules, layers)
-    return {"mlp": {"layers": layers, "summary": _summary(layers)}}
+    modules = {kind: dict(sat_modules(model, kind)) for kind in _UNITS}
+    modules = {kind: named for kind, named in modules.items() if named}
+    raw = {name: {"kept": m._last_stats["kept"], "units": m._units, "kept_mass": m._last_stats["kept_mass"],
+                  "nonfinite": m._last_stats["nonfinite"], "nonfinite_total": m._nonfinite_total}
+           for named in modules.values() for name, m in named.items() if m._last_stats is not None}
+    values = _read(raw)
+    out = {}
+    for kind, named in modules.items():
+        layers = {name: values[name] for name in named if name in values}
+        _warn_nonfinite(kind, named, layers)
+        out[kind] = {"layers": layers, "summary": _summary(layers)}
+    return out

@@ -655,10 +655,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(strategy, forward, reen
 
 
 def test_torch_compile_fullgraph_training():
-    """``torch.compile(fullgraph=True)`` of a tiny patched Llama (attention only: SATMLP's rate check is not
-    traceable yet) in training mode, forward and backward, across omission-rate changes: no graph break (so no host
-    sync in the attention op), one compilation per distinct kept-head count (4 heads: 0.5 and 0.4 keep 2), and the
-    eager gradients."""
+    """``torch.compile(fullgraph=True)`` of a tiny patched Llama (attention only; tests/test_compile_mlp.py compiles
+    replace_mlp) in training mode, forward and backward, across omission-rate changes: no graph break (so no host
+    sync in the attention op, its selection statistics included), one compilation per distinct kept-head count
+    (4 heads: 0.5 and 0.4 keep 2), the eager gradients and the eager statistics."""
     import torch._dynamo.testing
 
     torch._dynamo.reset()
@@ -667,16 +667,23 @@ def test_torch_compile_fullgraph_training():
     compiled = torch.compile(model, backend=counter, fullgraph=True)
     ids = _ids()
     try:
-        for rate in (0.5, 0.4, 0.75, 0.0, 0.5):            # kept heads: 2, 2, 1, 4 (the dense module), 2
+        for step, rate in enumerate((0.5, 0.4, 0.75, 0.0, 0.5)):   # kept heads: 2, 2, 1, 4 (the dense module), 2
             sk.set_omission_rate(model, rate)
-            grads = []
+            grads, layers = [], []
             for run in (compiled, model):
                 model.zero_grad()
                 run(ids, labels=ids, use_cache=False).loss.backward()
                 grads.append({n: p.grad for n, p in model.named_parameters()})
+                layers.append(sk.sat_stats(model)["attention"]["layers"])
             for name in grads[1]:
                 torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6,
                                            msg=f"rate {rate}: {name}")
+            for name, eager in layers[1].items():
+                compiled_layer = layers[0][name]
+                assert compiled_layer["kept"] == eager["kept"] == sk.num_kept(4, rate), (rate, name)
+                assert compiled_layer["kept_mass"] == pytest.approx(eager["kept_mass"], rel=1e-5), (rate, name)
+                assert (compiled_layer["nonfinite"], eager["nonfinite"]) == (0, 0), (rate, name)
+                assert eager["nonfinite_total"] == 0 and compiled_layer["units"] == 4, (rate, name)
         assert counter.frame_count == 3, f"{counter.frame_count} compilations for 3 distinct kept counts"
     finally:
         torch._dynamo.reset()

@@ -147,6 +147,32 @@ def test_callback_logs_selection_statistics(tmp_path):
     assert all(0 < lo <= mean < 1 for lo, mean in zip(mass_min[:3], mass_mean[:3]))
     assert mass_min[0] < mass_min[2] and mass_min[3] == mass_mean[3] == 1.0
     assert _logged(trainer, "sat_mlp_nonfinite") == [0] * 4 == _logged(trainer, "sat_mlp_nonfinite_total")
+    assert not any(key.startswith("sat_attn_") for h in trainer.state.log_history for key in h), "no SAT attention"
+
+
+def test_callback_logs_attention_statistics_beside_the_mlp_ones(tmp_path):
+    """With SAT attention modules: sat_attn_* (kept heads of 4, their score mass, non-finite scores) beside sat_mlp_*,
+    also for attention at a fixed rate of its own."""
+    summary = {"kept_mean", "kept_min", "kept_mass_mean", "kept_mass_min", "nonfinite", "nonfinite_total"}
+    model = sk.replace_attention(sk.replace_mlp(tiny_model("llama"), 0.5), 0.5)
+    cb = sk.SATCallback(mlp=sk.ConstantOmissionScheduler(0.5),
+                        attention=sk.LadderOmissionScheduler(0.5, num_rungs=2, dense_fraction=0.25))
+    trainer, _ = _train(model, [cb], tmp_path, 4)
+    keys = {f"sat_{kind}_{key}" for kind in ("mlp", "attn") for key in summary} | {"sat_attn_omission_rate"}
+    for h in trainer.state.log_history:
+        if "loss" in h:
+            assert {key for key in h if key.startswith(("sat_mlp_", "sat_attn_"))} == keys
+    assert _logged(trainer, "sat_attn_omission_rate") == [0.5, 0.5, 0.25, 0.0]
+    assert _logged(trainer, "sat_attn_kept_min") == [2, 2, 3, 4] == _logged(trainer, "sat_attn_kept_mean")
+    mass_min, mass_mean = _logged(trainer, "sat_attn_kept_mass_min"), _logged(trainer, "sat_attn_kept_mass_mean")
+    assert all(0 < lo <= mean < 1 for lo, mean in zip(mass_min[:3], mass_mean[:3]))
+    assert mass_min[3] == mass_mean[3] == 1.0
+    assert _logged(trainer, "sat_attn_nonfinite") == [0] * 4 == _logged(trainer, "sat_attn_nonfinite_total")
+    assert _logged(trainer, "sat_mlp_kept_min") == [68] * 4
+
+    mlp_only = sk.SATCallback(mlp=sk.ConstantOmissionScheduler(0.25))
+    trainer, _ = _train(sk.set_omission_rate(model, attention=0.25), [mlp_only], tmp_path, 2)
+    assert _logged(trainer, "sat_attn_kept_min") == [3, 3], "attention at its own rate, without a schedule"
 
 
 def test_callback_reused_for_another_run_takes_its_total_steps(tmp_path):

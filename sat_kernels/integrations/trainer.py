@@ -11,6 +11,7 @@ from ..schedules import OmissionScheduler
 from ..stats import sat_stats
 
 _KINDS = ("mlp", "attention")
+_STATS_PREFIX = {"mlp": "sat_mlp_", "attention": "sat_attn_"}   # of each kind's sat_stats summary in the logs
 
 
 def _check_scheduler(scheduler, name: str) -> None:
@@ -30,10 +31,12 @@ class SATCallback(TrainerCallback):
     at its own rate.
 
     Logged at every logging step: ``sat_omission_rate`` (the rate of ``mlp``, else of ``scheduler``), with an
-    ``attention`` schedule ``sat_attn_omission_rate``, and the summaries of :func:`sat_kernels.sat_stats` over the
-    MLP layers from the last training forward: ``sat_mlp_kept_mean``, ``sat_mlp_kept_min``, ``sat_mlp_kept_mass_mean``,
-    ``sat_mlp_kept_mass_min``, ``sat_mlp_nonfinite`` and ``sat_mlp_nonfinite_total`` (reading them is one host sync
-    per logging step; non-finite neuron scores also raise a warning then, once per module).
+    ``attention`` schedule ``sat_attn_omission_rate``, and the summaries of :func:`sat_kernels.sat_stats` from the
+    last training forward: over the MLP layers ``sat_mlp_kept_mean``, ``sat_mlp_kept_min``,
+    ``sat_mlp_kept_mass_mean``, ``sat_mlp_kept_mass_min``, ``sat_mlp_nonfinite`` and ``sat_mlp_nonfinite_total``, and
+    when the model has SAT attention modules the same over them as ``sat_attn_kept_mean``, ...,
+    ``sat_attn_nonfinite_total`` (kept heads or KV groups). Reading them is one host sync per logging step;
+    non-finite scores also raise a warning then, once per module.
 
     ``total_steps``: a scheduler whose ``total_steps`` is ``None`` when training begins takes the Trainer's
     ``max_steps``, and takes it again at the start of every later ``train()`` with this callback (each run its own
@@ -114,8 +117,8 @@ class SATCallback(TrainerCallback):
                                                 ("sat_attn_omission_rate", self.current_attn_rate))
                   if value is not None}
         if model is not None:   # one host sync, at logging steps only
-            summary = sat_stats(model).get("mlp", {}).get("summary", {})
-            values.update({f"sat_mlp_{key}": value for key, value in summary.items()})
+            for kind, stats in sat_stats(model).items():
+                values.update({f"{_STATS_PREFIX[kind]}{key}": value for key, value in stats["summary"].items()})
         if not values:
             return
         if logs is not None:

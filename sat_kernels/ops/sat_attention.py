@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..distributed import all_reduce_scores, default_sync_group
 from ..selection import FORWARD_MODES, METRICS, STRATEGIES, check_choice, check_omission_rate, draw_uniform, num_kept, \
-    select_neurons
+    select_neurons, selection_stats
 from . import _autocast_operands, check_indices
 from .attention.checks import Operands, check_attention_backend, check_attention_inputs, check_head_counts
 from .attention.core import core_fwd
@@ -81,7 +81,7 @@ def sat_attention_kept(x, w_q, w_k, w_v, w_o, k, *, num_heads, num_kv_heads=None
                        attention_mask=None, causal=True, scale=None, b_q=None, b_k=None, b_v=None, b_o=None,
                        q_norm_weight=None, k_norm_weight=None, norm_eps=1e-6, metric="l2", strategy="topk",
                        unit=DEFAULT_UNIT, generator=None, backend="auto", sync_selection=False, forward="sparse",
-                       return_kv=False):
+                       return_kv=False, stats=None):
     """:func:`sat_attention` keeping ``k`` units (an int in ``[1, n_units]``) instead of an omission rate, returning
     ``(y, heads, K, V)``: ``K``/``V`` ``[B, G, T, d]`` (post-RoPE keys and values of all groups, for a KV cache) with
     ``return_kv``, else ``None``. ``heads`` is ``None`` when every unit is kept (the dense computation runs then).
@@ -118,10 +118,12 @@ def sat_attention_kept(x, w_q, w_k, w_v, w_o, k, *, num_heads, num_kv_heads=None
         kept = select_neurons(scores, k, strategy=strategy, generator=generator, uniform=uniform)
         if unit == "group":
             kept = (kept[:, None] * rep + torch.arange(rep, device=kept.device)).reshape(-1)
-        return kept
+        return kept, scores
 
     spec = spec._replace(return_kv=bool(return_kv), group_units=unit == "group", dense_forward=forward == "dense")
-    y, heads, k_all, v_all = _run(ops, select, spec)
+    y, heads, scores, k_all, v_all = _run(ops, select, spec)
+    if stats is not None:   # the kept units: the kept heads, or the groups of every rep-th kept head
+        stats.update(selection_stats(scores, heads if unit == "head" else heads[::rep] // rep))
     return y, heads, (k_all if return_kv else None), (v_all if return_kv else None)
 
 
@@ -132,7 +134,7 @@ def sat_attention(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_v: to
                   b_q=None, b_k=None, b_v=None, b_o=None, q_norm_weight=None, k_norm_weight=None,
                   norm_eps: float = 1e-6, metric: str = "l2", strategy: str = "topk", unit: str = DEFAULT_UNIT,
                   generator: Optional[torch.Generator] = None, backend: str = "auto", return_indices: bool = False,
-                  sync_selection=False, forward: str = "sparse"):
+                  sync_selection=False, forward: str = "sparse", stats: Optional[dict] = None):
     """SAT self-attention with in-step head selection, differentiable w.r.t. ``x``, the four projection weights,
     the biases and the q/k norm weights.
 
@@ -184,6 +186,10 @@ def sat_attention(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_v: to
         sync_selection: as in :func:`sat_kernels.sat_mlp` (global-batch unit scores across data-parallel ranks).
         forward: ``"sparse"`` (default) or ``"dense"`` (exact forward output, sparse backward). The dense output
             costs the ``o_proj`` columns of the omitted heads in the forward, ``2 * B*T * h * (H - k) * d`` FLOPs.
+        stats: a dict that receives the statistics of this call's selection, without a host sync, as in
+            :func:`sat_kernels.sat_mlp` but over units: ``kept`` (``k`` units, an int), ``kept_mass`` (share of the
+            finite unit-score mass kept, fp32 0-dim tensor) and ``nonfinite`` (NaN/inf unit scores, which rank lowest
+            and are omitted; int64 0-dim tensor). Left unchanged when every unit is kept (nothing is scored then).
 
     Returns:
         ``y`` ``[B, T, h]``, or ``(y, heads)``.
@@ -197,7 +203,7 @@ def sat_attention(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_v: to
         attention_mask=attention_mask, causal=causal, scale=scale, b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o,
         q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps, metric=metric,
         strategy=strategy, unit=unit, generator=generator, backend=backend, sync_selection=sync_selection,
-        forward=forward)
+        forward=forward, stats=stats)
     if not return_indices:
         return y
     return y, (heads if heads is not None else torch.arange(num_heads, device=x.device))

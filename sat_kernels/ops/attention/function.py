@@ -45,11 +45,17 @@ class SATAttentionFunction(torch.autograd.Function):
     """Autograd op of SAT attention on ``x`` ``[B, T, h]``.
 
     ``select`` is either a ``LongTensor`` of kept query heads (``gathered_attention``) or a callable
-    ``select(o) -> heads`` that scores the attention output of all heads ``o`` ``[B, H, T, d]`` and picks the kept
-    heads (``sat_attention``). Outputs ``(y [B, T, h], heads [k], K, V)``; ``K``/``V`` (``[B, G, T, d]``, post-RoPE,
-    all groups) only with ``spec.return_kv`` (to fill a KV cache), else empty. With ``spec.dense_forward`` (a callable
-    ``select`` only) ``y`` is ``o_proj`` over every head, the exact dense output; the saved tensors and the backward
-    are those of the kept heads all the same.
+    ``select(o) -> (heads, scores)`` that scores the attention output of all heads ``o`` ``[B, H, T, d]`` per unit
+    (fp32 ``scores``) and picks the kept heads (``sat_attention``). Outputs ``(y [B, T, h], heads [k], scores, K, V)``:
+    ``scores`` empty for given heads; ``K``/``V`` (``[B, G, T, d]``, post-RoPE, all groups) only with
+    ``spec.return_kv`` (to fill a KV cache), else empty. With ``spec.dense_forward`` (a callable ``select`` only)
+    ``y`` is ``o_proj`` over every head, the exact dense output; the saved tensors and the backward are those of the
+    kept heads all the same.
+
+    The scores are an output, not written into a dict by ``select``, so that the caller can compute selection
+    statistics from them: under ``torch.compile`` a side effect inside an autograd.Function's forward makes dynamo
+    return every intermediate of the forward, and those that alias another (saved views such as ``o_flat``)
+    cannot be returned, which fails the compilation (torch 2.13).
     """
 
     @staticmethod
@@ -63,7 +69,7 @@ class SATAttentionFunction(torch.autograd.Function):
             cos, sin = cos.to(x.dtype).unsqueeze(2), sin.to(x.dtype).unsqueeze(2)      # [B or 1, T, 1, d]
         k_all = v_all = None
         if isinstance(select, torch.Tensor):
-            heads = select
+            heads, scores = select, x.new_empty(0, dtype=torch.float32)
             groups, head_group = groups_of(heads, spec)
             kq, kg = heads.numel(), groups.numel()
             q_raw = project(x2, w_q, b_q, head_rows(heads, d)).view(B, T, kq, d)
@@ -86,7 +92,7 @@ class SATAttentionFunction(torch.autograd.Function):
             v_e = take_heads(v_all, group_of) if rep > 1 else v_all
             o, lse = core_fwd(q.transpose(1, 2), k_e.transpose(1, 2), v_e.transpose(1, 2), mask, spec)
             del k_e, v_e
-            heads = select(o)                                                           # [kq]
+            heads, scores = select(o)                                                   # [kq], [n_units]
             groups, head_group = groups_of(heads, spec)
             kq, kg = heads.numel(), groups.numel()
             if spec.dense_forward:                                                      # o_proj over all heads
@@ -112,11 +118,11 @@ class SATAttentionFunction(torch.autograd.Function):
             kv = (k_all.transpose(1, 2), v_all.transpose(1, 2))
         else:
             kv = (empty, empty.clone())
-        ctx.mark_non_differentiable(heads, *kv)
-        return y.view(B, T, hidden), heads, kv[0], kv[1]
+        ctx.mark_non_differentiable(heads, scores, *kv)
+        return y.view(B, T, hidden), heads, scores, kv[0], kv[1]
 
     @staticmethod
-    def backward(ctx, dy, _dheads, _dk, _dv):
+    def backward(ctx, dy, _dheads, _dscores, _dk, _dv):
         (x2, w_q, w_k, w_v, w_o, b_q, b_k, b_v, qn_w, kn_w, cos, sin, mask, heads, groups, head_group, q_s, k_g, v_g,
          o_flat, lse_s, q_raw_s, k_raw_g) = ctx.saved_tensors
         spec = ctx.spec
@@ -171,7 +177,8 @@ class SATAttentionFunction(torch.autograd.Function):
 
 def sat_attention_torch(x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, qn_w, kn_w, cos, sin, mask, select,
                         spec: AttentionSpec):
-    """Launcher of the torch backend; returns ``(y [B, T, h], heads [k], K, V)`` (see :class:`SATAttentionFunction`)."""
+    """Launcher of the torch backend; returns ``(y [B, T, h], heads [k], scores, K, V)`` (see
+    :class:`SATAttentionFunction`)."""
     return SATAttentionFunction.apply(x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, qn_w, kn_w, cos, sin, mask, select,
                                       spec)
 
