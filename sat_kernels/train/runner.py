@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +29,30 @@ from .data import IGNORE_INDEX, collate
 
 SCHEDULERS = ("ladder", "constant", "linear")
 PRECISIONS = ("auto", "fp32", "bf16")
+# every linear layer of a Llama-family decoder layer (attention and MLP); the LM head and embeddings stay frozen
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoRASettings:
+    """PEFT LoRA adapters of rank ``rank`` on the modules named ``targets``, trained on the frozen model
+    (``sat-train --lora-rank``); ``alpha`` defaults to ``2 * rank``."""
+
+    rank: int
+    alpha: Optional[float] = None
+    dropout: float = 0.0
+    targets: Tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self):
+        if self.alpha is None:
+            self.alpha = 2.0 * self.rank
+        self.targets = tuple(self.targets)
 
 
 @dataclass
 class TrainConfig:
-    """Settings shared by the dense and the SAT run of a comparison (see ``sat-train --help``)."""
+    """Settings shared by the dense and the SAT run of a comparison (see ``sat-train --help``); with ``lora`` both
+    runs train the same LoRA adapters on the frozen model (:func:`add_lora`)."""
 
     task: str = "cpt"
     steps: int = 30
@@ -53,6 +72,7 @@ class TrainConfig:
     backend: str = "auto"
     precision: str = "auto"
     eval_batch_size: int = 8
+    lora: Optional[LoRASettings] = None
 
 
 @dataclass
@@ -124,6 +144,25 @@ def resolve_device_precision(precision: str):
     return device, None
 
 
+def add_lora(model, cfg: TrainConfig):
+    """``model`` wrapped in place by ``peft.get_peft_model`` with the LoRA adapters of ``cfg.lora`` (base weights
+    frozen).
+
+    The adapters are initialised from ``cfg.seed`` (PEFT's default: ``A`` random, ``B`` zero), so the dense and the
+    SAT run start from the same adapters and compute ``model``'s function at first. Raises ``ValueError`` when peft
+    is missing or no module matches ``cfg.lora.targets``.
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ValueError("--lora-rank needs the package peft: pip install 'peft>=0.13'") from None
+    lora = cfg.lora
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.targets), task_type="CAUSAL_LM")
+    torch.manual_seed(cfg.seed)
+    return get_peft_model(model, config)
+
+
 def _patch(model, cfg: TrainConfig):
     sk.replace_mlp(model, cfg.omission_rate, metric=cfg.metric, strategy=cfg.strategy, backend=cfg.backend,
                    forward=cfg.forward)
@@ -133,14 +172,29 @@ def _patch(model, cfg: TrainConfig):
 
 
 def check_sat_supported(model, cfg: TrainConfig) -> None:
-    """Raise a clear ValueError before any training if SAT cannot patch ``model`` (e.g. GPT-2: no SwiGLU MLP)."""
+    """Raise a clear ValueError before any training if SAT cannot patch ``model`` (e.g. GPT-2: no SwiGLU MLP), or,
+    with ``cfg.lora``, its LoRA model (checked on a copy: PEFT wraps in place)."""
+    if cfg.lora is not None:
+        model = add_lora(copy.deepcopy(model), cfg)
     try:
         _patch(model, cfg)
     except ValueError as e:
-        raise ValueError(f"--model ({type(model).__name__}, model_type {getattr(model.config, 'model_type', '?')!r}) "
+        base = model.get_base_model() if cfg.lora is not None else model
+        raise ValueError(f"--model ({type(base).__name__}, model_type {getattr(base.config, 'model_type', '?')!r}) "
                          f"is not supported by SAT: {e}") from None
     finally:
         sk.revert(model)
+
+
+def make_model(pristine, cfg: TrainConfig, *, sat: bool, device: torch.device):
+    """A fresh copy of ``pristine`` on ``device`` in training mode: with LoRA adapters when ``cfg.lora`` is set
+    (:func:`add_lora`), then patched with SAT (``replace_mlp``, ``replace_attention`` with a rate) when ``sat``."""
+    model = copy.deepcopy(pristine).to(device)
+    if cfg.lora is not None:
+        model = add_lora(model, cfg)
+    if sat:
+        _patch(model, cfg)
+    return model.train()
 
 
 class _ExamplesDataset(torch.utils.data.Dataset):
@@ -238,8 +292,9 @@ def interleaved_step_times(pristine, batch_examples: Sequence[Dict], cfg: TrainC
     """Step times of dense and of SAT at each omission rate ``schedule`` visited, measured interleaved.
 
     The tokens/s of two training runs made one after the other also carry whatever changed on the machine in
-    between (other processes, clocks, allocator state). Here fresh copies of ``pristine`` (one dense, one patched
-    like the SAT run) take full training steps (forward, backward, AdamW step) on the same batch, in rounds that run
+    between (other processes, clocks, allocator state). Here fresh copies of ``pristine`` (:func:`make_model`: one
+    dense, one patched like the SAT run, both with the runs' LoRA adapters when ``cfg.lora`` is set) take full
+    training steps (forward, backward, AdamW step over the trainable parameters) on the same batch, in rounds that run
     every variant once, so all variants see the same machine state (on GPU each is timed with ``do_bench``). On CPU
     each round runs ``dense, SAT r1, dense, SAT r2, ...``, so every timed step follows a step of the other model (the
     same condition for every variant). SAT at rate 0 runs the dense computation: ``control_dense_over_sat_rate0``
@@ -256,9 +311,9 @@ def interleaved_step_times(pristine, batch_examples: Sequence[Dict], cfg: TrainC
     batch = {k: v.to(device) for k, v in collate(list(batch_examples), pad_id).items()}
     models, optimizers = {}, {}
     for name in ("dense", "SAT"):
-        models[name] = copy.deepcopy(pristine).to(device).train()
-        optimizers[name] = torch.optim.AdamW(models[name].parameters(), lr=cfg.lr, weight_decay=0.0)
-    _patch(models["SAT"], cfg)
+        models[name] = make_model(pristine, cfg, sat=name == "SAT", device=device)
+        trainable = [p for p in models[name].parameters() if p.requires_grad]   # LoRA: the adapters only
+        optimizers[name] = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
 
     def step(name, rates=None):
         def run():
@@ -323,9 +378,12 @@ def evaluate(model, examples: Sequence[Dict], pad_id: int, *, batch_size: int = 
 def train_run(pristine, train_examples: Sequence[Dict], eval_examples: Sequence[Dict], cfg: TrainConfig, *,
               sat: bool, pad_id: int, name: Optional[str] = None, progress: bool = True):
     """Train a fresh copy of ``pristine`` on ``train_examples`` (already in training order, ``steps * batch_size`` of
-    them), with SAT (``replace_mlp`` + :class:`sat_kernels.SATCallback`) or dense, then evaluate it dense.
+    them), with SAT (``replace_mlp`` + :class:`sat_kernels.SATCallback`) or dense, then evaluate it dense. With
+    ``cfg.lora`` the copy is a PEFT LoRA model (:func:`add_lora`, patched after the adapters are added) and only
+    its adapters train.
 
-    Returns ``(RunResult, trained model)``; the trained model is reverted to its original (dense) modules.
+    Returns ``(RunResult, trained model)``; the trained model is reverted to its original (dense) modules (a LoRA
+    model keeps its adapters).
     """
     from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
@@ -340,12 +398,10 @@ def train_run(pristine, train_examples: Sequence[Dict], eval_examples: Sequence[
     result.step_tokens = [sum(len(e["input_ids"]) for e in train_examples[s * per_step:(s + 1) * per_step])
                           for s in range(cfg.steps)]
     set_seed(cfg.seed)
-    model = copy.deepcopy(pristine).to(device).train()
+    model = make_model(pristine, cfg, sat=sat, device=device)
     callbacks = []
     rate_of, attn_rate_of = (lambda: 0.0), None
     if sat:
-        _patch(model, cfg)
-
         def schedule(rate):
             return make_scheduler(cfg.scheduler, rate, num_rungs=cfg.num_rungs, dense_fraction=cfg.dense_fraction)
 
