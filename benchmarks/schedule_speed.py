@@ -2,8 +2,8 @@
 omission schedules computed from it.
 
 SAT's step time depends on the shapes and the omission rate, not on the weights' values, so one interleaved
-measurement per rate (``sat_kernels.train.runner.interleaved_step_times``: dense and SAT training steps with AdamW on
-the first batch of ``sat-train``'s order, in alternating rounds) gives the speed of any schedule over those rates:
+measurement per rate (``sat_kernels.train.step_times.interleaved_step_times``: dense and SAT training steps with AdamW
+on the first batch of ``sat-train``'s order, in alternating rounds) gives the speed of any schedule over those rates:
 ``steps x t_dense / sum over steps of t_SAT(rate)``. Used for the speed column of the README's quality runs, whose own
 tokens/s came from runs that shared the machine.
 
@@ -23,7 +23,8 @@ from sat_kernels.selection import FORWARD_MODES
 from sat_kernels.train.compare import write_json
 from sat_kernels.train.data import default_corpus, tokenize, training_order
 from sat_kernels.train.model import load_model, load_tokenizer
-from sat_kernels.train.runner import TrainConfig, interleaved_step_times
+from sat_kernels.train.runner import TrainConfig
+from sat_kernels.train.step_times import interleaved_step_times
 
 # (batch, seq_len) of the README's 300-step quality runs
 SHAPES = {"cpt": (2, 128), "sft": (4, 256)}

@@ -195,8 +195,8 @@ def main(argv=None) -> int:
     from ..bench.results import environment
     from .compare import TOKENS_NOTE, plot, summary, table, write_json
     from .model import load_model, load_tokenizer, resolve_model_path
-    from .runner import (check_sat_supported, evaluate, interleaved_step_times, is_main_process,
-                         resolve_device_precision, train_run, world_size)
+    from .runner import check_sat_supported, evaluate, is_main_process, resolve_device_precision, train_run, world_size
+    from .step_times import interleaved_step_times
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
