@@ -1,6 +1,8 @@
 """``sat-train``: the offline corpus, SFT label masking, the dense/SAT runner and the CLI end to end on a tiny random
 Llama with a word-level tokenizer built here (no downloads); the real SmolLM2 run is ``slow``."""
 import copy
+import importlib.metadata
+import importlib.util
 import json
 import os
 import subprocess
@@ -391,6 +393,26 @@ def test_cli_compare_lora(forward, tiny_dir, tmp_path, capsys):
     assert set(report["interleaved_step_times"]["step_ms"]) == {"dense", "SAT 0.5", "SAT 0.25", "SAT 0"}
     saved = json.loads((tmp_path / "train_cpt_model" / "adapter_config.json").read_text())
     assert saved["r"] == 4 and saved["lora_alpha"] == 8 and set(saved["target_modules"]) == set(LORA_TARGETS)
+
+
+def test_schedule_speed_lora(tiny_dir, tmp_path, capsys):
+    """benchmarks/schedule_speed.py --lora-rank: interleaved step times of LoRA steps, the settings in the JSON."""
+    pytest.importorskip("peft")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("schedule_speed", os.path.join(root, "benchmarks",
+                                                                                 "schedule_speed.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    path = tmp_path / "speed.json"
+    script.main(["--model", str(tiny_dir / "llama"), "--tasks", "cpt", "--batch-size", "2", "--seq-len", "16",
+                 "--starts", "0.5", "--steps", "10", "--repeats", "1", "--lora-rank", "4", "--json", str(path)])
+    assert "LoRA r 4 alpha 8 on q_proj" in capsys.readouterr().out
+    report = json.loads(path.read_text())
+    assert report["lora"] == {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": list(LORA_TARGETS)}
+    row, = report["rows"]
+    assert set(row["step_ms"]) == {"dense", "SAT 0.5", "SAT 0.25", "SAT 0"}
+    assert row["control_dense_over_sat_rate0"] == pytest.approx(row["step_ms"]["dense"] / row["step_ms"]["SAT 0"])
+    assert report["environment"]["peft"] == importlib.metadata.version("peft")
 
 
 def test_cli_lora_errors(tiny_dir, monkeypatch, capsys):
