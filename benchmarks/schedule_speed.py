@@ -2,18 +2,20 @@
 omission schedules computed from it.
 
 SAT's step time depends on the shapes and the omission rate, not on the weights' values, so one interleaved
-measurement per rate (``sat_kernels.train.runner.interleaved_step_times``: dense and SAT training steps with AdamW on
-the first batch of ``sat-train``'s order, in alternating rounds) gives the speed of any schedule over those rates:
+measurement per rate (``sat_kernels.train.step_times.interleaved_step_times``: dense and SAT training steps with AdamW
+on the first batch of ``sat-train``'s order, in alternating rounds) gives the speed of any schedule over those rates:
 ``steps x t_dense / sum over steps of t_SAT(rate)``. Used for the speed column of the README's quality runs, whose own
 tokens/s came from runs that shared the machine.
 
     python benchmarks/schedule_speed.py --threads 1 --json benchmarks/results/schedule_speed_1thread.json
     python benchmarks/schedule_speed.py --tasks cpt --batch-size 4 --seq-len 128 --threads 2
     python benchmarks/schedule_speed.py --forward dense --starts 0.5 0.75 --attn-starts 0.5 --threads 1
+    python benchmarks/schedule_speed.py --tasks sft --lora-rank 16 --threads 1 --clock cpu   # LoRA fine-tuning steps
 """
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 
 import torch
 
@@ -23,7 +25,8 @@ from sat_kernels.selection import DEFAULT_FORWARD, FORWARD_MODES
 from sat_kernels.train.compare import write_json
 from sat_kernels.train.data import default_corpus, tokenize, training_order
 from sat_kernels.train.model import load_model, load_tokenizer
-from sat_kernels.train.runner import TrainConfig, interleaved_step_times
+from sat_kernels.train.runner import LoRASettings, TrainConfig
+from sat_kernels.train.step_times import interleaved_step_times
 
 # (batch, seq_len) of the README's 300-step quality runs
 SHAPES = {"cpt": (2, 128), "sft": (4, 256)}
@@ -44,6 +47,10 @@ def main(argv=None):
     p.add_argument("--forward", choices=FORWARD_MODES, default=DEFAULT_FORWARD,
                    help="SAT forward mode of the MLP and attention (default: dense, as sat-train)")
     p.add_argument("--model", default=None, help="sat-train --model (default: smollm2-135m)")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="LoRA fine-tuning steps: both models get the same PEFT adapters of this rank (alpha 2 x rank, "
+                        "no dropout) on every linear layer of the decoder, AdamW over the adapters (sat-train "
+                        "--lora-rank); default: full fine-tuning")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall: elapsed time; cpu: process CPU time (needs --threads 1), robust to other processes "
@@ -57,6 +64,9 @@ def main(argv=None):
     if len(attn_starts) not in (1, len(args.starts)):
         p.error(f"--attn-starts: give one value or one per --starts ({len(args.starts)}), got {len(attn_starts)}")
     attn_starts = attn_starts * len(args.starts) if len(attn_starts) == 1 else attn_starts
+    if args.lora_rank is not None and args.lora_rank < 1:
+        p.error(f"--lora-rank: expected a positive integer, got {args.lora_rank}")
+    lora = LoRASettings(rank=args.lora_rank) if args.lora_rank is not None else None
     tokenizer, pristine = load_tokenizer(args.model), load_model(args.model)
     model_name = args.model or "smollm2-135m"
     env = environment(torch.device("cpu"))
@@ -69,21 +79,23 @@ def main(argv=None):
         schedules[name] = [(mlp.rate(s), attn.rate(s) if attn is not None else None) for s in range(args.steps)]
     rates = sorted({r for rs in schedules.values() for r in rs}, key=lambda r: (-r[0], -(r[1] or 0.0)))
     label = lambda r: f"SAT {r[0]:g}" + (f" / attention {r[1]:g}" if r[1] is not None else "")  # noqa: E731
-    print(f"# interleaved training-step times, {model_name}, {env['device']}, torch {env['torch']}, fp32, "
+    adapters = f", LoRA r {lora.rank} alpha {lora.alpha:g} on {' '.join(lora.targets)}" if lora is not None else ""
+    print(f"# interleaved training-step times, {model_name}{adapters}, {env['device']}, torch {env['torch']}, fp32, "
           f"forward={args.forward}, {args.clock} clock, median of {args.repeats} rounds")
     results = []
     for task in args.tasks:
         batch, seq = SHAPES[task]
         batch, seq = args.batch_size or batch, args.seq_len or seq
         cfg = TrainConfig(task=task, steps=args.steps, seq_len=seq, batch_size=batch, precision="fp32",
-                          forward=args.forward, attn_omission_rate=0.5 if args.attn_starts else None)
+                          forward=args.forward, attn_omission_rate=0.5 if args.attn_starts else None, lora=lora)
         train, _ = tokenize(default_corpus(task), tokenizer, seq)
         first = training_order(train, batch, cfg.seed)
         st = interleaved_step_times(pristine, first, cfg, pad_id=tokenizer.pad_token_id,
                                     schedule=rates, repeats=args.repeats, clock=args.clock)
         ms = st["step_ms"]
         row = {"task": task, "batch": batch, "seq_len": seq, "batch_tokens": st["batch_tokens"], "step_ms": ms,
-               "step_ms_p20_p80": st["step_ms_p20_p80"], "schedules": {}}
+               "step_ms_p20_p80": st["step_ms_p20_p80"],
+               "control_dense_over_sat_rate0": st["control_dense_over_sat_rate0"], "schedules": {}}
         print(f"\n{task}: batch {batch} x <= {seq} tokens ({st['batch_tokens']} tokens in the first batch)")
         print("| variant | step ms | dense / variant |")
         print("|---|---|---|")
@@ -98,7 +110,8 @@ def main(argv=None):
             print(f"| {name} | {mean:.3f} | {speedup:.3f}x |", flush=True)
         results.append(row)
     if args.json:
-        write_json({"environment": env, "config": vars(args), "rows": results}, args.json)
+        write_json({"environment": env, "config": vars(args), "lora": asdict(lora) if lora is not None else None,
+                    "rows": results}, args.json)
         print(f"wrote {args.json}")
 
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from sat_kernels.bench.cli import main
-from sat_kernels.bench.mlp import flops, run_shape, saved_activation_bytes
+from sat_kernels.bench.mlp import flops, make_provider, run_shape, saved_activation_bytes
+from sat_kernels.ops.sat_mlp_lora import LoRA
 
 
 def test_mlp_bench_appends_rows_and_plots(tmp_path, capsys):
@@ -31,6 +32,48 @@ def test_mlp_bench_appends_rows_and_plots(tmp_path, capsys):
     assert list(tmp_path.glob("mlp_full_*.png"))
 
 
+def test_mlp_bench_lora_mode(tmp_path, capsys):
+    """--lora-rank: dense LoRA, dense_k and SAT-LoRA on a frozen base, rows with the LoRA FLOP limit in
+    mlp_lora.jsonl (mlp.jsonl and its plots stay the full-training rows)."""
+    main(["--results-dir", str(tmp_path), "--device", "cpu", "mlp", "--lora-rank", "4", "--shapes", "smollm2-135m",
+          "--tokens", "48", "--rates", "0.5", "--repeats", "1", "--forward", "dense"])
+    out = capsys.readouterr().out
+    assert "with LoRA r 4 on gate/up/down, frozen base, forward=dense" in out
+    assert "| smollm2-135m | 48 | 0.5 | torch | full |" in out
+    assert not (tmp_path / "mlp.jsonl").exists()
+    rows = [json.loads(line) for line in (tmp_path / "mlp_lora.jsonl").read_text().splitlines()]
+    assert {r["provider"] for r in rows} == {"dense", "dense_k", "torch"} and len(rows) == 9
+    assert all(r["lora_rank"] == 4 and r["forward"] == "dense" and r["clock"] == "wall" for r in rows)
+    full = {r["provider"]: r for r in rows if r["mode"] == "full"}
+    assert full["torch"]["flop_limit"] == pytest.approx((6 + 6 * 768 / 1536) / 12)
+    assert full["torch"]["saved_bytes"] < full["dense"]["saved_bytes"]
+    with pytest.raises(SystemExit, match=r"providers \['masked'\] are not usable here in LoRA mode"):
+        main(["--results-dir", str(tmp_path), "--device", "cpu", "mlp", "--lora-rank", "4", "--providers", "masked"])
+
+
+def test_lora_providers_compute_the_peft_mlp():
+    """With every neuron kept, SAT-LoRA equals the dense LoRA provider: output, dx and every adapter gradient; the
+    frozen base weights get none."""
+    T, h, inter, r = 24, 16, 40, 4
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(T, h, generator=gen, dtype=torch.float64, requires_grad=True)
+    ws = [torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((inter, h), (inter, h), (h, inter))]
+    adapters = tuple(LoRA(torch.randn(r, i, generator=gen, dtype=torch.float64, requires_grad=True),
+                          torch.randn(o, r, generator=gen, dtype=torch.float64, requires_grad=True), 2.0)
+                     for i, o in ((h, inter), (h, inter), (inter, h)))
+    results = []
+    for name in ("dense", "torch"):
+        fwd, tensors = make_provider(name, x, ws, 0.0, inter, adapters=adapters)
+        for t in tensors:
+            t.grad = None
+        y = fwd()
+        y.backward(torch.ones_like(y))
+        results.append([y.detach()] + [t.grad for t in tensors if t.requires_grad])
+        assert all(w.grad is None for w in ws)
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+
+
 def test_train_step_bench(tmp_path, capsys, monkeypatch):
     from sat_kernels.bench import train_step
 
@@ -48,6 +91,10 @@ def test_flop_model_matches_design():
     T, h, inter = 10, 4, 100
     assert flops("torch", "full", T, h, inter, 50) / flops("dense", "full", T, h, inter, 50) == pytest.approx(11 / 18)
     assert flops("dense_k", "full", T, h, inter, 25) == flops("dense", "full", T, h, inter, 25) / 4
+    lora_dense = flops("dense", "full", T, h, inter, 50, lora=True)
+    assert lora_dense == 12 * T * h * inter
+    assert flops("torch", "full", T, h, inter, 50, lora=True) / lora_dense == pytest.approx(8 / 12)
+    assert flops("torch", "full", T, h, inter, 50, "dense", lora=True) / lora_dense == pytest.approx(9 / 12)
 
 
 def test_saved_bytes_scale_with_kept_fraction():

@@ -1,5 +1,8 @@
 """``sat-train``: the offline corpus, SFT label masking, the dense/SAT runner and the CLI end to end on a tiny random
 Llama with a word-level tokenizer built here (no downloads); the real SmolLM2 run is ``slow``."""
+import copy
+import importlib.metadata
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,7 +14,7 @@ import torch
 import sat_kernels as sk
 from sat_kernels.train import data as D
 from sat_kernels.train.cli import main
-from sat_kernels.train.runner import TrainConfig, train_run
+from sat_kernels.train.runner import LORA_TARGETS, LoRASettings, TrainConfig, add_lora, train_run
 
 from helpers import tiny_config
 
@@ -220,6 +223,36 @@ def test_runs_share_seed_data_and_optimizer(tiny_dir):
     assert all(not isinstance(m, sk.SATMLP) for m in pristine.modules())
 
 
+def test_lora_runs_train_the_same_adapters_on_a_frozen_model(tiny_dir):
+    """LoRA: both arms start from the same seeded adapters (SAT at rate 0 reproduces the dense LoRA run bitwise),
+    only the adapters train, and omission changes the first step's loss."""
+    pytest.importorskip("peft")
+    pristine, order, held, pad = _tiny_setup(tiny_dir, 6, 2)
+    lora = LoRASettings(rank=4)
+    assert lora.alpha == 8.0 and lora.targets == LORA_TARGETS
+    cfg = TrainConfig(steps=6, seq_len=16, batch_size=2, lr=3e-3, lora=lora)
+    cfg0 = TrainConfig(steps=6, seq_len=16, batch_size=2, lr=3e-3, omission_rate=0.0, lora=lora)
+    start = add_lora(copy.deepcopy(pristine), cfg).state_dict()
+    dense, dense_model = train_run(pristine, order, held, cfg, sat=False, pad_id=pad, progress=False)
+    sat0, _ = train_run(pristine, order, held, cfg0, sat=True, pad_id=pad, progress=False)
+    sat, sat_model = train_run(pristine, order, held, cfg, sat=True, pad_id=pad, progress=False)
+    assert sat0.losses == dense.losses and sat0.eval_loss == dense.eval_loss
+    assert sat.losses[0] != dense.losses[0], "omission changes the first step's loss"
+    base = pristine.state_dict()
+    for model in (dense_model, sat_model):
+        assert not any(isinstance(m, sk.SATMLP) for m in model.modules()), "reverted, adapters kept"
+        trained = model.state_dict()
+        assert trained.keys() == start.keys()
+        adapters = [k for k in trained if "lora_" in k]
+        assert len(adapters) == 2 * 2 * 7, "A and B on the 7 linear layers of both decoder layers"
+        assert all(not torch.equal(trained[k], start[k]) for k in adapters), "every adapter trained"
+        for k in trained:
+            if "lora_" not in k:
+                assert torch.equal(trained[k], base[k.replace("base_model.model.", "").replace(".base_layer", "")]), k
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable == set(adapters)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # CLI
 
@@ -342,6 +375,69 @@ def test_cli_dense_forward(tiny_dir, tmp_path, capsys):
     assert list(alone) == ["dense"] and alone["dense"]["losses"] == dense["losses"]
 
 
+@pytest.mark.parametrize("forward", ["sparse", "dense"])
+def test_cli_compare_lora(forward, tiny_dir, tmp_path, capsys):
+    """--lora-rank: dense LoRA vs SAT-LoRA; the SAT arm's first loss differs from dense with the sparse forward and
+    equals it with the exact one; the LoRA settings are in the JSON config; --save-model writes the adapter."""
+    pytest.importorskip("peft")
+    out = _run_cli(["--model", str(tiny_dir / "llama"), "--data", str(tiny_dir / "corpus.txt"), "--compare",
+                    "--steps", "4", "--seq-len", "16", "--batch-size", "2", "--lr", "3e-3", "--lora-rank", "4",
+                    "--forward", forward, "--timing-repeats", "1", "--output-dir", str(tmp_path), "--save-model",
+                    "--no-progress"], capsys)
+    assert "LoRA r 4, alpha 8, dropout 0 on q_proj k_proj v_proj o_proj gate_proj up_proj down_proj" in out
+    report = json.loads((tmp_path / "train_cpt.json").read_text())
+    assert report["config"]["lora"] == {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": list(LORA_TARGETS)}
+    assert report["config"]["forward"] == forward
+    sat, dense = report["runs"]["SAT"], report["runs"]["dense"]
+    if forward == "sparse":
+        assert sat["losses"][0] != pytest.approx(dense["losses"][0], rel=1e-6)
+    else:
+        assert sat["losses"][0] == pytest.approx(dense["losses"][0], rel=1e-6)
+        assert sat["losses"][3] != pytest.approx(dense["losses"][3], rel=1e-6)
+    assert set(report["interleaved_step_times"]["step_ms"]) == {"dense", "SAT 0.5", "SAT 0.25", "SAT 0"}
+    saved = json.loads((tmp_path / "train_cpt_model" / "adapter_config.json").read_text())
+    assert saved["r"] == 4 and saved["lora_alpha"] == 8 and set(saved["target_modules"]) == set(LORA_TARGETS)
+
+
+def test_schedule_speed_lora(tiny_dir, tmp_path, capsys):
+    """benchmarks/schedule_speed.py --lora-rank: interleaved step times of LoRA steps, the settings in the JSON."""
+    pytest.importorskip("peft")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("schedule_speed", os.path.join(root, "benchmarks",
+                                                                                 "schedule_speed.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    path = tmp_path / "speed.json"
+    script.main(["--model", str(tiny_dir / "llama"), "--tasks", "cpt", "--batch-size", "2", "--seq-len", "16",
+                 "--starts", "0.5", "--steps", "10", "--repeats", "1", "--lora-rank", "4", "--json", str(path)])
+    assert "LoRA r 4 alpha 8 on q_proj" in capsys.readouterr().out
+    report = json.loads(path.read_text())
+    assert report["lora"] == {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": list(LORA_TARGETS)}
+    row, = report["rows"]
+    assert set(row["step_ms"]) == {"dense", "SAT 0.5", "SAT 0.25", "SAT 0"}
+    assert row["control_dense_over_sat_rate0"] == pytest.approx(row["step_ms"]["dense"] / row["step_ms"]["SAT 0"])
+    assert report["environment"]["peft"] == importlib.metadata.version("peft")
+
+
+def test_cli_lora_errors(tiny_dir, monkeypatch, capsys):
+    common = ["--model", str(tiny_dir / "llama"), "--data", str(tiny_dir / "corpus.txt"), "--steps", "2",
+              "--seq-len", "16"]
+    with pytest.raises(SystemExit):
+        main(common + ["--lora-alpha", "8", "--lora-targets", "q_proj"])
+    assert "--lora-alpha, --lora-targets need --lora-rank" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(common + ["--lora-rank", "4", "--lora-targets", "w1"])
+    assert "Target modules {'w1'} not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(common + ["--lora-rank", "4", "--attn-omission-rate", "0.5"])
+    err = capsys.readouterr().err
+    assert "not supported by SAT" in err and "q_proj is a PEFT LoRA layer" in err
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(SystemExit):
+        main(common + ["--lora-rank", "4"])
+    assert "--lora-rank needs the package peft: pip install 'peft>=0.13'" in capsys.readouterr().err
+
+
 def test_attention_rate_is_applied_separately(tiny_dir):
     pristine, order, held, pad = _tiny_setup(tiny_dir, 4, 2)
     cfg = TrainConfig(steps=4, seq_len=16, batch_size=2, omission_rate=0.5, attn_omission_rate=0.0,
@@ -385,8 +481,10 @@ def test_runner_schedules_through_the_public_callback(tiny_dir, monkeypatch):
     (["--dense-fraction", "1.5"], "argument --dense-fraction: must be in [0, 1], got 1.5"),
     (["--num-rungs", "0"], "argument --num-rungs: expected a positive integer, got 0"),
     (["--task", "dpo"], "argument --task: invalid choice"),
+    (["--lora-rank", "0"], "argument --lora-rank: expected a positive integer, got 0"),
+    (["--lora-dropout", "1"], "argument --lora-dropout: must be in [0, 1), got 1.0"),
 ], ids=["missing-data", "missing-model", "rate-1", "rate-neg", "rate-text", "attn-rate-1", "steps-0", "scheduler",
-        "dense-fraction", "num-rungs", "task"])
+        "dense-fraction", "num-rungs", "task", "lora-rank-0", "lora-dropout-1"])
 def test_cli_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)

@@ -2,6 +2,7 @@
 
     sat-bench                      # --quick on CPU: SmolLM2 MLP shape + training step, a few minutes on 2 cores
     sat-bench mlp --shapes llama2-7b --tokens 8192 --rates 0.5 0.75 --dtype bf16     # GPU
+    sat-bench --threads 1 mlp --lora-rank 16 --clock cpu   # LoRA on a frozen base: dense LoRA vs SAT-LoRA
     sat-bench train-step --config smollm2-135m --rate 0.5
     sat-bench train-step --backend triton          # GPU: the SAT MLP on the Triton kernels
     sat-bench plot                 # PNGs from benchmarks/results/mlp.jsonl
@@ -16,6 +17,7 @@ import torch
 
 from ..backends import BACKENDS
 from .mlp import MODES, SHAPES, available_providers, run_shape
+from .timing import CLOCKS
 from .plot import plot_file
 from .results import append_jsonl, default_results_dir, environment, markdown_table
 from .train_step import CONFIGS, run_train_step
@@ -54,10 +56,18 @@ def cmd_mlp(args) -> int:
     rates = args.rates if args.rates is not None else ([0.25, 0.5, 0.75] if quick else [0.0, 0.25, 0.5, 0.75])
     dtype = DTYPES[args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
     repeats = args.repeats or (5 if quick else 11)
-    providers = args.providers or available_providers(device)
-    unknown = sorted(set(providers) - set(available_providers(device)))
+    lora = args.lora_rank is not None
+    if lora and args.lora_rank < 1:
+        raise SystemExit(f"sat-bench: --lora-rank must be a positive integer, got {args.lora_rank}")
+    if device.type == "cpu" and args.clock == "cpu" and torch.get_num_threads() != 1:
+        raise SystemExit(f"sat-bench: --clock cpu sums the CPU time of all threads: pass --threads 1 (now "
+                         f"{torch.get_num_threads()} threads)")
+    usable = available_providers(device, lora)
+    providers = args.providers or usable
+    unknown = sorted(set(providers) - set(usable))
     if unknown:
-        raise SystemExit(f"sat-bench: providers {unknown} are not usable here; usable: {available_providers(device)}")
+        raise SystemExit(f"sat-bench: providers {unknown} are not usable here{' in LoRA mode' if lora else ''}; "
+                         f"usable: {usable}")
     for s in shapes:
         if s not in SHAPES:
             raise SystemExit(f"sat-bench: unknown shape {s!r}; known: {list(SHAPES)}")
@@ -67,12 +77,15 @@ def cmd_mlp(args) -> int:
     for shape, T, rate in _progress(jobs, "mlp"):
         h, inter = SHAPES[shape]
         for row in run_shape(T, h, inter, rate, dtype=dtype, device=device, providers=providers, modes=args.modes,
-                             repeats=repeats, shape_name=shape, forward=args.forward):
+                             repeats=repeats, shape_name=shape, forward=args.forward, lora_rank=args.lora_rank,
+                             clock=args.clock):
             rows.append({**env, **row})
-    print(f"\n# SAT MLP, {env['device']}, {dtype}, torch {env['torch']}, triton {env['triton']}, git {env['git']}")
+    what = f" with LoRA r {args.lora_rank} on gate/up/down, frozen base" if lora else ""
+    print(f"\n# SAT MLP{what}, forward={args.forward}, {env['device']}, {dtype}, torch {env['torch']}, "
+          f"triton {env['triton']}, git {env['git']}, {args.clock if device.type == 'cpu' else 'cuda'} clock")
     print(markdown_table(rows, MLP_COLUMNS, FORMATS))
     if not args.no_save:
-        path = append_jsonl(Path(args.results_dir) / "mlp.jsonl", rows)
+        path = append_jsonl(Path(args.results_dir) / ("mlp_lora.jsonl" if lora else "mlp.jsonl"), rows)
         print(f"appended {len(rows)} rows to {path}")
     return 0
 
@@ -111,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-save", action="store_true", help="print only, do not append to the results files")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--quick", action="store_true", help="small set (the default on CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     sub = p.add_subparsers(dest="command")
     m = sub.add_parser("mlp", help="MLP microbenchmarks")
     m.add_argument("--shapes", nargs="+", help=f"from {list(SHAPES)}")
@@ -122,7 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--repeats", type=int)
     m.add_argument("--full", action="store_true", help="the full shape/T/rate grid even on CPU")
     m.add_argument("--forward", choices=["sparse", "dense"], default="sparse",
-                   help="forward mode of the SAT providers (FLOP limit (4 + 14 rho) / 18 or (6 + 12 rho) / 18)")
+                   help="forward mode of the SAT providers (FLOP limit (4 + 14 rho) / 18 or (6 + 12 rho) / 18; "
+                        "with --lora-rank (4 + 8 rho) / 12 or (6 + 6 rho) / 12)")
+    m.add_argument("--lora-rank", type=int, default=None,
+                   help="LoRA mode: frozen base weights, adapters of this rank on gate, up and down; providers dense "
+                        "(PEFT's forward), dense_k, torch (SAT-LoRA); rows go to mlp_lora.jsonl")
+    m.add_argument("--clock", choices=CLOCKS, default="wall",
+                   help="CPU timing: wall, or cpu (process CPU time, needs --threads 1; robust to other processes)")
     t = sub.add_parser("train-step", help="tokens/s of a full training step, dense vs SAT")
     t.add_argument("--config", choices=list(CONFIGS))
     t.add_argument("--batch", type=int)
@@ -140,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.command is None:   # the quick default: MLP microbenchmarks, then the training step
         base = ["--results-dir", args.results_dir, "--device", args.device] + (["--no-save"] if args.no_save else [])
         cmd_mlp(parser.parse_args(base + ["--quick", "mlp"]))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -56,6 +57,10 @@ def environment(device: torch.device) -> Dict[str, str]:
         import transformers
         env["transformers"] = transformers.__version__
     except ImportError:
+        pass
+    try:   # the version only: importing peft takes seconds
+        env["peft"] = importlib.metadata.version("peft")
+    except importlib.metadata.PackageNotFoundError:
         pass
     if os.environ.get("TRITON_INTERPRET") == "1":
         env["triton_interpret"] = "1"

@@ -60,15 +60,16 @@ def bench_cuda(fn: Callable[[], None], rep_ms: int = 100):
     return tuple(do_bench(fn, warmup=25, rep=rep_ms, quantiles=list(QUANTILES)))
 
 
-def bench(fns: Dict[str, Callable[[], None]], device: torch.device, repeats: int):
+def bench(fns: Dict[str, Callable[[], None]], device: torch.device, repeats: int, clock: str = "wall"):
     """Time each function; returns ``{name: (median_ms, p20_ms, p80_ms)}`` and the median per-round ratio to the
-    first function (CPU) or the ratio of medians (CUDA)."""
+    first function (CPU) or the ratio of medians (CUDA). ``clock``: the CPU clock of
+    :func:`bench_cpu_interleaved` (CUDA ignores it)."""
     names = list(fns)
     if device.type == "cuda":
         stats = {name: bench_cuda(fn) for name, fn in fns.items()}
         base = stats[names[0]][0]
         return stats, {name: stats[name][0] / base for name in names}
-    stats, samples = bench_cpu_interleaved(fns, repeats)
+    stats, samples = bench_cpu_interleaved(fns, repeats, clock=clock)
     base = samples[names[0]]
     ratios = {name: statistics.median(s / b for s, b in zip(samples[name], base)) for name in names}
     return stats, ratios

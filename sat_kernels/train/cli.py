@@ -5,15 +5,17 @@ with the same seed, data order, steps and optimizer), then evaluate dense on a h
     sat-train --compare --task sft --steps 100
     sat-train --model path/to/llama --data corpus.txt --steps 500 --omission-rate 0.5 --output-dir runs/x
     sat-train --compare --preset gpu                     # larger settings for one GPU (bf16 autocast)
+    sat-train --compare --task sft --lora-rank 16        # LoRA fine-tuning: dense LoRA vs SAT-LoRA
 """
 from __future__ import annotations
 
 import argparse
 import math
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from .data import TASKS, default_corpus, evenly_spaced, load_corpus, tokenize, training_order
-from .runner import PRECISIONS, SCHEDULERS, TrainConfig
+from .runner import LORA_TARGETS, PRECISIONS, SCHEDULERS, LoRASettings, TrainConfig
 
 # Explicit options override the preset. "cpu" is sized for the main job on a 2-core CPU (scripts/main.sh);
 # "gpu" is a suggestion for one GPU and has not been measured.
@@ -131,11 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="SAT kernel backend (default: auto)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 autocast on a GPU that supports it, else fp32 (default: auto)")
+    p.add_argument("--lora-rank", type=_positive_int, default=None,
+                   help="train PEFT LoRA adapters of this rank on the frozen model, in both runs (the same seeded "
+                        "adapters; SAT patches the LoRA model); needs peft (default: full fine-tuning)")
+    p.add_argument("--lora-alpha", type=_positive_float, default=None, help="LoRA alpha (default: 2 x rank)")
+    p.add_argument("--lora-dropout", type=_rate, default=None, help="LoRA dropout in [0, 1) (default 0)")
+    p.add_argument("--lora-targets", nargs="+", default=None, metavar="MODULE",
+                   help=f"module names that get adapters (default: every linear layer of the decoder: "
+                        f"{' '.join(LORA_TARGETS)})")
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--output-dir", default="runs/sat-train", help="where the JSON summary and the PNG go")
     p.add_argument("--name", default=None, help="file name stem of the outputs (default: train_<task>)")
     p.add_argument("--save-model", action="store_true",
-                   help="save the trained SAT model (dense modules, ordinary checkpoint) to OUTPUT_DIR/<name>_model")
+                   help="save the trained SAT model (dense modules, ordinary checkpoint; with --lora-rank the PEFT "
+                        "adapter) to OUTPUT_DIR/<name>_model")
     p.add_argument("--timing-repeats", type=_non_negative_int, default=5,
                    help="with --compare: rounds of the interleaved step-time check after training (dense and SAT at "
                         "each rate of the schedule, one training step each per round, on the first batch); 0 skips "
@@ -148,12 +159,17 @@ def config_from_args(args) -> TrainConfig:
     """The :class:`TrainConfig` of parsed ``args`` (preset values where an option was not given)."""
     preset = PRESETS[args.preset]
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else preset[name]  # noqa: E731
+    lora = None
+    if args.lora_rank is not None:
+        lora = LoRASettings(rank=args.lora_rank, alpha=args.lora_alpha,
+                            dropout=args.lora_dropout if args.lora_dropout is not None else 0.0,
+                            targets=tuple(args.lora_targets or LORA_TARGETS))
     return TrainConfig(task=args.task, steps=pick("steps"), seq_len=pick("seq_len"), batch_size=pick("batch_size"),
                        lr=pick("lr"), warmup_steps=pick("warmup_steps"), seed=args.seed,
                        omission_rate=args.omission_rate, attn_omission_rate=args.attn_omission_rate,
                        scheduler=args.scheduler, num_rungs=args.num_rungs, dense_fraction=args.dense_fraction,
                        metric=args.metric, strategy=args.strategy, forward=args.forward, backend=args.backend,
-                       precision=args.precision)
+                       precision=args.precision, lora=lora)
 
 
 def main(argv=None) -> int:
@@ -161,6 +177,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.compare and args.dense_only:
         parser.error("--compare and --dense-only exclude each other")
+    if args.lora_rank is None:
+        given = [f"--lora-{n}" for n in ("alpha", "dropout", "targets") if getattr(args, f"lora_{n}") is not None]
+        if given:
+            parser.error(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --lora-rank")
     if args.data is not None and not Path(args.data).is_file():
         parser.error(f"--data: file {args.data!r} does not exist")
     from .model import NAMED_MODELS
@@ -175,8 +195,8 @@ def main(argv=None) -> int:
     from ..bench.results import environment
     from .compare import TOKENS_NOTE, plot, summary, table, write_json
     from .model import load_model, load_tokenizer, resolve_model_path
-    from .runner import (check_sat_supported, evaluate, interleaved_step_times, is_main_process,
-                         resolve_device_precision, train_run, world_size)
+    from .runner import check_sat_supported, evaluate, is_main_process, resolve_device_precision, train_run, world_size
+    from .step_times import interleaved_step_times
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -207,8 +227,11 @@ def main(argv=None) -> int:
             "eval_examples_used": len(held_out), "eval_tokens": sum(len(e["input_ids"]) for e in held_out),
             "train_tokens": sum(len(e["input_ids"]) for e in order)}
     processes = f" x {world} processes (DDP)" if world > 1 else ""
+    lora = cfg.lora
+    adapters = (f" | LoRA r {lora.rank}, alpha {lora.alpha:g}, dropout {lora.dropout:g} on {' '.join(lora.targets)}"
+                if lora is not None else "")
     say(f"sat-train: {cfg.task} | model {model_name} | {env['device']}{processes} | "
-        f"{'bf16 autocast' if autocast_dtype is not None else 'fp32'}")
+        f"{'bf16 autocast' if autocast_dtype is not None else 'fp32'}{adapters}")
     epochs = data["train_tokens"] / sum(len(e["input_ids"]) for e in train_all)
     say(f"data: {corpus.source}: {len(train_all)} train / {len(eval_all)} eval examples; "
         f"{cfg.steps} steps x {cfg.batch_size * world} sequences of <= {cfg.seq_len} tokens "
@@ -246,7 +269,7 @@ def main(argv=None) -> int:
         return 0
     name = args.name or f"train_{cfg.task}"
     out_dir = Path(args.output_dir)
-    config = dict(vars(cfg), model=model_name, compare=args.compare, preset=args.preset,
+    config = dict(asdict(cfg), model=model_name, compare=args.compare, preset=args.preset,
                   eval_examples=eval_examples, threads=env["threads"], world_size=world)
     report = summary(runs, config=config, environment=env, data=data, base_eval_loss=base_eval,
                      step_times=step_times)
@@ -261,8 +284,9 @@ def main(argv=None) -> int:
               f"eval loss {100 * c['eval_loss_rel_diff']:+.2f}%")
     json_path = write_json(report, out_dir / f"{name}.json")
     attention = f" (attention {cfg.attn_omission_rate})" if cfg.attn_omission_rate is not None else ""
-    title = (f"sat-train {cfg.task}: {Path(model_name).name}, {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len}, "
-             f"{cfg.scheduler} from {cfg.omission_rate}{attention}\n{env['device']}, {env['date']}")
+    title = (f"sat-train {cfg.task}{f' LoRA r {lora.rank}' if lora is not None else ''}: {Path(model_name).name}, "
+             f"{cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len}, {cfg.scheduler} from {cfg.omission_rate}"
+             f"{attention}\n{env['device']}, {env['date']}")
     png_path = plot(runs, out_dir / f"{name}.png", title, base_eval)
     print(f"wrote {json_path} and {png_path}")
     if args.save_model and sat_model is not None:

@@ -20,7 +20,7 @@ def summary(runs: Sequence[RunResult], *, config: Dict, environment: Dict, data:
             base_eval_loss: Optional[float] = None, step_times: Optional[Dict] = None) -> Dict:
     """The JSON-serialisable summary: settings, environment, data, per-run totals and per-step logs, and for a
     dense/SAT pair the speedup (tokens/s, train wall time and, when ``step_times`` from
-    :func:`~sat_kernels.train.runner.interleaved_step_times` is given, the interleaved schedule speedup) and the
+    :func:`~sat_kernels.train.step_times.interleaved_step_times` is given, the interleaved schedule speedup) and the
     relative eval-loss difference."""
     out = {"config": config, "environment": environment, "data": data, "measurement": TOKENS_NOTE,
            "base_eval_loss": base_eval_loss, "runs": {r.name: r.to_dict() for r in runs}}

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +30,30 @@ from .data import IGNORE_INDEX, collate
 
 SCHEDULERS = ("ladder", "constant", "linear")
 PRECISIONS = ("auto", "fp32", "bf16")
+# every linear layer of a Llama-family decoder layer (attention and MLP); the LM head and embeddings stay frozen
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoRASettings:
+    """PEFT LoRA adapters of rank ``rank`` on the modules named ``targets``, trained on the frozen model
+    (``sat-train --lora-rank``); ``alpha`` defaults to ``2 * rank``."""
+
+    rank: int
+    alpha: Optional[float] = None
+    dropout: float = 0.0
+    targets: Tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self):
+        if self.alpha is None:
+            self.alpha = 2.0 * self.rank
+        self.targets = tuple(self.targets)
 
 
 @dataclass
 class TrainConfig:
-    """Settings shared by the dense and the SAT run of a comparison (see ``sat-train --help``)."""
+    """Settings shared by the dense and the SAT run of a comparison (see ``sat-train --help``); with ``lora`` both
+    runs train the same LoRA adapters on the frozen model (:func:`add_lora`)."""
 
     task: str = "cpt"
     steps: int = 30
@@ -54,6 +73,7 @@ class TrainConfig:
     backend: str = "auto"
     precision: str = "auto"
     eval_batch_size: int = 8
+    lora: Optional[LoRASettings] = None
 
 
 @dataclass
@@ -125,6 +145,25 @@ def resolve_device_precision(precision: str):
     return device, None
 
 
+def add_lora(model, cfg: TrainConfig):
+    """``model`` wrapped in place by ``peft.get_peft_model`` with the LoRA adapters of ``cfg.lora`` (base weights
+    frozen).
+
+    The adapters are initialised from ``cfg.seed`` (PEFT's default: ``A`` random, ``B`` zero), so the dense and the
+    SAT run start from the same adapters and compute ``model``'s function at first. Raises ``ValueError`` when peft
+    is missing or no module matches ``cfg.lora.targets``.
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ValueError("--lora-rank needs the package peft: pip install 'peft>=0.13'") from None
+    lora = cfg.lora
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.targets), task_type="CAUSAL_LM")
+    torch.manual_seed(cfg.seed)
+    return get_peft_model(model, config)
+
+
 def _patch(model, cfg: TrainConfig):
     sk.replace_mlp(model, cfg.omission_rate, metric=cfg.metric, strategy=cfg.strategy, backend=cfg.backend,
                    forward=cfg.forward)
@@ -134,14 +173,29 @@ def _patch(model, cfg: TrainConfig):
 
 
 def check_sat_supported(model, cfg: TrainConfig) -> None:
-    """Raise a clear ValueError before any training if SAT cannot patch ``model`` (e.g. GPT-2: no SwiGLU MLP)."""
+    """Raise a clear ValueError before any training if SAT cannot patch ``model`` (e.g. GPT-2: no SwiGLU MLP), or,
+    with ``cfg.lora``, its LoRA model (checked on a copy: PEFT wraps in place)."""
+    if cfg.lora is not None:
+        model = add_lora(copy.deepcopy(model), cfg)
     try:
         _patch(model, cfg)
     except ValueError as e:
-        raise ValueError(f"--model ({type(model).__name__}, model_type {getattr(model.config, 'model_type', '?')!r}) "
+        base = model.get_base_model() if cfg.lora is not None else model
+        raise ValueError(f"--model ({type(base).__name__}, model_type {getattr(base.config, 'model_type', '?')!r}) "
                          f"is not supported by SAT: {e}") from None
     finally:
         sk.revert(model)
+
+
+def make_model(pristine, cfg: TrainConfig, *, sat: bool, device: torch.device):
+    """A fresh copy of ``pristine`` on ``device`` in training mode: with LoRA adapters when ``cfg.lora`` is set
+    (:func:`add_lora`), then patched with SAT (``replace_mlp``, ``replace_attention`` with a rate) when ``sat``."""
+    model = copy.deepcopy(pristine).to(device)
+    if cfg.lora is not None:
+        model = add_lora(model, cfg)
+    if sat:
+        _patch(model, cfg)
+    return model.train()
 
 
 class _ExamplesDataset(torch.utils.data.Dataset):
@@ -173,7 +227,7 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -196,11 +250,11 @@ def _make_callbacks(result: RunResult, device, total_steps: int, rate_of, attn_r
                             dynamic_ncols=True, leave=False)
 
         def on_step_begin(self, args, state, control, **kwargs):
-            _sync(device)
+            synchronize(device)
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            _sync(device)
+            synchronize(device)
             result.step_seconds.append(time.perf_counter() - self.t0)
             result.omission_rates.append(rate_of())
             if attn_rate_of is not None:
@@ -234,68 +288,6 @@ def _make_callbacks(result: RunResult, device, total_steps: int, rate_of, attn_r
     return StepLog()
 
 
-def interleaved_step_times(pristine, batch_examples: Sequence[Dict], cfg: TrainConfig, *, pad_id: int,
-                           schedule: Sequence[tuple], repeats: int = 5, clock: str = "wall") -> Dict:
-    """Step times of dense and of SAT at each omission rate ``schedule`` visited, measured interleaved.
-
-    The tokens/s of two training runs made one after the other also carry whatever changed on the machine in
-    between (other processes, clocks, allocator state). Here fresh copies of ``pristine`` (one dense, one patched
-    like the SAT run) take full training steps (forward, backward, AdamW step) on the same batch, in rounds that run
-    every variant once, so all variants see the same machine state (on GPU each is timed with ``do_bench``). On CPU
-    each round runs ``dense, SAT r1, dense, SAT r2, ...``, so every timed step follows a step of the other model (the
-    same condition for every variant). SAT at rate 0 runs the dense computation: ``control_dense_over_sat_rate0``
-    shows how far apart two timings of one computation came out.
-
-    ``schedule`` is the SAT run's per-step ``(mlp rate, attention rate or None)``; the schedule speedup is
-    ``steps * t_dense / sum over steps of t_SAT(rate of the step)``. ``clock`` (CPU only): ``"wall"`` or ``"cpu"``
-    (process CPU time, one torch thread; see :func:`sat_kernels.bench.timing.bench_cpu_interleaved`). Returns a
-    JSON-ready dict.
-    """
-    from ..bench.timing import bench, bench_cpu_interleaved
-
-    device, autocast_dtype = resolve_device_precision(cfg.precision)
-    batch = {k: v.to(device) for k, v in collate(list(batch_examples), pad_id).items()}
-    models, optimizers = {}, {}
-    for name in ("dense", "SAT"):
-        models[name] = copy.deepcopy(pristine).to(device).train()
-        optimizers[name] = torch.optim.AdamW(models[name].parameters(), lr=cfg.lr, weight_decay=0.0)
-    _patch(models["SAT"], cfg)
-
-    def step(name, rates=None):
-        def run():
-            model, opt = models[name], optimizers[name]
-            if rates is not None:
-                sk.set_omission_rate(model, mlp=rates[0], attention=rates[1])
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss = model(**batch).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            _sync(device)
-        return run
-
-    visited = sorted(set(schedule), key=lambda r: (-r[0], -(r[1] or 0.0)))
-    label = lambda r: f"SAT {r[0]:g}" + (f" / attention {r[1]:g}" if r[1] is not None else "")  # noqa: E731
-    fns = {"dense": step("dense")}
-    fns.update({label(r): step("SAT", r) for r in visited})
-    if device.type == "cuda":
-        stats, _ = bench(fns, device, repeats)
-    else:
-        order = [name for r in visited for name in ("dense", label(r))]
-        stats, _ = bench_cpu_interleaved(fns, repeats, warmup=1, order=order, clock=clock)
-    ms = {name: stats[name][0] for name in fns}
-    sat_total = sum(ms[label(r)] for r in schedule)
-    del models, optimizers
-    gc.collect()
-    # SAT at rate 0 runs exactly the dense computation: its ratio to dense is the measurement's own error
-    zero = [label(r) for r in visited if r[0] == 0.0 and not r[1]]
-    return {"batch_sequences": len(batch_examples), "batch_tokens": int(batch["attention_mask"].sum()),
-            "repeats": repeats, "clock": clock if device.type == "cpu" else "cuda", "step_ms": ms,
-            "step_ms_p20_p80": {name: [stats[name][1], stats[name][2]] for name in fns},
-            "speedup_schedule": len(schedule) * ms["dense"] / sat_total,
-            "control_dense_over_sat_rate0": ms["dense"] / ms[zero[0]] if zero else None}
-
-
 @torch.no_grad()
 def evaluate(model, examples: Sequence[Dict], pad_id: int, *, batch_size: int = 8,
              device: Optional[torch.device] = None, autocast_dtype=None) -> float:
@@ -324,9 +316,12 @@ def evaluate(model, examples: Sequence[Dict], pad_id: int, *, batch_size: int = 
 def train_run(pristine, train_examples: Sequence[Dict], eval_examples: Sequence[Dict], cfg: TrainConfig, *,
               sat: bool, pad_id: int, name: Optional[str] = None, progress: bool = True):
     """Train a fresh copy of ``pristine`` on ``train_examples`` (already in training order, ``steps * batch_size`` of
-    them), with SAT (``replace_mlp`` + :class:`sat_kernels.SATCallback`) or dense, then evaluate it dense.
+    them), with SAT (``replace_mlp`` + :class:`sat_kernels.SATCallback`) or dense, then evaluate it dense. With
+    ``cfg.lora`` the copy is a PEFT LoRA model (:func:`add_lora`, patched after the adapters are added) and only
+    its adapters train.
 
-    Returns ``(RunResult, trained model)``; the trained model is reverted to its original (dense) modules.
+    Returns ``(RunResult, trained model)``; the trained model is reverted to its original (dense) modules (a LoRA
+    model keeps its adapters).
     """
     from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
@@ -341,12 +336,10 @@ def train_run(pristine, train_examples: Sequence[Dict], eval_examples: Sequence[
     result.step_tokens = [sum(len(e["input_ids"]) for e in train_examples[s * per_step:(s + 1) * per_step])
                           for s in range(cfg.steps)]
     set_seed(cfg.seed)
-    model = copy.deepcopy(pristine).to(device).train()
+    model = make_model(pristine, cfg, sat=sat, device=device)
     callbacks = []
     rate_of, attn_rate_of = (lambda: 0.0), None
     if sat:
-        _patch(model, cfg)
-
         def schedule(rate):
             return make_scheduler(cfg.scheduler, rate, num_rungs=cfg.num_rungs, dense_fraction=cfg.dense_fraction)
 
@@ -382,7 +375,7 @@ def train_run(pristine, train_examples: Sequence[Dict], eval_examples: Sequence[
         result.load_avg_before = _load_average()
         start = time.perf_counter()
         trainer.train()
-        _sync(device)
+        synchronize(device)
         result.train_wall_s = time.perf_counter() - start
         result.load_avg_after = _load_average()
     if len(result.losses) != cfg.steps or len(result.step_seconds) != cfg.steps:
