@@ -196,7 +196,7 @@ def test_attention_nan_scores_are_counted_and_warned_once():
     model = tiny_model("llama")
     with torch.no_grad():
         model.model.layers[1].self_attn.v_proj.weight[0] = float("nan")
-    sk.replace_attention(sk.replace_mlp(model, 0.5), 0.5)
+    sk.replace_attention(sk.replace_mlp(model, 0.5, forward="sparse"), 0.5, forward="sparse")
     assert _no_warning(lambda: sk.sat_stats(model)) == {"mlp": {"layers": {}, "summary": {}},
                                                         "attention": {"layers": {}, "summary": {}}}
     loss = model(**_batch()).loss
