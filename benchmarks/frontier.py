@@ -154,19 +154,23 @@ def main(argv=None):
     p.add_argument("--results", nargs="+", default=sorted(glob.glob(str(RESULTS / "train_*.json"))))
     p.add_argument("--speed", nargs="+", required=True, help="schedule_speed.py JSON files")
     p.add_argument("--csv", default=None)
+    p.add_argument("--md", default=None, help="also write the table to this Markdown file")
     p.add_argument("--plot", default=None)
     args = p.parse_args(argv)
     rows = collect(args.results, load_speed_tables(args.speed))
     rows.sort(key=lambda r: (r["model"], r["task"], r["forward"], r["speedup"] or math.inf))
-    print("| model | task | forward | schedule | attention | seed | mean omission | dense eval | SAT eval | "
-          "SAT vs dense | speedup | run |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = ["| model | task | forward | schedule | attention | seed | mean omission | dense eval | SAT eval | "
+             "SAT vs dense | speedup | run |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         speed = f"{r['speedup']:.3f}x" if r["speedup"] is not None else "not measured"
-        attn = f"{r['attention']:g}" if r["attention"] is not None else "-"
-        print(f"| {r['model']} | {r['task']} | {r['forward']} | {r['schedule']} | {attn} | {r['seed']} | "
-              f"{r['mean_omission']:.3f} | {r['dense_eval_loss']:.4f} | {r['sat_eval_loss']:.4f} | "
-              f"{r['eval_loss_increase_pct']:+.2f}% | {speed} | {r['run']} |")
+        attn = f"from {r['attention']:g}" if r["attention"] is not None else "-"
+        lines.append(f"| {r['model']} | {r['task']} | {r['forward']} | {r['schedule']} | {attn} | {r['seed']} | "
+                     f"{r['mean_omission']:.3f} | {r['dense_eval_loss']:.4f} | {r['sat_eval_loss']:.4f} | "
+                     f"{r['eval_loss_increase_pct']:+.2f}% | {speed} | {r['run']} |")
+    print("\n".join(lines))
+    if args.md:
+        Path(args.md).write_text(f"# SAT quality/speed frontier\n\n`python benchmarks/frontier.py "
+                                 f"--speed {' '.join(Path(p).name for p in args.speed)}`\n\n" + "\n".join(lines) + "\n")
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
