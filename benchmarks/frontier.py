@@ -144,7 +144,7 @@ def plot(rows: List[Dict], path: str) -> None:
     handles = [plt.Line2D([], [], marker=m, color=c, ls="", label=lbl) for m, c, lbl in (
         ("s", "tab:red", "sparse forward, MLP"), ("o", "tab:blue", "dense forward, MLP"),
         ("s", "tab:orange", "sparse forward, MLP + attention"), ("o", "tab:green", "dense forward, MLP + attention"))]
-    axes[0][-1].legend(handles=handles, fontsize=7, loc="upper left")
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
