@@ -74,8 +74,9 @@ class _SATWrapper(nn.Module):
 
     It also keeps what :func:`sat_kernels.sat_stats` reads: the selection statistics of the last training forward
     (device tensors, :meth:`_record`) and the number of non-finite unit scores since patching, accumulated on the
-    device of the weights without a host sync. A subclass sets ``_units`` and ``_kept`` (the units of selection, the
-    kept count at its rate) and names in ``_STATS_PROJ`` the child whose weight's device the counter follows.
+    device of the weights without a host sync. A subclass implements ``_count_kept`` (sets ``_units`` and ``_kept``:
+    the units of selection and the kept count at ``_omission_rate``) and names in ``_STATS_PROJ`` the child whose
+    weight's device the counter follows.
     """
 
     _STATS_PROJ: str
@@ -92,6 +93,21 @@ class _SATWrapper(nn.Module):
 
     def _stats_device(self) -> torch.device:
         return getattr(self, self._STATS_PROJ).weight.device
+
+    @property
+    def omission_rate(self) -> float:
+        return self._omission_rate
+
+    @omission_rate.setter
+    def omission_rate(self, rate: float) -> None:
+        # The forward reads the int kept count only: under torch.compile a float attribute read in the forward
+        # would recompile at every new rate (and become a symbolic float that check_omission_rate cannot test),
+        # an int recompiles once per distinct k.
+        self._omission_rate = check_omission_rate(rate)
+        self._count_kept()
+
+    def _count_kept(self) -> None:
+        raise NotImplementedError
 
     def _apply(self, *args, **kwargs):
         super()._apply(*args, **kwargs)
@@ -173,16 +189,7 @@ class SATMLP(_SATWrapper):
         self.sync_selection = sync_selection
         self.forward_mode = check_choice(forward, FORWARD_MODES, "forward")
 
-    @property
-    def omission_rate(self) -> float:
-        return self._omission_rate
-
-    @omission_rate.setter
-    def omission_rate(self, rate: float) -> None:
-        # The forward reads the int kept count only: under torch.compile a float attribute read in the forward
-        # would recompile at every new rate (and become a symbolic float that check_omission_rate cannot test),
-        # an int recompiles once per distinct k.
-        self._omission_rate = check_omission_rate(rate)
+    def _count_kept(self) -> None:
         self._units = self.gate_proj.out_features
         self._kept = num_kept(self._units, self._omission_rate)
 
@@ -260,18 +267,6 @@ class SATAttention(_SATWrapper):
         self.sync_selection = sync_selection
         self.forward_mode = check_choice(forward, FORWARD_MODES, "forward")
         self.__dict__["_signature"] = inspect.signature(attn.forward)
-
-    @property
-    def omission_rate(self) -> float:
-        return self._omission_rate
-
-    @omission_rate.setter
-    def omission_rate(self, rate: float) -> None:
-        # The forward reads the int kept count only: under torch.compile a float attribute read in the forward
-        # would recompile at every new rate (and become a symbolic float that check_omission_rate cannot test),
-        # an int recompiles once per distinct k.
-        self._omission_rate = check_omission_rate(rate)
-        self._count_kept()
 
     @property
     def unit(self) -> str:

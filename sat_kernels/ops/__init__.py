@@ -39,6 +39,18 @@ def check_mlp_inputs(x, w_gate, w_up, w_down):
     return inter, hidden
 
 
+def check_kept_call(x, w_gate, w_up, w_down, k, *, metric: str, strategy: str, act: str, forward: str):
+    """Validate the operands and options of an MLP op called with a kept count ``k``; returns ``(I, h)``."""
+    inter, hidden = check_mlp_inputs(x, w_gate, w_up, w_down)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= inter:
+        raise ValueError(f"k must be an int in [1, {inter}] (the neurons of w_gate), got {k!r}")
+    check_choice(metric, METRICS, "metric")
+    check_choice(strategy, STRATEGIES, "strategy")
+    check_choice(act, ACTIVATIONS, "act")
+    check_choice(forward, FORWARD_MODES, "forward")
+    return inter, hidden
+
+
 def check_indices(indices, n: int, device: torch.device) -> torch.Tensor:
     """Validate a kept-index set: 1-D integer, non-empty, strictly ascending, in ``[0, n)``; returns int64.
 
@@ -142,13 +154,8 @@ def sat_mlp_kept(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
     ``torch.compile`` the graph then depends on the int ``k`` alone (one compilation per distinct ``k``), where a
     float rate read in the forward would recompile for every new rate and be traced as a symbolic float.
     """
-    inter, _ = check_mlp_inputs(x, w_gate, w_up, w_down)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= inter:
-        raise ValueError(f"k must be an int in [1, {inter}] (the neurons of w_gate), got {k!r}")
-    check_choice(metric, METRICS, "metric")
-    check_choice(strategy, STRATEGIES, "strategy")
-    check_choice(act, ACTIVATIONS, "act")
-    check_choice(forward, FORWARD_MODES, "forward")
+    inter, _ = check_kept_call(x, w_gate, w_up, w_down, k, metric=metric, strategy=strategy, act=act,
+                               forward=forward)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     from ..backends import resolve_backend

@@ -18,8 +18,6 @@ neurons only. FLOPs per ``T*h*I`` (forward + backward): ``4 + 14*rho`` sparse, `
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
-
 import torch
 import torch.nn.functional as F
 

@@ -37,9 +37,8 @@ from typing import Callable, NamedTuple, Optional, Tuple
 import torch
 
 from ..distributed import default_sync_group
-from ..selection import FORWARD_MODES, METRICS, STRATEGIES, check_choice
-from . import check_mlp_inputs, make_selector
-from .sat_mlp import ACTIVATIONS, TorchIndexOps as ops, act_bwd, act_fwd
+from . import check_kept_call, make_selector
+from .sat_mlp import TorchIndexOps as ops, act_bwd, act_fwd
 
 
 class LoRA(NamedTuple):
@@ -186,13 +185,8 @@ def sat_lora_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
         >>> k = num_kept(w_g.shape[0], 0.5)
         >>> y = sat_lora_mlp(x, w_g, w_u, w_d, (LoRA(a_g, b_g, 2.0), None, LoRA(a_d, b_d, 2.0)), k)
     """
-    inter, hidden = check_mlp_inputs(x, w_gate, w_up, w_down)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= inter:
-        raise ValueError(f"k must be an int in [1, {inter}] (the neurons of w_gate), got {k!r}")
-    check_choice(metric, METRICS, "metric")
-    check_choice(strategy, STRATEGIES, "strategy")
-    check_choice(act, ACTIVATIONS, "act")
-    check_choice(forward, FORWARD_MODES, "forward")
+    inter, hidden = check_kept_call(x, w_gate, w_up, w_down, k, metric=metric, strategy=strategy, act=act,
+                                    forward=forward)
     shapes = {"gate": (hidden, inter), "up": (hidden, inter), "down": (inter, hidden)}
     for (name, (fan_in, fan_out)), term in zip(shapes.items(), adapters):
         if term is None:
