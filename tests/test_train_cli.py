@@ -375,6 +375,20 @@ def test_cli_dense_forward(tiny_dir, tmp_path, capsys):
     assert list(alone) == ["dense"] and alone["dense"]["losses"] == dense["losses"]
 
 
+def test_cli_skip_omitted_updates(tiny_dir, tmp_path, capsys):
+    """--skip-omitted-updates: the same first two losses (the first step's update of kept neurons is the plain one
+    and no weight decay moves the others), different ones once AdamW's momentum would move omitted neurons."""
+    common = ["--model", str(tiny_dir / "llama"), "--data", str(tiny_dir / "corpus.txt"), "--steps", "4",
+              "--seq-len", "16", "--batch-size", "2", "--scheduler", "constant", "--output-dir", str(tmp_path),
+              "--no-progress"]
+    _run_cli(common + ["--name", "plain"], capsys)
+    _run_cli(common + ["--name", "lazy", "--skip-omitted-updates"], capsys)
+    plain, lazy = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("plain", "lazy"))
+    assert lazy["config"]["skip_omitted_updates"] and not plain["config"]["skip_omitted_updates"]
+    plain, lazy = plain["runs"]["SAT"]["losses"], lazy["runs"]["SAT"]["losses"]
+    assert lazy[:2] == plain[:2] and lazy[2:] != plain[2:]
+
+
 @pytest.mark.parametrize("forward", ["sparse", "dense"])
 def test_cli_compare_lora(forward, tiny_dir, tmp_path, capsys):
     """--lora-rank: dense LoRA vs SAT-LoRA; the SAT arm's first loss differs from dense with the sparse forward and

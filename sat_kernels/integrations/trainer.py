@@ -6,6 +6,7 @@ from typing import Optional
 
 from transformers import TrainerCallback
 
+from ..optim import skip_omitted_updates as _skip_omitted_updates
 from ..patching import sat_modules, set_omission_rate
 from ..schedules import OmissionScheduler
 from ..stats import sat_stats
@@ -42,11 +43,17 @@ class SATCallback(TrainerCallback):
     ``max_steps``, and takes it again at the start of every later ``train()`` with this callback (each run its own
     ``max_steps``). A ``total_steps`` the user set (to a value other than the one this callback filled in) is kept.
 
+    ``skip_omitted_updates=True`` installs :func:`sat_kernels.skip_omitted_updates` on the Trainer's optimizer when
+    training begins (and takes it off when training ends): omitted units keep their weights and optimizer state
+    through each step instead of moving by their momentum (lazy, SparseAdam-like updates).
+
     Args:
         scheduler: schedule of every kind of SAT module without a schedule of its own (an object with
             ``rate(step) -> float``, e.g. :class:`sat_kernels.LadderOmissionScheduler`).
         mlp: schedule of the MLP modules.
         attention: schedule of the attention modules.
+        skip_omitted_updates: skip the optimizer's update of the omitted units in every step (default ``False``:
+            the optimizer updates every parameter, as without SAT).
 
     Example:
         >>> sk.replace_mlp(model, 0.5)
@@ -56,12 +63,14 @@ class SATCallback(TrainerCallback):
     """
 
     def __init__(self, scheduler: Optional[OmissionScheduler] = None, *, mlp: Optional[OmissionScheduler] = None,
-                 attention: Optional[OmissionScheduler] = None):
+                 attention: Optional[OmissionScheduler] = None, skip_omitted_updates: bool = False):
         for name, value in (("scheduler", scheduler), ("mlp", mlp), ("attention", attention)):
             _check_scheduler(value, name)
         if scheduler is None and mlp is None and attention is None:
             raise TypeError("SATCallback needs a schedule: scheduler, mlp= and/or attention=")
         self.scheduler = scheduler
+        self.skip_omitted_updates = bool(skip_omitted_updates)
+        self._skip_handle = None      # the hooks skip_omitted_updates put on this run's optimizer
         self.own_schedules = {"mlp": mlp, "attention": attention}
         # the schedule each kind of SAT module follows
         self.schedules = {kind: own if own is not None else scheduler for kind, own in self.own_schedules.items()
@@ -102,6 +111,21 @@ class SATCallback(TrainerCallback):
                               f"different omission rates now (MLP {rates['mlp']}, attention {rates['attention']}); "
                               f"pass SATCallback(mlp=..., attention=...) to schedule them separately", UserWarning,
                               stacklevel=2)
+        if self.skip_omitted_updates:
+            optimizer = kwargs.get("optimizer")
+            if optimizer is None:
+                raise ValueError("SATCallback(skip_omitted_updates=True): the Trainer passed no optimizer to "
+                                 "on_train_begin")
+            self._remove_skip_hooks()
+            self._skip_handle = _skip_omitted_updates(model, optimizer)
+
+    def _remove_skip_hooks(self) -> None:
+        if self._skip_handle is not None:
+            self._skip_handle.remove()
+            self._skip_handle = None
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._remove_skip_hooks()
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         rate = {key: float(s.rate(state.global_step)) for key, s in self._distinct_schedules().items()}

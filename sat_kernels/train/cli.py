@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sparse: omitted neurons (and heads) are left out of the forward output too (the paper's "
                         "mode); dense: exact forward output, backward over the kept neurons (heads) only (default: "
                         "dense)")
+    p.add_argument("--skip-omitted-updates", action="store_true",
+                   help="AdamW leaves the omitted neurons (heads) alone in each step: no momentum step, their "
+                        "optimizer state kept (sat_kernels.skip_omitted_updates; default: every weight updated)")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="SAT kernel backend (default: auto)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 autocast on a GPU that supports it, else fp32 (default: auto)")
@@ -168,7 +171,8 @@ def config_from_args(args) -> TrainConfig:
                        lr=pick("lr"), warmup_steps=pick("warmup_steps"), seed=args.seed,
                        omission_rate=args.omission_rate, attn_omission_rate=args.attn_omission_rate,
                        scheduler=args.scheduler, num_rungs=args.num_rungs, dense_fraction=args.dense_fraction,
-                       metric=args.metric, strategy=args.strategy, forward=args.forward, backend=args.backend,
+                       metric=args.metric, strategy=args.strategy, forward=args.forward,
+                       skip_omitted_updates=args.skip_omitted_updates, backend=args.backend,
                        precision=args.precision, lora=lora)
 
 

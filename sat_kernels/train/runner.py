@@ -70,6 +70,7 @@ class TrainConfig:
     metric: str = "l2"
     strategy: str = "topk"
     forward: str = DEFAULT_FORWARD
+    skip_omitted_updates: bool = False
     backend: str = "auto"
     precision: str = "auto"
     eval_batch_size: int = 8
@@ -345,7 +346,8 @@ def train_run(pristine, train_examples: Sequence[Dict], eval_examples: Sequence[
 
         attn = cfg.attn_omission_rate   # MLP and attention follow schedules of the same type from their own rates
         sat_callback = sk.SATCallback(mlp=schedule(cfg.omission_rate),
-                                      attention=schedule(attn) if attn is not None else None)
+                                      attention=schedule(attn) if attn is not None else None,
+                                      skip_omitted_updates=cfg.skip_omitted_updates)
         callbacks.append(sat_callback)
         rate_of = lambda: sat_callback.current_rate  # noqa: E731
         if cfg.attn_omission_rate is not None:
