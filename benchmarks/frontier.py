@@ -28,15 +28,20 @@ _MODEL_NAMES = {"SmolLM2-135M-Instruct.Q4_1.gguf": "SmolLM2-135M-Instruct", "smo
 
 
 def _model_name(config: Dict) -> str:
+    """The model, with `` + LoRA r<rank>`` for LoRA fine-tuning (its own panel and speed table)."""
     name = Path(str(config.get("model") or "smollm2-135m")).name
-    return _MODEL_NAMES.get(name, name)
+    lora = config.get("lora")   # sat-train: the LoRA settings; schedule_speed.py: lora_rank
+    rank = lora["rank"] if isinstance(lora, dict) else config.get("lora_rank")
+    return _MODEL_NAMES.get(name, name) + (f" + LoRA r{rank}" if rank else "")
 
 
-def _arm_key(report: Dict) -> Tuple:
-    """What a SAT run and its dense reference must share."""
+def _arm_key(report: Dict, steps: bool = True) -> Tuple:
+    """What a SAT run and its dense reference must share (all but the number of steps with ``steps=False``)."""
     c = report["config"]
-    return (_model_name(c), c["task"], c.get("seed", 0), c["steps"], c["batch_size"], c["seq_len"], c.get("lr"),
-            c.get("warmup_steps"), report["data"].get("fingerprint"))
+    lora = c.get("lora")
+    return (_model_name(c), c["task"], c.get("seed", 0), c["steps"] if steps else None, c["batch_size"],
+            c["seq_len"], c.get("lr"), c.get("warmup_steps"), report["data"].get("fingerprint"),
+            json.dumps(lora, sort_keys=True) if lora else None)
 
 
 def _label(mlp: float, attn: Optional[float]) -> str:
@@ -44,15 +49,15 @@ def _label(mlp: float, attn: Optional[float]) -> str:
 
 
 def load_speed_tables(paths: List[str]) -> Dict[Tuple, Dict[str, float]]:
-    """``{(model, task, forward, batch, seq_len): {step label: ms}}`` from schedule_speed JSONs (later files override
-    earlier ones)."""
+    """``{(model, task, forward, lazy updates, batch, seq_len): {step label: ms}}`` from schedule_speed JSONs (later
+    files override earlier ones)."""
     tables = {}
     for path in paths:
         report = json.loads(Path(path).read_text())
         forward = report["config"].get("forward", "sparse")
-        model = _model_name(report["config"])
+        model, lazy = _model_name(report["config"]), bool(report["config"].get("skip_omitted_updates"))
         for row in report["rows"]:
-            key = (model, row["task"], forward, row["batch"], row["seq_len"])
+            key = (model, row["task"], forward, lazy, row["batch"], row["seq_len"])
             tables.setdefault(key, {}).update(row["step_ms"])
     return tables
 
@@ -82,35 +87,47 @@ def collect(result_paths: List[str], speed_tables) -> List[Dict]:
         report = json.loads(Path(path).read_text())
         if "runs" in report and "config" in report:
             reports.append((Path(path).name, report))
-    dense = {}
+    dense, dense_any_steps = {}, {}
     for name, report in reports:
         if "dense" in report["runs"]:
-            dense.setdefault(_arm_key(report), (name, report["runs"]["dense"]["eval_loss"]))
+            ref = (name, report["runs"]["dense"]["eval_loss"], report["config"]["steps"])
+            dense.setdefault(_arm_key(report), ref)
+            dense_any_steps.setdefault(_arm_key(report, steps=False), []).append(ref)
     rows = []
     for name, report in reports:
         sat = report["runs"].get("SAT")
         own = report["runs"].get("dense")
-        ref = (name, own["eval_loss"]) if own else dense.get(_arm_key(report))
+        c = report["config"]
+        ref = (name, own["eval_loss"], c["steps"]) if own else dense.get(_arm_key(report))
+        if ref is None:   # an equal-time run: SAT trained for more (fewer) steps than its dense reference
+            refs = dense_any_steps.get(_arm_key(report, steps=False), [])
+            ref = max(refs, key=lambda r: r[2]) if refs else None
         if sat is None or ref is None:
             continue
-        c = report["config"]
         model, task, forward = _model_name(c), c["task"], c.get("forward", "sparse")
+        lazy = bool(c.get("skip_omitted_updates"))
         rates, attn_rates = sat["omission_rates"], sat.get("attn_omission_rates") or []
-        table = speed_tables.get((model, task, forward, c["batch_size"], c["seq_len"]))
+        table = speed_tables.get((model, task, forward, lazy, c["batch_size"], c["seq_len"]))
+        speedup = schedule_speedup(table, rates, attn_rates) if table else None
         rows.append({
             "model": model, "task": task, "forward": forward, "seed": c.get("seed", 0),
             "schedule": (f"{c['metric']}, " if c.get("metric", "l2") != "l2" else "")
                         + f"{c.get('scheduler', 'ladder')} from {c['omission_rate']:g}"
                         + (f", {c.get('num_rungs', 2)} rungs, dense tail {c.get('dense_fraction', 0.1):g}"
-                           if c.get("scheduler", "ladder") == "ladder" else ""),
+                           if c.get("scheduler", "ladder") == "ladder" else "")
+                        + (", lazy updates" if lazy else "")
+                        + (f", {c['steps']} steps (dense {ref[2]})" if c["steps"] != ref[2] else ""),
             "short": f"{c['omission_rate']:g}" + (f" tail {c.get('dense_fraction', 0.1):g}"
                                                   if c.get("dense_fraction", 0.1) != 0.1 else "")
-                     + (f" {c['metric']}" if c.get("metric", "l2") != "l2" else ""),
+                     + (f" {c['metric']}" if c.get("metric", "l2") != "l2" else "")
+                     + (" lazy" if lazy else "") + (f" {c['steps']} steps" if c["steps"] != ref[2] else ""),
             "attention": c.get("attn_omission_rate"), "metric": c.get("metric", "l2"),
             "mean_omission": sum(rates) / len(rates),
             "dense_eval_loss": ref[1], "sat_eval_loss": sat["eval_loss"],
             "eval_loss_increase_pct": 100 * (sat["eval_loss"] - ref[1]) / ref[1],
-            "speedup": schedule_speedup(table, rates, attn_rates) if table else None,
+            "speedup": speedup, "steps": c["steps"], "dense_steps": ref[2],
+            # the SAT run's training time over its dense reference's, from the same step times
+            "time_vs_dense": len(rates) / speedup / ref[2] if speedup else None,
             "run": name, "dense_run": ref[0],
         })
     return rows

@@ -21,7 +21,8 @@ def interleaved_step_times(pristine, batch_examples: Sequence[Dict], cfg: TrainC
     The tokens/s of two training runs made one after the other also carry whatever changed on the machine in
     between (other processes, clocks, allocator state). Here fresh copies of ``pristine`` (:func:`make_model`: one
     dense, one patched like the SAT run, both with the runs' LoRA adapters when ``cfg.lora`` is set) take full
-    training steps (forward, backward, AdamW step over the trainable parameters) on the same batch, in rounds that run
+    training steps (forward, backward, AdamW step over the trainable parameters; with ``cfg.skip_omitted_updates``
+    the SAT model's steps skip its omitted units) on the same batch, in rounds that run
     every variant once, so all variants see the same machine state (on GPU each is timed with ``do_bench``). On CPU
     each round runs ``dense, SAT r1, dense, SAT r2, ...``, so every timed step follows a step of the other model (the
     same condition for every variant). SAT at rate 0 runs the dense computation: ``control_dense_over_sat_rate0``
@@ -41,6 +42,8 @@ def interleaved_step_times(pristine, batch_examples: Sequence[Dict], cfg: TrainC
         models[name] = make_model(pristine, cfg, sat=name == "SAT", device=device)
         trainable = [p for p in models[name].parameters() if p.requires_grad]   # LoRA: the adapters only
         optimizers[name] = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+    if cfg.skip_omitted_updates:   # the SAT run's lazy optimizer steps, at their cost
+        sk.skip_omitted_updates(models["SAT"], optimizers["SAT"])
 
     def step(name, rates=None):
         def run():
