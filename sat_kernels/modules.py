@@ -119,7 +119,7 @@ class _SATWrapper(nn.Module):
 
     def _record(self, stats: dict) -> None:
         """Keep the statistics of this training forward (the ``stats`` the op filled; ``{}`` when every unit was kept
-        and nothing scored) for sat_kernels.sat_stats, detached, on the device."""
+        and nothing scored) for sat_kernels.sat_stats and the per-layer budget, detached, on the device."""
         if not stats:
             self._last_stats = {"kept": self._units, "kept_mass": 1.0, "nonfinite": 0}
             return

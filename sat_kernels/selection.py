@@ -98,13 +98,14 @@ def selection_stats(scores: torch.Tensor, idx: torch.Tensor) -> dict:
     - ``kept``: ``idx.numel()`` (a Python int);
     - ``kept_mass``: the share of the score mass kept, ``sum(scores[idx]) / sum(scores)`` over the finite scores
       (fp32, 0-dim; 1 when every finite score is 0);
-    - ``nonfinite``: the number of NaN/inf scores (int64, 0-dim).
+    - ``nonfinite``: the number of NaN/inf scores (int64, 0-dim);
+    - ``scores``: ``scores`` itself (for :class:`sat_kernels.budget.PerLayerBudget`).
     """
     finite = torch.isfinite(scores)
     mass = torch.where(finite, scores.float(), 0.0)                    # [n]
     total = mass.sum()
     kept_mass = torch.where(total > 0, mass.index_select(0, idx).sum() / total, 1.0)
-    return {"kept": idx.numel(), "kept_mass": kept_mass, "nonfinite": (~finite).sum()}
+    return {"kept": idx.numel(), "kept_mass": kept_mass, "nonfinite": (~finite).sum(), "scores": scores}
 
 
 def draw_uniform(n: int, strategy: str, device: torch.device,

@@ -389,6 +389,20 @@ def test_cli_skip_omitted_updates(tiny_dir, tmp_path, capsys):
     assert lazy[:2] == plain[:2] and lazy[2:] != plain[2:]
 
 
+def test_cli_per_layer_budget_records_each_layers_k(tiny_dir, tmp_path, capsys):
+    _run_cli(["--model", str(tiny_dir / "llama"), "--data", str(tiny_dir / "corpus.txt"), "--steps", "4",
+              "--seq-len", "16", "--batch-size", "2", "--per-layer-budget", "--output-dir", str(tmp_path),
+              "--name", "b", "--no-progress"], capsys)
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["config"]["per_layer_budget"]
+    sat = report["runs"]["SAT"]
+    kept = sat["layer_kept"]
+    assert len(kept) == 4 and kept[-1][0] == kept[-1][1] and sat["omission_rates"][-1] == 0.0
+    width = kept[-1][0]
+    for k, rate in zip(kept[:3], sat["omission_rates"][:3]):
+        assert sum(k) == 2 * sk.num_kept(width, rate)
+
+
 @pytest.mark.parametrize("forward", ["sparse", "dense"])
 def test_cli_compare_lora(forward, tiny_dir, tmp_path, capsys):
     """--lora-rank: dense LoRA vs SAT-LoRA; the SAT arm's first loss differs from dense with the sparse forward and

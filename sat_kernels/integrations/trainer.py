@@ -6,6 +6,7 @@ from typing import Optional
 
 from transformers import TrainerCallback
 
+from ..budget import PerLayerBudget
 from ..optim import skip_omitted_updates as _skip_omitted_updates
 from ..patching import sat_modules, set_omission_rate
 from ..schedules import OmissionScheduler
@@ -47,6 +48,10 @@ class SATCallback(TrainerCallback):
     training begins (and takes it off when training ends): omitted units keep their weights and optimizer state
     through each step instead of moving by their momentum (lazy, SparseAdam-like updates).
 
+    ``per_layer_budget=True`` splits each step's kept count of each kind over its layers with a
+    :class:`sat_kernels.budget.PerLayerBudget` (the same total as the schedule's uniform rate, more units to the
+    layers whose score mass is spread wider); the per-layer counts are in :func:`sat_kernels.sat_stats`.
+
     Args:
         scheduler: schedule of every kind of SAT module without a schedule of its own (an object with
             ``rate(step) -> float``, e.g. :class:`sat_kernels.LadderOmissionScheduler`).
@@ -54,6 +59,8 @@ class SATCallback(TrainerCallback):
         attention: schedule of the attention modules.
         skip_omitted_updates: skip the optimizer's update of the omitted units in every step (default ``False``:
             the optimizer updates every parameter, as without SAT).
+        per_layer_budget: split the kept count over the layers by their score mass (default ``False``: every layer
+            keeps the count of the schedule's rate).
 
     Example:
         >>> sk.replace_mlp(model, 0.5)
@@ -63,7 +70,8 @@ class SATCallback(TrainerCallback):
     """
 
     def __init__(self, scheduler: Optional[OmissionScheduler] = None, *, mlp: Optional[OmissionScheduler] = None,
-                 attention: Optional[OmissionScheduler] = None, skip_omitted_updates: bool = False):
+                 attention: Optional[OmissionScheduler] = None, skip_omitted_updates: bool = False,
+                 per_layer_budget: bool = False):
         for name, value in (("scheduler", scheduler), ("mlp", mlp), ("attention", attention)):
             _check_scheduler(value, name)
         if scheduler is None and mlp is None and attention is None:
@@ -71,6 +79,8 @@ class SATCallback(TrainerCallback):
         self.scheduler = scheduler
         self.skip_omitted_updates = bool(skip_omitted_updates)
         self._skip_handle = None      # the hooks skip_omitted_updates put on this run's optimizer
+        self.per_layer_budget = bool(per_layer_budget)
+        self.budgets = {}             # kind -> PerLayerBudget of this run's model
         self.own_schedules = {"mlp": mlp, "attention": attention}
         # the schedule each kind of SAT module follows
         self.schedules = {kind: own if own is not None else scheduler for kind, own in self.own_schedules.items()
@@ -111,6 +121,8 @@ class SATCallback(TrainerCallback):
                               f"different omission rates now (MLP {rates['mlp']}, attention {rates['attention']}); "
                               f"pass SATCallback(mlp=..., attention=...) to schedule them separately", UserWarning,
                               stacklevel=2)
+        if self.per_layer_budget:
+            self.budgets = {kind: PerLayerBudget(model, kind) for kind in self._kinds}
         if self.skip_omitted_updates:
             optimizer = kwargs.get("optimizer")
             if optimizer is None:
@@ -135,6 +147,12 @@ class SATCallback(TrainerCallback):
         self.current_attn_rate = logged.get("sat_attn_omission_rate")
         if model is not None and rates:
             set_omission_rate(model, **rates)
+            for budget in self.budgets.values():
+                budget.apply()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        for budget in self.budgets.values():
+            budget.observe()
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         values = {key: value for key, value in (("sat_omission_rate", self.current_rate),

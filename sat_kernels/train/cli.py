@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-omitted-updates", action="store_true",
                    help="AdamW leaves the omitted neurons (heads) alone in each step: no momentum step, their "
                         "optimizer state kept (sat_kernels.skip_omitted_updates; default: every weight updated)")
+    p.add_argument("--per-layer-budget", action="store_true",
+                   help="split each step's kept neurons over the layers by their score mass, same total as the "
+                        "uniform rate (sat_kernels.budget.PerLayerBudget; the per-layer k per step in the JSON as "
+                        "layer_kept; default: every layer keeps the uniform rate's k)")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="SAT kernel backend (default: auto)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 autocast on a GPU that supports it, else fp32 (default: auto)")
@@ -172,7 +176,8 @@ def config_from_args(args) -> TrainConfig:
                        omission_rate=args.omission_rate, attn_omission_rate=args.attn_omission_rate,
                        scheduler=args.scheduler, num_rungs=args.num_rungs, dense_fraction=args.dense_fraction,
                        metric=args.metric, strategy=args.strategy, forward=args.forward,
-                       skip_omitted_updates=args.skip_omitted_updates, backend=args.backend,
+                       skip_omitted_updates=args.skip_omitted_updates, per_layer_budget=args.per_layer_budget,
+                       backend=args.backend,
                        precision=args.precision, lora=lora)
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import sat_kernels as sk
 
+from ..patching import sat_modules
 from ..selection import DEFAULT_FORWARD
 from .data import IGNORE_INDEX, collate
 
@@ -71,6 +72,7 @@ class TrainConfig:
     strategy: str = "topk"
     forward: str = DEFAULT_FORWARD
     skip_omitted_updates: bool = False
+    per_layer_budget: bool = False
     backend: str = "auto"
     precision: str = "auto"
     eval_batch_size: int = 8
@@ -89,6 +91,7 @@ class RunResult:
     step_tokens: List[int] = field(default_factory=list)
     omission_rates: List[float] = field(default_factory=list)
     attn_omission_rates: List[float] = field(default_factory=list)
+    layer_kept: List[List[int]] = field(default_factory=list)   # with a per-layer budget: each MLP's k per step
     train_wall_s: float = 0.0
     eval_loss: float = float("nan")
     load_avg_before: Optional[float] = None
@@ -233,7 +236,8 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _make_callbacks(result: RunResult, device, total_steps: int, rate_of, attn_rate_of, progress: bool):
+def _make_callbacks(result: RunResult, device, total_steps: int, rate_of, attn_rate_of, progress: bool,
+                    kept_of=None):
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
 
@@ -260,6 +264,8 @@ def _make_callbacks(result: RunResult, device, total_steps: int, rate_of, attn_r
             result.omission_rates.append(rate_of())
             if attn_rate_of is not None:
                 result.attn_omission_rates.append(attn_rate_of())
+            if kept_of is not None:
+                result.layer_kept.append(kept_of())
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs or len(result.losses) >= len(result.step_seconds):
@@ -347,14 +353,18 @@ def train_run(pristine, train_examples: Sequence[Dict], eval_examples: Sequence[
         attn = cfg.attn_omission_rate   # MLP and attention follow schedules of the same type from their own rates
         sat_callback = sk.SATCallback(mlp=schedule(cfg.omission_rate),
                                       attention=schedule(attn) if attn is not None else None,
-                                      skip_omitted_updates=cfg.skip_omitted_updates)
+                                      skip_omitted_updates=cfg.skip_omitted_updates,
+                                      per_layer_budget=cfg.per_layer_budget)
         callbacks.append(sat_callback)
         rate_of = lambda: sat_callback.current_rate  # noqa: E731
         if cfg.attn_omission_rate is not None:
             attn_rate_of = lambda: sat_callback.current_attn_rate  # noqa: E731
     elif cfg.attn_omission_rate is not None:
         attn_rate_of = lambda: 0.0  # noqa: E731
-    callbacks.append(_make_callbacks(result, device, cfg.steps, rate_of, attn_rate_of, progress))
+    kept_of = None
+    if sat and cfg.per_layer_budget:
+        kept_of = lambda: [m._kept for _, m in sat_modules(model, "mlp")]  # noqa: E731
+    callbacks.append(_make_callbacks(result, device, cfg.steps, rate_of, attn_rate_of, progress, kept_of))
 
     class OrderedTrainer(Trainer):
         """Takes the examples in the given order (the same for dense and SAT)."""
