@@ -83,7 +83,8 @@ def main(argv=None):
     label = lambda r: f"SAT {r[0]:g}" + (f" / attention {r[1]:g}" if r[1] is not None else "")  # noqa: E731
     adapters = f", LoRA r {lora.rank} alpha {lora.alpha:g} on {' '.join(lora.targets)}" if lora is not None else ""
     print(f"# interleaved training-step times, {model_name}{adapters}, {env['device']}, torch {env['torch']}, fp32, "
-          f"forward={args.forward}{', lazy updates' if args.skip_omitted_updates else ''}, {args.clock} clock, median of {args.repeats} rounds")
+          f"forward={args.forward}{', lazy updates' if args.skip_omitted_updates else ''}, {args.clock} clock, "
+          f"median of {args.repeats} rounds")
     results = []
     for task in args.tasks:
         batch, seq = SHAPES[task]

@@ -23,7 +23,8 @@ from .modules import SATMLP, SATAttention, class_path
 from .ops.attention.checks import check_attention_backend
 from .ops.sat_attention import DEFAULT_UNIT, UNITS
 from .ops.sat_mlp import act_fwd
-from .selection import DEFAULT_FORWARD, FORWARD_MODES, METRICS, STRATEGIES, check_choice, check_omission_rate
+from .selection import ATTENTION_STRATEGIES, DEFAULT_FORWARD, FORWARD_MODES, METRICS, STRATEGIES, check_choice, \
+    check_omission_rate
 
 logger = logging.getLogger("sat_kernels")
 
@@ -378,7 +379,7 @@ def replace_attention(model: nn.Module, omission_rate: float = 0.5, *, metric: s
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     rate = check_omission_rate(omission_rate)
     check_choice(metric, METRICS, "metric")
-    check_choice(strategy, STRATEGIES, "strategy")
+    check_choice(strategy, ATTENTION_STRATEGIES, "strategy")
     check_choice(unit, UNITS, "unit")
     check_choice(forward, FORWARD_MODES, "forward")
     check_attention_backend(backend)

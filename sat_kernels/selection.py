@@ -12,7 +12,10 @@ from typing import Optional
 import torch
 
 METRICS = ("l2", "l1", "contrib")
-STRATEGIES = ("topk", "sample", "random")
+STRATEGIES = ("topk", "sample", "random", "priority")
+# Strategies of the MLP only, on the torch backend: "priority" scales the kept neurons (priority_weights).
+MLP_ONLY_STRATEGIES = ("priority",)
+ATTENTION_STRATEGIES = tuple(s for s in STRATEGIES if s not in MLP_ONLY_STRATEGIES)
 # "sparse": omitted neurons/heads are left out of the forward output too (the paper's mode); "dense": the forward
 # output is exact (the down projection / o_proj over every neuron/head) and only the backward is sparse.
 FORWARD_MODES = ("sparse", "dense")
@@ -130,7 +133,9 @@ def select_neurons(scores: torch.Tensor, k: int, *, strategy: str = "topk",
             the lower index. The cuda backend's selection kernel keeps the same set from the same keys.
         k: kept count in ``[1, n]`` (see :func:`num_kept`).
         strategy: ``"topk"`` (the k highest scores), ``"sample"`` (without replacement, probability proportional to
-            the score: Gumbel-top-k on ``log(score)``) or ``"random"`` (uniform without replacement).
+            the score: Gumbel-top-k on ``log(score)``), ``"random"`` (uniform without replacement) or ``"priority"``
+            (priority sampling: the k highest ``score / u``, ``u ~ U(0, 1)``; with the weights of
+            :func:`priority_weights` the kept neurons give unbiased estimates of sums over all neurons).
         generator: makes ``"sample"``/``"random"`` reproducible. With ``None`` the global RNG of the scores' device is
             used, which activation checkpointing saves and restores, so a recomputed forward draws the same set.
         uniform: pre-drawn U(0, 1) noise ``[n]`` for ``"sample"``/``"random"`` (e.g. one draw shared by all
@@ -160,10 +165,36 @@ def select_neurons(scores: torch.Tensor, k: int, *, strategy: str = "topk",
         # Gumbel-top-k: argtop_k(log s_i + G_i), G_i = -log(-log u_i), samples k without replacement with p ~ s.
         gumbel = -torch.log(-torch.log(uniform.float().clamp(min=torch.finfo(torch.float32).tiny)))
         keys = torch.log(scores.float()) + gumbel
+    elif strategy == "priority":
+        keys = priority_keys(scores, uniform)
     else:
         keys = uniform.float()
     idx = torch.topk(_rank_keys(keys), k, sorted=False).indices
     return torch.sort(idx).values
+
+
+def priority_keys(scores: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """fp32 priorities ``score / u`` of priority sampling (``u`` clamped away from 0; a NaN score gives NaN)."""
+    return scores.float() / uniform.float().clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def priority_weights(scores: torch.Tensor, uniform: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Weights ``max(1, tau / score)`` of the neurons ``idx`` kept by ``strategy="priority"``, fp32 ``[k]``.
+
+    Priority sampling (Duffield, Lund and Thorup, 2007) keeps the ``k`` largest priorities ``q_i = s_i / u_i`` and
+    sets ``tau``, the ``(k+1)``-th largest; then ``E[1{i kept} * max(1, tau / s_i)] = 1`` for every neuron with
+    ``s_i > 0``, so a sum over the kept neurons weighted by these factors is an unbiased estimate of the sum over all
+    neurons, with a fixed kept count. Neurons with ``s_i >= tau`` are kept for sure and get weight 1. A kept neuron
+    whose score is 0 or not finite (kept only when fewer than ``k`` scores are positive) gets weight 1. Needs
+    ``k < n``.
+    """
+    k = idx.numel()
+    keys = priority_keys(scores, uniform)
+    keys = torch.where(torch.isnan(keys), float("-inf"), keys)
+    tau = torch.topk(keys, k + 1, sorted=True).values[k]
+    s = scores.float().index_select(0, idx)
+    ok = torch.isfinite(s) & (s > 0) & torch.isfinite(tau)
+    return torch.where(ok, (tau / torch.where(ok, s, 1.0)).clamp(min=1.0), 1.0)
 
 
 def _rank_keys(keys: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,8 @@ import torch
 
 from ..distributed import all_reduce_scores, default_sync_group
 from ..selection import FORWARD_MODES, METRICS, STRATEGIES, activation_scores, check_choice, check_omission_rate, \
-    draw_uniform, num_kept, select_neurons, selection_stats
-from .sat_mlp import ACTIVATIONS, act_fwd, dense_mlp
+    draw_uniform, num_kept, priority_weights, select_neurons, selection_stats
+from .sat_mlp import ACTIVATIONS, act_fwd, dense_mlp, sat_mlp_torch
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -114,7 +114,10 @@ def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: t
         w_gate, w_up: ``[I, h]`` (``nn.Linear`` layout); w_down: ``[h, I]``. Same dtype and device as ``x``.
         omission_rate: fraction of neurons to omit, in ``[0, 1)``.
         metric: ``"l2"`` (default), ``"l1"`` or ``"contrib"`` (see :func:`neuron_scores`).
-        strategy: ``"topk"`` (default), ``"sample"`` or ``"random"`` (see :func:`select_neurons`).
+        strategy: ``"topk"`` (default), ``"sample"``, ``"random"`` or ``"priority"`` (see :func:`select_neurons`).
+            ``"priority"`` (torch backend) also weights each kept neuron by ``max(1, tau / score)``
+            (:func:`sat_kernels.selection.priority_weights`) in the backward, and in the forward output with
+            ``forward="sparse"``: the omitted neurons' share is then estimated without bias instead of dropped.
         generator: ``torch.Generator`` for ``"sample"``/``"random"``; ``None`` uses the global RNG (checkpoint-safe).
         act: ``"silu"`` (Llama, Mistral, Qwen) or ``"gelu_tanh"`` (Gemma).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (see :func:`available_backends`).
@@ -165,6 +168,9 @@ def sat_mlp_kept(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
         y = dense_mlp(x, w_gate, w_up, w_down, act)
         return (y, torch.arange(inter, device=x.device)) if return_indices else y
 
+    if strategy == "priority" and launcher is not sat_mlp_torch:
+        raise ValueError(f"strategy='priority' runs on the torch backend only (it weights the kept neurons), got "
+                         f"backend={backend!r}; use backend='torch' (or 'auto')")
     select = make_selector(k, metric=metric, strategy=strategy, generator=generator, group=group, w_down=w_down,
                            stats=stats)
     y, idx = _run(launcher, x, w_gate, w_up, w_down, select, act, forward == "dense")
@@ -177,7 +183,9 @@ def make_selector(k: int, *, metric: str, strategy: str, generator: Optional[tor
 
     Scores ``a`` with ``metric`` (``"contrib"`` weighs by the column norms of ``w_down``), all-reduces the scores (and
     rank 0's noise) over ``group`` when it is not ``None``, picks ``k`` with ``strategy`` and puts the selection's
-    statistics into ``stats`` (as :func:`sat_mlp` documents them) when it is a dict.
+    statistics into ``stats`` (as :func:`sat_mlp` documents them) when it is a dict. With ``strategy="priority"``
+    each call leaves the kept neurons' weights (:func:`sat_kernels.selection.priority_weights`, fp32 ``[k]``) in
+    ``select.weights`` for the op to apply; otherwise ``select.weights`` is ``None``.
     """
     def select(a: Optional[torch.Tensor] = None, *, scores: Optional[torch.Tensor] = None,
                select_fn=select_neurons) -> torch.Tensor:
@@ -186,14 +194,18 @@ def make_selector(k: int, *, metric: str, strategy: str, generator: Optional[tor
         if scores is None:
             scores = activation_scores(a, metric, w_down)
         uniform = None
-        if group is not None:
+        if group is not None or strategy == "priority":   # priority: the weights need the noise of the selection
             uniform = draw_uniform(scores.numel(), strategy, scores.device, generator)
+        if group is not None:
             scores, uniform = all_reduce_scores(scores, metric, uniform, group)
         idx = select_fn(scores, k, strategy=strategy, generator=generator, uniform=uniform)
+        if strategy == "priority":
+            select.weights = priority_weights(scores, uniform, idx)
         if stats is not None:
             stats.update(selection_stats(scores, idx))
         return idx
 
+    select.weights = None
     select.metric = metric  # a backend that fuses the scoring into its kernels calls select(scores=fp32 [I])
     return select
 

@@ -30,17 +30,18 @@ def _masked_gradient(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def reference_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                  indices: Optional[torch.Tensor] = None, *, act: str = "silu", forward: str = "sparse") -> torch.Tensor:
+                  indices: Optional[torch.Tensor] = None, *, act: str = "silu", forward: str = "sparse",
+                  weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``y = W_down (m * act(W_gate x) * (W_up x))`` with ``m`` the 0/1 mask of ``indices`` (all ones if ``None``).
 
     ``forward="dense"`` (the exact-forward mode): ``y`` is the unmasked output, and the gradient is that of the masked
     one: the activations and the columns of ``W_down`` pass their value everywhere and their gradient only at kept
-    neurons.
+    neurons. ``weights`` ``[k]`` (``strategy="priority"``): ``m`` holds them at ``indices`` instead of ones.
     """
     a = _act(F.linear(x, w_gate), act) * F.linear(x, w_up)
     if indices is not None:
         mask = torch.zeros(w_gate.shape[0], dtype=a.dtype, device=a.device)
-        mask[indices] = 1
+        mask[indices] = 1 if weights is None else weights.to(a.dtype)
         if forward == "dense":
             return F.linear(_masked_gradient(a, mask), _masked_gradient(w_down, mask))
         a = a * mask

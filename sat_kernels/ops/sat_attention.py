@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed import all_reduce_scores, default_sync_group
-from ..selection import FORWARD_MODES, METRICS, STRATEGIES, check_choice, check_omission_rate, draw_uniform, num_kept, \
-    select_neurons, selection_stats
+from ..selection import ATTENTION_STRATEGIES, FORWARD_MODES, METRICS, check_choice, check_omission_rate, \
+    draw_uniform, num_kept, select_neurons, selection_stats
 from . import _autocast_operands, check_indices
 from .attention.checks import Operands, check_attention_backend, check_attention_inputs, check_head_counts
 from .attention.core import core_fwd
@@ -95,7 +95,7 @@ def sat_attention_kept(x, w_q, w_k, w_v, w_o, k, *, num_heads, num_kv_heads=None
         attention_mask=attention_mask, causal=causal, scale=scale, b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o,
         q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps)
     check_choice(metric, METRICS, "metric")
-    check_choice(strategy, STRATEGIES, "strategy")
+    check_choice(strategy, ATTENTION_STRATEGIES, "strategy")
     check_choice(unit, UNITS, "unit")
     check_choice(forward, FORWARD_MODES, "forward")
     if generator is not None and not isinstance(generator, torch.Generator):

@@ -72,12 +72,15 @@ class SATMLPFunction(torch.autograd.Function):
 
     ``select`` is either a ``LongTensor`` of kept indices (``gathered_mlp``) or a callable
     ``select(a_full, select_fn=ops.select_neurons) -> idx`` that scores the full activations and picks the kept set
-    with ``select_fn`` (``sat_mlp``). ``dense_forward`` (only with a callable ``select``) computes ``y`` over every
-    neuron; the backward is unchanged.
+    with ``select_fn`` (``sat_mlp``) and may leave per-neuron weights ``[k]`` in ``select.weights`` (priority
+    sampling): the kept neurons' activations are scaled by them (in ``y`` with the sparse forward, and in the
+    gradient). ``dense_forward`` (only with a callable ``select``) computes ``y`` over every neuron; the backward is
+    unchanged.
     """
 
     @staticmethod
     def forward(ctx, x, w_gate, w_up, w_down, select, act: str, ops, dense_forward: bool = False):
+        weight = None
         if isinstance(select, torch.Tensor):
             idx = select
             wg_s = ops.gather_rows(w_gate, idx)                        # [k, h]
@@ -90,6 +93,7 @@ class SATMLPFunction(torch.autograd.Function):
             u = torch.mm(x, w_up.t())                                  # [T, I]
             a = act_fwd(g, act).mul_(u)                                # [T, I]
             idx = select(a, select_fn=ops.select_neurons)             # [k]
+            weight = select.weights                                    # [k] fp32 with strategy="priority"
             g_s = ops.gather_cols(g, idx)                              # [T, k]
             u_s = ops.gather_cols(u, idx)                              # [T, k]
             del g, u
@@ -97,27 +101,33 @@ class SATMLPFunction(torch.autograd.Function):
                 y = torch.mm(a, w_down.t())                            # [T, h]
             else:
                 a_s = ops.gather_cols(a, idx)                          # [T, k]
+                if weight is not None:
+                    a_s.mul_(weight.to(a_s.dtype))
             del a
         if not dense_forward:
             wd_s = ops.gather_cols(w_down, idx)                        # [h, k]
             y = torch.mm(a_s, wd_s.t())                                # [T, h]
-        ctx.save_for_backward(x, w_gate, w_up, w_down, idx, g_s, u_s)
+        ctx.save_for_backward(x, w_gate, w_up, w_down, idx, g_s, u_s, weight)
         ctx.act, ctx.ops = act, ops
         ctx.mark_non_differentiable(idx)
         return y, idx
 
     @staticmethod
     def backward(ctx, dy, _didx):
-        x, w_gate, w_up, w_down, idx, g_s, u_s = ctx.saved_tensors
+        x, w_gate, w_up, w_down, idx, g_s, u_s, weight = ctx.saved_tensors
         act, ops = ctx.act, ctx.ops
         need_x, need_wg, need_wu, need_wd = ctx.needs_input_grad[:4]
         dy = dy.contiguous()
         wd_s = ops.gather_cols(w_down, idx)                            # [h, k]
         da_s = torch.mm(dy, wd_s)                                      # [T, k]
         act_g = act_fwd(g_s, act)                                      # [T, k]
+        if weight is not None:                                         # priority: the kept neurons' weights
+            weight = weight.to(da_s.dtype)
+            da_s.mul_(weight)
         dx = dwg = dwu = dwd = None
         if need_wd:
-            dwd_s = torch.mm(dy.t(), act_g * u_s)                      # [h, k]
+            a_s = act_g * u_s if weight is None else act_g * u_s * weight                            # [T, k]
+            dwd_s = torch.mm(dy.t(), a_s)                              # [h, k]
             dwd = ops.scatter_cols(dwd_s.to(w_down.dtype), idx, w_down.shape[1])
         dg_s = act_bwd(da_s * u_s, g_s, act)                           # [T, k]
         du_s = da_s.mul_(act_g)                                        # [T, k]

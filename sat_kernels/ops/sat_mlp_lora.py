@@ -187,6 +187,9 @@ def sat_lora_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
     """
     inter, hidden = check_kept_call(x, w_gate, w_up, w_down, k, metric=metric, strategy=strategy, act=act,
                                     forward=forward)
+    if strategy == "priority":
+        raise ValueError("sat_lora_mlp: strategy='priority' is not supported on LoRA MLPs (the weighted kept neurons "
+                         "exist on the plain MLP only); use 'topk', 'sample' or 'random'")
     shapes = {"gate": (hidden, inter), "up": (hidden, inter), "down": (inter, hidden)}
     for (name, (fan_in, fan_out)), term in zip(shapes.items(), adapters):
         if term is None:
