@@ -4,6 +4,7 @@ SAT scores the intermediate neurons of every MLP in each training step, keeps th
 rest of the forward and the whole backward over them only. See README.md for usage.
 """
 from .backends import available_backends, unavailable_backends
+from .budget import PerLayerBudget
 from .modules import SATMLP, SATAttention
 from .optim import skip_omitted_updates
 from .ops import gathered_mlp, neuron_scores, sat_mlp
@@ -20,7 +21,7 @@ __all__ = [
     "replace_attention", "SATAttention", "select_neurons", "num_kept", "available_backends",
     "unavailable_backends", "replace_mlp", "set_omission_rate", "revert", "patch_summary", "PatchSummary", "SATMLP",
     "LadderOmissionScheduler", "ConstantOmissionScheduler", "LinearOmissionScheduler", "SATCallback", "sat_stats",
-    "skip_omitted_updates",
+    "skip_omitted_updates", "PerLayerBudget",
 ]
 
 
