@@ -49,15 +49,16 @@ def _label(mlp: float, attn: Optional[float]) -> str:
 
 
 def load_speed_tables(paths: List[str]) -> Dict[Tuple, Dict[str, float]]:
-    """``{(model, task, forward, lazy updates, batch, seq_len): {step label: ms}}`` from schedule_speed JSONs (later
+    """``{(model, task, forward, strategy, lazy updates, batch, seq_len): {step label: ms}}`` from schedule_speed JSONs (later
     files override earlier ones)."""
     tables = {}
     for path in paths:
         report = json.loads(Path(path).read_text())
         forward = report["config"].get("forward", "sparse")
         model, lazy = _model_name(report["config"]), bool(report["config"].get("skip_omitted_updates"))
+        strategy = report["config"].get("strategy", "topk")
         for row in report["rows"]:
-            key = (model, row["task"], forward, lazy, row["batch"], row["seq_len"])
+            key = (model, row["task"], forward, strategy, lazy, row["batch"], row["seq_len"])
             tables.setdefault(key, {}).update(row["step_ms"])
     return tables
 
@@ -105,22 +106,26 @@ def collect(result_paths: List[str], speed_tables) -> List[Dict]:
         if sat is None or ref is None:
             continue
         model, task, forward = _model_name(c), c["task"], c.get("forward", "sparse")
-        lazy = bool(c.get("skip_omitted_updates"))
+        lazy, budget, strategy = bool(c.get("skip_omitted_updates")), bool(c.get("per_layer_budget")), \
+            c.get("strategy", "topk")
         rates, attn_rates = sat["omission_rates"], sat.get("attn_omission_rates") or []
-        table = speed_tables.get((model, task, forward, lazy, c["batch_size"], c["seq_len"]))
+        # a per-layer budget keeps the uniform rate's total: priced by the uniform rate's step times
+        table = speed_tables.get((model, task, forward, strategy, lazy, c["batch_size"], c["seq_len"]))
         speedup = schedule_speedup(table, rates, attn_rates) if table else None
         rows.append({
             "model": model, "task": task, "forward": forward, "seed": c.get("seed", 0),
             "schedule": (f"{c['metric']}, " if c.get("metric", "l2") != "l2" else "")
+                        + (f"{strategy}, " if strategy != "topk" else "")
                         + f"{c.get('scheduler', 'ladder')} from {c['omission_rate']:g}"
                         + (f", {c.get('num_rungs', 2)} rungs, dense tail {c.get('dense_fraction', 0.1):g}"
                            if c.get("scheduler", "ladder") == "ladder" else "")
-                        + (", lazy updates" if lazy else "")
+                        + (", lazy updates" if lazy else "") + (", per-layer budget" if budget else "")
                         + (f", {c['steps']} steps (dense {ref[2]})" if c["steps"] != ref[2] else ""),
             "short": f"{c['omission_rate']:g}" + (f" tail {c.get('dense_fraction', 0.1):g}"
                                                   if c.get("dense_fraction", 0.1) != 0.1 else "")
                      + (f" {c['metric']}" if c.get("metric", "l2") != "l2" else "")
-                     + (" lazy" if lazy else "") + (f" {c['steps']} steps" if c["steps"] != ref[2] else ""),
+                     + (f" {strategy}" if strategy != "topk" else "") + (" lazy" if lazy else "")
+                     + (" budget" if budget else "") + (f" {c['steps']} steps" if c["steps"] != ref[2] else ""),
             "attention": c.get("attn_omission_rate"), "metric": c.get("metric", "l2"),
             "mean_omission": sum(rates) / len(rates),
             "dense_eval_loss": ref[1], "sat_eval_loss": sat["eval_loss"],

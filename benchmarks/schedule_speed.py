@@ -21,7 +21,7 @@ import torch
 
 import sat_kernels as sk
 from sat_kernels.bench.results import environment
-from sat_kernels.selection import DEFAULT_FORWARD, FORWARD_MODES
+from sat_kernels.selection import DEFAULT_FORWARD, FORWARD_MODES, STRATEGIES
 from sat_kernels.train.compare import write_json
 from sat_kernels.train.data import default_corpus, tokenize, training_order
 from sat_kernels.train.model import load_model, load_tokenizer
@@ -51,6 +51,7 @@ def main(argv=None):
                    help="LoRA fine-tuning steps: both models get the same PEFT adapters of this rank (alpha 2 x rank, "
                         "no dropout) on every linear layer of the decoder, AdamW over the adapters (sat-train "
                         "--lora-rank); default: full fine-tuning")
+    p.add_argument("--strategy", choices=STRATEGIES, default="topk", help="neuron selection (default: topk)")
     p.add_argument("--skip-omitted-updates", action="store_true",
                    help="SAT steps skip the optimizer update of omitted units (sat-train --skip-omitted-updates)")
     p.add_argument("--repeats", type=int, default=5)
@@ -83,7 +84,8 @@ def main(argv=None):
     label = lambda r: f"SAT {r[0]:g}" + (f" / attention {r[1]:g}" if r[1] is not None else "")  # noqa: E731
     adapters = f", LoRA r {lora.rank} alpha {lora.alpha:g} on {' '.join(lora.targets)}" if lora is not None else ""
     print(f"# interleaved training-step times, {model_name}{adapters}, {env['device']}, torch {env['torch']}, fp32, "
-          f"forward={args.forward}{', lazy updates' if args.skip_omitted_updates else ''}, {args.clock} clock, "
+          f"forward={args.forward}, strategy={args.strategy}{', lazy updates' if args.skip_omitted_updates else ''}, "
+          f"{args.clock} clock, "
           f"median of {args.repeats} rounds")
     results = []
     for task in args.tasks:
@@ -91,7 +93,7 @@ def main(argv=None):
         batch, seq = args.batch_size or batch, args.seq_len or seq
         cfg = TrainConfig(task=task, steps=args.steps, seq_len=seq, batch_size=batch, precision="fp32",
                           forward=args.forward, attn_omission_rate=0.5 if args.attn_starts else None, lora=lora,
-                          skip_omitted_updates=args.skip_omitted_updates)
+                          skip_omitted_updates=args.skip_omitted_updates, strategy=args.strategy)
         train, _ = tokenize(default_corpus(task), tokenizer, seq)
         first = training_order(train, batch, cfg.seed)
         st = interleaved_step_times(pristine, first, cfg, pad_id=tokenizer.pad_token_id,
