@@ -68,6 +68,8 @@ class PerLayerBudget:
         if not self.modules:
             raise ValueError(f"PerLayerBudget: the model has no SAT {kind} modules; call "
                              f"sat_kernels.replace_{kind}(model) first")
+        for m in self.modules:
+            m._keep_scores = True   # the modules keep a copy of their last scores for observe()
         self.kind = kind
         self.momentum = float(momentum)
         self.shares: Optional[List[float]] = None   # each layer's share of the budget (moving average)

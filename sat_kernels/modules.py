@@ -90,6 +90,7 @@ class _SATWrapper(nn.Module):
         self._last_stats = None
         self._nonfinite_total = torch.zeros((), dtype=torch.int64, device=self._stats_device())
         self._nonfinite_warned = False
+        self._keep_scores = False   # keep a copy of the last scores (set by sat_kernels.budget.PerLayerBudget)
 
     def _stats_device(self) -> torch.device:
         return getattr(self, self._STATS_PROJ).weight.device
@@ -207,7 +208,7 @@ class SATMLP(_SATWrapper):
                 raise TypeError(f"SATMLP.{name} must be a bias-free nn.Linear, got one with a bias")
             weights.append(base.weight)
             adapters.append(adapter)
-        stats = {}
+        stats = {"scores": None} if self._keep_scores else {}   # scores: for a PerLayerBudget
         if all(adapter is None for adapter in adapters):
             y = sat_mlp_kept(x, *weights, self._kept, metric=self.metric, strategy=self.strategy, act=self.act,
                              backend=self.backend, sync_selection=self.sync_selection, forward=self.forward_mode,
@@ -332,7 +333,7 @@ class SATAttention(_SATWrapper):
             is_causal = getattr(dense, "is_causal", True)
         causal = impl == "sdpa" and mask is None and seq > 1 and bool(is_causal)
         norm = getattr(self, "q_norm", None) is not None
-        stats = {}
+        stats = {"scores": None} if self._keep_scores else {}   # scores: for a PerLayerBudget
         y, _, k_all, v_all = sat_attention_kept(
             hidden_states, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.o_proj.weight,
             self._kept, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, cos=cos, sin=sin,

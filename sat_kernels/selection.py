@@ -95,20 +95,24 @@ def _norm(t: torch.Tensor, order: int) -> torch.Tensor:
     return (t * t).sum(0).sqrt_().float()
 
 
-def selection_stats(scores: torch.Tensor, idx: torch.Tensor) -> dict:
+def selection_stats(scores: torch.Tensor, idx: torch.Tensor, keep_scores: bool = False) -> dict:
     """Statistics of one selection of ``idx`` from ``scores`` ``[n]``, as device tensors (no host sync):
 
     - ``kept``: ``idx.numel()`` (a Python int);
     - ``kept_mass``: the share of the score mass kept, ``sum(scores[idx]) / sum(scores)`` over the finite scores
       (fp32, 0-dim; 1 when every finite score is 0);
     - ``nonfinite``: the number of NaN/inf scores (int64, 0-dim);
-    - ``scores``: ``scores`` itself (for :class:`sat_kernels.budget.PerLayerBudget`).
+    - ``scores``, with ``keep_scores``: a copy of ``scores`` (for :class:`sat_kernels.budget.PerLayerBudget`; a copy,
+      so under ``torch.compile`` it is a new tensor the graph can hand out).
     """
     finite = torch.isfinite(scores)
     mass = torch.where(finite, scores.float(), 0.0)                    # [n]
     total = mass.sum()
     kept_mass = torch.where(total > 0, mass.index_select(0, idx).sum() / total, 1.0)
-    return {"kept": idx.numel(), "kept_mass": kept_mass, "nonfinite": (~finite).sum(), "scores": scores}
+    out = {"kept": idx.numel(), "kept_mass": kept_mass, "nonfinite": (~finite).sum()}
+    if keep_scores:
+        out["scores"] = scores.detach().clone()
+    return out
 
 
 def draw_uniform(n: int, strategy: str, device: torch.device,

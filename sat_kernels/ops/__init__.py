@@ -201,8 +201,8 @@ def make_selector(k: int, *, metric: str, strategy: str, generator: Optional[tor
         idx = select_fn(scores, k, strategy=strategy, generator=generator, uniform=uniform)
         if strategy == "priority":
             select.weights = priority_weights(scores, uniform, idx)
-        if stats is not None:
-            stats.update(selection_stats(scores, idx))
+        if stats is not None:   # a "scores" key asks for a copy of the scores too
+            stats.update(selection_stats(scores, idx, keep_scores="scores" in stats))
         return idx
 
     select.weights = None

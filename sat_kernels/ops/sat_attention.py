@@ -123,7 +123,8 @@ def sat_attention_kept(x, w_q, w_k, w_v, w_o, k, *, num_heads, num_kv_heads=None
     spec = spec._replace(return_kv=bool(return_kv), group_units=unit == "group", dense_forward=forward == "dense")
     y, heads, scores, k_all, v_all = _run(ops, select, spec)
     if stats is not None:   # the kept units: the kept heads, or the groups of every rep-th kept head
-        stats.update(selection_stats(scores, heads if unit == "head" else heads[::rep] // rep))
+        stats.update(selection_stats(scores, heads if unit == "head" else heads[::rep] // rep,
+                                     keep_scores="scores" in stats))
     return y, heads, (k_all if return_kv else None), (v_all if return_kv else None)
 
 
