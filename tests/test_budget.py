@@ -103,3 +103,15 @@ def test_errors():
         PerLayerBudget(model, momentum=1.0)
     with pytest.raises(ValueError, match="kind"):
         PerLayerBudget(model, kind="moe")
+
+
+def test_lora_mlps_keep_their_scores_for_the_budget():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(sk.replace_mlp(tiny_model("llama"), 0.5),
+                                peft.LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"]))
+    budget = PerLayerBudget(model, momentum=0.0)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    model(ids, labels=ids).loss.backward()
+    budget.observe()
+    assert budget.shares is not None and sum(budget.shares) == pytest.approx(1.0)
+    assert all(m._last_stats["scores"].shape == (136,) for m in budget.modules)
