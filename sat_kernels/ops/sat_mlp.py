@@ -93,7 +93,7 @@ class SATMLPFunction(torch.autograd.Function):
             u = torch.mm(x, w_up.t())                                  # [T, I]
             a = act_fwd(g, act).mul_(u)                                # [T, I]
             idx = select(a, select_fn=ops.select_neurons)             # [k]
-            weight = select.weights                                    # [k] fp32 with strategy="priority"
+            weight = getattr(select, "weights", None)                 # [k] fp32 with strategy="priority"
             g_s = ops.gather_cols(g, idx)                              # [T, k]
             u_s = ops.gather_cols(u, idx)                              # [T, k]
             del g, u
