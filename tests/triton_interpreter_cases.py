@@ -270,12 +270,15 @@ def test_custom_ops_pass_opcheck():
     x, wg, wu, wd = (t.detach() for t in make_operands(21, 24, 40, torch.float32)[0])
     idx = torch.arange(1, 40, 3)
     g, u, a, _ = torch.ops.sat_kernels.triton_gate_up_scores(x, wg, wu, wd, "silu", "l2", True)
-    g_s, u_s, a_s = torch.ops.sat_kernels.triton_kept_act(g, u, idx, "silu")
+    g_s, u_s, a_s = torch.ops.sat_kernels.triton_kept_act(g, u, idx, "silu", True)
+    g_s2, u_s2, no_a = torch.ops.sat_kernels.triton_kept_act(g, u, idx, "silu", False)
+    assert torch.equal(g_s2, g_s) and torch.equal(u_s2, u_s) and no_a.numel() == 0
     leaves = (x.requires_grad_(), wg.requires_grad_(), wu.requires_grad_(), wd.requires_grad_())
     cases = [
         (torch.ops.sat_kernels.triton_gate_up_scores, (x, wg, wu, wd, "silu", "contrib", False)),
         (torch.ops.sat_kernels.triton_gate_up_scores, (x, wg, wu, wd, "gelu_tanh", "l1", True)),
-        (torch.ops.sat_kernels.triton_kept_act, (g, u, idx, "silu")),
+        (torch.ops.sat_kernels.triton_kept_act, (g, u, idx, "silu", True)),
+        (torch.ops.sat_kernels.triton_kept_act, (g, u, idx, "gelu_tanh", False)),
         (torch.ops.sat_kernels.triton_gate_up_kept, (x, wg, wu, idx, "gelu_tanh")),
         (torch.ops.sat_kernels.triton_kept_mlp, (*leaves, idx, g_s, u_s, a_s, "silu", False)),
         (torch.ops.sat_kernels.triton_kept_mlp, (*leaves, idx, g_s, u_s, a, "silu", True)),

@@ -133,9 +133,9 @@ def gate_up_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, act: 
 
 @triton.jit
 def _kept_act_fwd_kernel(g_ptr, u_ptr, idx_ptr, gs_ptr, us_ptr, as_ptr, M, N, LD, LDO, ACT: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr):
-    """Compaction of the kept columns: G_S = G[:, idx], U_S = U[:, idx], A_S = act(G_S) * U_S, [M, N] each (zero
-    in the columns of the -1 entries of idx)."""
+                         STORE_A: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """Compaction of the kept columns: G_S = G[:, idx], U_S = U[:, idx] and, with STORE_A, A_S = act(G_S) * U_S,
+    [M, N] each (zero in the columns of the -1 entries of idx)."""
     o_m = tl.program_id(0) * BM + tl.arange(0, BM)                     # [BM]
     o_n = tl.program_id(1) * BN + tl.arange(0, BN)                     # [BN]
     m_n = o_n < N
@@ -145,30 +145,34 @@ def _kept_act_fwd_kernel(g_ptr, u_ptr, idx_ptr, gs_ptr, us_ptr, as_ptr, M, N, LD
     o_full = o_m.to(tl.int64)[:, None] * LD + c_n[None, :]            # [BM, BN]
     b_g = tl.load(g_ptr + o_full, mask=m_in, other=0.0)                # [BM, BN]
     b_u = tl.load(u_ptr + o_full, mask=m_in, other=0.0)                # [BM, BN]
-    b_a = act_fwd(b_g.to(tl.float32), ACT) * b_u.to(tl.float32)        # [BM, BN]
     o_out = o_m.to(tl.int64)[:, None] * LDO + o_n[None, :]             # [BM, BN]
     tl.store(gs_ptr + o_out, b_g, mask=m)
     tl.store(us_ptr + o_out, b_u, mask=m)
-    tl.store(as_ptr + o_out, b_a.to(as_ptr.dtype.element_ty), mask=m)
+    if STORE_A:
+        b_a = act_fwd(b_g.to(tl.float32), ACT) * b_u.to(tl.float32)    # [BM, BN]
+        tl.store(as_ptr + o_out, b_a.to(as_ptr.dtype.element_ty), mask=m)
 
 
-def kept_act_fwd(g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor,
-                 act: str = "silu") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def kept_act_fwd(g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor, act: str = "silu",
+                 store_a: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(G[:, idx], U[:, idx], act(G[:, idx]) * U[:, idx])``, each ``[T, kp]``, in one memory-bound pass.
 
     Args:
         g, u: ``[T, I]`` pre-activations with one row stride; idx: ``[kp]`` sorted int64 padded with -1
             (:func:`.utils.padded_index`), whose columns come out zero.
+        store_a: compute and write ``A_S``; without it (the exact forward, whose down projection reads the full
+            ``A``) the third output is empty and the pass writes two ``[T, kp]`` tensors instead of three.
     """
     T = g.shape[0]
     k = idx.numel()
-    g_s, u_s, a_s = (padded_empty(g, T, k) for _ in range(3))
+    g_s, u_s = (padded_empty(g, T, k) for _ in range(2))
+    a_s = padded_empty(g, T, k) if store_a else g.new_empty(0)
     if T == 0:
         return g_s, u_s, a_s
     bm, bn = (16, 32) if INTERPRET else (32, 128)
     grid = (triton.cdiv(T, bm), triton.cdiv(k, bn))
-    _kept_act_fwd_kernel[grid](g, u, idx, g_s, u_s, a_s, T, k, g.stride(0), g_s.stride(0), ACT=ACT_IDS[act], BM=bm,
-                               BN=bn, num_warps=4)
+    _kept_act_fwd_kernel[grid](g, u, idx, g_s, u_s, a_s if store_a else g_s, T, k, g.stride(0), g_s.stride(0),
+                               ACT=ACT_IDS[act], STORE_A=store_a, BM=bm, BN=bn, num_warps=4)
     return g_s, u_s, a_s
 
 

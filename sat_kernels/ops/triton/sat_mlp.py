@@ -102,15 +102,18 @@ def _(x, w_gate, w_up, w_down, act, metric, store_a):
 
 
 @torch.library.custom_op("sat_kernels::triton_kept_act", mutates_args=())
-def _kept_act_op(g: Tensor, u: Tensor, indices: Tensor, act: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(G_S, U_S, A_S)`` ``[T, k]`` from the full ``[T, I]`` pre-activations."""
+def _kept_act_op(g: Tensor, u: Tensor, indices: Tensor, act: str, store_a: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(G_S, U_S, A_S)`` ``[T, k]`` from the full ``[T, I]`` pre-activations (``A_S`` empty unless ``store_a``)."""
     with on_device(g):
-        return _compact(kept_act_fwd(g, u, padded_index(indices), act), indices.numel())
+        g_s, u_s, a_s = kept_act_fwd(g, u, padded_index(indices), act, store_a=store_a)
+    g_s, u_s = _compact((g_s, u_s), indices.numel())
+    return g_s, u_s, _compact((a_s,), indices.numel())[0] if store_a else a_s
 
 
 @_kept_act_op.register_fake
-def _(g, u, indices, act):
-    return tuple(padded_empty(g, g.shape[0], indices.shape[0]) for _ in range(3))
+def _(g, u, indices, act, store_a):
+    T, k = g.shape[0], indices.shape[0]
+    return padded_empty(g, T, k), padded_empty(g, T, k), padded_empty(g, T, k) if store_a else g.new_empty(0)
 
 
 @torch.library.custom_op("sat_kernels::triton_gate_up_kept", mutates_args=())
@@ -218,7 +221,7 @@ def sat_mlp_triton(x2: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, sel
         g, u, a_full, scores = torch.ops.sat_kernels.triton_gate_up_scores(xd, wgd, wud, wdd, act, metric,
                                                                              dense_forward)
         idx = select(scores=scores) if metric is not None else select(act_fwd(g, act) * u)
-        g_s, u_s, a_s = torch.ops.sat_kernels.triton_kept_act(g, u, idx, act)
+        g_s, u_s, a_s = torch.ops.sat_kernels.triton_kept_act(g, u, idx, act, not dense_forward)
         a = a_full if dense_forward else a_s
         del g, u, scores, a_full, a_s
     y = torch.ops.sat_kernels.triton_kept_mlp(x2, w_gate, w_up, w_down, idx, g_s, u_s, a, act, dense_forward)
