@@ -49,8 +49,8 @@ def _label(mlp: float, attn: Optional[float]) -> str:
 
 
 def load_speed_tables(paths: List[str]) -> Dict[Tuple, Dict[str, float]]:
-    """``{(model, task, forward, strategy, lazy updates, batch, seq_len): {step label: ms}}`` from schedule_speed JSONs (later
-    files override earlier ones)."""
+    """``{(model, task, forward, strategy, lazy updates, batch, seq_len): {step label: ms}}`` from schedule_speed
+    JSONs (later files override earlier ones)."""
     tables = {}
     for path in paths:
         report = json.loads(Path(path).read_text())
@@ -63,10 +63,12 @@ def load_speed_tables(paths: List[str]) -> Dict[Tuple, Dict[str, float]]:
     return tables
 
 
-def _step_ms(table: Dict[str, float], mlp: float, attn: Optional[float]) -> Optional[float]:
+def _step_ms(table: Dict[str, float], mlp: float, attn: Optional[float],
+             zero_is_dense: bool = True) -> Optional[float]:
     """Step time at one (MLP, attention) rate; MLP-only runs are priced by MLP-only rows or rows with attention at 0
-    (a SAT attention module at rate 0 runs the original module)."""
-    if not mlp and not attn:
+    (a SAT attention module at rate 0 runs the original module). A step at rate 0 is priced as dense (the same
+    computation) unless ``zero_is_dense`` is false (lazy updates: their hook runs at rate 0 too)."""
+    if not mlp and not attn and zero_is_dense:
         return table["dense"]
     for label in ((_label(mlp, attn),) if attn else (_label(mlp, None), _label(mlp, 0.0))):
         if label in table:
@@ -74,9 +76,10 @@ def _step_ms(table: Dict[str, float], mlp: float, attn: Optional[float]) -> Opti
     return None
 
 
-def schedule_speedup(table: Dict[str, float], rates: List[float], attn_rates: List[float]) -> Optional[float]:
+def schedule_speedup(table: Dict[str, float], rates: List[float], attn_rates: List[float],
+                     zero_is_dense: bool = True) -> Optional[float]:
     attn = attn_rates or [None] * len(rates)
-    times = [_step_ms(table, r, a) for r, a in zip(rates, attn)]
+    times = [_step_ms(table, r, a, zero_is_dense) for r, a in zip(rates, attn)]
     if any(t is None for t in times):
         return None
     return len(times) * table["dense"] / sum(times)
@@ -111,7 +114,7 @@ def collect(result_paths: List[str], speed_tables) -> List[Dict]:
         rates, attn_rates = sat["omission_rates"], sat.get("attn_omission_rates") or []
         # a per-layer budget keeps the uniform rate's total: priced by the uniform rate's step times
         table = speed_tables.get((model, task, forward, strategy, lazy, c["batch_size"], c["seq_len"]))
-        speedup = schedule_speedup(table, rates, attn_rates) if table else None
+        speedup = schedule_speedup(table, rates, attn_rates, zero_is_dense=not lazy) if table else None
         rows.append({
             "model": model, "task": task, "forward": forward, "seed": c.get("seed", 0),
             "schedule": (f"{c['metric']}, " if c.get("metric", "l2") != "l2" else "")

@@ -173,3 +173,57 @@ def test_gpu_check_summary_tables(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| llama | pass | 80 | 150 | 90 |" in text and "| triton | 8191 | 0.6 | sparse | 41.00 | 0.050 |" in text
     assert json.loads((tmp_path / "gpu_check.json").read_text())["backends"] == [row]
+
+
+def _frontier():
+    spec = importlib.util.spec_from_file_location("frontier", ROOT / "benchmarks" / "frontier.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _train_report(path, runs, steps=4, **config):
+    cfg = {"task": "sft", "steps": steps, "batch_size": 4, "seq_len": 256, "lr": 1e-4, "warmup_steps": 0, "seed": 0,
+           "omission_rate": 0.5, "forward": "dense", "model": "smollm2-135m", **config}
+    report = {"config": cfg, "data": {"fingerprint": "f"},
+              "runs": {name: {"eval_loss": loss, "omission_rates": rates}
+                       for name, (loss, rates) in runs.items()}}
+    path.write_text(json.dumps(report))
+    return str(path)
+
+
+def test_frontier_pairs_runs_with_their_dense_reference_and_prices_them(tmp_path):
+    """Each SAT run against the dense run of the same settings (LoRA runs against dense LoRA, an equal-time run
+    against the dense run of other steps), priced by the step times of its own forward, strategy and update mode."""
+    fr = _frontier()
+    lora = {"rank": 16, "alpha": 32.0, "dropout": 0.0, "targets": ["q_proj"]}
+    ladder = [0.5, 0.5, 0.25, 0.0]
+    results = [
+        _train_report(tmp_path / "d.json", {"dense": (2.0, [0.0] * 4)}),
+        _train_report(tmp_path / "s.json", {"SAT": (2.1, ladder)}),
+        _train_report(tmp_path / "lazy.json", {"SAT": (2.2, ladder)}, skip_omitted_updates=True),
+        _train_report(tmp_path / "eq.json", {"SAT": (2.05, ladder + [0.0])}, steps=5),
+        _train_report(tmp_path / "ld.json", {"dense": (3.0, [0.0] * 4)}, lora=lora),
+        _train_report(tmp_path / "ls.json", {"SAT": (3.3, ladder)}, lora=lora),
+    ]
+    speed = tmp_path / "speed.json"
+    rows = [{"task": "sft", "batch": 4, "seq_len": 256, "step_ms": {"dense": 100.0, "SAT 0.5": 80.0, "SAT 0.25": 90.0,
+                                                                  "SAT 0": 100.0}}]
+    speed.write_text(json.dumps({"config": {"forward": "dense"}, "rows": rows}))
+    lazy_speed = tmp_path / "lazy_speed.json"
+    lazy_speed.write_text(json.dumps({"config": {"forward": "dense", "skip_omitted_updates": True},
+                                      "rows": [{**rows[0], "step_ms": {"dense": 100.0, "SAT 0.5": 125.0,
+                                                                       "SAT 0.25": 125.0, "SAT 0": 125.0}}]}))
+    tables = fr.load_speed_tables([str(speed), str(lazy_speed)])
+    got = {r["run"]: r for r in fr.collect(results, tables)}
+    assert set(got) == {"s.json", "lazy.json", "eq.json", "ls.json"}
+    assert got["s.json"]["dense_run"] == "d.json" and got["s.json"]["eval_loss_increase_pct"] == pytest.approx(5.0)
+    assert got["s.json"]["speedup"] == pytest.approx(4 * 100 / (80 + 80 + 90 + 100))
+    # the lazy hook runs in the dense tail too: its rate-0 step is priced by its own time, not dense's
+    assert got["lazy.json"]["speedup"] == pytest.approx(0.8) and "lazy updates" in got["lazy.json"]["schedule"]
+    eq = got["eq.json"]
+    assert (eq["dense_run"], eq["steps"], eq["dense_steps"]) == ("d.json", 5, 4)
+    assert "5 steps (dense 4)" in eq["schedule"]
+    assert eq["time_vs_dense"] == pytest.approx((80 + 80 + 90 + 100 + 100) / 400)
+    assert got["ls.json"]["model"].endswith("+ LoRA r16") and got["ls.json"]["dense_run"] == "ld.json"
+    assert got["ls.json"]["speedup"] is None, "no LoRA step times given: not priced by the full fine-tuning ones"
