@@ -48,9 +48,10 @@ def _label(mlp: float, attn: Optional[float]) -> str:
     return f"SAT {mlp:g}" + (f" / attention {attn:g}" if attn is not None else "")
 
 
-def load_speed_tables(paths: List[str]) -> Dict[Tuple, Dict[str, float]]:
-    """``{(model, task, forward, strategy, lazy updates, batch, seq_len): {step label: ms}}`` from schedule_speed
-    JSONs (later files override earlier ones)."""
+def load_speed_tables(paths: List[str]) -> Dict[Tuple, List[Dict[str, float]]]:
+    """``{(model, task, forward, strategy, lazy updates, batch, seq_len): [{step label: ms}, ...]}`` from
+    schedule_speed JSONs: one table per file and shape, in the order of ``paths``. Tables of different files are never
+    mixed (their dense steps were timed in other rounds); a run is priced by the last one that has all its rates."""
     tables = {}
     for path in paths:
         report = json.loads(Path(path).read_text())
@@ -59,7 +60,7 @@ def load_speed_tables(paths: List[str]) -> Dict[Tuple, Dict[str, float]]:
         strategy = report["config"].get("strategy", "topk")
         for row in report["rows"]:
             key = (model, row["task"], forward, strategy, lazy, row["batch"], row["seq_len"])
-            tables.setdefault(key, {}).update(row["step_ms"])
+            tables.setdefault(key, []).append(row["step_ms"])
     return tables
 
 
@@ -113,8 +114,12 @@ def collect(result_paths: List[str], speed_tables) -> List[Dict]:
             c.get("strategy", "topk")
         rates, attn_rates = sat["omission_rates"], sat.get("attn_omission_rates") or []
         # a per-layer budget keeps the uniform rate's total: priced by the uniform rate's step times
-        table = speed_tables.get((model, task, forward, strategy, lazy, c["batch_size"], c["seq_len"]))
-        speedup = schedule_speedup(table, rates, attn_rates, zero_is_dense=not lazy) if table else None
+        speedup = None
+        for table in reversed(speed_tables.get((model, task, forward, strategy, lazy, c["batch_size"],
+                                                 c["seq_len"]), [])):
+            speedup = schedule_speedup(table, rates, attn_rates, zero_is_dense=not lazy)
+            if speedup is not None:
+                break
         rows.append({
             "model": model, "task": task, "forward": forward, "seed": c.get("seed", 0),
             "schedule": (f"{c['metric']}, " if c.get("metric", "l2") != "l2" else "")

@@ -214,7 +214,10 @@ def test_frontier_pairs_runs_with_their_dense_reference_and_prices_them(tmp_path
     lazy_speed.write_text(json.dumps({"config": {"forward": "dense", "skip_omitted_updates": True},
                                       "rows": [{**rows[0], "step_ms": {"dense": 100.0, "SAT 0.5": 125.0,
                                                                        "SAT 0.25": 125.0, "SAT 0": 125.0}}]}))
-    tables = fr.load_speed_tables([str(speed), str(lazy_speed)])
+    other = tmp_path / "other.json"   # a later file without SAT 0.5: never mixed into the first one's table
+    other.write_text(json.dumps({"config": {"forward": "dense"},
+                                 "rows": [{**rows[0], "step_ms": {"dense": 50.0, "SAT 0.25": 40.0}}]}))
+    tables = fr.load_speed_tables([str(speed), str(lazy_speed), str(other)])
     got = {r["run"]: r for r in fr.collect(results, tables)}
     assert set(got) == {"s.json", "lazy.json", "eq.json", "ls.json"}
     assert got["s.json"]["dense_run"] == "d.json" and got["s.json"]["eval_loss_increase_pct"] == pytest.approx(5.0)
