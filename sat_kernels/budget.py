@@ -63,8 +63,9 @@ class PerLayerBudget:
             raise ValueError(f"PerLayerBudget: kind must be 'mlp' or 'attention', got {kind!r}")
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
             raise ValueError(f"PerLayerBudget: momentum must be a number in [0, 1), got {momentum!r}")
-        self.modules = [m for _, m in sat_modules(model, kind)]
-        self.names = [name for name, _ in sat_modules(model, kind)]
+        found = list(sat_modules(model, kind))
+        self.names = [name for name, _ in found]
+        self.modules = [m for _, m in found]
         if not self.modules:
             raise ValueError(f"PerLayerBudget: the model has no SAT {kind} modules; call "
                              f"sat_kernels.replace_{kind}(model) first")

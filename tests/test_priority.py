@@ -95,3 +95,26 @@ def test_module_and_refusals():
     lora = LoRA(torch.randn(2, 8), torch.randn(12, 2), 1.0, None)
     with pytest.raises(ValueError, match="priority"):
         sat_lora_mlp(*operands, (lora, None, None), 6, strategy="priority")
+
+
+def _model_grads(seed, checkpoint=None, compiled=False):
+    model = sk.replace_mlp(tiny_model("llama"), 0.5, strategy="priority").train()
+    if checkpoint is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpoint})
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    run = torch.compile(model, backend="aot_eager") if compiled else model
+    torch.manual_seed(seed)   # the noise of the selection comes from the global RNG
+    run(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode", ["reentrant checkpoint", "checkpoint", "compile"])
+def test_checkpointing_and_compile_draw_the_same_sample(mode):
+    plain = _model_grads(5)
+    other = _model_grads(5, checkpoint={"reentrant checkpoint": True, "checkpoint": False}.get(mode),
+                         compiled=mode == "compile")
+    assert plain.keys() == other.keys()
+    for name in plain:
+        torch.testing.assert_close(other[name], plain[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert not torch.equal(_model_grads(6)["model.layers.0.mlp.gate_proj.weight"],
+                           plain["model.layers.0.mlp.gate_proj.weight"]), "another draw keeps other neurons"

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 import sat_kernels as sk
 
-from ..patching import sat_modules
 from ..selection import DEFAULT_FORWARD
 from .data import IGNORE_INDEX, collate
 
@@ -362,8 +361,8 @@ def train_run(pristine, train_examples: Sequence[Dict], eval_examples: Sequence[
     elif cfg.attn_omission_rate is not None:
         attn_rate_of = lambda: 0.0  # noqa: E731
     kept_of = None
-    if sat and cfg.per_layer_budget:
-        kept_of = lambda: [m._kept for _, m in sat_modules(model, "mlp")]  # noqa: E731
+    if sat and cfg.per_layer_budget:   # the budget of the MLP modules exists once training has begun
+        kept_of = lambda: list(sat_callback.budgets["mlp"].kept().values())  # noqa: E731
     callbacks.append(_make_callbacks(result, device, cfg.steps, rate_of, attn_rate_of, progress, kept_of))
 
     class OrderedTrainer(Trainer):
