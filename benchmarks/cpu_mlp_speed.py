@@ -1,7 +1,7 @@
 """Forward+backward time of the SAT MLP (torch backend) vs the dense MLP (``F.linear``, autograd), fp32 on CPU.
 
 Dense and SAT runs are interleaved (dense, SAT, dense, SAT, ...) so both see the same machine state; the figure is the
-median of the per-pair ratios SAT/dense, next to the FLOP limit of DESIGN.md section 5, ``(4 + 14 * rho) / 18``
+median of the per-pair ratios SAT/dense, next to the FLOP limit of docs/design.md section 5, ``(4 + 14 * rho) / 18``
 (``(6 + 12 * rho) / 18`` with ``--forward dense``).
 These are the README's CPU figures; ``sat-bench`` runs the full provider set.
 

@@ -164,14 +164,14 @@ def main(argv=None) -> int:
         print("cuda_selection_speed.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.",
               file=sys.stderr)
         return 2
-    from sat_kernels.ops import cuda as cuda_ops
+    from sat_kernels.ops.mlp import cuda as cuda_ops
 
     try:
         cuda_ops.load_extension()
     except RuntimeError as exc:
         print(f"cuda_selection_speed.py: {exc}", file=sys.stderr)
         return 2
-    from sat_kernels.ops.cuda import kernels
+    from sat_kernels.ops.mlp.cuda import kernels
 
     ext = cuda_ops.load_extension()
     result = {

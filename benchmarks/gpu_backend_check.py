@@ -64,13 +64,14 @@ def _rel_rms(a, ref):
 
 def _torch_at(leaves, dy, idx, forward):
     """The torch backend's output and gradients at the kept set ``idx`` (its launcher, with that set selected)."""
-    from sat_kernels.ops.sat_mlp import sat_mlp_torch
+    from sat_kernels.ops.mlp.function import sat_mlp_torch
+    from sat_kernels.ops.selector import Selection
 
     def select(a, select_fn=None):
-        return idx
+        return Selection(idx, torch.empty(0))
 
     x, wg, wu, wd = leaves
-    y, _ = sat_mlp_torch(x, wg, wu, wd, select, "silu", forward == "dense")
+    y, _ = sat_mlp_torch(x, wg, wu, wd, select, "silu", forward)
     return [y.detach(), *torch.autograd.grad(y, leaves, dy)]
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-call GPU check (DESIGN.md section 7, issue 12): on a lent H100/H200 with torch, triton, transformers, nvcc,
+# One-call GPU check (docs/design.md section 7, issue 12): on a lent H100/H200 with torch, triton, transformers, nvcc,
 # pybind11 and pytest preinstalled and no network, in at most 10 minutes it
 #   1. builds the CUDA extension with SAT_KERNELS_FORCE_CUDA_BUILD=1 and FAILS when "cuda" or "triton" is missing from
 #      sk.available_backends();

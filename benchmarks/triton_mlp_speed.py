@@ -7,7 +7,7 @@ For each omission rate it reports, from ``triton.testing.do_bench`` (median and 
 
 - forward + backward of the dense MLP (``F.linear`` + autograd, what Hugging Face ``LlamaMLP`` runs), of
   ``sat_mlp(backend="torch")`` (gathers + cuBLAS) and of ``sat_mlp(backend="triton")``; the SAT/dense ratios next to
-  the FLOP limit ``(4 + 14 rho) / 18`` (DESIGN.md section 5) and ``triton_over_torch`` (the ratio that
+  the FLOP limit ``(4 + 14 rho) / 18`` (docs/design.md section 5) and ``triton_over_torch`` (the ratio that
   ``sat_kernels.backends._AUTO_TRITON_OVER_TORCH`` takes);
 - every Triton kernel of the step alone, its TFLOP/s and the TFLOP/s of a cuBLAS ``torch.mm`` of the same size
   (``vs_cublas`` = ours / cuBLAS; 1.0 = as fast as a dense GEMM of that shape); the down GEMMs both with the compact
@@ -44,9 +44,9 @@ def _fwd_bwd(forward, leaves, dy):
 def _gemm_rows(T, h, inter, idx, dtype):
     """One row per Triton kernel: (name, callable, FLOPs, cuBLAS callable of the same GEMM(s)) at kept set ``idx``,
     each launched as the backend launches it (kept count padded to a multiple of 16, see ops/triton/utils.py)."""
-    from sat_kernels.ops.triton import down, gate_up
-    from sat_kernels.ops.triton.sat_mlp import compact_w_down, kept_positions
-    from sat_kernels.ops.triton.utils import padded_index
+    from sat_kernels.ops.mlp.triton import down, gate_up
+    from sat_kernels.ops.mlp.triton.launcher import compact_w_down, kept_positions
+    from sat_kernels.ops.mlp.triton.utils import padded_index
 
     k = idx.numel()
     idx_p = padded_index(idx)
@@ -96,7 +96,7 @@ def run(T, h, inter, rates, dtype):
     import triton
 
     import sat_kernels as sk
-    from sat_kernels.ops.sat_mlp import dense_mlp
+    from sat_kernels.ops.mlp.function import dense_mlp
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(T, h, device="cuda", dtype=dtype, generator=gen).requires_grad_()

@@ -4,7 +4,7 @@ and 16-byte stores the kernel issues (masks that are not constant over 8 bf16 el
 
 Needs triton (tested 3.6 and 3.9) and its bundled cuobjdump; no CUDA device, no driver. Integer arguments are
 compiled as divisible by 16 (as Triton specialises them at launch for the Llama shapes and the padded row strides).
-The numbers quoted in ``sat_kernels/ops/triton/utils.py`` come from this script. Compile-time resources only: it says
+The numbers quoted in ``sat_kernels/ops/mlp/triton/utils.py`` come from this script. Compile-time resources only: it says
 nothing about speed (``benchmarks/triton_mlp_speed.py`` measures that on a GPU). :func:`compile_launch` compiles one
 recorded launch with the specialisation Triton gives its actual arguments (``tests/test_triton.py`` uses it).
 
@@ -22,7 +22,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from sat_kernels.ops.triton import down, gate_up, utils
+from sat_kernels.ops.mlp.triton import down, gate_up, utils
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",

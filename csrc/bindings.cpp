@@ -8,7 +8,7 @@
 namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "CUDA kernels of sat_kernels (selection, gathers, scatters). Call them through sat_kernels.ops.cuda, "
+  m.doc() = "CUDA kernels of sat_kernels (selection, gathers, scatters). Call them through sat_kernels.ops.mlp.cuda, "
             "which checks the tensors first.";
   m.def("select_kept", &sat::select_kept, py::arg("scores"), py::arg("uniform"), py::arg("workspace"),
         py::arg("out"), py::arg("out_int32"), py::arg("rows"), py::arg("n"), py::arg("k"), py::arg("strategy"),

@@ -7,8 +7,7 @@ from .backends import available_backends, unavailable_backends
 from .budget import PerLayerBudget
 from .modules import SATMLP, SATAttention
 from .optim import skip_omitted_updates
-from .ops import gathered_mlp, neuron_scores, sat_mlp
-from .ops.sat_attention import gathered_attention, head_scores, sat_attention
+from .ops import gathered_attention, gathered_mlp, head_scores, neuron_scores, sat_attention, sat_mlp
 from .patching import PatchSummary, patch_summary, replace_attention, replace_mlp, revert, set_omission_rate
 from .schedules import ConstantOmissionScheduler, LadderOmissionScheduler, LinearOmissionScheduler
 from .selection import num_kept, select_neurons

@@ -1,9 +1,9 @@
 """Backend registry and dispatch.
 
-A backend is a launcher with the signature of :func:`sat_kernels.ops.sat_mlp.sat_mlp_torch`:
-``(x2 [T, h], w_gate [I, h], w_up [I, h], w_down [h, I], select, act, dense_forward) -> (y [T, h], idx [k])`` where
-``select`` is a sorted index tensor or a callable that picks the kept set from the full activations, and
-``dense_forward`` asks for the exact forward output (``forward="dense"``).
+A backend is a launcher with the signature of :func:`sat_kernels.ops.mlp.function.sat_mlp_torch`:
+``(x2 [T, h], w_gate [I, h], w_up [I, h], w_down [h, I], select, act, forward) -> (y [T, h], idx [k])`` where
+``select`` is a sorted index tensor or a :class:`~sat_kernels.ops.selector.Selector` that picks the kept set from the
+full activations, and ``forward`` is ``"sparse"`` or ``"dense"`` (the exact forward output).
 """
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .ops.sat_mlp import sat_mlp_torch
-from .ops.cuda import unavailable_reason as _cuda_unavailable_reason
-from .ops.triton import unavailable_reason as _triton_unavailable_reason
+from .ops.mlp.cuda import unavailable_reason as _cuda_unavailable_reason
+from .ops.mlp.function import sat_mlp_torch
+from .ops.mlp.triton import unavailable_reason as _triton_unavailable_reason
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
@@ -26,7 +26,7 @@ def _register_triton() -> None:
     reason = _triton_unavailable_reason()
     if reason is None:
         try:
-            from .ops.triton.sat_mlp import sat_mlp_triton
+            from .ops.mlp.triton.launcher import sat_mlp_triton
         except Exception as exc:  # a broken triton install must not break `import sat_kernels`
             reason = f"triton failed to import: {type(exc).__name__}: {exc}"
         else:
@@ -44,7 +44,7 @@ def _register_cuda() -> None:
     Not in "auto": the cuda backend has not been measured on a GPU yet."""
     reason = _cuda_unavailable_reason()
     if reason is None:
-        from .ops.cuda.sat_mlp import sat_mlp_cuda
+        from .ops.mlp.cuda.launcher import sat_mlp_cuda
         _LAUNCHERS["cuda"] = sat_mlp_cuda
     else:
         _MISSING["cuda"] = reason

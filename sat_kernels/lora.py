@@ -1,12 +1,12 @@
 """PEFT adapters on the projections of a SAT module: recognising them (without importing peft) and reading the
-active LoRA adapter of an MLP projection for :mod:`sat_kernels.ops.sat_mlp_lora`."""
+active LoRA adapter of an MLP projection for :mod:`sat_kernels.ops.mlp.lora`."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
 from torch import nn
 
-from .ops.sat_mlp_lora import LoRA
+from .ops.mlp.lora import LoRA
 
 _LORA_LINEAR = ("peft.tuners.lora.layer", "Linear")
 

@@ -7,9 +7,8 @@ import torch
 from torch import nn
 
 from .lora import lora_parts, peft_adapter
-from .ops import sat_mlp_kept
-from .ops.sat_mlp_lora import sat_lora_mlp
-from .ops.sat_attention import DEFAULT_UNIT, UNITS, sat_attention_kept
+from .ops.attention import DEFAULT_UNIT, UNITS, sat_attention_kept
+from .ops.mlp import sat_lora_mlp, sat_mlp_kept
 from .selection import DEFAULT_FORWARD, FORWARD_MODES, check_choice, check_omission_rate, num_kept
 
 _CACHE_ARGS = ("cache", "past_key_values", "past_key_value")
@@ -158,7 +157,7 @@ class SATMLP(_SATWrapper):
     original module's own forward: the computation is exactly the dense one. In training mode it runs
     :func:`sat_kernels.sat_mlp` (grad mode is deliberately not consulted, so a reentrant checkpoint's no-grad first
     pass selects like its recompute). When projections are PEFT LoRA layers (added before or after patching) it runs
-    the SAT MLP with their active adapters (:mod:`sat_kernels.ops.sat_mlp_lora`): selection from the adapted
+    the SAT MLP with their active adapters (:mod:`sat_kernels.ops.mlp.lora`): selection from the adapted
     activations, the adapters' gradients over the kept neurons, no gradient for the frozen base.
 
     Setting ``omission_rate`` computes the kept count ``k``, and the forward depends on ``k`` only: under

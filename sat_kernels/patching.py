@@ -20,9 +20,9 @@ from torch import nn
 from .backends import resolve_backend
 from .lora import lora_parts, peft_adapter
 from .modules import SATMLP, SATAttention, class_path
+from .ops.attention import DEFAULT_UNIT, UNITS
 from .ops.attention.checks import check_attention_backend
-from .ops.sat_attention import DEFAULT_UNIT, UNITS
-from .ops.sat_mlp import act_fwd
+from .ops.mlp.function import act_fwd
 from .selection import ATTENTION_STRATEGIES, DEFAULT_FORWARD, FORWARD_MODES, METRICS, STRATEGIES, check_choice, \
     check_omission_rate
 

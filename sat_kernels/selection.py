@@ -1,4 +1,4 @@
-"""Neuron scoring and selection: the SAT semantics of DESIGN.md section 2.
+"""Neuron scoring and selection: the SAT semantics of docs/design.md section 2.
 
 Scores are one fp32 value per neuron, aggregated over all tokens of the batch. Selection returns the indices of the
 kept neurons, sorted ascending, on the scores' device, without a host synchronisation (``torch.topk`` + ``sort``).

@@ -12,7 +12,7 @@ import torch
 
 from sat_kernels.bench.cli import main
 from sat_kernels.bench.mlp import flops, make_provider, run_shape, saved_activation_bytes
-from sat_kernels.ops.sat_mlp_lora import LoRA
+from sat_kernels.ops.mlp.lora import LoRA
 
 
 def test_mlp_bench_appends_rows_and_plots(tmp_path, capsys):

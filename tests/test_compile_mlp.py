@@ -7,7 +7,7 @@ import torch
 from torch._dynamo.backends.debugging import aot_eager
 
 import sat_kernels as sk
-from sat_kernels.ops import sat_mlp_kept
+from sat_kernels.ops.mlp import sat_mlp_kept
 
 from helpers import tiny_model
 

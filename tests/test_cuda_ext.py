@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import sat_kernels as sk
-from sat_kernels.ops import cuda as cuda_ops
-from sat_kernels.ops.cuda import kernels
+from sat_kernels.ops.mlp import cuda as cuda_ops
+from sat_kernels.ops.mlp.cuda import kernels
 from sat_kernels.ops.reference import reference_indices
 
 from helpers import assert_matches_reference, check_zero_tokens, make_operands
@@ -69,7 +69,7 @@ def test_without_gpu_cuda_backend_says_why():
 
 
 def test_launcher_rejects_cpu_tensors():
-    from sat_kernels.ops.cuda.sat_mlp import sat_mlp_cuda
+    from sat_kernels.ops.mlp.cuda.launcher import sat_mlp_cuda
 
     (x, wg, wu, wd), _ = make_operands(8, 16, 20, torch.float32)
     with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors, got x on cpu"):

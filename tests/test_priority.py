@@ -8,7 +8,7 @@ import torch
 
 import sat_kernels as sk
 from sat_kernels.ops.reference import reference_mlp
-from sat_kernels.ops.sat_mlp_lora import LoRA
+from sat_kernels.ops.mlp.lora import LoRA
 from sat_kernels.selection import priority_weights, select_neurons
 
 from helpers import NAMES, fp64_copies, make_operands, out_and_grads, rel_rms, tiny_model
@@ -91,7 +91,7 @@ def test_module_and_refusals():
     with pytest.raises(ValueError, match="strategy"):
         sk.sat_attention(torch.randn(1, 4, 8), *(torch.randn(8, 8) for _ in range(4)), 0.5, num_heads=2,
                          num_kv_heads=2, strategy="priority")
-    from sat_kernels.ops.sat_mlp_lora import sat_lora_mlp
+    from sat_kernels.ops.mlp.lora import sat_lora_mlp
     lora = LoRA(torch.randn(2, 8), torch.randn(12, 2), 1.0, None)
     with pytest.raises(ValueError, match="priority"):
         sat_lora_mlp(*operands, (lora, None, None), 6, strategy="priority")

@@ -4,7 +4,7 @@ import torch
 
 import sat_kernels as sk
 from sat_kernels.ops.reference import _lora_linear, reference_lora_mlp
-from sat_kernels.ops.sat_mlp_lora import LoRA, sat_lora_mlp
+from sat_kernels.ops.mlp.lora import LoRA, sat_lora_mlp
 from sat_kernels.selection import activation_scores, select_neurons
 
 from helpers import rel_rms

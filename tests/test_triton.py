@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import sat_kernels as sk
+from sat_kernels.ops.mlp import mlp_selector
 from sat_kernels.ops.reference import reference_indices
 from sat_kernels.selection import activation_scores
 
@@ -62,8 +63,8 @@ def fake_launches(monkeypatch):
     (``(kernel name, args, kwargs, current device or None)``) and ``bench_calls`` (kernel names)."""
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
-    from sat_kernels.ops.triton import down, gate_up, interpreting
-    from sat_kernels.ops.triton import sat_mlp as triton_sat_mlp
+    from sat_kernels.ops.mlp.triton import down, gate_up, interpreting
+    from sat_kernels.ops.mlp.triton import launcher as triton_sat_mlp
 
     if interpreting():
         pytest.skip("TRITON_INTERPRET=1: the interpreter has one config and nothing to tune")
@@ -103,20 +104,15 @@ def fake_launches(monkeypatch):
 
 
 def _topk_select(k, metric="l2"):
-    """A selection callable as sat_mlp builds it: fused scores, or activations on the torch backend."""
-    def select(a=None, *, scores=None, select_fn=None):
-        if scores is None:
-            scores = activation_scores(a, metric)
-        return torch.sort(torch.topk(scores, k).indices).values
-    select.metric = metric
-    return select
+    """A selector as sat_mlp builds it: fused scores, or activations on the torch backend."""
+    return mlp_selector(k, metric=metric, strategy="topk", generator=None, group=None, w_down=None)
 
 
 def test_autotuning_runs_once_per_size_bucket(fake_launches):
     """50 training steps with a new token count at every step (a padding collator) and a new kept count (a linear
     schedule): each kernel tunes once per power-of-two bucket of T and k, not once per step. Here T falls in 2
     buckets and k in 2, so at most 2 (gate/up forward: T only) + 5 x 4 = 22 tuning runs instead of up to 300."""
-    from sat_kernels.ops.triton.sat_mlp import sat_mlp_triton
+    from sat_kernels.ops.mlp.triton.launcher import sat_mlp_triton
 
     bench_calls = fake_launches.bench_calls
     h, inter = 64, 1376
@@ -138,12 +134,12 @@ def test_autotuning_runs_once_per_size_bucket(fake_launches):
 def test_every_launch_runs_on_the_tensors_device(fake_launches, monkeypatch, entry):
     """Forward and backward launch every kernel under torch.cuda.device(<the tensors' device>): Triton launches on the
     current device, so a layer on cuda:1 of a model split over GPUs would otherwise run on cuda:0."""
-    from sat_kernels.ops.triton.sat_mlp import sat_mlp_triton
+    from sat_kernels.ops.mlp.triton.launcher import sat_mlp_triton
 
     monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 1)   # every tensor reports cuda:1
     operands, dy = make_operands(70, 64, 200, torch.bfloat16)
     select = torch.arange(0, 200, 3) if entry == "gathered" else _topk_select(77)
-    y, _ = sat_mlp_triton(*operands, select, "silu", dense_forward=entry == "dense_forward")
+    y, _ = sat_mlp_triton(*operands, select, "silu", forward="dense" if entry == "dense_forward" else "sparse")
     y.backward(dy)
     names = {name for name, *_ in fake_launches.launches}
     assert len(names) == 7 + (entry != "gathered"), names
@@ -155,7 +151,7 @@ def test_every_launch_runs_on_the_tensors_device(fake_launches, monkeypatch, ent
 def test_dot_precision_follows_the_new_tf32_flag():
     """torch 2.9+: once fp32_precision is set, reading the legacy allow_tf32 raises; the kernels' fp32 precision must
     come from the new flag (also in fp32 kernels launched after torch.set_float32_matmul_precision)."""
-    from sat_kernels.ops.triton.utils import dot_precision
+    from sat_kernels.ops.mlp.triton.utils import dot_precision
 
     matmul = torch.backends.cuda.matmul
     try:
@@ -169,8 +165,8 @@ def test_dot_precision_follows_the_new_tf32_flag():
 def test_fp32_without_tf32_runs_the_torch_backend(fake_launches):
     """fp32 without TF32 would be FMA code spilling kilobytes per thread: the launcher runs the torch backend (no
     Triton launch, the torch backend's result). With TF32 every autotuned launch gets an fp32 (BK = 32) config."""
-    from sat_kernels.ops.sat_mlp import sat_mlp_torch
-    from sat_kernels.ops.triton.sat_mlp import sat_mlp_triton
+    from sat_kernels.ops.mlp.function import sat_mlp_torch
+    from sat_kernels.ops.mlp.triton.launcher import sat_mlp_triton
 
     operands, dy = make_operands(70, 64, 200, torch.float32)
     with _tf32(False):
@@ -200,8 +196,8 @@ def test_odd_kept_count_keeps_16_byte_pipelined_memory_access(fake_launches):
     loads and 16-byte stores, and spills no more, than at k = 5504. Masks on a k that is not a multiple of 16 cannot
     be proven constant over 8 elements, and the compiler falls back to scalar, unpipelined accesses. No launch stores
     single 2-byte elements (the weight gradients are written with 16-byte stores, each element once)."""
-    from sat_kernels.ops.triton import down, gate_up
-    from sat_kernels.ops.triton.sat_mlp import sat_mlp_triton
+    from sat_kernels.ops.mlp.triton import down, gate_up
+    from sat_kernels.ops.mlp.triton.launcher import sat_mlp_triton
 
     static = _static_check()
     kernels = {k.base_fn.__name__: k for k in _autotuned_kernels()}
@@ -250,7 +246,7 @@ def test_benchmark_needs_cuda():
 
 
 def _autotuned_kernels():
-    from sat_kernels.ops.triton import down, gate_up
+    from sat_kernels.ops.mlp.triton import down, gate_up
 
     return [gate_up._gate_up_fwd_kernel, gate_up._gate_up_weight_bwd_kernel, gate_up._gate_up_input_bwd_kernel,
             down._down_fwd_kernel, down._down_bwd_kernel, down._down_weight_bwd_kernel]
@@ -270,7 +266,7 @@ def one_config(monkeypatch):
 
 
 def _is_fp32(config):
-    from sat_kernels.ops.triton.utils import FP32_BK
+    from sat_kernels.ops.mlp.triton.utils import FP32_BK
 
     return config.kwargs["BK"] == FP32_BK
 
@@ -337,7 +333,7 @@ def test_gpu_gathered_mlp(k, dtype):
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dt)
 def test_gpu_w_down_gathered_in_kernel(monkeypatch, dtype):
-    from sat_kernels.ops.triton import sat_mlp as triton_sat_mlp
+    from sat_kernels.ops.mlp.triton import launcher as triton_sat_mlp
 
     monkeypatch.setattr(triton_sat_mlp, "COMPACT_W_DOWN", False)
     operands, dy = make_operands(1024, 576, 1536, dtype, device="cuda")
@@ -354,7 +350,7 @@ def test_gpu_fp32_with_tf32_runs_the_fp32_configs(forward):
         fn = lambda *o: sk.sat_mlp(*o, 0.6, backend="triton", forward=forward)  # noqa: E731
         _, idx = sk.sat_mlp(*operands, 0.6, backend="triton", forward=forward, return_indices=True)
         assert_matches_reference(fn, operands, dy, idx, forward=forward)
-    from sat_kernels.ops.triton import down
+    from sat_kernels.ops.mlp.triton import down
 
     assert _is_fp32(down._down_bwd_kernel.best_config)
 
@@ -421,7 +417,7 @@ def test_gpu_offsets_past_2_31():
 def test_gpu_every_config_matches(monkeypatch):
     """Each autotune candidate of each kernel alone computes the op (bf16, odd shape: every tile is masked), and
     every gate/up config gives bitwise the same fused scores (so the kept set does not depend on the winner)."""
-    from sat_kernels.ops.triton import sat_mlp as triton_sat_mlp
+    from sat_kernels.ops.mlp.triton import launcher as triton_sat_mlp
 
     candidates = {kern: [c for c in kern.configs if not _is_fp32(c)] for kern in _autotuned_kernels()}
     operands, dy = make_operands(333, 264, 1000, torch.bfloat16, device="cuda")

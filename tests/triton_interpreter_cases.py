@@ -18,7 +18,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 import sat_kernels as sk  # noqa: E402
 from sat_kernels.ops.reference import reference_indices, reference_mlp  # noqa: E402
-from sat_kernels.ops.triton import sat_mlp as triton_sat_mlp  # noqa: E402
+from sat_kernels.ops.mlp.triton import launcher as triton_sat_mlp  # noqa: E402
 
 from helpers import (assert_matches_reference, check_zero_tokens, fp64_copies, make_operands,  # noqa: E402
                      out_and_grads, rel_rms)
@@ -130,7 +130,7 @@ def test_scores_do_not_depend_on_the_tile_config(monkeypatch, dtype, metric):
     fixed number of rows whatever the tile (BM 16, 32, 64 here), so each config alone gives bitwise the same scores."""
     from triton import Config
 
-    from sat_kernels.ops.triton import gate_up
+    from sat_kernels.ops.mlp.triton import gate_up
 
     kern = gate_up._gate_up_fwd_kernel
     small, = kern.configs
@@ -300,7 +300,7 @@ def test_autotuning_with_several_configs(monkeypatch):
     that runs each trial and makes the later, larger-tile config win: the trials must leave no trace in the result."""
     from triton import Config
 
-    from sat_kernels.ops.triton import down, gate_up
+    from sat_kernels.ops.mlp.triton import down, gate_up
 
     def fake_bench(kernel_call, quantiles):
         kernel_call()

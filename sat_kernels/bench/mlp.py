@@ -11,14 +11,14 @@ Providers (every one computes a SwiGLU MLP of the same shape):
 LoRA mode (``lora_rank``): frozen base weights with LoRA adapters of rank ``r`` on gate, up and down
 (``W x + s B (A x)``, ``s = 2``), gradients for ``x`` and the adapters only. Providers: ``dense`` (the PEFT forward
 with ``F.linear`` + autograd, :func:`sat_kernels.ops.reference.reference_lora_mlp`), ``dense_k`` (the same with
-intermediate size ``k``) and ``torch`` (:func:`sat_kernels.ops.sat_mlp_lora.sat_lora_mlp`, the LoRA path of a SAT
+intermediate size ``k``) and ``torch`` (:func:`sat_kernels.ops.mlp.lora.sat_lora_mlp`, the LoRA path of a SAT
 module).
 
 FLOPs per mode, ``rho = k / I``: dense fwd 6, bwd 12, full 18 (x ``T*h*I``); SAT fwd ``4 + 2 rho``, bwd
 ``12 rho``, full ``4 + 14 rho``; dense_k ``rho`` times dense. On a frozen base (LoRA; the adapter GEMMs,
 ``O(T*r*(h + I))``, left out) the backward is ``dx`` only: dense bwd 6, full 12; SAT bwd ``6 rho``, full
 ``4 + 8 rho``. With ``forward="dense"`` the SAT forward is 6. ``limit`` is the SAT/dense FLOP ratio of the mode
-(DESIGN.md section 5); ``vs_limit`` = measured ratio / limit (1.0 = as fast as the FLOPs allow).
+(docs/design.md section 5); ``vs_limit`` = measured ratio / limit (1.0 = as fast as the FLOPs allow).
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 import sat_kernels as sk
 from sat_kernels.ops.reference import reference_lora_mlp
-from sat_kernels.ops.sat_mlp import act_fwd, dense_mlp
-from sat_kernels.ops.sat_mlp_lora import LoRA, sat_lora_mlp
+from sat_kernels.ops.mlp.function import act_fwd, dense_mlp
+from sat_kernels.ops.mlp.lora import LoRA, sat_lora_mlp
 from sat_kernels.selection import activation_scores, num_kept, select_neurons
 
 from .timing import bench
@@ -48,7 +48,7 @@ LORA_PROVIDERS = ("dense", "dense_k", "torch")   # the SAT LoRA path runs on the
 
 def flops(provider: str, mode: str, T: int, h: int, inter: int, k: int, forward: str = "sparse",
           lora: bool = False) -> float:
-    """FLOPs of ``provider`` in ``mode`` (DESIGN.md section 5); ``forward`` is the SAT providers' forward mode,
+    """FLOPs of ``provider`` in ``mode`` (docs/design.md section 5); ``forward`` is the SAT providers' forward mode,
     ``lora``: a frozen base (no weight gradients; adapter GEMMs left out)."""
     rho = k / inter
     bwd = 6.0 if lora else 12.0

@@ -109,7 +109,7 @@ def run_train_step(config_name: str, *, batch: int, seq: int, steps: int, rate: 
         del model
     if len(rows) == 2:
         rows[1]["speedup"] = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
-        # Amdahl: the step speedup if the MLP part alone ran at the FLOP limit of SAT (DESIGN.md section 5).
+        # Amdahl: the step speedup if the MLP part alone ran at the FLOP limit of SAT (docs/design.md section 5).
         rho = sk.num_kept(CONFIGS[config_name]["intermediate_size"], rate) / CONFIGS[config_name]["intermediate_size"]
         dense = rows[0]
         rows[1]["mlp_only_ceiling"] = dense["step_ms"] / (dense["step_ms"] - dense["mlp_ms"] * (1 - (4 + 14 * rho) / 18))

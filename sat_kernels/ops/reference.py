@@ -62,7 +62,7 @@ def reference_lora_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor
     """:func:`reference_mlp` with LoRA adapters: each projection computes ``W x + s B (A x)``.
 
     ``adapters``: ``(gate, up, down)``, each ``None`` or with fields ``a`` ``[r, in]``, ``b`` ``[out, r]``,
-    ``scaling`` (:class:`sat_kernels.ops.sat_mlp_lora.LoRA`; dropout is not modelled here). The mask over ``indices``
+    ``scaling`` (:class:`sat_kernels.ops.mlp.lora.LoRA`; dropout is not modelled here). The mask over ``indices``
     applies to the input of the down projection, base and adapter; with ``forward="dense"`` the activations and the
     columns of ``W_down`` and ``A_down`` pass their value everywhere and their gradient only at kept neurons.
     """

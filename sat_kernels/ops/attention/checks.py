@@ -1,5 +1,5 @@
 """Argument checks of the SAT attention functions: every problem becomes a ``ValueError``/``TypeError`` naming the
-argument and what was expected, before any kernel runs (DESIGN.md section 2, "Bad input")."""
+argument and what was expected, before any kernel runs (docs/design.md section 2, "Bad input")."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ...selection import check_choice
-from .. import _FLOAT_DTYPES
+from ..common import FLOAT_DTYPES
 from .layout import AttentionSpec
 
 
@@ -56,7 +56,7 @@ def check_attention_inputs(x, w_q, w_k, w_v, w_o, *, num_heads, num_kv_heads=Non
     for name, t in list(named.items()) + [(n, t) for n, t in optional.items() if t is not None]:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be a float tensor (float64/32/16, bfloat16), got {t.dtype}")
     if (cos is None) != (sin is None):
         raise ValueError("cos and sin must be given together (RoPE) or both be None")

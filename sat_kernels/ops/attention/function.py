@@ -1,7 +1,7 @@
 """The autograd op of SAT attention-head omission (Llama / Mistral / Qwen2 / Qwen3 / Gemma attention), and the dense
 path it falls back to when every unit is kept.
 
-Forward (in-step selection, DESIGN.md section 2), token-major layouts ``[B, T, heads, d]``::
+Forward (in-step selection, docs/design.md section 2), token-major layouts ``[B, T, heads, d]``::
 
     Q = x W_q^T (+b_q), K = x W_k^T, V = x W_v^T      all H query / G key-value heads, once (the scores need them)
     Q, K = rope(norm(Q)), rope(norm(K))                optional per-head RMSNorm (Qwen3), RoPE from (cos, sin)
@@ -25,7 +25,7 @@ SmolLM2-135M attention shapes (h 576, 9 query / 3 KV heads, d 64), random weight
 7 interleaved ratios, 1 thread of a shared 2-core x86-64 machine (load average 5-7), torch 2.13.0+cpu: T 512 0.70x
 written out vs 0.90x re-entering autograd; T 1024 0.67x vs 0.82x.
 
-The exact-forward mode (``forward="dense"``, DESIGN.md section 2) changes only ``y``: its backward, saved tensors
+The exact-forward mode (``forward="dense"``, docs/design.md section 2) changes only ``y``: its backward, saved tensors
 and gradients are the sparse mode's at the same kept heads (the gradient is taken at the dense model's loss). Its
 forward adds the ``o_proj`` columns of the omitted heads: ``2 T h (H - k) d`` FLOPs.
 
@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .checks import Operands
 from .core import additive_mask, core_bwd, core_fwd, is_float_mask, math_probs
 from .layout import AttentionSpec, groups_of, head_rows, project, sum_heads_into_groups, take_heads
 from .rope_norm import prep_qk, rms_norm_bwd, rope_bwd
@@ -44,13 +45,16 @@ from .rope_norm import prep_qk, rms_norm_bwd, rope_bwd
 class SATAttentionFunction(torch.autograd.Function):
     """Autograd op of SAT attention on ``x`` ``[B, T, h]``.
 
-    ``select`` is either a ``LongTensor`` of kept query heads (``gathered_attention``) or a callable
-    ``select(o) -> (heads, scores)`` that scores the attention output of all heads ``o`` ``[B, H, T, d]`` per unit
-    (fp32 ``scores``) and picks the kept heads (``sat_attention``). Outputs ``(y [B, T, h], heads [k], scores, K, V)``:
-    ``scores`` empty for given heads; ``K``/``V`` (``[B, G, T, d]``, post-RoPE, all groups) only with
-    ``spec.return_kv`` (to fill a KV cache), else empty. With ``spec.dense_forward`` (a callable ``select`` only)
-    ``y`` is ``o_proj`` over every head, the exact dense output; the saved tensors and the backward are those of the
-    kept heads all the same.
+    Inputs: the fields of :class:`~.checks.Operands` in their order (``x``, the weights, the optional biases and
+    norm weights, ``cos``, ``sin``, ``attention_mask``), then ``select`` and ``spec``. The backward returns the
+    gradients by field name, so no gradient can reach the wrong input. ``select`` is either a ``LongTensor`` of kept
+    query heads (``gathered_attention``) or a :class:`~sat_kernels.ops.selector.Selector` that scores the attention
+    output of all heads ``o`` ``[B, H, T, d]`` per unit and picks the kept units (``sat_attention``; with
+    ``spec.group_units`` a unit is a KV group and its heads are kept). Outputs
+    ``(y [B, T, h], heads [k], scores, K, V)``: ``scores`` (fp32 per unit) empty for given heads; ``K``/``V``
+    (``[B, G, T, d]``, post-RoPE, all groups) only with ``spec.return_kv`` (to fill a KV cache), else empty. With
+    ``spec.forward == "dense"`` (a selector only) ``y`` is ``o_proj`` over every head, the exact dense output; the
+    saved tensors and the backward are those of the kept heads all the same.
 
     The scores are an output, not written into a dict by ``select``, so that the caller can compute selection
     statistics from them: under ``torch.compile`` a side effect inside an autograd.Function's forward makes dynamo
@@ -59,8 +63,9 @@ class SATAttentionFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, qn_w, kn_w, cos, sin, mask, select,
-                spec: AttentionSpec):
+    def forward(ctx, *args):
+        operands, select, spec = Operands(*args[:-2]), args[-2], args[-1]
+        x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, qn_w, kn_w, cos, sin, mask = operands
         B, T, hidden = x.shape
         H, G, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
         rep = H // G
@@ -92,10 +97,12 @@ class SATAttentionFunction(torch.autograd.Function):
             v_e = take_heads(v_all, group_of) if rep > 1 else v_all
             o, lse = core_fwd(q.transpose(1, 2), k_e.transpose(1, 2), v_e.transpose(1, 2), mask, spec)
             del k_e, v_e
-            heads, scores = select(o)                                                   # [kq], [n_units]
+            units, scores, _ = select(o)                                                # [k units], [n_units]
+            heads = (units[:, None] * rep + torch.arange(rep, device=x.device)).reshape(-1) \
+                if spec.group_units else units                                          # [kq]
             groups, head_group = groups_of(heads, spec)
             kq, kg = heads.numel(), groups.numel()
-            if spec.dense_forward:                                                      # o_proj over all heads
+            if spec.forward == "dense":                                                 # o_proj over all heads
                 y = F.linear(o.transpose(1, 2).reshape(B * T, H * d), w_o, b_o)       # [B*T, h]
             o_s = take_heads(o.transpose(1, 2), heads)                                 # [B, T, kq, d]
             lse_s = lse.index_select(1, heads) if lse is not None else None             # [B, kq, T]
@@ -107,7 +114,7 @@ class SATAttentionFunction(torch.autograd.Function):
             k_raw_g = (take_heads(k_raw, groups) if kg < G else k_raw) if kn_w is not None else None
             del q, q_raw, k_raw
         o_flat = o_s.reshape(B * T, kq * d)
-        if not spec.dense_forward:
+        if spec.forward != "dense":
             y = F.linear(o_flat, w_o.index_select(1, head_rows(heads, d)), b_o)       # [B*T, h]: kept heads only
         ctx.save_for_backward(x2, w_q, w_k, w_v, w_o, b_q, b_k, b_v, qn_w, kn_w, cos, sin, mask, heads, groups,
                               head_group, q_s, k_g, v_g, o_flat, lse_s,
@@ -127,60 +134,63 @@ class SATAttentionFunction(torch.autograd.Function):
          o_flat, lse_s, q_raw_s, k_raw_g) = ctx.saved_tensors
         spec = ctx.spec
         B, T, hidden = ctx.shape
-        H, G, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        kq, kg = heads.numel(), groups.numel()
-        need = ctx.needs_input_grad
-        grads = [None] * 16
+        kq, kg, d = heads.numel(), groups.numel(), spec.head_dim
+        need = dict(zip(Operands._fields, ctx.needs_input_grad))
+        grads = {}                                                     # Operands field -> gradient
         dy2 = dy.reshape(B * T, hidden)
         cols = head_rows(heads, d)
-        # o_proj
-        if need[4]:
-            grads[4] = w_o.new_zeros(w_o.shape).index_copy_(1, cols, torch.mm(dy2.t(), o_flat).to(w_o.dtype))
-        if ctx.has_b_o and need[8]:
-            grads[8] = dy2.sum(0).to(w_o.dtype)
-        if not any(need[i] for i in (0, 1, 2, 3, 5, 6, 7, 9, 10)):
-            return tuple(grads)
-        do = torch.mm(dy2, w_o.index_select(1, cols)).view(B, T, kq, d)
-        # attention core, kept heads only
-        k_e, v_e = take_heads(k_g, head_group), take_heads(v_g, head_group)
-        dq, dk_e, dv_e = core_bwd(do.transpose(1, 2), q_s.transpose(1, 2), k_e.transpose(1, 2),
-                                   v_e.transpose(1, 2), o_flat.view(B, T, kq, d).transpose(1, 2), lse_s, mask, spec)
-        del k_e, v_e, do
-        dq, dk_e, dv_e = dq.transpose(1, 2), dk_e.transpose(1, 2), dv_e.transpose(1, 2)   # [B, T, n, d]
-        if H == G:        # multi-head attention: one group per kept head, no reduction
-            dk, dv = dk_e, dv_e
-        else:
-            dk, dv = sum_heads_into_groups(dk_e, head_group, kg), sum_heads_into_groups(dv_e, head_group, kg)
-        if cos is not None:
-            dq, dk = rope_bwd(dq, cos, sin), rope_bwd(dk, cos, sin)
-        if qn_w is not None:
-            dq, grads[9] = rms_norm_bwd(dq, q_raw_s, qn_w, spec.norm_eps, need[9])
-        if kn_w is not None:
-            dk, grads[10] = rms_norm_bwd(dk, k_raw_g, kn_w, spec.norm_eps, need[10])
-        dq2, dk2, dv2 = dq.reshape(B * T, kq * d), dk.reshape(B * T, kg * d), dv.reshape(B * T, kg * d)
-        rows_q = head_rows(heads, d)
-        rows_kv = head_rows(groups, d) if kg < G else None
-        for i, (w, g2, rows) in enumerate(((w_q, dq2, rows_q), (w_k, dk2, rows_kv), (w_v, dv2, rows_kv)), start=1):
-            if need[i]:
-                gw = torch.mm(g2.t(), x2).to(w.dtype)
-                grads[i] = gw if rows is None else w.new_zeros(w.shape).index_copy_(0, rows, gw)
-            if need[i + 4]:
-                gb = g2.sum(0).to(w.dtype)
-                grads[i + 4] = gb if rows is None else w.new_zeros(w.shape[0]).index_copy_(0, rows, gb)
-        if need[0]:
-            dx = torch.mm(dq2, w_q.index_select(0, rows_q))
-            dx.addmm_(dk2, w_k if rows_kv is None else w_k.index_select(0, rows_kv))
-            dx.addmm_(dv2, w_v if rows_kv is None else w_v.index_select(0, rows_kv))
-            grads[0] = dx.view(B, T, hidden)
-        return tuple(grads)
+        if need["w_o"]:
+            grads["w_o"] = w_o.new_zeros(w_o.shape).index_copy_(1, cols, torch.mm(dy2.t(), o_flat).to(w_o.dtype))
+        if ctx.has_b_o and need["b_o"]:
+            grads["b_o"] = dy2.sum(0).to(w_o.dtype)
+        if any(need[name] for name in _BEFORE_O_PROJ):
+            do = torch.mm(dy2, w_o.index_select(1, cols)).view(B, T, kq, d)
+            dq, dk, dv = _core_bwd(do, q_s, k_g, v_g, o_flat, lse_s, mask, head_group, kg, spec)
+            if cos is not None:
+                dq, dk = rope_bwd(dq, cos, sin), rope_bwd(dk, cos, sin)
+            if qn_w is not None:
+                dq, grads["q_norm_weight"] = rms_norm_bwd(dq, q_raw_s, qn_w, spec.norm_eps, need["q_norm_weight"])
+            if kn_w is not None:
+                dk, grads["k_norm_weight"] = rms_norm_bwd(dk, k_raw_g, kn_w, spec.norm_eps, need["k_norm_weight"])
+            dq2, dk2, dv2 = dq.reshape(B * T, kq * d), dk.reshape(B * T, kg * d), dv.reshape(B * T, kg * d)
+            rows_q = head_rows(heads, d)
+            rows_kv = head_rows(groups, d) if kg < spec.num_kv_heads else None
+            for p, w, g2, rows in (("q", w_q, dq2, rows_q), ("k", w_k, dk2, rows_kv), ("v", w_v, dv2, rows_kv)):
+                if need[f"w_{p}"]:
+                    gw = torch.mm(g2.t(), x2).to(w.dtype)
+                    grads[f"w_{p}"] = gw if rows is None else w.new_zeros(w.shape).index_copy_(0, rows, gw)
+                if need[f"b_{p}"]:
+                    gb = g2.sum(0).to(w.dtype)
+                    grads[f"b_{p}"] = gb if rows is None else w.new_zeros(w.shape[0]).index_copy_(0, rows, gb)
+            if need["x"]:
+                dx = torch.mm(dq2, w_q.index_select(0, rows_q))
+                dx.addmm_(dk2, w_k if rows_kv is None else w_k.index_select(0, rows_kv))
+                dx.addmm_(dv2, w_v if rows_kv is None else w_v.index_select(0, rows_kv))
+                grads["x"] = dx.view(B, T, hidden)
+        return tuple(grads.get(name) for name in Operands._fields) + (None, None)   # select, spec
 
 
-def sat_attention_torch(x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, qn_w, kn_w, cos, sin, mask, select,
-                        spec: AttentionSpec):
+# The inputs whose gradients flow through the attention core (all but o_proj's).
+_BEFORE_O_PROJ = ("x", "w_q", "w_k", "w_v", "b_q", "b_k", "b_v", "q_norm_weight", "k_norm_weight")
+
+
+def _core_bwd(do, q_s, k_g, v_g, o_flat, lse_s, mask, head_group, kg: int, spec: AttentionSpec):
+    """Attention-core backward of the ``kq`` kept heads from ``do`` ``[B, T, kq, d]``: ``(dq [B, T, kq, d],
+    dk, dv [B, T, kg, d])``, the key/value gradients of a group summed over its kept heads."""
+    k_e, v_e = take_heads(k_g, head_group), take_heads(v_g, head_group)
+    dq, dk_e, dv_e = core_bwd(do.transpose(1, 2), q_s.transpose(1, 2), k_e.transpose(1, 2), v_e.transpose(1, 2),
+                               o_flat.view(do.shape).transpose(1, 2), lse_s, mask, spec)
+    del k_e, v_e
+    dq, dk_e, dv_e = dq.transpose(1, 2), dk_e.transpose(1, 2), dv_e.transpose(1, 2)       # [B, T, n, d]
+    if spec.num_heads == spec.num_kv_heads:    # multi-head attention: one group per kept head, no reduction
+        return dq, dk_e, dv_e
+    return dq, sum_heads_into_groups(dk_e, head_group, kg), sum_heads_into_groups(dv_e, head_group, kg)
+
+
+def sat_attention_torch(operands: Operands, select, spec: AttentionSpec):
     """Launcher of the torch backend; returns ``(y [B, T, h], heads [k], scores, K, V)`` (see
     :class:`SATAttentionFunction`)."""
-    return SATAttentionFunction.apply(x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, qn_w, kn_w, cos, sin, mask, select,
-                                      spec)
+    return SATAttentionFunction.apply(*operands, select, spec)
 
 
 def dense_attention(x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, qn_w, kn_w, cos, sin, mask,

@@ -23,7 +23,7 @@ class AttentionSpec(NamedTuple):
     norm_eps: float
     return_kv: bool = False
     group_units: bool = False      # the kept heads form whole KV groups (unit="group")
-    dense_forward: bool = False    # forward="dense": o_proj over every head, the backward over the kept ones
+    forward: str = "sparse"        # "dense": o_proj over every head (the exact output), the backward over the kept ones
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,10 +1,10 @@
 """SAT attention-head omission: the public functions (``sat_attention``, ``gathered_attention``, ``head_scores``),
-the unit scores and the selection, on the ``"torch"`` backend in :mod:`sat_kernels.ops.attention`.
+the unit scores and the selection; the autograd Function (the ``"torch"`` backend) is in :mod:`.function`.
 
 ``sat_attention`` computes q, k, v and the attention of every head, scores each selection unit (a query head, or a
 KV group) over all tokens of the batch, keeps the top units and runs the whole backward over the kept heads only;
 ``o_proj`` runs over the kept heads (``forward="sparse"``) or over every head (``forward="dense"``, the exact output).
-:mod:`sat_kernels.ops.attention.function` tells the forward/backward story and its cost.
+:mod:`.function` tells the forward/backward story and its cost.
 """
 from __future__ import annotations
 
@@ -13,15 +13,16 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..distributed import all_reduce_scores, default_sync_group
-from ..selection import ATTENTION_STRATEGIES, FORWARD_MODES, METRICS, check_choice, check_omission_rate, \
-    draw_uniform, num_kept, select_neurons, selection_stats
-from . import _autocast_operands, check_indices
-from .attention.checks import Operands, check_attention_backend, check_attention_inputs, check_head_counts
-from .attention.core import core_fwd
-from .attention.function import dense_attention, sat_attention_torch
-from .attention.layout import AttentionSpec, acc_dtype, take_heads
-from .attention.rope_norm import prep_qk
+from ...distributed import default_sync_group
+from ...selection import ATTENTION_STRATEGIES, FORWARD_MODES, METRICS, check_choice, check_omission_rate, num_kept, \
+    selection_stats
+from ..common import autocast_operands, check_indices
+from ..selector import Selector
+from .checks import Operands, check_attention_backend, check_attention_inputs, check_head_counts
+from .core import core_fwd
+from .function import dense_attention, sat_attention_torch
+from .layout import AttentionSpec, acc_dtype, take_heads
+from .rope_norm import prep_qk
 
 UNITS = ("head", "group")
 # Default unit of selection for grouped-query attention: "head" (see sat_attention's docstring for the measurement).
@@ -49,22 +50,12 @@ def unit_scores(o: torch.Tensor, w_o: torch.Tensor, metric: str, unit: str, num_
 
 
 def _run(ops: Operands, select, spec: AttentionSpec):
-    tensors = [ops.x, ops.w_q, ops.w_k, ops.w_v, ops.w_o]
-    extra = [t for t in (ops.b_q, ops.b_k, ops.b_v, ops.b_o, ops.q_norm_weight, ops.k_norm_weight) if t is not None]
-    cast, autocast_device = _autocast_operands(tensors + extra)
-    it = iter(cast[5:])
-    opt = [next(it) if t is not None else None
-           for t in (ops.b_q, ops.b_k, ops.b_v, ops.b_o, ops.q_norm_weight, ops.k_norm_weight)]
-    args = (*cast[:5], *opt, ops.cos, ops.sin, ops.attention_mask, select, spec)
+    cast, autocast_device = autocast_operands(list(ops[:11]))     # the weights, biases and norm weights
+    ops = Operands(*cast, *ops[11:])                              # cos, sin, mask: constants, as they are
     if autocast_device is None:
-        return sat_attention_torch(*args)
+        return sat_attention_torch(ops, select, spec)
     with torch.autocast(autocast_device, enabled=False):
-        return sat_attention_torch(*args)
-
-
-def _structural(ops: Operands):
-    return (ops.b_q, ops.b_k, ops.b_v, ops.b_o, ops.q_norm_weight, ops.k_norm_weight, ops.cos, ops.sin,
-            ops.attention_mask)
+        return sat_attention_torch(ops, select, spec)
 
 
 def sat_attention_impl(x, w_q, w_k, w_v, w_o, omission_rate, *, num_heads, num_kv_heads=None, unit=DEFAULT_UNIT,
@@ -107,20 +98,12 @@ def sat_attention_kept(x, w_q, w_k, w_v, w_o, k, *, num_heads, num_kv_heads=None
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_units:
         raise ValueError(f"k must be an int in [1, {n_units}] (the {unit}s), got {k!r}")
     if k == n_units:
-        return dense_attention(*ops[:5], *_structural(ops), spec), None, None, None
+        return dense_attention(*ops, spec), None, None, None
     rep = H // G
-
-    def select(o: torch.Tensor) -> torch.Tensor:
-        scores = unit_scores(o, ops.w_o, metric, unit, G)
-        uniform = draw_uniform(n_units, strategy, scores.device, generator)
-        if group is not None:
-            scores, uniform = all_reduce_scores(scores, metric, uniform, group)
-        kept = select_neurons(scores, k, strategy=strategy, generator=generator, uniform=uniform)
-        if unit == "group":
-            kept = (kept[:, None] * rep + torch.arange(rep, device=kept.device)).reshape(-1)
-        return kept, scores
-
-    spec = spec._replace(return_kv=bool(return_kv), group_units=unit == "group", dense_forward=forward == "dense")
+    w_o = ops.w_o
+    select = Selector(k, metric=metric, strategy=strategy, score=lambda o: unit_scores(o, w_o, metric, unit, G),
+                      generator=generator, group=group)
+    spec = spec._replace(return_kv=bool(return_kv), group_units=unit == "group", forward=forward)
     y, heads, scores, k_all, v_all = _run(ops, select, spec)
     if stats is not None:   # the kept units: the kept heads, or the groups of every rep-th kept head
         stats.update(selection_stats(scores, heads if unit == "head" else heads[::rep] // rep,
@@ -231,7 +214,7 @@ def gathered_attention(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_
         q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps)
     check_attention_backend(backend)
     if validate:
-        heads = check_indices(heads, spec.num_heads, x.device)
+        heads = check_indices(heads, spec.num_heads, x.device, units="heads")
     elif not isinstance(heads, torch.Tensor):
         raise TypeError(f"heads must be a torch.Tensor of integers, got {type(heads).__name__}")
     return _run(ops, heads.long(), spec)[0]

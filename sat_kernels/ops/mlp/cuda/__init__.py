@@ -2,7 +2,7 @@
 
 - :mod:`.kernels`: ``torch.library`` custom ops over the extension's kernels (fused kept-set selection, row/column
   gathers and zero-filling scatters), each checking its tensors before it launches on the current CUDA stream.
-- :mod:`.sat_mlp`: the backend launcher: the torch backend's autograd op with these kernels in place of
+- :mod:`.launcher`: the backend launcher: the torch backend's autograd op with these kernels in place of
   ``topk``/``sort``, ``index_select`` and ``index_copy_``; the GEMMs stay ``torch.mm`` (cuBLAS) on compact operands.
 
 The extension is optional at install time (``setup.py`` builds it when ``nvcc`` is found; see ENVs.md). This module

@@ -1,4 +1,4 @@
-"""Launcher of the ``"cuda"`` backend: :class:`~sat_kernels.ops.sat_mlp.SATMLPFunction` (the torch backend's autograd
+"""Launcher of the ``"cuda"`` backend: :class:`~sat_kernels.ops.mlp.function.SATMLPFunction` (the torch backend's autograd
 op: forward over the kept neurons, backward over them only) on the kernels of ``sat_kernels._C``:
 
 - selection: one fused launch (keys, radix select, sorted indices) instead of ``topk`` + ``sort``;
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..sat_mlp import SATMLPFunction
+from ..function import SATMLPFunction
 from . import kernels
 
 
@@ -41,8 +41,8 @@ class CudaIndexOps:
 
 
 def sat_mlp_cuda(x2: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, select, act: str,
-                 dense_forward: bool = False):
+                 forward: str = "sparse"):
     """Launcher of the cuda backend: ``x2`` is ``[T, h]`` on a CUDA device; returns ``(y [T, h], idx [k])``."""
     if x2.device.type != "cuda":
         raise ValueError(f"backend='cuda' needs CUDA tensors, got x on {x2.device}; use backend='torch' or 'auto'")
-    return SATMLPFunction.apply(x2, w_gate, w_up, w_down, select, act, CudaIndexOps, dense_forward)
+    return SATMLPFunction.apply(x2, w_gate, w_up, w_down, select, act, CudaIndexOps, forward)

@@ -2,7 +2,7 @@
 
 Each projection ``P`` of ``gate``, ``up``, ``down`` computes ``W_P x + s_P B_P A_P drop_P(x)`` (the adapter term is
 optional per projection; ``A_P`` is ``[r, in]``, ``B_P`` is ``[out, r]``). SAT scores and selects from the adapted
-activations and runs the down projection, base and adapter, over the kept neurons (DESIGN.md section 2, "LoRA")::
+activations and runs the down projection, base and adapter, over the kept neurons (docs/design.md section 2, "LoRA")::
 
     Zg = drop_g(x) A_g^T                          [T, r]
     G  = x W_g^T + s_g Zg B_g^T                   [T, I]   all neurons, once (the scores need them); U likewise
@@ -20,7 +20,7 @@ Backward, over the kept neurons only (``m``: the dropout scale of ``D``, 0 or ``
     dx  = dG_S W_g[S] + dU_S W_u[S] + (dZg A_g + dZu A_u through the dropouts of x)
 
 Frozen base weights get no gradient GEMM (a base weight that requires grad gets the SAT gradient of
-:mod:`sat_kernels.ops.sat_mlp`). Saved for backward: ``G[:, S]``, ``U[:, S]``, the ``[T, r]`` adapter activations,
+:mod:`sat_kernels.ops.mlp.function`). Saved for backward: ``G[:, S]``, ``U[:, S]``, the ``[T, r]`` adapter activations,
 the dropped inputs of the gate/up adapters (``x`` itself without dropout), ``m[:, S]`` with dropout on the down
 adapter, and ``x`` only when a base weight needs a gradient.
 
@@ -36,9 +36,9 @@ from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
-from ..distributed import default_sync_group
-from . import check_kept_call, make_selector
-from .sat_mlp import TorchIndexOps as ops, act_bwd, act_fwd
+from ...distributed import default_sync_group
+from .function import TorchIndexOps as ops, act_bwd, act_fwd
+from .interface import check_kept_call, mlp_selector
 
 
 class LoRA(NamedTuple):
@@ -88,12 +88,13 @@ class SATLoRAMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, xg, xu, w_gate, w_up, w_down, a_g, b_g, a_u, b_u, a_d, b_d, scaling, noise, select,
-                act: str, dense_forward: bool):
+                act: str, forward: str):
+        dense_forward = forward == "dense"
         s_g, s_u, s_d = scaling
         g, z_g = _adapted(x, w_gate, xg, a_g, b_g, s_g)                # [T, I], [T, r]
         u, z_u = _adapted(x, w_up, xu, a_u, b_u, s_u)                  # [T, I], [T, r]
         a = act_fwd(g, act).mul_(u)                                    # [T, I]
-        idx = select(a)                                                # [k]
+        idx = select(a).indices                                        # [k]
         g_s, u_s = ops.gather_cols(g, idx), ops.gather_cols(u, idx)    # [T, k]
         del g, u
         a_s = ops.gather_cols(a, idx)                                  # [T, k]
@@ -174,7 +175,7 @@ def sat_lora_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
         adapters: ``(gate, up, down)``, each a :class:`LoRA` or ``None``. Adapter weights may have another dtype
             (PEFT keeps them in fp32 on a bf16 base): the adapter runs in it and the sum is cast back, as in PEFT.
         k: kept neurons, an int in ``[1, I]`` (``num_kept(I, omission_rate)``), as in
-            :func:`sat_kernels.ops.sat_mlp_kept`.
+            :func:`sat_kernels.ops.mlp.interface.sat_mlp_kept`.
         metric, strategy, act, sync_selection, forward, return_indices, stats: as in :func:`sat_kernels.sat_mlp`.
             ``"contrib"`` weighs the scores by the column norms of the adapted down weight ``W_d + s_d B_d A_d``.
 
@@ -208,8 +209,8 @@ def sat_lora_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
     if metric == "contrib" and down is not None:
         with torch.no_grad():
             w_eff = w_down + (torch.mm(down.b, down.a) * down.scaling).to(w_down.dtype)
-    select = make_selector(k, metric=metric, strategy=strategy, generator=None,
-                           group=default_sync_group(sync_selection), w_down=w_eff, stats=stats)
+    select = mlp_selector(k, metric=metric, strategy=strategy, generator=None,
+                          group=default_sync_group(sync_selection), w_down=w_eff, stats=stats)
     x2 = x.reshape(-1, hidden)
     # the adapters' input dropout, as PEFT applies it: on x cast to the adapter's dtype, through autograd
     xg, xu = ((None if t is None else t.dropout(x2.to(t.a.dtype)) if t.dropout is not None else x2.to(t.a.dtype))
@@ -228,6 +229,6 @@ def sat_lora_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
         operands = [None if t is None else t.to(dtype) for t in operands]
     scaling = tuple(1.0 if t is None else float(t.scaling) for t in adapters)
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-        y2, idx = SATLoRAMLPFunction.apply(*operands, scaling, noise, select, act, forward == "dense")
+        y2, idx = SATLoRAMLPFunction.apply(*operands, scaling, noise, select, act, forward)
     y = y2.reshape(*x.shape[:-1], hidden)
     return (y, idx) if return_indices else y

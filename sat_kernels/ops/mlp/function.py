@@ -1,6 +1,6 @@
 """SAT SwiGLU MLP on the ``"torch"`` backend: index_select gathers + ``torch.mm`` (cuBLAS / oneDNN) on compact operands.
 
-Forward (in-step selection, DESIGN.md section 2)::
+Forward (in-step selection, docs/design.md section 2)::
 
     G = x W_gate^T, U = x W_up^T          [T, I]   all neurons, once (the scores need them)
     A = act(G) * U, s = score(A)           [T, I], [I] fp32
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..selection import select_neurons
+from ...selection import select_neurons
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 
@@ -46,7 +46,7 @@ def dense_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
 class TorchIndexOps:
     """The index operations of :class:`SATMLPFunction` on the torch backend: ``index_select`` gathers, ``index_copy_``
     into zeros, ``topk`` + ``sort`` selection. Another backend passes an object with the same five static methods
-    (the ``"cuda"`` backend: its kernels, ``sat_kernels/ops/cuda/sat_mlp.py``)."""
+    (the ``"cuda"`` backend: its kernels, :mod:`sat_kernels.ops.mlp.cuda.launcher`)."""
 
     @staticmethod
     def gather_rows(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:      # w[idx, :]         [k, W]
@@ -70,16 +70,17 @@ class TorchIndexOps:
 class SATMLPFunction(torch.autograd.Function):
     """Autograd op of the SAT MLP on 2-D ``x``, over the index operations ``ops`` (e.g. :class:`TorchIndexOps`).
 
-    ``select`` is either a ``LongTensor`` of kept indices (``gathered_mlp``) or a callable
-    ``select(a_full, select_fn=ops.select_neurons) -> idx`` that scores the full activations and picks the kept set
-    with ``select_fn`` (``sat_mlp``) and may leave per-neuron weights ``[k]`` in ``select.weights`` (priority
-    sampling): the kept neurons' activations are scaled by them (in ``y`` with the sparse forward, and in the
-    gradient). ``dense_forward`` (only with a callable ``select``) computes ``y`` over every neuron; the backward is
-    unchanged.
+    ``select`` is either a ``LongTensor`` of kept indices (``gathered_mlp``) or a
+    :class:`~sat_kernels.ops.selector.Selector` that scores the full activations and picks the kept set with
+    ``ops.select_neurons`` (``sat_mlp``). Its :class:`~sat_kernels.ops.selector.Selection` may carry per-neuron
+    weights ``[k]`` (priority sampling): the kept neurons' activations are scaled by them (in ``y`` with the sparse
+    forward, and in the gradient). ``forward="dense"`` (only with a selector) computes ``y`` over every neuron; the
+    backward is unchanged.
     """
 
     @staticmethod
-    def forward(ctx, x, w_gate, w_up, w_down, select, act: str, ops, dense_forward: bool = False):
+    def forward(ctx, x, w_gate, w_up, w_down, select, act: str, ops, forward: str = "sparse"):
+        dense_forward = forward == "dense"
         weight = None
         if isinstance(select, torch.Tensor):
             idx = select
@@ -92,8 +93,7 @@ class SATMLPFunction(torch.autograd.Function):
             g = torch.mm(x, w_gate.t())                                # [T, I]
             u = torch.mm(x, w_up.t())                                  # [T, I]
             a = act_fwd(g, act).mul_(u)                                # [T, I]
-            idx = select(a, select_fn=ops.select_neurons)             # [k]
-            weight = getattr(select, "weights", None)                 # [k] fp32 with strategy="priority"
+            idx, _, weight = select(a, select_fn=ops.select_neurons)  # [k]; weight [k] fp32 with "priority"
             g_s = ops.gather_cols(g, idx)                              # [T, k]
             u_s = ops.gather_cols(u, idx)                              # [T, k]
             del g, u
@@ -142,6 +142,6 @@ class SATMLPFunction(torch.autograd.Function):
 
 
 def sat_mlp_torch(x2: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                  select, act: str, dense_forward: bool = False):
+                  select, act: str, forward: str = "sparse"):
     """Launcher of the torch backend: ``x2`` is ``[T, h]``; returns ``(y [T, h], idx [k])``."""
-    return SATMLPFunction.apply(x2, w_gate, w_up, w_down, select, act, TorchIndexOps, dense_forward)
+    return SATMLPFunction.apply(x2, w_gate, w_up, w_down, select, act, TorchIndexOps, forward)

@@ -1,6 +1,6 @@
 """SAT SwiGLU MLP on the ``"triton"`` backend: custom ops, autograd formula, launcher.
 
-Forward of ``sat_mlp`` (in-step selection, DESIGN.md section 2)::
+Forward of ``sat_mlp`` (in-step selection, docs/design.md section 2)::
 
     G, U, s = gate_up_fwd(x)                    one kernel: both projections of all I neurons, fp64 score partials
                                                 of act(G) * U per 64 rows in the epilogue (no [T, I] re-read)
@@ -31,8 +31,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ...selection import _norm
-from ..sat_mlp import act_fwd, sat_mlp_torch
+from ....selection import _norm
+from ..function import sat_mlp_torch
 from .down import down_bwd, down_fwd, down_weight_bwd
 from .gate_up import gate_up_fwd, gate_up_input_bwd, gate_up_weight_bwd, kept_act_fwd
 from .utils import INTERPRET, as_padded, check_tensors, dot_precision, on_device, padded_empty, padded_index, wide
@@ -194,13 +194,13 @@ _kept_mlp_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def sat_mlp_triton(x2: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, select, act: str,
-                   dense_forward: bool = False):
+                   forward: str = "sparse"):
     """Launcher of the triton backend: ``x2`` is ``[T, h]``; returns ``(y [T, h], idx [k])``.
 
-    ``select`` is a sorted int64 index tensor (``gathered_mlp``) or a selection callable. A callable with a ``metric``
-    attribute (``"l2"``, ``"l1"`` or ``"contrib"``) gets the fp32 scores fused into the gate/up kernel,
-    ``select(scores=s)``; any other callable gets the full activations, ``select(a)``. ``dense_forward`` (callable
-    ``select`` only): ``y`` over every neuron, from the full ``A`` the gate/up kernel then also stores.
+    ``select`` is a sorted int64 index tensor (``gathered_mlp``) or a :class:`~sat_kernels.ops.selector.Selector`,
+    which gets the fp32 scores of its ``metric`` fused into the gate/up kernel: ``select(scores=s)``.
+    ``forward="dense"`` (selector only): ``y`` over every neuron, from the full ``A`` the gate/up kernel then also
+    stores.
 
     fp32 on a GPU with TF32 off (torch's default, ``torch.backends.cuda.matmul.fp32_precision``) runs the torch
     backend: ``tl.dot`` on fp32 without TF32 is FMA code that spills kilobytes per thread (6 KB in the first config
@@ -209,18 +209,17 @@ def sat_mlp_triton(x2: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, sel
     """
     check_tensors(x2)
     if x2.dtype == torch.float32 and not INTERPRET and dot_precision(torch.float32) == "ieee":
-        return sat_mlp_torch(x2, w_gate, w_up, w_down, select, act, dense_forward)
+        return sat_mlp_torch(x2, w_gate, w_up, w_down, select, act, forward)
     x2, w_gate, w_up, w_down = (t.contiguous() for t in (x2, w_gate, w_up, w_down))
     xd, wgd, wud, wdd = (t.detach() for t in (x2, w_gate, w_up, w_down))
+    dense_forward = forward == "dense" and not isinstance(select, Tensor)
     if isinstance(select, Tensor):
         idx = select.contiguous()
         g_s, u_s, a = torch.ops.sat_kernels.triton_gate_up_kept(xd, wgd, wud, idx, act)
-        dense_forward = False
     else:
-        metric = getattr(select, "metric", None)
-        g, u, a_full, scores = torch.ops.sat_kernels.triton_gate_up_scores(xd, wgd, wud, wdd, act, metric,
+        g, u, a_full, scores = torch.ops.sat_kernels.triton_gate_up_scores(xd, wgd, wud, wdd, act, select.metric,
                                                                              dense_forward)
-        idx = select(scores=scores) if metric is not None else select(act_fwd(g, act) * u)
+        idx = select(scores=scores).indices
         g_s, u_s, a_s = torch.ops.sat_kernels.triton_kept_act(g, u, idx, act, not dense_forward)
         a = a_full if dense_forward else a_s
         del g, u, scores, a_full, a_s

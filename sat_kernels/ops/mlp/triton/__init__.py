@@ -8,7 +8,7 @@ Kernels, one module per projection, each with its launchers:
   row-gathered weights).
 - :mod:`.down`: the down projection over the kept neurons and its backward (``dA_S = dy W_down[:, S]`` with the SwiGLU
   backward in the epilogue, ``dW_down[:, S]``).
-- :mod:`.sat_mlp`: the ``torch.library`` custom ops, their autograd formula and the backend launcher.
+- :mod:`.launcher`: the ``torch.library`` custom ops, their autograd formula and the backend launcher.
 
 This module itself does not import triton, so :func:`unavailable_reason` is cheap and safe without it.
 """
