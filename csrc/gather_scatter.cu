@@ -137,146 +137,89 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 constexpr int kVec = 16 / sizeof(T);
 
+enum class Op { kGatherRows, kGatherCols, kScatterRows, kScatterCols };
+
+// Every kernel takes (src, idx, out) and three sizes, in the order of its entry point.
 template <typename T>
-void launch_gather_rows(std::intptr_t src, std::intptr_t idx, std::intptr_t out, std::int64_t n, std::int64_t k,
-                        std::int64_t width, cudaStream_t stream) {
+using Kernel = void (*)(const T*, const std::int64_t*, T*, std::int64_t, std::int64_t, std::int64_t);
+
+template <Op op, typename T, int VEC>
+constexpr Kernel<T> kernel() {
+  if constexpr (op == Op::kGatherRows) return _gather_rows_kernel<T, VEC>;
+  else if constexpr (op == Op::kGatherCols) return _gather_cols_kernel<T, VEC>;
+  else if constexpr (op == Op::kScatterRows) return _scatter_rows_kernel<T, VEC>;
+  else return _scatter_cols_kernel<T, VEC>;
+}
+
+// How an op's sizes map onto its grid: the row kernels move whole rows (packs along a row of `width`, both src and
+// out read or written in packs); the column kernels move output columns (packs along out's row, src read element
+// by element, so only out's alignment matters).
+struct Grid {
+  std::int64_t x;               // elements along grid x, VEC a thread
+  std::int64_t y;               // rows along grid y
+  std::int64_t rows_per_block;  // rows a block of grid y walks
+  bool src_in_packs;            // whether src must be 16-byte aligned too
+};
+
+template <Op op, typename T>
+void launch(const char* name, const Grid& grid, std::intptr_t src, std::intptr_t idx, std::intptr_t out,
+            std::int64_t a, std::int64_t b, std::int64_t c, cudaStream_t stream) {
   constexpr int V = kVec<T>;
   const auto* p_src = reinterpret_cast<const T*>(src);
   const auto* p_idx = reinterpret_cast<const std::int64_t*>(idx);
   auto* p_out = reinterpret_cast<T*>(out);
-  const unsigned int gy = grid_y(k, 1);
-  if (width % V == 0 && aligned16(src) && aligned16(out)) {
-    _gather_rows_kernel<T, V><<<dim3(ceil_div(width / V, kThreads), gy), kThreads, 0, stream>>>(p_src, p_idx, p_out,
-                                                                                               n, k, width);
+  const unsigned int gy = grid_y(grid.y, grid.rows_per_block);
+  if (grid.x % V == 0 && (!grid.src_in_packs || aligned16(src)) && aligned16(out)) {
+    const Kernel<T> packed = kernel<op, T, V>();
+    packed<<<dim3(ceil_div(grid.x / V, kThreads), gy), kThreads, 0, stream>>>(p_src, p_idx, p_out, a, b, c);
   } else {
-    _gather_rows_kernel<T, 1><<<dim3(ceil_div(width, kThreads), gy), kThreads, 0, stream>>>(p_src, p_idx, p_out, n,
-                                                                                            k, width);
+    const Kernel<T> single = kernel<op, T, 1>();
+    single<<<dim3(ceil_div(grid.x, kThreads), gy), kThreads, 0, stream>>>(p_src, p_idx, p_out, a, b, c);
   }
-  check_launch("gather_rows kernel launch");
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) check_cuda(err, (std::string(name) + " kernel launch").c_str());
 }
 
-template <typename T>
-void launch_gather_cols(std::intptr_t src, std::intptr_t idx, std::intptr_t out, std::int64_t rows, std::int64_t n,
-                        std::int64_t k, cudaStream_t stream) {
-  constexpr int V = kVec<T>;
-  const auto* p_src = reinterpret_cast<const T*>(src);
-  const auto* p_idx = reinterpret_cast<const std::int64_t*>(idx);
-  auto* p_out = reinterpret_cast<T*>(out);
-  const unsigned int gy = grid_y(rows, kRowsPerBlock);
-  if (k % V == 0 && aligned16(out)) {
-    _gather_cols_kernel<T, V><<<dim3(ceil_div(k / V, kThreads), gy), kThreads, 0, stream>>>(p_src, p_idx, p_out, rows,
-                                                                                           n, k);
-  } else {
-    _gather_cols_kernel<T, 1><<<dim3(ceil_div(k, kThreads), gy), kThreads, 0, stream>>>(p_src, p_idx, p_out, rows, n,
-                                                                                        k);
-  }
-  check_launch("gather_cols kernel launch");
-}
-
-template <typename T>
-void launch_scatter_rows(std::intptr_t src, std::intptr_t idx, std::intptr_t out, std::int64_t n, std::int64_t k,
-                         std::int64_t width, cudaStream_t stream) {
-  constexpr int V = kVec<T>;
-  const auto* p_src = reinterpret_cast<const T*>(src);
-  const auto* p_idx = reinterpret_cast<const std::int64_t*>(idx);
-  auto* p_out = reinterpret_cast<T*>(out);
-  const unsigned int gy = grid_y(n, kRowsPerBlock);
-  if (width % V == 0 && aligned16(src) && aligned16(out)) {
-    _scatter_rows_kernel<T, V><<<dim3(ceil_div(width / V, kThreads), gy), kThreads, 0, stream>>>(p_src, p_idx, p_out,
-                                                                                                n, k, width);
-  } else {
-    _scatter_rows_kernel<T, 1><<<dim3(ceil_div(width, kThreads), gy), kThreads, 0, stream>>>(p_src, p_idx, p_out, n,
-                                                                                             k, width);
-  }
-  check_launch("scatter_rows kernel launch");
-}
-
-template <typename T>
-void launch_scatter_cols(std::intptr_t src, std::intptr_t idx, std::intptr_t out, std::int64_t rows, std::int64_t n,
-                         std::int64_t k, cudaStream_t stream) {
-  constexpr int V = kVec<T>;
-  const auto* p_src = reinterpret_cast<const T*>(src);
-  const auto* p_idx = reinterpret_cast<const std::int64_t*>(idx);
-  auto* p_out = reinterpret_cast<T*>(out);
-  const unsigned int gy = grid_y(rows, kRowsPerBlock);
-  if (n % V == 0 && aligned16(out)) {
-    _scatter_cols_kernel<T, V><<<dim3(ceil_div(n / V, kThreads), gy), kThreads, 0, stream>>>(p_src, p_idx, p_out,
-                                                                                            rows, n, k);
-  } else {
-    _scatter_cols_kernel<T, 1><<<dim3(ceil_div(n, kThreads), gy), kThreads, 0, stream>>>(p_src, p_idx, p_out, rows,
-                                                                                         n, k);
-  }
-  check_launch("scatter_cols kernel launch");
-}
-
-// Calls launch<T> for the element type of `elem_size` bytes.
-template <template <typename> class Launch, typename... Args>
-void by_elem_size(int elem_size, const char* name, Args... args) {
+// The shared part of the four entry points: size checks, nothing to do for an empty grid, the device, and the
+// element type of `elem_size` bytes (values are only moved, so one unsigned type of each size serves all dtypes).
+template <Op op>
+void run(const char* name, const Grid& grid, std::intptr_t src, std::intptr_t idx, std::intptr_t out, std::int64_t a,
+         std::int64_t b, std::int64_t c, int elem_size, int device, std::intptr_t stream) {
+  if (a < 0 || b < 0 || c < 0) throw std::invalid_argument(std::string("sat_kernels._C.") + name + ": negative size");
+  if (grid.x == 0 || grid.y == 0) return;
+  DeviceGuard guard(device);
+  const cudaStream_t s = as_stream(stream);
   switch (elem_size) {
-    case 2: Launch<std::uint16_t>::run(args...); break;
-    case 4: Launch<std::uint32_t>::run(args...); break;
-    case 8: Launch<std::uint64_t>::run(args...); break;
+    case 2: launch<op, std::uint16_t>(name, grid, src, idx, out, a, b, c, s); break;
+    case 4: launch<op, std::uint32_t>(name, grid, src, idx, out, a, b, c, s); break;
+    case 8: launch<op, std::uint64_t>(name, grid, src, idx, out, a, b, c, s); break;
     default: throw std::invalid_argument(std::string("sat_kernels._C.") + name + ": elem_size must be 2, 4 or 8");
   }
-}
-
-template <typename T>
-struct GatherRows {
-  template <typename... A>
-  static void run(A... a) { launch_gather_rows<T>(a...); }
-};
-template <typename T>
-struct GatherCols {
-  template <typename... A>
-  static void run(A... a) { launch_gather_cols<T>(a...); }
-};
-template <typename T>
-struct ScatterRows {
-  template <typename... A>
-  static void run(A... a) { launch_scatter_rows<T>(a...); }
-};
-template <typename T>
-struct ScatterCols {
-  template <typename... A>
-  static void run(A... a) { launch_scatter_cols<T>(a...); }
-};
-
-void check_sizes(const char* name, std::int64_t a, std::int64_t b, std::int64_t c) {
-  if (a < 0 || b < 0 || c < 0) throw std::invalid_argument(std::string("sat_kernels._C.") + name + ": negative size");
 }
 
 }  // namespace
 
 void gather_rows(std::intptr_t src, std::intptr_t idx, std::intptr_t out, std::int64_t n, std::int64_t k,
                  std::int64_t width, int elem_size, int device, std::intptr_t stream) {
-  check_sizes("gather_rows", n, k, width);
-  if (k == 0 || width == 0) return;
-  DeviceGuard guard(device);
-  by_elem_size<GatherRows>(elem_size, "gather_rows", src, idx, out, n, k, width, as_stream(stream));
+  run<Op::kGatherRows>("gather_rows", {width, k, 1, true}, src, idx, out, n, k, width, elem_size, device, stream);
 }
 
 void gather_cols(std::intptr_t src, std::intptr_t idx, std::intptr_t out, std::int64_t rows, std::int64_t n,
                  std::int64_t k, int elem_size, int device, std::intptr_t stream) {
-  check_sizes("gather_cols", rows, n, k);
-  if (rows == 0 || k == 0) return;
-  DeviceGuard guard(device);
-  by_elem_size<GatherCols>(elem_size, "gather_cols", src, idx, out, rows, n, k, as_stream(stream));
+  run<Op::kGatherCols>("gather_cols", {k, rows, kRowsPerBlock, false}, src, idx, out, rows, n, k, elem_size, device,
+                       stream);
 }
 
 void scatter_rows(std::intptr_t src, std::intptr_t idx, std::intptr_t out, std::int64_t n, std::int64_t k,
                   std::int64_t width, int elem_size, int device, std::intptr_t stream) {
-  check_sizes("scatter_rows", n, k, width);
-  if (n == 0 || width == 0) return;
-  DeviceGuard guard(device);
-  by_elem_size<ScatterRows>(elem_size, "scatter_rows", src, idx, out, n, k, width, as_stream(stream));
+  run<Op::kScatterRows>("scatter_rows", {width, n, kRowsPerBlock, true}, src, idx, out, n, k, width, elem_size, device,
+                        stream);
 }
 
 void scatter_cols(std::intptr_t src, std::intptr_t idx, std::intptr_t out, std::int64_t rows, std::int64_t n,
                   std::int64_t k, int elem_size, int device, std::intptr_t stream) {
-  check_sizes("scatter_cols", rows, n, k);
-  if (rows == 0 || n == 0) return;
-  DeviceGuard guard(device);
-  by_elem_size<ScatterCols>(elem_size, "scatter_cols", src, idx, out, rows, n, k, as_stream(stream));
+  run<Op::kScatterCols>("scatter_cols", {n, rows, kRowsPerBlock, false}, src, idx, out, rows, n, k, elem_size, device,
+                        stream);
 }
 
 }  // namespace sat

@@ -1,6 +1,6 @@
 // Host entry points of sat_kernels._C. Device buffers are passed as raw addresses (intptr_t) and the CUDA stream as
 // its handle, so the extension does not depend on the torch build; the Python wrappers
-// (sat_kernels/ops/cuda/kernels.py) check every tensor before calling these.
+// (sat_kernels/ops/mlp/cuda/kernels.py) check every tensor before calling these.
 #pragma once
 
 #include <cstdint>
