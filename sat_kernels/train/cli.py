@@ -14,6 +14,7 @@ import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
+
 from .data import TASKS, default_corpus, evenly_spaced, load_corpus, tokenize, training_order
 from .runner import LORA_TARGETS, PRECISIONS, SCHEDULERS, LoRASettings, TrainConfig
 
@@ -25,54 +26,26 @@ PRESETS = {
 }
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _number(parse, ok, expected: str, out_of_range: str = ""):
+    """An argparse ``type`` that converts with ``parse`` (``int`` or ``float``) and accepts the values for which ``ok``
+    holds (NaN fails every comparison). Errors: "expected <expected>, got <text>" for a text that does not parse,
+    "<out_of_range (default: expected <expected>)>, got <value>" for a value out of range."""
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{out_of_range or 'expected ' + expected}, got {value}")
+        return value
+    return convert
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
-
-
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if math.isnan(value) or not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return value
+_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+_non_negative_int = _number(int, lambda v: v >= 0, "a non-negative integer")
+_positive_float = _number(float, lambda v: 0.0 < v < math.inf, "a positive number")
+_rate = _number(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)", "must be in [0, 1)")
+_fraction = _number(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]", "must be in [0, 1]")
 
 
 def _eval_examples(text: str):
@@ -80,9 +53,6 @@ def _eval_examples(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..selection import DEFAULT_FORWARD, FORWARD_MODES, METRICS, STRATEGIES
-    from ..backends import BACKENDS
-
     p = argparse.ArgumentParser(prog="sat-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Presets (explicit options override them; gpu is not measured):\n" + "\n".join(
@@ -111,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-examples", type=_eval_examples,
                    help="held-out blocks (cpt) or pairs (sft) to evaluate, evenly spaced over the split, or 'all'")
     p.add_argument("--seed", type=int, default=0, help="seed of the model copy, data order and Trainer (default 0)")
+    _add_sat_options(p)
+    _add_lora_and_output_options(p)
+    return p
+
+
+def _add_sat_options(p: argparse.ArgumentParser) -> None:
+    """The SAT arm: omission rates and schedule, selection, forward mode, kernels, precision."""
+    from ..backends import BACKENDS
+    from ..selection import DEFAULT_FORWARD, FORWARD_MODES, METRICS, STRATEGIES
+
     p.add_argument("--omission-rate", type=_rate, default=0.5,
                    help="initial MLP omission rate in [0, 1) (default 0.5)")
     p.add_argument("--attn-omission-rate", type=_rate, default=None,
@@ -140,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="SAT kernel backend (default: auto)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 autocast on a GPU that supports it, else fp32 (default: auto)")
+
+
+def _add_lora_and_output_options(p: argparse.ArgumentParser) -> None:
+    """LoRA fine-tuning, threads, outputs, the step-time check."""
     p.add_argument("--lora-rank", type=_positive_int, default=None,
                    help="train PEFT LoRA adapters of this rank on the frozen model, in both runs (the same seeded "
                         "adapters; SAT patches the LoRA model); needs peft (default: full fine-tuning)")
@@ -159,7 +143,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "each rate of the schedule, one training step each per round, on the first batch); 0 skips "
                         "it (default 5)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the per-step lines remain)")
-    return p
 
 
 def config_from_args(args) -> TrainConfig:
@@ -177,13 +160,11 @@ def config_from_args(args) -> TrainConfig:
                        scheduler=args.scheduler, num_rungs=args.num_rungs, dense_fraction=args.dense_fraction,
                        metric=args.metric, strategy=args.strategy, forward=args.forward,
                        skip_omitted_updates=args.skip_omitted_updates, per_layer_budget=args.per_layer_budget,
-                       backend=args.backend,
-                       precision=args.precision, lora=lora)
+                       backend=args.backend, precision=args.precision, lora=lora)
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _check_args(parser: argparse.ArgumentParser, args) -> None:
+    """Refuse (``parser.error``) options that contradict each other and paths that do not exist."""
     if args.compare and args.dense_only:
         parser.error("--compare and --dense-only exclude each other")
     if args.lora_rank is None:
@@ -195,41 +176,31 @@ def main(argv=None) -> int:
     from .model import NAMED_MODELS
     if args.model is not None and args.model not in NAMED_MODELS and not Path(args.model).exists():
         parser.error(f"--model: {args.model!r} does not exist")
-    cfg = config_from_args(args)
-    eval_examples = PRESETS[args.preset]["eval_examples"] if args.eval_examples is None else args.eval_examples
-    eval_examples = None if eval_examples == "all" else eval_examples
 
-    import torch
 
-    from ..bench.results import environment
-    from .compare import TOKENS_NOTE, plot, summary, table, write_json
+def _load(parser: argparse.ArgumentParser, args, cfg: TrainConfig):
+    """``(device, autocast_dtype, model_name, corpus, tokenizer, (train, eval) examples, pristine model)``; a
+    ``ValueError`` on the way (unknown model, unusable data, a model SAT cannot patch) is a usage error."""
     from .model import load_model, load_tokenizer, resolve_model_path
-    from .runner import check_sat_supported, evaluate, is_main_process, resolve_device_precision, train_run, world_size
-    from .step_times import interleaved_step_times
+    from .runner import check_sat_supported, resolve_device_precision
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     try:
         device, autocast_dtype = resolve_device_precision(cfg.precision)
         model_dir, gguf = resolve_model_path(args.model)
         corpus = load_corpus(args.data, cfg.task) if args.data else default_corpus(cfg.task)
         tokenizer = load_tokenizer(args.model)
-        train_all, eval_all = tokenize(corpus, tokenizer, cfg.seq_len)
+        examples = tokenize(corpus, tokenizer, cfg.seq_len)
         pristine = load_model(args.model)
         check_sat_supported(pristine, cfg)
     except ValueError as e:
         parser.error(str(e))
-    pristine.to(device)
-    # Under torchrun every process runs this whole script (the same seed, data and evaluation); rank 0 prints and
-    # writes the outputs. Each step takes batch_size examples per process.
-    world, main_process = world_size(), is_main_process()
-    say = print if main_process else (lambda *a, **k: None)
-    order = training_order(train_all, cfg.steps * cfg.batch_size * world, cfg.seed)
-    held_out = evenly_spaced(eval_all, eval_examples)
-    pad_id = tokenizer.pad_token_id
     model_name = str(model_dir / gguf) if gguf else str(model_dir)
-    env = environment(device)
-    env["threads"] = torch.get_num_threads()
+    return device, autocast_dtype, model_name, corpus, tokenizer, examples, pristine
+
+
+def _describe(say, cfg: TrainConfig, *, corpus, train_all, eval_all, order, held_out, model_name: str, env: dict,
+              world: int, autocast_dtype) -> dict:
+    """Print the set-up (model, device, data, steps) and return the data facts of the JSON summary."""
     data = {"source": corpus.source, "task": cfg.task, "fingerprint": corpus.fingerprint(),
             "train_records": len(corpus.train), "eval_records": len(corpus.eval),
             "train_examples_available": len(train_all), "eval_examples_available": len(eval_all),
@@ -246,9 +217,12 @@ def main(argv=None) -> int:
         f"{cfg.steps} steps x {cfg.batch_size * world} sequences of <= {cfg.seq_len} tokens "
         f"({data['train_tokens']} tokens, {epochs:.2f} epochs); "
         f"eval on {len(held_out)} held-out examples ({data['eval_tokens']} tokens)")
-    base_eval = evaluate(pristine, held_out, pad_id, batch_size=cfg.eval_batch_size, device=device,
-                         autocast_dtype=autocast_dtype)
-    say(f"eval loss before training: {base_eval:.4f} (perplexity {math.exp(base_eval):.2f})")
+    return data
+
+
+def _train_arms(say, args, cfg: TrainConfig, pristine, order, held_out, pad_id: int):
+    """Train dense and/or SAT (as asked) from ``pristine``; returns the runs' results and the trained SAT model."""
+    from .runner import train_run
 
     runs, sat_model = [], None
     for sat in ([False, True] if args.compare else [False] if args.dense_only else [True]):
@@ -260,40 +234,49 @@ def main(argv=None) -> int:
             sat_model = model
         else:
             del model
+    return runs, sat_model
 
-    step_times = None
-    if args.compare and args.timing_repeats > 0:
-        sat_run = runs[-1]
-        schedule = list(zip(sat_run.omission_rates, sat_run.attn_omission_rates or [None] * cfg.steps))
-        say(f"interleaved step-time check: dense and SAT at each rate of the schedule, {args.timing_repeats} rounds "
-            f"on the first batch ...", flush=True)
-        step_times = interleaved_step_times(pristine, order[:cfg.batch_size], cfg, pad_id=pad_id, schedule=schedule,
-                                            repeats=args.timing_repeats)
-        say("  " + ", ".join(f"{k} {v:.0f} ms" for k, v in step_times["step_ms"].items())
-            + f"; schedule speedup {step_times['speedup_schedule']:.3f}x")
-        if step_times["control_dense_over_sat_rate0"] is not None:
-            say(f"  control: SAT at rate 0 runs the dense computation; dense / SAT 0 = "
-                f"{step_times['control_dense_over_sat_rate0']:.3f} (the check's own noise)")
-    if not main_process:
-        return 0
+
+def _step_time_check(say, args, cfg: TrainConfig, pristine, order, sat_run, pad_id: int):
+    """With ``--compare``: dense and SAT step times, interleaved, at each rate the SAT run visited; else ``None``."""
+    if not (args.compare and args.timing_repeats > 0):
+        return None
+    from .step_times import interleaved_step_times
+
+    schedule = list(zip(sat_run.omission_rates, sat_run.attn_omission_rates or [None] * cfg.steps))
+    say(f"interleaved step-time check: dense and SAT at each rate of the schedule, {args.timing_repeats} rounds "
+        f"on the first batch ...", flush=True)
+    step_times = interleaved_step_times(pristine, order[:cfg.batch_size], cfg, pad_id=pad_id, schedule=schedule,
+                                        repeats=args.timing_repeats)
+    say("  " + ", ".join(f"{k} {v:.0f} ms" for k, v in step_times["step_ms"].items())
+        + f"; schedule speedup {step_times['speedup_schedule']:.3f}x")
+    if step_times["control_dense_over_sat_rate0"] is not None:
+        say(f"  control: SAT at rate 0 runs the dense computation; dense / SAT 0 = "
+            f"{step_times['control_dense_over_sat_rate0']:.3f} (the check's own noise)")
+    return step_times
+
+
+def _write_outputs(args, cfg: TrainConfig, report: dict, runs, base_eval: float, *, model_name: str, env: dict,
+                   sat_model, tokenizer) -> None:
+    """Print the results table and the comparison; write the JSON summary, the loss-curve PNG and the model."""
+    from .compare import TOKENS_NOTE, plot, table, write_json
+
     name = args.name or f"train_{cfg.task}"
     out_dir = Path(args.output_dir)
-    config = dict(asdict(cfg), model=model_name, compare=args.compare, preset=args.preset,
-                  eval_examples=eval_examples, threads=env["threads"], world_size=world)
-    report = summary(runs, config=config, environment=env, data=data, base_eval_loss=base_eval,
-                     step_times=step_times)
     print()
     print(table(runs, base_eval))
     print(TOKENS_NOTE)
     if "comparison" in report:
         c = report["comparison"]
+        interleaved = c["speedup_interleaved"]
         print(f"SAT vs dense: speedup {c['speedup_tokens_per_s']:.3f}x (tokens/s), "
               f"{c['speedup_median_step']:.3f}x (median step), {c['speedup_train_wall']:.3f}x (train wall time)"
-              + (f", {c['speedup_interleaved']:.3f}x (interleaved step times)" if step_times else "") + "; "
-              f"eval loss {100 * c['eval_loss_rel_diff']:+.2f}%")
+              + (f", {interleaved:.3f}x (interleaved step times)" if interleaved is not None else "")
+              + f"; eval loss {100 * c['eval_loss_rel_diff']:+.2f}%")
     json_path = write_json(report, out_dir / f"{name}.json")
     attention = f" (attention {cfg.attn_omission_rate})" if cfg.attn_omission_rate is not None else ""
-    title = (f"sat-train {cfg.task}{f' LoRA r {lora.rank}' if lora is not None else ''}: {Path(model_name).name}, "
+    lora = f" LoRA r {cfg.lora.rank}" if cfg.lora is not None else ""
+    title = (f"sat-train {cfg.task}{lora}: {Path(model_name).name}, "
              f"{cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len}, {cfg.scheduler} from {cfg.omission_rate}"
              f"{attention}\n{env['device']}, {env['date']}")
     png_path = plot(runs, out_dir / f"{name}.png", title, base_eval)
@@ -303,6 +286,50 @@ def main(argv=None) -> int:
         sat_model.save_pretrained(path)
         tokenizer.save_pretrained(path)
         print(f"saved the trained model to {path}")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    cfg = config_from_args(args)
+    eval_examples = PRESETS[args.preset]["eval_examples"] if args.eval_examples is None else args.eval_examples
+    eval_examples = None if eval_examples == "all" else eval_examples
+
+    import torch
+
+    from ..bench.results import environment
+    from .compare import summary
+    from .runner import evaluate, is_main_process, world_size
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device, autocast_dtype, model_name, corpus, tokenizer, (train_all, eval_all), pristine = _load(parser, args, cfg)
+    pristine.to(device)
+    # Under torchrun every process runs this whole script (the same seed, data and evaluation); rank 0 prints and
+    # writes the outputs. Each step takes batch_size examples per process.
+    world, main_process = world_size(), is_main_process()
+    say = print if main_process else (lambda *a, **k: None)
+    order = training_order(train_all, cfg.steps * cfg.batch_size * world, cfg.seed)
+    held_out = evenly_spaced(eval_all, eval_examples)
+    pad_id = tokenizer.pad_token_id
+    env = environment(device)
+    env["threads"] = torch.get_num_threads()
+    data = _describe(say, cfg, corpus=corpus, train_all=train_all, eval_all=eval_all, order=order, held_out=held_out,
+                     model_name=model_name, env=env, world=world, autocast_dtype=autocast_dtype)
+    base_eval = evaluate(pristine, held_out, pad_id, batch_size=cfg.eval_batch_size, device=device,
+                         autocast_dtype=autocast_dtype)
+    say(f"eval loss before training: {base_eval:.4f} (perplexity {math.exp(base_eval):.2f})")
+    runs, sat_model = _train_arms(say, args, cfg, pristine, order, held_out, pad_id)
+    step_times = _step_time_check(say, args, cfg, pristine, order, runs[-1], pad_id)
+    if not main_process:
+        return 0
+    config = dict(asdict(cfg), model=model_name, compare=args.compare, preset=args.preset,
+                  eval_examples=eval_examples, threads=env["threads"], world_size=world)
+    report = summary(runs, config=config, environment=env, data=data, base_eval_loss=base_eval,
+                     step_times=step_times)
+    _write_outputs(args, cfg, report, runs, base_eval, model_name=model_name, env=env, sat_model=sat_model,
+                   tokenizer=tokenizer)
     return 0
 
 
