@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import nn
@@ -90,6 +91,14 @@ class _SATWrapper(nn.Module):
         self._nonfinite_total = torch.zeros((), dtype=torch.int64, device=self._stats_device())
         self._nonfinite_warned = False
         self._keep_scores = False   # keep a copy of the last scores (set by sat_kernels.budget.PerLayerBudget)
+
+    def configure(self, omission_rate: float, *, metric: str, strategy: str, backend: str, sync_selection,
+                  forward: str) -> None:
+        """Set the selection settings both SAT modules share (the constructors' keywords of the same names; ``forward``
+        is stored as ``forward_mode``). ``replace_mlp`` / ``replace_attention`` call it again on a patched model."""
+        self.omission_rate = omission_rate
+        self.metric, self.strategy, self.backend, self.sync_selection = metric, strategy, backend, sync_selection
+        self.forward_mode = check_choice(forward, FORWARD_MODES, "forward")
 
     def _stats_device(self) -> torch.device:
         return getattr(self, self._STATS_PROJ).weight.device
@@ -182,12 +191,8 @@ class SATMLP(_SATWrapper):
                  forward: str = DEFAULT_FORWARD):
         super().__init__(mlp, ((name, getattr(mlp, name)) for name in ("gate_proj", "up_proj", "down_proj")))
         self.act = act
-        self.omission_rate = omission_rate
-        self.metric = metric
-        self.strategy = strategy
-        self.backend = backend
-        self.sync_selection = sync_selection
-        self.forward_mode = check_choice(forward, FORWARD_MODES, "forward")
+        self.configure(omission_rate, metric=metric, strategy=strategy, backend=backend,
+                       sync_selection=sync_selection, forward=forward)
 
     def _count_kept(self) -> None:
         self._units = self.gate_proj.out_features
@@ -260,12 +265,8 @@ class SATAttention(_SATWrapper):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale, self.norm_eps = scale, norm_eps
         self._unit = check_choice(unit, UNITS, "unit")
-        self.omission_rate = omission_rate
-        self.metric = metric
-        self.strategy = strategy
-        self.backend = backend
-        self.sync_selection = sync_selection
-        self.forward_mode = check_choice(forward, FORWARD_MODES, "forward")
+        self.configure(omission_rate, metric=metric, strategy=strategy, backend=backend,
+                       sync_selection=sync_selection, forward=forward)
         self.__dict__["_signature"] = inspect.signature(attn.forward)
 
     @property
@@ -281,13 +282,9 @@ class SATAttention(_SATWrapper):
         self._units = self.num_heads if self._unit == "head" else self.num_kv_heads
         self._kept = num_kept(self._units, self._omission_rate)
 
-    def forward(self, *args, **kwargs):
-        if not self.training:
-            return self.dense_module(*args, **kwargs)
-        if self._kept == self._units:
-            self._record({})
-            return self.dense_module(*args, **kwargs)
-        dense = self.dense_module
+    def _training_call(self, dense: nn.Module, args, kwargs):
+        """The training forward's arguments by name (bound to the wrapped forward's signature) and the attention
+        implementation, once what training-mode SAT attention does not support has been refused."""
         try:
             bound = self._signature.bind(*args, **kwargs).arguments
         except TypeError as e:
@@ -311,11 +308,21 @@ class SATAttention(_SATWrapper):
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
             raise ValueError(f"SATAttention: hidden_states must be a [B, T, h] tensor, got "
                              f"{getattr(hidden_states, 'shape', type(hidden_states).__name__)}")
-        position_embeddings = call.get("position_embeddings")
-        if position_embeddings is None:
+        if call.get("position_embeddings") is None:
             raise ValueError("SATAttention: position_embeddings (cos, sin) are required, as the decoder layers of "
                              "Llama/Mistral/Qwen2/Qwen3 pass them")
-        cos, sin = position_embeddings
+        return call, impl
+
+    def forward(self, *args, **kwargs):
+        if not self.training:
+            return self.dense_module(*args, **kwargs)
+        if self._kept == self._units:
+            self._record({})
+            return self.dense_module(*args, **kwargs)
+        dense = self.dense_module
+        call, impl = self._training_call(dense, args, kwargs)
+        hidden_states = call["hidden_states"]
+        cos, sin = call["position_embeddings"]
         mask = call.get("attention_mask")
         cache = next((call[n] for n in _CACHE_ARGS if call.get(n) is not None), None)
         layer_idx = getattr(dense, "layer_idx", None)
@@ -350,3 +357,11 @@ class SATAttention(_SATWrapper):
         return (f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"omission_rate={self.omission_rate}, metric={self.metric!r}, strategy={self.strategy!r}, "
                 f"unit={self.unit!r}, backend={self.backend!r}, forward={self.forward_mode!r}")
+
+
+def sat_modules(model: nn.Module, kind: Optional[str] = None) -> Iterator[Tuple[str, nn.Module]]:
+    """``(name, module)`` of every SAT module in ``model``: of one kind with ``kind="mlp"`` / ``"attention"``."""
+    classes = {None: (SATMLP, SATAttention), "mlp": SATMLP, "attention": SATAttention}[kind]
+    for name, module in model.named_modules():
+        if isinstance(module, classes):
+            yield name, module
