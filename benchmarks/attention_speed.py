@@ -26,13 +26,17 @@ is the explicit matmul + softmax path).
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 import sat_kernels as sk
+from baseline import load_baseline
+from sat_kernels.bench.results import environment
 
 SMOLLM2 = dict(hidden=576, heads=9, kv_heads=3, head_dim=64, batch=4, seqs=(256, 512, 1024))
 LLAMA7B = dict(hidden=4096, heads=32, kv_heads=32, head_dim=128, batch=1, seqs=(2048, 4096))
@@ -68,7 +72,7 @@ def _sync(device):
 
 
 def measure(shape: dict, seq: int, rate: float, unit: str, repeats: int, impl="sdpa", dtype=torch.float32,
-            device="cpu", forward="sparse"):
+            device="cpu", forward="sparse", base=None):
     hidden, heads, kv_heads, head_dim, batch = (shape[k] for k in ("hidden", "heads", "kv_heads", "head_dim", "batch"))
     cfg, attn, rotary = _attention(hidden, heads, kv_heads, head_dim, impl, dtype, device)
     gen = torch.Generator(device="cpu").manual_seed(1)
@@ -82,6 +86,11 @@ def measure(shape: dict, seq: int, rate: float, unit: str, repeats: int, impl="s
     holder = torch.nn.Module()
     holder.self_attn = attn
     sat = sk.replace_attention(holder, rate, unit=unit, forward=forward).self_attn   # wraps `attn`: same parameters
+    arms = {"dense": attn, "sat": sat}
+    if base is not None:   # the package at --baseline, wrapping the same module
+        holder_b = torch.nn.Module()
+        holder_b.self_attn = attn
+        arms["base"] = base.replace_attention(holder_b, rate, unit=unit, forward=forward).self_attn
     params = list(attn.parameters())
 
     def step(module):
@@ -91,18 +100,22 @@ def measure(shape: dict, seq: int, rate: float, unit: str, repeats: int, impl="s
         y.backward(dy)
         _sync(device)
 
-    for module in (attn, sat, attn, sat):   # warm-up
+    for module in (*arms.values(), *arms.values()):   # warm-up
         step(module)
     kept_heads = int((attn.q_proj.weight.grad.view(heads, -1).abs().sum(1) != 0).sum())
     kept_groups = int((attn.k_proj.weight.grad.view(kv_heads, -1).abs().sum(1) != 0).sum())
-    times = {"dense": [], "sat": []}
-    for _ in range(repeats):
-        for name, module in (("dense", attn), ("sat", sat)):
+    times = {name: [] for name in arms}
+    for r in range(repeats):   # the arms in turn, the order reversed every round
+        for name in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
             t0 = time.perf_counter()
-            step(module)
+            step(arms[name])
             times[name].append(time.perf_counter() - t0)
     ratios = [s / d for s, d in zip(times["sat"], times["dense"])]
-    return {
+    extra = {}
+    if base is not None:
+        extra = {"base_ms": 1e3 * statistics.median(times["base"]),
+                 "base_ratio": statistics.median(b / d for b, d in zip(times["base"], times["dense"]))}
+    return {**extra,
         "B": batch, "T": seq, "h": hidden, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
         "omission_rate": rate, "unit": unit, "forward": forward, "impl": impl,
         "dtype": str(dtype).replace("torch.", ""),
@@ -126,8 +139,11 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--llama7b", action="store_true", help="Llama-2-7B attention shapes (meant for a GPU)")
+    p.add_argument("--llama7b", action="store_true", help="Llama-2-7B attention shapes (batch 1, T 2048/4096)")
+    p.add_argument("--baseline", default=None, help="git revision whose SATAttention is timed in the same rounds")
+    p.add_argument("--out", default=None, help="write the rows and the environment to this JSON file")
     args = p.parse_args(argv)
+    base = load_baseline(args.baseline) if args.baseline else None
     if args.threads:
         torch.set_num_threads(args.threads)
     shape = dict(LLAMA7B if args.llama7b else SMOLLM2)
@@ -136,19 +152,26 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     where = torch.cuda.get_device_name() if torch.device(args.device).type == "cuda" else \
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"# {where}, torch {torch.__version__}, {args.dtype}, attn_implementation={args.impl}")
+    env = dict(environment(torch.device(args.device)), baseline=args.baseline, repeats=args.repeats)
+    print(f"# {where}, bf16 ISA {env.get('cpu_bf16', '-')}, torch {torch.__version__}, git {env['git']}, "
+          f"{args.dtype}, attn_implementation={args.impl}")
     print("| B | T | h | heads/kv | d | omission | unit | forward | kept heads/groups | dense ms | SAT ms | "
-          "SAT/dense | FLOP limit |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "SAT/dense | FLOP limit | vs limit |" + (" base/dense |" if base else ""))
+    print("|---" * (14 + (1 if base else 0)) + "|")
+    rows = []
     for seq in args.seqs or shape["seqs"]:
         for rate in args.rates:
             for unit in args.units:
                 for forward in args.forward:
-                    r = measure(shape, seq, rate, unit, args.repeats, args.impl, dtype, args.device, forward)
+                    r = measure(shape, seq, rate, unit, args.repeats, args.impl, dtype, args.device, forward, base)
+                    rows.append(r)
                     print(f"| {r['B']} | {r['T']} | {r['h']} | {r['heads']}/{r['kv_heads']} | {r['head_dim']} | "
                           f"{rate:g} | {unit} | {forward} | {r['kept_heads']}/{r['kept_groups']} | "
-                          f"{r['dense_ms']:.1f} | {r['sat_ms']:.1f} | {r['ratio']:.3f} | {r['flop_limit']:.3f} |",
+                          f"{r['dense_ms']:.1f} | {r['sat_ms']:.1f} | {r['ratio']:.3f} | {r['flop_limit']:.3f} | "
+                          f"{r['ratio'] / r['flop_limit']:.3f} |" + (f" {r['base_ratio']:.3f} |" if base else ""),
                           flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ ATTENTION_STRATEGIES = tuple(s for s in STRATEGIES if s not in MLP_ONLY_STRATEGI
 FORWARD_MODES = ("sparse", "dense")
 # The default of the model-level API (replace_mlp, replace_attention, the SAT modules, sat-train): the exact forward.
 # On SmolLM2-135M-Instruct, 300 steps with the ladder from 0.5, it cost +0.76% (cpt) / +1.35% (sft) eval loss against
-# +2.15% / +5.58% for "sparse", at step speedups within the noise of each other (README, "Quality at speed"). The
+# +2.15% / +5.58% for "sparse", at step speedups within the noise of each other (docs/quality.md). The
 # functional ops (sat_mlp, sat_attention) keep "sparse", the semantics of the masked-dense reference.
 DEFAULT_FORWARD = "dense"
 
@@ -62,18 +62,18 @@ def num_kept(n: int, omission_rate: float, *, multiple_of: int = 1) -> int:
     return min(int(n), k)
 
 
-def activation_scores(a: torch.Tensor, metric: str = "l2", w_down: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Per-neuron fp32 scores from intermediate activations ``a`` of shape ``[T, I]``.
+def activation_scores(a: torch.Tensor, metric: str = "l2", w_down: Optional[torch.Tensor] = None, *,
+                      neuron_dim: int = 1) -> torch.Tensor:
+    """Per-neuron fp32 scores from intermediate activations ``a`` of shape ``[T, I]`` (``neuron_dim=1``) or
+    neuron-major ``[I, T]`` (``neuron_dim=0``, the layout of the torch backend).
 
     ``l2``: ``||a[:, i]||_2``; ``l1``: ``sum_t |a[t, i]|``; ``contrib``: ``||a[:, i]||_2 * ||w_down[:, i]||_2``.
     """
     check_choice(metric, METRICS, "metric")
-    if metric == "l1":
-        return _norm(a, 1)
-    s = _norm(a, 2)
+    if metric == "contrib" and w_down is None:
+        raise ValueError("metric='contrib' needs w_down")
+    s = _row_norm(a, 1 if metric == "l1" else 2) if neuron_dim == 0 else _norm(a, 1 if metric == "l1" else 2)
     if metric == "contrib":
-        if w_down is None:
-            raise ValueError("metric='contrib' needs w_down")
         s = s * _norm(w_down, 2)
     return s
 
@@ -93,6 +93,14 @@ def _norm(t: torch.Tensor, order: int) -> torch.Tensor:
     if order == 1:
         return t.abs().sum(0).float()
     return (t * t).sum(0).sqrt_().float()
+
+
+def _row_norm(t: torch.Tensor, order: int) -> torch.Tensor:
+    """fp32 row norms of ``t`` ``[I, T]``, accumulated in fp32 (fp64 for fp64 input) without an fp32 copy of ``t``:
+    the reduction runs along the contiguous dimension (1.3 ms for [1536, 2048] bf16, 0.5 ms fp32; EPYC, 1 thread,
+    torch 2.13)."""
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(t, order, dim=1, dtype=acc).float()
 
 
 def selection_stats(scores: torch.Tensor, idx: torch.Tensor, keep_scores: bool = False) -> dict:

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 from .checks import Operands
 from .core import additive_mask, core_bwd, core_fwd, is_float_mask, math_probs
-from .layout import AttentionSpec, groups_of, head_rows, project, sum_heads_into_groups, take_heads
+from .layout import AttentionSpec, groups_of, head_rows, project, scatter_cols, sum_heads_into_groups, take_cols, \
+    take_heads
 from .rope_norm import prep_qk, rms_norm_bwd, rope_bwd
 
 
@@ -115,7 +116,7 @@ class SATAttentionFunction(torch.autograd.Function):
             del q, q_raw, k_raw
         o_flat = o_s.reshape(B * T, kq * d)
         if spec.forward != "dense":
-            y = F.linear(o_flat, w_o.index_select(1, head_rows(heads, d)), b_o)       # [B*T, h]: kept heads only
+            y = F.linear(o_flat, take_cols(w_o, heads, d), b_o)                        # [B*T, h]: kept heads only
         ctx.save_for_backward(x2, w_q, w_k, w_v, w_o, b_q, b_k, b_v, qn_w, kn_w, cos, sin, mask, heads, groups,
                               head_group, q_s, k_g, v_g, o_flat, lse_s,
                               q_raw_s if qn_w is not None else None, k_raw_g if kn_w is not None else None)
@@ -138,13 +139,12 @@ class SATAttentionFunction(torch.autograd.Function):
         need = dict(zip(Operands._fields, ctx.needs_input_grad))
         grads = {}                                                     # Operands field -> gradient
         dy2 = dy.reshape(B * T, hidden)
-        cols = head_rows(heads, d)
         if need["w_o"]:
-            grads["w_o"] = w_o.new_zeros(w_o.shape).index_copy_(1, cols, torch.mm(dy2.t(), o_flat).to(w_o.dtype))
+            grads["w_o"] = scatter_cols(torch.mm(dy2.t(), o_flat).to(w_o.dtype), heads, spec.num_heads, d)
         if ctx.has_b_o and need["b_o"]:
             grads["b_o"] = dy2.sum(0).to(w_o.dtype)
         if any(need[name] for name in _BEFORE_O_PROJ):
-            do = torch.mm(dy2, w_o.index_select(1, cols)).view(B, T, kq, d)
+            do = torch.mm(dy2, take_cols(w_o, heads, d)).view(B, T, kq, d)
             dq, dk, dv = _core_bwd(do, q_s, k_g, v_g, o_flat, lse_s, mask, head_group, kg, spec)
             if cos is not None:
                 dq, dk = rope_bwd(dq, cos, sin), rope_bwd(dk, cos, sin)

@@ -1,18 +1,24 @@
-"""SAT SwiGLU MLP on the ``"torch"`` backend: index_select gathers + ``torch.mm`` (cuBLAS / oneDNN) on compact operands.
+"""SAT SwiGLU MLP on the ``"torch"`` backend: row gathers + ``torch.mm`` (cuBLAS / oneDNN) on compact operands.
+
+Every activation is kept **neuron-major**, ``[I, T]`` (the transpose of the ``[T, I]`` that ``F.linear`` gives), so
+each gather of kept neurons and each per-neuron reduction runs along the leading dimension, over contiguous rows.
+GEMMs take transposed operands at no cost (oneDNN and cuBLAS read either layout); gathers and scatters do not: on CPU
+a column gather ``index_select(1)`` of a 2-byte ``[T, I]`` tensor is 8-12x its row twin (docs/benchmarks.md).
 
 Forward (in-step selection, docs/design.md section 2)::
 
-    G = x W_gate^T, U = x W_up^T          [T, I]   all neurons, once (the scores need them)
-    A = act(G) * U, s = score(A)           [T, I], [I] fp32
+    G^T = W_gate x^T, U^T = W_up x^T       [I, T]   all neurons, once (the scores need them)
+    A^T = act(G^T) * U^T, s = score(A^T)   [I, T], [I] fp32 (row norms)
     S = select(s)                          [k]      sorted, no host sync
-    y = A[:, S] W_down[:, S]^T             [T, h]   kept neurons only (forward="sparse", the paper's mode)
-    y = A W_down^T                         [T, h]   every neuron (forward="dense": the exact output, A exists anyway)
+    y = A^T[S]^T W_down[:, S]^T            [T, h]   kept neurons only (forward="sparse", the paper's mode)
+    y = (A^T)^T W_down^T                   [T, h]   every neuron (forward="dense": the exact output, A exists anyway)
 
-Saved for backward: ``x``, ``G[:, S]``, ``U[:, S]`` (never the full ``[T, I]`` activations). Backward runs only over
-the kept neurons (6 GEMMs of ``2*T*h*k`` FLOPs) and scatters the compact weight gradients into zero full-size
-gradients, so omitted rows of ``W_gate``/``W_up`` and columns of ``W_down`` get exactly zero. The backward is the same
-in both forward modes: with ``forward="dense"`` the loss is the dense model's and its gradient is taken through the kept
-neurons only. FLOPs per ``T*h*I`` (forward + backward): ``4 + 14*rho`` sparse, ``6 + 12*rho`` dense forward, 18 dense.
+Saved for backward: ``x``, the weights, ``S``, ``G^T[S]``, ``U^T[S]`` (never a full ``[I, T]`` activation). The
+backward runs only over the kept neurons (6 GEMMs of ``2*T*h*k`` FLOPs) and scatters the compact weight gradients
+into zero full-size gradients, so omitted rows of ``W_gate``/``W_up`` and columns of ``W_down`` get exactly zero.
+It is the same in both forward modes: with ``forward="dense"`` the loss is the dense model's and its gradient is
+taken through the kept neurons only. FLOPs per ``T*h*I`` (forward + backward): ``4 + 14*rho`` sparse, ``6 + 12*rho``
+dense forward, 18 dense.
 
 ``gathered_mlp`` with a given index set skips the dense gate/up projections: it gathers the kept weight rows first.
 """
@@ -53,8 +59,12 @@ class TorchIndexOps:
         return w.index_select(0, idx)
 
     @staticmethod
-    def gather_cols(a: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:      # a[:, idx]         [R, k]
-        return a.index_select(1, idx)
+    def gather_cols(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:      # w[:, idx]         [R, k] (any strides)
+        if w.element_size() == 2 and w.device.type == "cpu":
+            # a 2-byte index_select(1) is a scalar loop on CPU: read the rows of the transposed view instead (0.46 vs
+            # 1.01 ms for W_down [576, 1536] bf16, 1.16 vs 3.22 ms at [1024, 2816]; EPYC, 1 thread, torch 2.13)
+            return w.t().index_select(0, idx).t()
+        return w.index_select(1, idx)
 
     @staticmethod
     def scatter_rows(rows: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:   # zeros [n, W], rows at idx
@@ -71,42 +81,38 @@ class SATMLPFunction(torch.autograd.Function):
     """Autograd op of the SAT MLP on 2-D ``x``, over the index operations ``ops`` (e.g. :class:`TorchIndexOps`).
 
     ``select`` is either a ``LongTensor`` of kept indices (``gathered_mlp``) or a
-    :class:`~sat_kernels.ops.selector.Selector` that scores the full activations and picks the kept set with
-    ``ops.select_neurons`` (``sat_mlp``). Its :class:`~sat_kernels.ops.selector.Selection` may carry per-neuron
-    weights ``[k]`` (priority sampling): the kept neurons' activations are scaled by them (in ``y`` with the sparse
-    forward, and in the gradient). ``forward="dense"`` (only with a selector) computes ``y`` over every neuron; the
-    backward is unchanged.
+    :class:`~sat_kernels.ops.selector.Selector` that scores the neuron-major activations ``A^T`` ``[I, T]`` and picks
+    the kept set with ``ops.select_neurons`` (``sat_mlp``). Its :class:`~sat_kernels.ops.selector.Selection` may
+    carry per-neuron weights ``[k]`` (priority sampling): the kept neurons' activations are scaled by them (in ``y``
+    with the sparse forward, and in the gradient). ``forward="dense"`` (only with a selector) computes ``y`` over
+    every neuron; the backward is unchanged.
     """
 
     @staticmethod
     def forward(ctx, x, w_gate, w_up, w_down, select, act: str, ops, forward: str = "sparse"):
-        dense_forward = forward == "dense"
         weight = None
         if isinstance(select, torch.Tensor):
             idx = select
-            wg_s = ops.gather_rows(w_gate, idx)                        # [k, h]
-            wu_s = ops.gather_rows(w_up, idx)                          # [k, h]
-            g_s = torch.mm(x, wg_s.t())                                # [T, k]
-            u_s = torch.mm(x, wu_s.t())                                # [T, k]
-            a_s = act_fwd(g_s, act).mul_(u_s)                          # [T, k]
+            g_s = torch.mm(ops.gather_rows(w_gate, idx), x.t())       # [k, T]
+            u_s = torch.mm(ops.gather_rows(w_up, idx), x.t())         # [k, T]
+            a_s = act_fwd(g_s, act).mul_(u_s)                          # [k, T]
+            forward = "sparse"
         else:
-            g = torch.mm(x, w_gate.t())                                # [T, I]
-            u = torch.mm(x, w_up.t())                                  # [T, I]
-            a = act_fwd(g, act).mul_(u)                                # [T, I]
+            g = torch.mm(w_gate, x.t())                                # [I, T]
+            u = torch.mm(w_up, x.t())                                  # [I, T]
+            a = act_fwd(g, act).mul_(u)                                # [I, T]
             idx, _, weight = select(a, select_fn=ops.select_neurons)  # [k]; weight [k] fp32 with "priority"
-            g_s = ops.gather_cols(g, idx)                              # [T, k]
-            u_s = ops.gather_cols(u, idx)                              # [T, k]
+            g_s, u_s = ops.gather_rows(g, idx), ops.gather_rows(u, idx)   # [k, T]
             del g, u
-            if dense_forward:
-                y = torch.mm(a, w_down.t())                            # [T, h]
+            if forward == "dense":
+                y = torch.mm(a.t(), w_down.t())                        # [T, h]
             else:
-                a_s = ops.gather_cols(a, idx)                          # [T, k]
+                a_s = ops.gather_rows(a, idx)                          # [k, T]
                 if weight is not None:
-                    a_s.mul_(weight.to(a_s.dtype))
+                    a_s.mul_(weight.to(a_s.dtype)[:, None])
             del a
-        if not dense_forward:
-            wd_s = ops.gather_cols(w_down, idx)                        # [h, k]
-            y = torch.mm(a_s, wd_s.t())                                # [T, h]
+        if forward != "dense":
+            y = torch.mm(a_s.t(), ops.gather_cols(w_down, idx).t())   # [T, h]
         ctx.save_for_backward(x, w_gate, w_up, w_down, idx, g_s, u_s, weight)
         ctx.act, ctx.ops = act, ops
         ctx.mark_non_differentiable(idx)
@@ -115,29 +121,28 @@ class SATMLPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _didx):
         x, w_gate, w_up, w_down, idx, g_s, u_s, weight = ctx.saved_tensors
-        act, ops = ctx.act, ctx.ops
+        act, ops, n = ctx.act, ctx.ops, w_gate.shape[0]
         need_x, need_wg, need_wu, need_wd = ctx.needs_input_grad[:4]
         dy = dy.contiguous()
         wd_s = ops.gather_cols(w_down, idx)                            # [h, k]
-        da_s = torch.mm(dy, wd_s)                                      # [T, k]
-        act_g = act_fwd(g_s, act)                                      # [T, k]
+        da_s = torch.mm(wd_s.t(), dy.t())                              # [k, T]
+        act_g = act_fwd(g_s, act)                                      # [k, T]
         if weight is not None:                                         # priority: the kept neurons' weights
-            weight = weight.to(da_s.dtype)
+            weight = weight.to(da_s.dtype)[:, None]
             da_s.mul_(weight)
         dx = dwg = dwu = dwd = None
         if need_wd:
-            a_s = act_g * u_s if weight is None else act_g * u_s * weight                            # [T, k]
-            dwd_s = torch.mm(dy.t(), a_s)                              # [h, k]
-            dwd = ops.scatter_cols(dwd_s.to(w_down.dtype), idx, w_down.shape[1])
-        dg_s = act_bwd(da_s * u_s, g_s, act)                           # [T, k]
-        du_s = da_s.mul_(act_g)                                        # [T, k]
+            a_s = act_g * u_s if weight is None else act_g * u_s * weight                            # [k, T]
+            dwd = ops.scatter_cols(torch.mm(dy.t(), a_s.t()).to(w_down.dtype), idx, n)                 # [h, I]
+        dg_s = act_bwd(da_s * u_s, g_s, act)                           # [k, T]
+        du_s = da_s.mul_(act_g)                                        # [k, T]
         if need_wg:
-            dwg = ops.scatter_rows(torch.mm(dg_s.t(), x).to(w_gate.dtype), idx, w_gate.shape[0])   # [I, h]
+            dwg = ops.scatter_rows(torch.mm(dg_s, x).to(w_gate.dtype), idx, n)                       # [I, h]
         if need_wu:
-            dwu = ops.scatter_rows(torch.mm(du_s.t(), x).to(w_up.dtype), idx, w_up.shape[0])       # [I, h]
+            dwu = ops.scatter_rows(torch.mm(du_s, x).to(w_up.dtype), idx, n)                         # [I, h]
         if need_x:
-            dx = torch.mm(dg_s, ops.gather_rows(w_gate, idx))          # [T, h]
-            dx.addmm_(du_s, ops.gather_rows(w_up, idx))
+            dx = torch.mm(dg_s.t(), ops.gather_rows(w_gate, idx))     # [T, h]
+            dx.addmm_(du_s.t(), ops.gather_rows(w_up, idx))
         return dx, dwg, dwu, dwd, None, None, None, None
 
 

@@ -149,10 +149,10 @@ def sat_mlp_kept(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
 
 def mlp_selector(k: int, *, metric: str, strategy: str, generator: Optional[torch.Generator], group,
                  w_down: Optional[torch.Tensor], stats: Optional[dict] = None) -> Selector:
-    """The :class:`~sat_kernels.ops.selector.Selector` of an MLP op: scores ``A [T, I]`` with ``metric``
-    (``"contrib"`` weighs by the column norms of ``w_down``) and keeps ``k`` neurons."""
-    return Selector(k, metric=metric, strategy=strategy, score=lambda a: activation_scores(a, metric, w_down),
-                    generator=generator, group=group, stats=stats)
+    """The :class:`~sat_kernels.ops.selector.Selector` of an MLP op: scores the neuron-major activations ``A^T``
+    ``[I, T]`` with ``metric`` (``"contrib"`` weighs by the column norms of ``w_down``) and keeps ``k`` neurons."""
+    return Selector(k, metric=metric, strategy=strategy, generator=generator, group=group, stats=stats,
+                    score=lambda a_t: activation_scores(a_t, metric, w_down, neuron_dim=0))
 
 
 def gathered_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,

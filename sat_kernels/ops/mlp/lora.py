@@ -6,7 +6,8 @@ activations and runs the down projection, base and adapter, over the kept neuron
 
     Zg = drop_g(x) A_g^T                          [T, r]
     G  = x W_g^T + s_g Zg B_g^T                   [T, I]   all neurons, once (the scores need them); U likewise
-    A  = act(G) * U, S = select(score(A))         [T, I], [k]
+    A  = act(G) * U, S = select(score(A))         [T, I], [k]   (G, U, A kept neuron-major, [I, T], as in
+                                                                 :mod:`sat_kernels.ops.mlp.function`)
     D  = drop_d(A)                                [T, I]   the mask is drawn over every neuron, as PEFT draws it
     Zd = D[:, S] A_d[:, S]^T                      [T, r]
     y  = A[:, S] W_d[:, S]^T + s_d Zd B_d^T       [T, h]   forward="sparse" (the paper's mode)
@@ -20,7 +21,7 @@ Backward, over the kept neurons only (``m``: the dropout scale of ``D``, 0 or ``
     dx  = dG_S W_g[S] + dU_S W_u[S] + (dZg A_g + dZu A_u through the dropouts of x)
 
 Frozen base weights get no gradient GEMM (a base weight that requires grad gets the SAT gradient of
-:mod:`sat_kernels.ops.mlp.function`). Saved for backward: ``G[:, S]``, ``U[:, S]``, the ``[T, r]`` adapter activations,
+:mod:`sat_kernels.ops.mlp.function`). Saved for backward: ``G[:, S]``, ``U[:, S]`` (neuron-major), the ``[T, r]`` adapter activations,
 the dropped inputs of the gate/up adapters (``x`` itself without dropout), ``m[:, S]`` with dropout on the down
 adapter, and ``x`` only when a base weight needs a gradient.
 
@@ -57,63 +58,72 @@ class LoRA(NamedTuple):
     dropout: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 
-def _adapted(x: torch.Tensor, w: torch.Tensor, xd: Optional[torch.Tensor], a: Optional[torch.Tensor],
-             b: Optional[torch.Tensor], s: float) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``(x W^T + s (xd A^T) B^T, xd A^T)`` as PEFT computes it: the adapter in its own dtype, the sum cast back."""
-    out = torch.mm(x, w.t())                                           # [T, out]
+def _adapted_t(x: torch.Tensor, w: torch.Tensor, xd: Optional[torch.Tensor], a: Optional[torch.Tensor],
+               b: Optional[torch.Tensor], s: float) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``((x W^T + s (xd A^T) B^T)^T, xd A^T)``: the adapted projection neuron-major ``[out, T]`` and the adapter's
+    ``[T, r]`` activation, as PEFT computes them (the adapter in its own dtype, the sum cast back)."""
+    out = torch.mm(w, x.t())                                           # [out, T]
     if a is None:
         return out, None
     z = torch.mm(xd, a.t())                                            # [T, r]
-    return (out + torch.mm(z, b.t()) * s).to(out.dtype), z
+    return (out + torch.mm(b, z.t()) * s).to(out.dtype), z
 
 
 def _adapter_bwd(dout_s: torch.Tensor, xd: torch.Tensor, a: torch.Tensor, b: torch.Tensor, z: torch.Tensor,
                  s: float, idx: torch.Tensor, n: int, need_xd: bool, need_a: bool, need_b: bool):
-    """Gradients of the gate/up adapter from ``dout_s`` ``[T, k]`` (the kept outputs): ``(dxd, dA, dB)``."""
+    """Gradients of the gate/up adapter from ``dout_s`` ``[k, T]`` (the kept outputs, neuron-major):
+    ``(dxd, dA, dB)``."""
     dout = dout_s.to(b.dtype)
-    db = ops.scatter_rows(torch.mm(dout.t(), z) * s, idx, n) if need_b else None          # [n, r]
-    dz = torch.mm(dout, ops.gather_rows(b, idx)) * s                                        # [T, r]
+    db = ops.scatter_rows(torch.mm(dout, z) * s, idx, n) if need_b else None                # [n, r]
+    dz = torch.mm(dout.t(), ops.gather_rows(b, idx)) * s                                    # [T, r]
     da = torch.mm(dz.t(), xd) if need_a else None                                           # [r, h]
     dxd = torch.mm(dz, a) if need_xd else None                                              # [T, h]
     return dxd, da, db
 
 
+# The tensor inputs of SATLoRAMLPFunction, in order; gradients are routed by these names.
+_INPUTS = ("x", "xg", "xu", "w_gate", "w_up", "w_down", "a_g", "b_g", "a_u", "b_u", "a_d", "b_d")
+
+
 class SATLoRAMLPFunction(torch.autograd.Function):
     """Autograd op of the SAT MLP with LoRA adapters on 2-D ``x`` (see the module docstring).
 
+    Inputs: the tensors named in ``_INPUTS``, then ``scaling``, ``noise``, ``select``, ``act``, ``forward``.
     ``xg``/``xu``: the dropped inputs of the gate/up adapters (``None`` without an adapter); ``a_*``/``b_*``: the
     adapter weights or ``None``; ``noise``: ``None`` or a callable returning the down adapter's dropout scale for a
-    shape (drawn like PEFT's dropout module); ``select``: ``select(a [T, I]) -> idx [k]``.
+    shape (drawn like PEFT's dropout module, over ``[T, I]``); ``select``: a
+    :class:`~sat_kernels.ops.selector.Selector` of the neuron-major ``A^T`` ``[I, T]``.
     """
 
     @staticmethod
     def forward(ctx, x, xg, xu, w_gate, w_up, w_down, a_g, b_g, a_u, b_u, a_d, b_d, scaling, noise, select,
                 act: str, forward: str):
-        dense_forward = forward == "dense"
         s_g, s_u, s_d = scaling
-        g, z_g = _adapted(x, w_gate, xg, a_g, b_g, s_g)                # [T, I], [T, r]
-        u, z_u = _adapted(x, w_up, xu, a_u, b_u, s_u)                  # [T, I], [T, r]
-        a = act_fwd(g, act).mul_(u)                                    # [T, I]
+        g, z_g = _adapted_t(x, w_gate, xg, a_g, b_g, s_g)              # [I, T], [T, r]
+        u, z_u = _adapted_t(x, w_up, xu, a_u, b_u, s_u)                # [I, T], [T, r]
+        a = act_fwd(g, act).mul_(u)                                    # [I, T]
         idx = select(a).indices                                        # [k]
-        g_s, u_s = ops.gather_cols(g, idx), ops.gather_cols(u, idx)    # [T, k]
+        g_s, u_s, a_s = ops.gather_rows(g, idx), ops.gather_rows(u, idx), ops.gather_rows(a, idx)   # [k, T]
         del g, u
-        a_s = ops.gather_cols(a, idx)                                  # [T, k]
-        y = torch.mm(a, w_down.t()) if dense_forward else torch.mm(a_s, ops.gather_cols(w_down, idx).t())  # [T, h]
+        if forward == "dense":
+            y = torch.mm(a.t(), w_down.t())                            # [T, h]
+        else:
+            y = torch.mm(a_s.t(), ops.gather_cols(w_down, idx).t())   # [T, h]
         m_s = z_d = None
         if a_d is not None:
-            m = noise(a.shape, a.device) if noise is not None else None                 # [T, I]
-            if dense_forward:
-                d = a if m is None else a * m                                            # [T, I]
-                z_d = torch.mm(d.to(a_d.dtype), a_d.t())                                 # [T, r]
+            m = noise(a.t().shape, a.device) if noise is not None else None             # [T, I], PEFT's layout
             if m is not None:
-                m_s = ops.gather_cols(m, idx)                                            # [T, k]
-            if not dense_forward:
-                d_s = a_s if m_s is None else a_s * m_s                                  # [T, k]
-                z_d = torch.mm(d_s.to(a_d.dtype), ops.gather_cols(a_d, idx).t())         # [T, r]
+                m_s = ops.gather_cols(m, idx).t()                                        # [k, T]
+            if forward == "dense":
+                d = a if m is None else a * m.t()                                        # [I, T]
+                z_d = torch.mm(d.t().to(a_d.dtype), a_d.t())                             # [T, r]
+            else:
+                d_s = a_s if m_s is None else a_s * m_s                                  # [k, T]
+                z_d = torch.mm(d_s.t().to(a_d.dtype), ops.gather_cols(a_d, idx).t())     # [T, r]
             y = (y + torch.mm(z_d, b_d.t()) * s_d).to(y.dtype)
-        need = ctx.needs_input_grad
-        ctx.save_for_backward(x if need[3] or need[4] else None, xg if need[6] else None,
-                              xu if need[8] else None, w_gate, w_up, w_down, a_g, b_g, a_u, b_u, a_d, b_d, idx,
+        need = dict(zip(_INPUTS, ctx.needs_input_grad))
+        ctx.save_for_backward(x if need["w_gate"] or need["w_up"] else None, xg if need["a_g"] else None,
+                              xu if need["a_u"] else None, w_gate, w_up, w_down, a_g, b_g, a_u, b_u, a_d, b_d, idx,
                               g_s, u_s, m_s, z_g, z_u, z_d)
         ctx.scaling, ctx.act = scaling, act
         ctx.mark_non_differentiable(idx)
@@ -124,39 +134,39 @@ class SATLoRAMLPFunction(torch.autograd.Function):
         (x, xg, xu, w_gate, w_up, w_down, a_g, b_g, a_u, b_u, a_d, b_d, idx, g_s, u_s, m_s, z_g, z_u,
          z_d) = ctx.saved_tensors
         s_g, s_u, s_d = ctx.scaling
-        act, need = ctx.act, ctx.needs_input_grad
+        act, need = ctx.act, dict(zip(_INPUTS, ctx.needs_input_grad))
         inter = w_gate.shape[0]
         dy = dy.contiguous()
-        da_s = torch.mm(dy, ops.gather_cols(w_down, idx))              # [T, k]
-        act_g = act_fwd(g_s, act)                                      # [T, k]
-        a_s = act_g * u_s                                              # [T, k]
-        dwd = ops.scatter_cols(torch.mm(dy.t(), a_s), idx, inter) if need[5] else None   # [h, I]
-        da_d = db_d = None
+        grads = {}                                                     # input name -> gradient
+        da_s = torch.mm(ops.gather_cols(w_down, idx).t(), dy.t())     # [k, T]
+        act_g = act_fwd(g_s, act)                                      # [k, T]
+        a_s = act_g * u_s                                              # [k, T]
+        if need["w_down"]:
+            grads["w_down"] = ops.scatter_cols(torch.mm(dy.t(), a_s.t()), idx, inter)                 # [h, I]
         if a_d is not None:
             dyl = dy.to(b_d.dtype)
-            db_d = torch.mm(dyl.t(), z_d) * s_d if need[11] else None                    # [h, r]
-            dz_d = torch.mm(dyl, b_d) * s_d                                               # [T, r]
-            if need[10]:
-                d_s = a_s if m_s is None else a_s * m_s                                   # [T, k]
-                da_d = ops.scatter_cols(torch.mm(dz_d.t(), d_s.to(a_d.dtype)), idx, inter)   # [r, I]
-            dd_s = torch.mm(dz_d, ops.gather_cols(a_d, idx))                              # [T, k]
+            if need["b_d"]:
+                grads["b_d"] = torch.mm(dyl.t(), z_d) * s_d                                           # [h, r]
+            dz_d = torch.mm(dyl, b_d) * s_d                                                            # [T, r]
+            if need["a_d"]:
+                d_s = a_s if m_s is None else a_s * m_s                                                # [k, T]
+                grads["a_d"] = ops.scatter_cols(torch.mm(dz_d.t(), d_s.t().to(a_d.dtype)), idx, inter)  # [r, I]
+            dd_s = torch.mm(ops.gather_cols(a_d, idx).t(), dz_d.t())                                   # [k, T]
             da_s += (dd_s if m_s is None else dd_s * m_s).to(da_s.dtype)
-        dg_s = act_bwd(da_s * u_s, g_s, act)                           # [T, k]
-        du_s = da_s.mul_(act_g)                                        # [T, k]
-        dx = dwg = dwu = dxg = dxu = da_g = db_g = da_u = db_u = None
-        if need[0]:
-            dx = torch.mm(dg_s, ops.gather_rows(w_gate, idx))          # [T, h]
-            dx.addmm_(du_s, ops.gather_rows(w_up, idx))
-        if need[3]:
-            dwg = ops.scatter_rows(torch.mm(dg_s.t(), x), idx, inter)  # [I, h]
-        if need[4]:
-            dwu = ops.scatter_rows(torch.mm(du_s.t(), x), idx, inter)  # [I, h]
-        if a_g is not None:
-            dxg, da_g, db_g = _adapter_bwd(dg_s, xg, a_g, b_g, z_g, s_g, idx, inter, need[1], need[6], need[7])
-        if a_u is not None:
-            dxu, da_u, db_u = _adapter_bwd(du_s, xu, a_u, b_u, z_u, s_u, idx, inter, need[2], need[8], need[9])
-        return (dx, dxg, dxu, dwg, dwu, dwd, da_g, db_g, da_u, db_u, da_d, db_d,
-                None, None, None, None, None)
+        dg_s = act_bwd(da_s * u_s, g_s, act)                           # [k, T]
+        du_s = da_s.mul_(act_g)                                        # [k, T]
+        if need["x"]:
+            grads["x"] = torch.mm(dg_s.t(), ops.gather_rows(w_gate, idx))                             # [T, h]
+            grads["x"].addmm_(du_s.t(), ops.gather_rows(w_up, idx))
+        if need["w_gate"]:
+            grads["w_gate"] = ops.scatter_rows(torch.mm(dg_s, x), idx, inter)                         # [I, h]
+        if need["w_up"]:
+            grads["w_up"] = ops.scatter_rows(torch.mm(du_s, x), idx, inter)                           # [I, h]
+        for p, dout, xd, a_p, b_p, z, s in (("g", dg_s, xg, a_g, b_g, z_g, s_g), ("u", du_s, xu, a_u, b_u, z_u, s_u)):
+            if a_p is not None:
+                grads[f"x{p}"], grads[f"a_{p}"], grads[f"b_{p}"] = _adapter_bwd(
+                    dout, xd, a_p, b_p, z, s, idx, inter, need[f"x{p}"], need[f"a_{p}"], need[f"b_{p}"])
+        return tuple(grads.get(name) for name in _INPUTS) + (None,) * 5   # scaling, noise, select, act, forward
 
 
 def _operand(term: Optional[LoRA], field: str):
