@@ -14,7 +14,6 @@ import gc
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ import sat_kernels as sk
 
 from ..selection import DEFAULT_FORWARD
 from .data import IGNORE_INDEX, collate
+from .step_log import make_step_log, synchronize
 
 SCHEDULERS = ("ladder", "constant", "linear")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -230,70 +230,6 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _make_callbacks(result: RunResult, device, total_steps: int, rate_of, attn_rate_of, progress: bool,
-                    kept_of=None):
-    from tqdm.auto import tqdm
-    from transformers import TrainerCallback
-
-    verbose = is_main_process()   # every process records; rank 0 prints
-
-    class StepLog(TrainerCallback):
-        """Times each optimizer step, records loss / tokens/s / omission rate, drives the progress bar."""
-
-        def __init__(self):
-            self.bar = None
-            self.t0 = 0.0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.bar = tqdm(total=total_steps, desc=result.name, disable=not (progress and verbose), file=sys.stderr,
-                            dynamic_ncols=True, leave=False)
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            synchronize(device)
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            synchronize(device)
-            result.step_seconds.append(time.perf_counter() - self.t0)
-            result.omission_rates.append(rate_of())
-            if attn_rate_of is not None:
-                result.attn_omission_rates.append(attn_rate_of())
-            if kept_of is not None:
-                result.layer_kept.append(kept_of())
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "loss" not in logs or len(result.losses) >= len(result.step_seconds):
-                return
-            step = len(result.losses)
-            result.losses.append(float(logs["loss"]))
-            result.grad_norms.append(float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None)
-            tok_s = result.step_tokens[step] / result.step_seconds[step]
-            line = (f"[{result.name}] step {step + 1}/{total_steps}  loss {result.losses[-1]:.4f}  "
-                    f"tokens/s {tok_s:.0f}  omission {result.omission_rates[step]:.2f}")
-            if result.attn_omission_rates:
-                line += f"  attention omission {result.attn_omission_rates[step]:.2f}"
-            if not verbose:
-                return
-            if progress:
-                self.bar.set_postfix_str(f"loss {result.losses[-1]:.3f} tok/s {tok_s:.0f} "
-                                         f"r {result.omission_rates[step]:.2f}")
-                self.bar.update(1)
-                self.bar.write(line, file=sys.stdout)
-            else:
-                print(line, flush=True)
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if self.bar is not None:
-                self.bar.close()
-
-    return StepLog()
-
-
 @torch.no_grad()
 def evaluate(model, examples: Sequence[Dict], pad_id: int, *, batch_size: int = 8,
              device: Optional[torch.device] = None, autocast_dtype=None) -> float:
@@ -317,6 +253,39 @@ def evaluate(model, examples: Sequence[Dict], pad_id: int, *, batch_size: int = 
     if count == 0:
         raise ValueError("evaluate: the examples have no labelled tokens")
     return total / count
+
+
+def _schedule_callbacks(cfg: TrainConfig, sat: bool):
+    """``(callbacks, rate_of, attn_rate_of, kept_of)`` of a run: the :class:`sat_kernels.SATCallback` driving the SAT
+    run's schedules (none for dense), and what the step log reads each step: the MLP and attention omission rates
+    (``attn_rate_of`` ``None`` when attention is not patched) and the per-layer kept counts (``None`` without a
+    per-layer budget)."""
+    if not sat:
+        return [], (lambda: 0.0), (lambda: 0.0) if cfg.attn_omission_rate is not None else None, None
+
+    def schedule(rate):
+        return make_scheduler(cfg.scheduler, rate, num_rungs=cfg.num_rungs, dense_fraction=cfg.dense_fraction)
+
+    attn = cfg.attn_omission_rate   # MLP and attention follow schedules of the same type from their own rates
+    callback = sk.SATCallback(mlp=schedule(cfg.omission_rate), attention=schedule(attn) if attn is not None else None,
+                              skip_omitted_updates=cfg.skip_omitted_updates, per_layer_budget=cfg.per_layer_budget)
+    attn_rate_of = (lambda: callback.current_attn_rate) if attn is not None else None
+    # the budget of the MLP modules exists once training has begun
+    kept_of = (lambda: list(callback.budgets["mlp"].kept().values())) if cfg.per_layer_budget else None
+    return [callback], (lambda: callback.current_rate), attn_rate_of, kept_of
+
+
+def _training_arguments(training_arguments, cfg: TrainConfig, output_dir: str, device: torch.device, autocast_dtype):
+    """The Trainer settings of both runs: AdamW without weight decay, linear schedule, a log line every step, no
+    checkpoints, the examples in the given order (no shuffling workers)."""
+    return training_arguments(
+        output_dir=output_dir, max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps, lr_scheduler_type="linear", weight_decay=0.0,
+        optim="adamw_torch", logging_steps=1, save_strategy="no", report_to=[], seed=cfg.seed,
+        use_cpu=device.type != "cuda", bf16=autocast_dtype is torch.bfloat16, disable_tqdm=True,
+        remove_unused_columns=False, dataloader_num_workers=0, dataloader_drop_last=False,
+        # SAT gives every weight a gradient (zero rows for omitted neurons): no unused parameters to search for
+        ddp_find_unused_parameters=False)
 
 
 def train_run(pristine, train_examples: Sequence[Dict], eval_examples: Sequence[Dict], cfg: TrainConfig, *,
@@ -343,27 +312,9 @@ def train_run(pristine, train_examples: Sequence[Dict], eval_examples: Sequence[
                           for s in range(cfg.steps)]
     set_seed(cfg.seed)
     model = make_model(pristine, cfg, sat=sat, device=device)
-    callbacks = []
-    rate_of, attn_rate_of = (lambda: 0.0), None
-    if sat:
-        def schedule(rate):
-            return make_scheduler(cfg.scheduler, rate, num_rungs=cfg.num_rungs, dense_fraction=cfg.dense_fraction)
-
-        attn = cfg.attn_omission_rate   # MLP and attention follow schedules of the same type from their own rates
-        sat_callback = sk.SATCallback(mlp=schedule(cfg.omission_rate),
-                                      attention=schedule(attn) if attn is not None else None,
-                                      skip_omitted_updates=cfg.skip_omitted_updates,
-                                      per_layer_budget=cfg.per_layer_budget)
-        callbacks.append(sat_callback)
-        rate_of = lambda: sat_callback.current_rate  # noqa: E731
-        if cfg.attn_omission_rate is not None:
-            attn_rate_of = lambda: sat_callback.current_attn_rate  # noqa: E731
-    elif cfg.attn_omission_rate is not None:
-        attn_rate_of = lambda: 0.0  # noqa: E731
-    kept_of = None
-    if sat and cfg.per_layer_budget:   # the budget of the MLP modules exists once training has begun
-        kept_of = lambda: list(sat_callback.budgets["mlp"].kept().values())  # noqa: E731
-    callbacks.append(_make_callbacks(result, device, cfg.steps, rate_of, attn_rate_of, progress, kept_of))
+    callbacks, rate_of, attn_rate_of, kept_of = _schedule_callbacks(cfg, sat)
+    callbacks.append(make_step_log(result, device, cfg.steps, rate_of, attn_rate_of, kept_of, progress=progress,
+                                   verbose=is_main_process()))
 
     class OrderedTrainer(Trainer):
         """Takes the examples in the given order (the same for dense and SAT)."""
@@ -372,14 +323,7 @@ def train_run(pristine, train_examples: Sequence[Dict], eval_examples: Sequence[
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
     with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(
-            output_dir=tmp, max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
-            learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps, lr_scheduler_type="linear", weight_decay=0.0,
-            optim="adamw_torch", logging_steps=1, save_strategy="no", report_to=[], seed=cfg.seed,
-            use_cpu=device.type != "cuda", bf16=autocast_dtype is torch.bfloat16, disable_tqdm=True,
-            remove_unused_columns=False, dataloader_num_workers=0, dataloader_drop_last=False,
-            # SAT gives every weight a gradient (zero rows for omitted neurons): no unused parameters to search for
-            ddp_find_unused_parameters=False)
+        args = _training_arguments(TrainingArguments, cfg, tmp, device, autocast_dtype)
         trainer = OrderedTrainer(model=model, args=args, train_dataset=_ExamplesDataset(list(train_examples)),
                                  data_collator=lambda batch: collate(batch, pad_id), callbacks=callbacks)
         trainer.remove_callback(PrinterCallback)

@@ -4,6 +4,7 @@ of an omission schedule computed from them (``sat-train --compare`` after traini
 from __future__ import annotations
 
 import gc
+from functools import partial
 from typing import Dict, Sequence
 
 import torch
@@ -12,6 +13,21 @@ import sat_kernels as sk
 
 from .data import collate
 from .runner import TrainConfig, make_model, resolve_device_precision, synchronize
+
+
+def _training_step(model, opt, *, batch: Dict, device: torch.device, autocast_dtype, rates=None):
+    """One full training step of ``model`` on ``batch`` (at the SAT ``rates`` ``(mlp, attention)`` when given), as a
+    function to time."""
+    def run():
+        if rates is not None:
+            sk.set_omission_rate(model, mlp=rates[0], attention=rates[1])
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        synchronize(device)
+    return run
 
 
 def interleaved_step_times(pristine, batch_examples: Sequence[Dict], cfg: TrainConfig, *, pad_id: int,
@@ -44,24 +60,11 @@ def interleaved_step_times(pristine, batch_examples: Sequence[Dict], cfg: TrainC
         optimizers[name] = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
     if cfg.skip_omitted_updates:   # the SAT run's lazy optimizer steps, at their cost
         sk.skip_omitted_updates(models["SAT"], optimizers["SAT"])
-
-    def step(name, rates=None):
-        def run():
-            model, opt = models[name], optimizers[name]
-            if rates is not None:
-                sk.set_omission_rate(model, mlp=rates[0], attention=rates[1])
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss = model(**batch).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            synchronize(device)
-        return run
-
     visited = sorted(set(schedule), key=lambda r: (-r[0], -(r[1] or 0.0)))
     label = lambda r: f"SAT {r[0]:g}" + (f" / attention {r[1]:g}" if r[1] is not None else "")  # noqa: E731
-    fns = {"dense": step("dense")}
-    fns.update({label(r): step("SAT", r) for r in visited})
+    step = partial(_training_step, batch=batch, device=device, autocast_dtype=autocast_dtype)
+    fns = {"dense": step(models["dense"], optimizers["dense"])}
+    fns.update({label(r): step(models["SAT"], optimizers["SAT"], rates=r) for r in visited})
     if device.type == "cuda":
         stats, _ = bench(fns, device, repeats)
     else:
@@ -69,12 +72,12 @@ def interleaved_step_times(pristine, batch_examples: Sequence[Dict], cfg: TrainC
         stats, _ = bench_cpu_interleaved(fns, repeats, warmup=1, order=order, clock=clock)
     ms = {name: stats[name][0] for name in fns}
     sat_total = sum(ms[label(r)] for r in schedule)
-    del models, optimizers
+    del models, optimizers, fns   # free the copies (the timed closures hold them) before the caller goes on
     gc.collect()
     # SAT at rate 0 runs exactly the dense computation: its ratio to dense is the measurement's own error
     zero = [label(r) for r in visited if r[0] == 0.0 and not r[1]]
     return {"batch_sequences": len(batch_examples), "batch_tokens": int(batch["attention_mask"].sum()),
             "repeats": repeats, "clock": clock if device.type == "cpu" else "cuda", "step_ms": ms,
-            "step_ms_p20_p80": {name: [stats[name][1], stats[name][2]] for name in fns},
+            "step_ms_p20_p80": {name: [stats[name][1], stats[name][2]] for name in ms},
             "speedup_schedule": len(schedule) * ms["dense"] / sat_total,
             "control_dense_over_sat_rate0": ms["dense"] / ms[zero[0]] if zero else None}
