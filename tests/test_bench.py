@@ -87,6 +87,28 @@ def test_train_step_bench(tmp_path, capsys, monkeypatch):
     assert all(r["tokens_per_s"] > 0 and 0 <= r["mlp_share"] for r in rows)
 
 
+def test_train_step_bench_bf16_autocast_and_ladder(monkeypatch):
+    """bf16 autocast on fp32 weights; the ladder row is the schedule's share-weighted mean step; the ceiling of the
+    exact forward is the one of (6 + 12 rho) / 18."""
+    from sat_kernels.bench import train_step
+
+    monkeypatch.setitem(train_step.CONFIGS, "tiny", dict(vocab_size=64, hidden_size=32, intermediate_size=96,
+                                                         num_hidden_layers=2, num_attention_heads=4,
+                                                         num_key_value_heads=2))
+    rows = train_step.run_train_step("tiny", batch=2, seq=16, steps=2, rate=0.5, dtype=torch.float32,
+                                     device=torch.device("cpu"), repeats=1, backend="torch",
+                                     autocast_dtype=torch.bfloat16, forward="dense", ladder=True)
+    assert [r["run"] for r in rows] == ["dense", "sat", "sat-ladder"]
+    assert all(r["autocast"] == "bfloat16" and r["dtype"] == "float32" for r in rows)
+    dense, sat, ladder = rows
+    limit = (6 + 12 * 0.5) / 18
+    assert sat["mlp_only_ceiling"] == pytest.approx(dense["step_ms"] / (dense["step_ms"] - dense["mlp_ms"] * (1 - limit)))
+    assert sat["of_ceiling"] == pytest.approx(sat["speedup"] / sat["mlp_only_ceiling"])
+    shares = train_step.ladder_fractions(0.5)
+    assert set(shares) == {0.5, 0.25, 0.0} and sum(shares.values()) == pytest.approx(1.0)
+    assert ladder["step_ms"] == pytest.approx(sum(v["share"] * v["step_ms"] for v in ladder["ladder"].values()))
+
+
 def test_flop_model_matches_design():
     T, h, inter = 10, 4, 100
     assert flops("torch", "full", T, h, inter, 50) / flops("dense", "full", T, h, inter, 50) == pytest.approx(11 / 18)

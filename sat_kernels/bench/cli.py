@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..backends import BACKENDS
+from ..selection import DEFAULT_FORWARD, FORWARD_MODES
 from .mlp import MODES, SHAPES, available_providers, run_shape
 from .timing import CLOCKS
 from .plot import plot_file
@@ -25,11 +26,11 @@ from .train_step import CONFIGS, run_train_step
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MLP_COLUMNS = ["shape", "T", "omission_rate", "provider", "mode", "median_ms", "p20_ms", "p80_ms", "ratio_to_dense",
                "flop_limit", "vs_limit", "tflops", "saved_bytes", "select_share"]
-STEP_COLUMNS = ["config", "run", "backend", "omission_rate", "batch", "seq", "step_ms", "tokens_per_s", "mlp_share",
-                "attention_share", "speedup", "mlp_only_ceiling"]
+STEP_COLUMNS = ["config", "run", "backend", "omission_rate", "forward", "dtype", "autocast", "batch", "seq", "step_ms",
+                "tokens_per_s", "mlp_share", "attention_share", "speedup", "mlp_only_ceiling", "of_ceiling"]
 FORMATS = {"median_ms": ".2f", "p20_ms": ".2f", "p80_ms": ".2f", "ratio_to_dense": ".3f", "flop_limit": ".3f",
            "vs_limit": ".3f", "tflops": ".3f", "select_share": ".3%", "step_ms": ".1f", "tokens_per_s": ".0f",
-           "mlp_share": ".1%", "attention_share": ".1%", "speedup": ".3f", "mlp_only_ceiling": ".3f"}
+           "mlp_share": ".1%", "attention_share": ".1%", "speedup": ".3f", "mlp_only_ceiling": ".3f", "of_ceiling": ".3f"}
 
 
 def _progress(items, desc):
@@ -92,15 +93,18 @@ def cmd_mlp(args) -> int:
 
 def cmd_train_step(args) -> int:
     device = _device(args.device)
-    dtype = DTYPES[args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
+    autocast = DTYPES[args.autocast] if args.autocast else None
+    dtype = DTYPES[args.dtype or ("fp32" if device.type == "cpu" or autocast else "bf16")]
     config = args.config or ("smollm2-135m" if device.type == "cpu" else "llama2-7b-4l")
     batch = args.batch or (2 if device.type == "cpu" else 4)
     seq = args.seq or (256 if device.type == "cpu" else 2048)
     env = environment(device)
     rows = [{**env, **r} for r in run_train_step(config, batch=batch, seq=seq, steps=args.steps, rate=args.rate,
                                                  attention_rate=args.attention_rate, dtype=dtype, device=device,
-                                                 backend=args.backend)]
-    print(f"\n# training step, {env['device']}, {dtype}, torch {env['torch']}, git {env['git']}")
+                                                 backend=args.backend, autocast_dtype=autocast,
+                                                 forward=args.forward, ladder=args.ladder)]
+    print(f"\n# training step, {env['device']}, bf16 ISA {env.get('cpu_bf16', '-')}, {dtype}"
+          f"{f' under {autocast} autocast' if autocast else ''}, torch {env['torch']}, git {env['git']}")
     print(markdown_table(rows, STEP_COLUMNS, FORMATS))
     if not args.no_save:
         path = append_jsonl(Path(args.results_dir) / "train_step.jsonl", rows)
@@ -152,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--attention-rate", type=float, default=None)
     t.add_argument("--dtype", choices=list(DTYPES))
     t.add_argument("--backend", default="auto", choices=list(BACKENDS), help="the SAT MLP's backend")
+    t.add_argument("--autocast", choices=["bf16", "fp16"], default=None,
+                   help="run the forward under torch.autocast with this dtype (fp32 weights unless --dtype)")
+    t.add_argument("--forward", choices=FORWARD_MODES, default=DEFAULT_FORWARD, help="the SAT modules' forward mode")
+    t.add_argument("--ladder", action="store_true",
+                   help="also time every rate of the default ladder from --rate and report the schedule's mean step")
     pl = sub.add_parser("plot", help="PNGs from benchmarks/results/mlp.jsonl")
     pl.add_argument("--out-dir")
     return p

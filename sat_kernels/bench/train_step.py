@@ -1,19 +1,22 @@
 """Training-step benchmark: tokens/s of forward + backward + AdamW step of a random-weight Llama, dense vs SAT,
 timed in alternating steps (dense, SAT, dense, ...).
 
-The step time is split into MLP / attention / the rest so the Amdahl ceiling of MLP (and attention) omission is
-visible. The split is measured by timing layer 0's MLP and attention modules forward+backward in isolation, at the
+The step time is split into MLP / attention / the rest so the Amdahl ceiling of MLP omission is visible. Weights in
+fp32 or bf16, optionally under ``torch.autocast`` (bf16 autocast on fp32 weights: how mixed-precision training runs). The split is measured by timing layer 0's MLP and attention modules forward+backward in isolation, at the
 step's activation shape and in the same mode (dense or SAT), times the number of layers; "rest" is the step time
 minus both (embeddings, norms, LM head, loss, optimizer).
 """
 from __future__ import annotations
 
+import contextlib
+import statistics
 import time
 from typing import Dict, List, Optional
 
 import torch
 
 import sat_kernels as sk
+from sat_kernels.selection import DEFAULT_FORWARD
 
 from .timing import bench
 
@@ -41,7 +44,13 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _module_ms(model, batch: int, seq: int, device, dtype, repeats: int) -> Dict[str, float]:
+def _autocast(device, autocast_dtype):
+    if autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=autocast_dtype)
+
+
+def _module_ms(model, batch: int, seq: int, device, dtype, repeats: int, autocast_dtype=None) -> Dict[str, float]:
     """fwd+bwd time of one layer's MLP and attention at the step's shape, in the model's current mode."""
     layer = model.model.layers[0]
     h = model.config.hidden_size
@@ -52,65 +61,110 @@ def _module_ms(model, batch: int, seq: int, device, dtype, repeats: int) -> Dict
 
     def mlp():
         x.grad = None
-        layer.mlp(x).backward(dy)
+        with _autocast(device, autocast_dtype):
+            y = layer.mlp(x)
+        y.backward(dy.to(y.dtype))
 
     def attn():
         x.grad = None
-        layer.self_attn(hidden_states=x, position_embeddings=cos_sin, attention_mask=None)[0].backward(dy)
+        with _autocast(device, autocast_dtype):
+            y = layer.self_attn(hidden_states=x, position_embeddings=cos_sin, attention_mask=None)[0]
+        y.backward(dy.to(y.dtype))
 
     stats, _ = bench({"mlp": mlp, "attention": attn}, device, repeats)
     return {name: stats[name][0] for name in stats}
 
 
-def run_train_step(config_name: str, *, batch: int, seq: int, steps: int, rate: float, dtype, device,
-                   attention_rate: Optional[float] = None, repeats: int = 5, backend: str = "auto") -> List[Dict]:
-    """Dense and SAT: ``steps`` timed optimizer steps each (after 2 warm-up steps), interleaved (dense, SAT, dense,
-    SAT, ...) so both see the same machine state; one row per run, step time = median. ``backend``: the SAT MLP's
-    (``replace_mlp(backend=...)``)."""
-    runs = [("dense", None)] + ([("sat", rate)] if rate > 0 else [])
-    models, optimizers, times = {}, {}, {}
-    for name, run_rate in runs:
-        model = _model(config_name, seq, dtype, device)
-        if run_rate is not None:
-            sk.replace_mlp(model, run_rate, backend=backend)
-            if attention_rate:
-                sk.replace_attention(model, attention_rate)
-        models[name], times[name] = model, []
-        optimizers[name] = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
-    gen = torch.Generator(device=device).manual_seed(0)
-    ids = torch.randint(0, models["dense"].config.vocab_size, (batch, seq), generator=gen, device=device)
+def ladder_fractions(rate: float) -> Dict[float, float]:
+    """The share of the steps of :class:`sat_kernels.LadderOmissionScheduler` ``(initial_rate=rate)`` at each of its
+    rates (rate 0 included), from its schedule over 10000 steps."""
+    sched = sk.LadderOmissionScheduler(initial_rate=rate, total_steps=10000)
+    counts: Dict[float, int] = {}
+    for step in range(10000):
+        r = sched.rate(step)
+        counts[r] = counts.get(r, 0) + 1
+    return {r: c / 10000 for r, c in counts.items()}
+
+
+def mlp_limit(rho: float, forward: str) -> float:
+    """SAT/dense FLOPs of the MLP (docs/design.md section 5)."""
+    return (4 + 14 * rho) / 18 if forward == "sparse" else (6 + 12 * rho) / 18
+
+
+def _time_steps(models, optimizers, ids, steps, device, autocast_dtype, order):
+    """``{run: [seconds]}``: ``steps`` optimizer steps per run after 2 warm-ups, the runs of ``order`` in turn (an
+    entry is ``(run, model name, rate)``: the model is set to that rate first), the order reversed every step."""
+    times = {run: [] for run, _, _ in order}
     for i in range(steps + 2):
-        for name, _ in runs:
+        for run, name, rate in (order if i % 2 == 0 else order[::-1]):
             model, opt = models[name], optimizers[name]
+            if rate is not None:
+                sk.set_omission_rate(model, rate)
             _sync(device)
             t0 = time.perf_counter()
-            loss = model(input_ids=ids, labels=ids).loss
+            with _autocast(device, autocast_dtype):
+                loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             _sync(device)
             if i >= 2:
-                times[name].append(time.perf_counter() - t0)
+                times[run].append(time.perf_counter() - t0)
+    return times
+
+
+def run_train_step(config_name: str, *, batch: int, seq: int, steps: int, rate: float, dtype, device,
+                   attention_rate: Optional[float] = None, repeats: int = 5, backend: str = "auto",
+                   autocast_dtype=None, forward: str = DEFAULT_FORWARD, ladder: bool = False) -> List[Dict]:
+    """Dense and SAT (MLP omission ``rate``, with ``ladder`` also every rate of the default ladder from ``rate``):
+    ``steps`` timed optimizer steps each after 2 warm-ups, interleaved so all see the same machine state; one row
+    per run, step time = median. ``dtype``: the weights' dtype; ``autocast_dtype``: run the forward under
+    ``torch.autocast`` with it (fp32 weights, e.g. bf16 autocast); ``backend``, ``forward``: the SAT MLP's.
+
+    The SAT row at ``rate`` gets ``speedup`` (dense step / SAT step), ``mlp_only_ceiling`` (Amdahl: the speedup if
+    the MLP share of the dense step ran at SAT's FLOP limit and the rest did not change) and ``of_ceiling``
+    (``speedup / mlp_only_ceiling``); the ladder row gets the speedup of the schedule's mean step.
+    """
+    models = {name: _model(config_name, seq, dtype, device) for name in ("dense", "sat")}
+    sk.replace_mlp(models["sat"], rate, backend=backend, forward=forward)
+    if attention_rate:
+        sk.replace_attention(models["sat"], attention_rate, forward=forward)
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-5, foreach=True) for name, m in models.items()}
+    fractions = ladder_fractions(rate) if ladder else {}
+    order = [("dense", "dense", None), ("sat", "sat", rate)]
+    order += [(f"sat@{r:g}", "sat", r) for r in fractions if r != rate]
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, models["dense"].config.vocab_size, (batch, seq), generator=gen, device=device)
+    times = _time_steps(models, optimizers, ids, steps, device, autocast_dtype, order)
     del optimizers
+    median_ms = {run: 1e3 * statistics.median(t) for run, t in times.items()}
+    inter, layers = CONFIGS[config_name]["intermediate_size"], CONFIGS[config_name]["num_hidden_layers"]
+    common = {"config": config_name, "batch": batch, "seq": seq, "dtype": str(dtype).replace("torch.", ""),
+              "autocast": str(autocast_dtype).replace("torch.", "") if autocast_dtype else "none",
+              "forward": forward, "interleaved": True}
     rows = []
-    for name, run_rate in runs:
-        model = models.pop(name)
-        step_ms = 1e3 * sorted(times[name])[len(times[name]) // 2]
-        parts = _module_ms(model, batch, seq, device, dtype, repeats)
-        layers = model.config.num_hidden_layers
+    for name, run_rate in (("dense", 0.0), ("sat", rate)):
+        model = models[name]
+        if name == "sat":
+            sk.set_omission_rate(model, rate)
+        parts = _module_ms(model, batch, seq, device, dtype, repeats, autocast_dtype)
+        step_ms = median_ms[name]
         mlp_ms, attn_ms = parts["mlp"] * layers, parts["attention"] * layers
-        rows.append({"config": config_name, "run": name, "backend": backend if name == "sat" else "dense",
-                     "omission_rate": run_rate or 0.0,
-                     "attention_omission_rate": (attention_rate or 0.0) if name == "sat" else 0.0,
-                     "batch": batch, "seq": seq, "dtype": str(dtype).replace("torch.", ""),
-                     "step_ms": step_ms, "tokens_per_s": batch * seq / (step_ms * 1e-3),
-                     "mlp_ms": mlp_ms, "attention_ms": attn_ms, "rest_ms": max(0.0, step_ms - mlp_ms - attn_ms),
-                     "mlp_share": mlp_ms / step_ms, "attention_share": attn_ms / step_ms, "interleaved": True})
-        del model
-    if len(rows) == 2:
-        rows[1]["speedup"] = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
-        # Amdahl: the step speedup if the MLP part alone ran at the FLOP limit of SAT (docs/design.md section 5).
-        rho = sk.num_kept(CONFIGS[config_name]["intermediate_size"], rate) / CONFIGS[config_name]["intermediate_size"]
-        dense = rows[0]
-        rows[1]["mlp_only_ceiling"] = dense["step_ms"] / (dense["step_ms"] - dense["mlp_ms"] * (1 - (4 + 14 * rho) / 18))
+        rows.append({**common, "run": name, "backend": backend if name == "sat" else "dense",
+                     "omission_rate": run_rate, "attention_omission_rate": (attention_rate or 0.0) * (name == "sat"),
+                     "step_ms": step_ms, "tokens_per_s": batch * seq / (step_ms * 1e-3), "mlp_ms": mlp_ms,
+                     "attention_ms": attn_ms, "rest_ms": max(0.0, step_ms - mlp_ms - attn_ms),
+                     "mlp_share": mlp_ms / step_ms, "attention_share": attn_ms / step_ms})
+    dense, sat = rows
+    sat["speedup"] = dense["step_ms"] / sat["step_ms"]
+    limit = mlp_limit(sk.num_kept(inter, rate) / inter, forward)
+    sat["mlp_only_ceiling"] = dense["step_ms"] / (dense["step_ms"] - dense["mlp_ms"] * (1 - limit))
+    sat["of_ceiling"] = sat["speedup"] / sat["mlp_only_ceiling"]
+    if ladder:
+        mean_ms = sum(f * (median_ms["sat"] if r == rate else median_ms[f"sat@{r:g}"]) for r, f in fractions.items())
+        rows.append({**common, "run": "sat-ladder", "backend": backend, "omission_rate": rate,
+                     "attention_omission_rate": attention_rate or 0.0, "step_ms": mean_ms,
+                     "tokens_per_s": batch * seq / (mean_ms * 1e-3), "speedup": dense["step_ms"] / mean_ms,
+                     "ladder": {f"{r:g}": {"share": f, "step_ms": median_ms["sat"] if r == rate
+                                           else median_ms[f"sat@{r:g}"]} for r, f in fractions.items()}})
     return rows
