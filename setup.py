@@ -6,7 +6,8 @@ from setuptools import find_packages, setup
 
 def _load_cuda_build():
     """csrc/build.py: the optional CUDA extension sat_kernels._C and its build_ext (variables: ENVs.md)."""
-    spec = importlib.util.spec_from_file_location("sat_kernels_cuda_build", Path(__file__).with_name("csrc") / "build.py")
+    path = Path(__file__).with_name("csrc") / "build.py"
+    spec = importlib.util.spec_from_file_location("sat_kernels_cuda_build", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -30,7 +31,8 @@ setup(
     entry_points={"console_scripts": ["sat-train=sat_kernels.train.cli:main", "sat-bench=sat_kernels.bench.cli:main"]},
     extras_require={
         "hf": ["transformers>=4.45", "accelerate>=0.34"],
-        "test": ["pytest>=7", "matplotlib>=3.7", "transformers>=4.45", "accelerate>=0.34", "peft>=0.13", "trl>=0.19", "triton>=3.0; platform_system == 'Linux'"],
+        "test": ["pytest>=7", "ruff>=0.5", "matplotlib>=3.7", "transformers>=4.45", "accelerate>=0.34", "peft>=0.13",
+                 "trl>=0.19", "triton>=3.0; platform_system == 'Linux'"],
         "train": ["transformers>=4.45", "accelerate>=0.34", "gguf>=0.10", "matplotlib>=3.7", "tqdm>=4.60"],
     },
 )

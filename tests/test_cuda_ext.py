@@ -411,7 +411,8 @@ def test_bad_parallelism_variable(monkeypatch, tmp_path):
 def test_benchmark_says_it_needs_a_gpu(capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: the benchmark would run")
-    spec = importlib.util.spec_from_file_location("cuda_selection_speed", ROOT / "benchmarks" / "cuda_selection_speed.py")
+    path = ROOT / "benchmarks" / "cuda_selection_speed.py"
+    spec = importlib.util.spec_from_file_location("cuda_selection_speed", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     assert bench.main(["--out", "unused.json"]) == 2

@@ -120,7 +120,8 @@ def test_callback_schedules_mlp_and_attention_separately(tmp_path):
     attention_only = sk.SATCallback(attention=sk.ConstantOmissionScheduler(0.125))
     trainer, seen = _train(sk.set_omission_rate(model, mlp=0.375), [attention_only], tmp_path, 2)
     assert seen == [((0.375,), (0.125,))] * 2
-    assert _logged(trainer, "sat_attn_omission_rate") == [0.125] * 2 and _logged(trainer, "sat_omission_rate") == [None] * 2
+    assert _logged(trainer, "sat_attn_omission_rate") == [0.125] * 2
+    assert _logged(trainer, "sat_omission_rate") == [None] * 2
 
 
 def test_callback_one_schedule_drives_every_kind_and_warns_over_different_rates(tmp_path):

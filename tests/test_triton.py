@@ -20,7 +20,6 @@ import torch
 import sat_kernels as sk
 from sat_kernels.ops.mlp import mlp_selector
 from sat_kernels.ops.reference import reference_indices
-from sat_kernels.selection import activation_scores
 
 from helpers import assert_matches_reference, fp64_copies, make_operands, rel_rms
 

@@ -16,11 +16,11 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 before triton is imported: run through tests/test_triton.py",
                 allow_module_level=True)
 
-import sat_kernels as sk  # noqa: E402
-from sat_kernels.ops.reference import reference_indices, reference_mlp  # noqa: E402
-from sat_kernels.ops.mlp.triton import launcher as triton_sat_mlp  # noqa: E402
+import sat_kernels as sk
+from sat_kernels.ops.reference import reference_indices, reference_mlp
+from sat_kernels.ops.mlp.triton import launcher as triton_sat_mlp
 
-from helpers import (assert_matches_reference, check_zero_tokens, fp64_copies, make_operands,  # noqa: E402
+from helpers import (assert_matches_reference, check_zero_tokens, fp64_copies, make_operands,
                      out_and_grads, rel_rms)
 
 DTYPES = [torch.float32, torch.float16]
