@@ -18,12 +18,14 @@ _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def swiglu_mlps(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+    """``(name, module)`` of the modules of ``model`` laid out as a SwiGLU MLP (``MLP_PARTS``), not yet SAT."""
     for name, module in model.named_modules():
         if not isinstance(module, SATMLP) and all(hasattr(module, p) for p in MLP_PARTS):
             yield name, module
 
 
 def supported_attentions(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+    """``(name, module)`` of the attention modules of ``model`` whose class SAT attention reproduces."""
     for name, module in model.named_modules():
         if type(module).__name__ in ATTENTION_CLASSES:
             yield name, module
