@@ -199,7 +199,8 @@ def main(argv=None) -> int:
     print("| op | ours GB/s | torch GB/s | ours / copy |")
     print("|---|---|---|---|")
     for r in result["gather_scatter"]:
-        print(f"| {r['op']} | {r['ours_GBps']:.0f} | {r['torch_GBps']:.0f} | {r['ours_GBps'] / result['copy_GBps']:.2f} |")
+        share = r['ours_GBps'] / result['copy_GBps']
+        print(f"| {r['op']} | {r['ours_GBps']:.0f} | {r['torch_GBps']:.0f} | {share:.2f} |")
     return 0
 
 

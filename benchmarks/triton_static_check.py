@@ -4,9 +4,9 @@ and 16-byte stores the kernel issues (masks that are not constant over 8 bf16 el
 
 Needs triton (tested 3.6 and 3.9) and its bundled cuobjdump; no CUDA device, no driver. Integer arguments are
 compiled as divisible by 16 (as Triton specialises them at launch for the Llama shapes and the padded row strides).
-The numbers quoted in ``sat_kernels/ops/mlp/triton/utils.py`` come from this script. Compile-time resources only: it says
-nothing about speed (``benchmarks/triton_mlp_speed.py`` measures that on a GPU). :func:`compile_launch` compiles one
-recorded launch with the specialisation Triton gives its actual arguments (``tests/test_triton.py`` uses it).
+The numbers quoted in ``sat_kernels/ops/mlp/triton/utils.py`` come from this script. Compile-time resources only: it
+says nothing about speed (``benchmarks/triton_mlp_speed.py`` measures that on a GPU). :func:`compile_launch` compiles
+one recorded launch with the specialisation Triton gives its actual arguments (``tests/test_triton.py`` uses it).
 
     python benchmarks/triton_static_check.py --dtype bf16
 """

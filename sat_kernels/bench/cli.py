@@ -30,7 +30,8 @@ STEP_COLUMNS = ["config", "run", "backend", "omission_rate", "forward", "dtype",
                 "tokens_per_s", "mlp_share", "attention_share", "speedup", "mlp_only_ceiling", "of_ceiling"]
 FORMATS = {"median_ms": ".2f", "p20_ms": ".2f", "p80_ms": ".2f", "ratio_to_dense": ".3f", "flop_limit": ".3f",
            "vs_limit": ".3f", "tflops": ".3f", "select_share": ".3%", "step_ms": ".1f", "tokens_per_s": ".0f",
-           "mlp_share": ".1%", "attention_share": ".1%", "speedup": ".3f", "mlp_only_ceiling": ".3f", "of_ceiling": ".3f"}
+           "mlp_share": ".1%", "attention_share": ".1%", "speedup": ".3f", "mlp_only_ceiling": ".3f",
+           "of_ceiling": ".3f"}
 
 
 def _progress(items, desc):

@@ -2,7 +2,8 @@
 timed in alternating steps (dense, SAT, dense, ...).
 
 The step time is split into MLP / attention / the rest so the Amdahl ceiling of MLP omission is visible. Weights in
-fp32 or bf16, optionally under ``torch.autocast`` (bf16 autocast on fp32 weights: how mixed-precision training runs). The split is measured by timing layer 0's MLP and attention modules forward+backward in isolation, at the
+fp32 or bf16, optionally under ``torch.autocast`` (bf16 autocast on fp32 weights: how mixed-precision training
+runs). The split is measured by timing layer 0's MLP and attention modules forward+backward in isolation, at the
 step's activation shape and in the same mode (dense or SAT), times the number of layers; "rest" is the step time
 minus both (embeddings, norms, LM head, loss, optimizer).
 """

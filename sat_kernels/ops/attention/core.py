@@ -84,8 +84,8 @@ def math_probs(q, k, mask, spec: AttentionSpec) -> torch.Tensor:
     if mask is not None:
         s = s + additive_mask(mask, s.dtype)
     if spec.causal:
-        t, l = s.shape[-2:]
-        s = s.masked_fill(torch.ones(t, l, dtype=torch.bool, device=s.device).triu_(l - t + 1), float("-inf"))
+        n_q, n_k = s.shape[-2:]
+        s = s.masked_fill(torch.ones(n_q, n_k, dtype=torch.bool, device=s.device).triu_(n_k - n_q + 1), float("-inf"))
     dead = (s == float("-inf")).all(-1, keepdim=True)
     return torch.softmax(s.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0)      # dense_attention differentiates it
 

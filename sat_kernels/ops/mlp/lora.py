@@ -21,9 +21,9 @@ Backward, over the kept neurons only (``m``: the dropout scale of ``D``, 0 or ``
     dx  = dG_S W_g[S] + dU_S W_u[S] + (dZg A_g + dZu A_u through the dropouts of x)
 
 Frozen base weights get no gradient GEMM (a base weight that requires grad gets the SAT gradient of
-:mod:`sat_kernels.ops.mlp.function`). Saved for backward: ``G[:, S]``, ``U[:, S]`` (neuron-major), the ``[T, r]`` adapter activations,
-the dropped inputs of the gate/up adapters (``x`` itself without dropout), ``m[:, S]`` with dropout on the down
-adapter, and ``x`` only when a base weight needs a gradient.
+:mod:`sat_kernels.ops.mlp.function`). Saved for backward: ``G[:, S]``, ``U[:, S]`` (neuron-major), the ``[T, r]``
+adapter activations, the dropped inputs of the gate/up adapters (``x`` itself without dropout), ``m[:, S]`` with
+dropout on the down adapter, and ``x`` only when a base weight needs a gradient.
 
 FLOPs per ``T*h*I`` (forward + backward; the adapter GEMMs, ``O(T*r*(h + I))``, are left out): the dense LoRA MLP
 on a frozen base runs 3 GEMMs forward and 3 backward (``dx`` only): 12. SAT with ``rho = k/I``: forward

@@ -1,5 +1,5 @@
-"""Launcher of the ``"cuda"`` backend: :class:`~sat_kernels.ops.mlp.function.SATMLPFunction` (the torch backend's autograd
-op: forward over the kept neurons, backward over them only) on the kernels of ``sat_kernels._C``:
+"""Launcher of the ``"cuda"`` backend: :class:`~sat_kernels.ops.mlp.function.SATMLPFunction` (the torch backend's
+autograd op: forward over the kept neurons, backward over them only) on the kernels of ``sat_kernels._C``:
 
 - selection: one fused launch (keys, radix select, sorted indices) instead of ``topk`` + ``sort``;
 - gathers of kept columns of ``G``, ``U``, ``A``, ``W_down`` and kept rows of ``W_gate``/``W_up``: 16-byte kernels
