@@ -18,12 +18,9 @@ q/k/v projection gradients of the kept heads' rows. The compact weight gradients
 ones, so omitted heads' rows of ``W_q`` (and of ``W_k``/``W_v`` when no head of a group is kept) and columns of ``W_o``
 get exactly zero.
 
-Writing the backward out beats re-entering autograd for the kept heads (forward of everything under no-grad, then a
-second differentiable forward of the kept heads with gathered weights), which repeats the kept heads' q/k/v
-projections and attention. Forward+backward time relative to the dense Hugging Face ``LlamaAttention`` (sdpa) at
-SmolLM2-135M attention shapes (h 576, 9 query / 3 KV heads, d 64), random weights, B 4, fp32, omission 0.5, median of
-7 interleaved ratios, 1 thread of a shared 2-core x86-64 machine (load average 5-7), torch 2.13.0+cpu: T 512 0.70x
-written out vs 0.90x re-entering autograd; T 1024 0.67x vs 0.82x.
+The backward is written out rather than re-entering autograd for the kept heads (a forward of everything under
+no-grad, then a second differentiable forward of the kept heads with gathered weights), which would repeat the kept
+heads' q/k/v projections and attention (measured: docs/benchmarks.md, "Attention: SAT vs dense on CPU").
 
 The exact-forward mode (``forward="dense"``, docs/design.md section 2) changes only ``y``: its backward, saved tensors
 and gradients are the sparse mode's at the same kept heads (the gradient is taken at the dense model's loss). Its
@@ -32,6 +29,8 @@ forward adds the ``o_proj`` columns of the omitted heads: ``2 T h (H - k) d`` FL
 With a given head set (``gathered_attention``) the op computes only the kept heads' projections and attention.
 """
 from __future__ import annotations
+
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -68,66 +67,30 @@ class SATAttentionFunction(torch.autograd.Function):
         operands, select, spec = Operands(*args[:-2]), args[-2], args[-1]
         x, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, qn_w, kn_w, cos, sin, mask = operands
         B, T, hidden = x.shape
-        H, G, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        rep = H // G
         x2 = x.reshape(B * T, hidden)
         if cos is not None:
             cos, sin = cos.to(x.dtype).unsqueeze(2), sin.to(x.dtype).unsqueeze(2)      # [B or 1, T, 1, d]
-        k_all = v_all = None
+        operands = operands._replace(x=x2, cos=cos, sin=sin)
+        y = k_all = v_all = None
         if isinstance(select, torch.Tensor):
-            heads, scores = select, x.new_empty(0, dtype=torch.float32)
-            groups, head_group = groups_of(heads, spec)
-            kq, kg = heads.numel(), groups.numel()
-            q_raw = project(x2, w_q, b_q, head_rows(heads, d)).view(B, T, kq, d)
-            k_raw = project(x2, w_k, b_k, head_rows(groups, d) if kg < G else None).view(B, T, kg, d)
-            v_g = project(x2, w_v, b_v, head_rows(groups, d) if kg < G else None).view(B, T, kg, d)
-            q_s = prep_qk(q_raw, qn_w, cos, sin, spec.norm_eps)                        # [B, T, kq, d]
-            k_g = prep_qk(k_raw, kn_w, cos, sin, spec.norm_eps)                        # [B, T, kg, d]
-            o_s, lse_s = core_fwd(q_s.transpose(1, 2), take_heads(k_g, head_group).transpose(1, 2),
-                                   take_heads(v_g, head_group).transpose(1, 2), mask, spec)
-            o_s = o_s.transpose(1, 2)                                                   # [B, T, kq, d]
-            q_raw_s, k_raw_g = q_raw, k_raw
+            kept, scores = _given_heads_fwd(operands, select, spec, B, T), x.new_empty(0, dtype=torch.float32)
         else:
-            q_raw = F.linear(x2, w_q, b_q).view(B, T, H, d)
-            k_raw = F.linear(x2, w_k, b_k).view(B, T, G, d)
-            v_all = F.linear(x2, w_v, b_v).view(B, T, G, d)
-            q = prep_qk(q_raw, qn_w, cos, sin, spec.norm_eps)                          # [B, T, H, d]
-            k_all = prep_qk(k_raw, kn_w, cos, sin, spec.norm_eps)                      # [B, T, G, d]
-            group_of = torch.arange(H, device=x.device) // rep
-            k_e = take_heads(k_all, group_of) if rep > 1 else k_all
-            v_e = take_heads(v_all, group_of) if rep > 1 else v_all
-            o, lse = core_fwd(q.transpose(1, 2), k_e.transpose(1, 2), v_e.transpose(1, 2), mask, spec)
-            del k_e, v_e
-            units, scores, _ = select(o)                                                # [k units], [n_units]
-            heads = (units[:, None] * rep + torch.arange(rep, device=x.device)).reshape(-1) \
-                if spec.group_units else units                                          # [kq]
-            groups, head_group = groups_of(heads, spec)
-            kq, kg = heads.numel(), groups.numel()
-            if spec.forward == "dense":                                                 # o_proj over all heads
-                y = F.linear(o.transpose(1, 2).reshape(B * T, H * d), w_o, b_o)       # [B*T, h]
-            o_s = take_heads(o.transpose(1, 2), heads)                                 # [B, T, kq, d]
-            lse_s = lse.index_select(1, heads) if lse is not None else None             # [B, kq, T]
-            del o, lse
-            q_s = take_heads(q, heads)
-            k_g = take_heads(k_all, groups) if kg < G else k_all
-            v_g = take_heads(v_all, groups) if kg < G else v_all
-            q_raw_s = take_heads(q_raw, heads) if qn_w is not None else None
-            k_raw_g = (take_heads(k_raw, groups) if kg < G else k_raw) if kn_w is not None else None
-            del q, q_raw, k_raw
-        o_flat = o_s.reshape(B * T, kq * d)
-        if spec.forward != "dense":
-            y = F.linear(o_flat, take_cols(w_o, heads, d), b_o)                        # [B*T, h]: kept heads only
-        ctx.save_for_backward(x2, w_q, w_k, w_v, w_o, b_q, b_k, b_v, qn_w, kn_w, cos, sin, mask, heads, groups,
-                              head_group, q_s, k_g, v_g, o_flat, lse_s,
-                              q_raw_s if qn_w is not None else None, k_raw_g if kn_w is not None else None)
+            kept, scores, y, k_all, v_all = _selected_heads_fwd(operands, select, spec, B, T)
+        kq, d = kept.heads.numel(), spec.head_dim
+        o_flat = kept.o_s.reshape(B * T, kq * d)
+        if y is None:
+            y = F.linear(o_flat, take_cols(w_o, kept.heads, d), b_o)                   # [B*T, h]: kept heads only
+        ctx.save_for_backward(x2, w_q, w_k, w_v, w_o, b_q, b_k, b_v, qn_w, kn_w, cos, sin, mask, kept.heads,
+                              kept.groups, kept.head_group, kept.q_s, kept.k_g, kept.v_g, o_flat, kept.lse_s,
+                              kept.q_raw_s if qn_w is not None else None, kept.k_raw_g if kn_w is not None else None)
         ctx.spec, ctx.shape, ctx.has_b_o = spec, (B, T, hidden), b_o is not None
         empty = x.new_empty(0)
         if spec.return_kv and k_all is not None:
             kv = (k_all.transpose(1, 2), v_all.transpose(1, 2))
         else:
             kv = (empty, empty.clone())
-        ctx.mark_non_differentiable(heads, scores, *kv)
-        return y.view(B, T, hidden), heads, scores, kv[0], kv[1]
+        ctx.mark_non_differentiable(kept.heads, scores, *kv)
+        return y.view(B, T, hidden), kept.heads, scores, kv[0], kv[1]
 
     @staticmethod
     def backward(ctx, dy, _dheads, _dscores, _dk, _dv):
@@ -168,6 +131,66 @@ class SATAttentionFunction(torch.autograd.Function):
                 dx.addmm_(dv2, w_v if rows_kv is None else w_v.index_select(0, rows_kv))
                 grads["x"] = dx.view(B, T, hidden)
         return tuple(grads.get(name) for name in Operands._fields) + (None, None)   # select, spec
+
+
+class _Kept(NamedTuple):
+    """The kept heads of one forward and what the backward needs of them (token-major ``[B, T, n, d]``)."""
+    heads: torch.Tensor          # [kq] kept query heads, sorted
+    groups: torch.Tensor         # [kg] their KV groups (see layout.groups_of)
+    head_group: torch.Tensor     # [kq] position of each head's group in ``groups``
+    q_s: torch.Tensor            # [B, T, kq, d] post-norm/RoPE queries
+    k_g: torch.Tensor            # [B, T, kg, d] post-norm/RoPE keys of the groups
+    v_g: torch.Tensor            # [B, T, kg, d]
+    o_s: torch.Tensor            # [B, T, kq, d] attention outputs
+    lse_s: Optional[torch.Tensor]    # [B, kq, T] log-sum-exp of the fused kernel, or None
+    q_raw_s: Optional[torch.Tensor]  # pre-norm projections (with a q/k norm), else None
+    k_raw_g: Optional[torch.Tensor]
+
+
+def _given_heads_fwd(ops: Operands, heads: torch.Tensor, spec: AttentionSpec, B: int, T: int) -> _Kept:
+    """The forward of the given heads only (``gathered_attention``): their projections and attention."""
+    d, G = spec.head_dim, spec.num_kv_heads
+    groups, head_group = groups_of(heads, spec)
+    kq, kg = heads.numel(), groups.numel()
+    kv_rows = head_rows(groups, d) if kg < G else None
+    q_raw = project(ops.x, ops.w_q, ops.b_q, head_rows(heads, d)).view(B, T, kq, d)
+    k_raw = project(ops.x, ops.w_k, ops.b_k, kv_rows).view(B, T, kg, d)
+    v_g = project(ops.x, ops.w_v, ops.b_v, kv_rows).view(B, T, kg, d)
+    q_s = prep_qk(q_raw, ops.q_norm_weight, ops.cos, ops.sin, spec.norm_eps)                  # [B, T, kq, d]
+    k_g = prep_qk(k_raw, ops.k_norm_weight, ops.cos, ops.sin, spec.norm_eps)                  # [B, T, kg, d]
+    o_s, lse_s = core_fwd(q_s.transpose(1, 2), take_heads(k_g, head_group).transpose(1, 2),
+                          take_heads(v_g, head_group).transpose(1, 2), ops.attention_mask, spec)
+    return _Kept(heads, groups, head_group, q_s, k_g, v_g, o_s.transpose(1, 2), lse_s, q_raw, k_raw)
+
+
+def _selected_heads_fwd(ops: Operands, select, spec: AttentionSpec, B: int, T: int):
+    """The forward of every head, the selection and the kept heads' share: ``(kept, scores, y or None, K, V)``;
+    ``y`` ``[B*T, h]`` over every head with ``spec.forward == "dense"``, else ``None``."""
+    H, G, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    rep = H // G
+    q_raw = F.linear(ops.x, ops.w_q, ops.b_q).view(B, T, H, d)
+    k_raw = F.linear(ops.x, ops.w_k, ops.b_k).view(B, T, G, d)
+    v_all = F.linear(ops.x, ops.w_v, ops.b_v).view(B, T, G, d)
+    q = prep_qk(q_raw, ops.q_norm_weight, ops.cos, ops.sin, spec.norm_eps)                    # [B, T, H, d]
+    k_all = prep_qk(k_raw, ops.k_norm_weight, ops.cos, ops.sin, spec.norm_eps)                # [B, T, G, d]
+    group_of = torch.arange(H, device=q.device) // rep
+    k_e = take_heads(k_all, group_of) if rep > 1 else k_all
+    v_e = take_heads(v_all, group_of) if rep > 1 else v_all
+    o, lse = core_fwd(q.transpose(1, 2), k_e.transpose(1, 2), v_e.transpose(1, 2), ops.attention_mask, spec)
+    del k_e, v_e
+    units, scores, _ = select(o)                                                   # [k units], [n_units]
+    heads = (units[:, None] * rep + torch.arange(rep, device=q.device)).reshape(-1) if spec.group_units else units
+    groups, head_group = groups_of(heads, spec)
+    y = None
+    if spec.forward == "dense":                                                    # o_proj over all heads
+        y = F.linear(o.transpose(1, 2).reshape(B * T, H * d), ops.w_o, ops.b_o)  # [B*T, h]
+    some = groups.numel() < G
+    kept = _Kept(heads, groups, head_group, take_heads(q, heads),
+                 take_heads(k_all, groups) if some else k_all, take_heads(v_all, groups) if some else v_all,
+                 take_heads(o.transpose(1, 2), heads), lse.index_select(1, heads) if lse is not None else None,
+                 take_heads(q_raw, heads) if ops.q_norm_weight is not None else None,
+                 (take_heads(k_raw, groups) if some else k_raw) if ops.k_norm_weight is not None else None)
+    return kept, scores, y, k_all, v_all
 
 
 # The inputs whose gradients flow through the attention core (all but o_proj's).

@@ -135,15 +135,9 @@ def sat_attention(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_v: to
     a KV group's ``k_proj``/``v_proj`` rows get gradient when any of its heads is kept. ``"group"`` selects whole KV
     groups (their ``H / G`` query heads together) and also skips the k/v backward of omitted groups. ``"head"`` is the
     default because it omits what was asked at a fine grain: with 3 groups, ``"group"`` can only omit 0, 1/3 or 2/3 of
-    the heads (rates 0.25 and 0.5 both give 1/3), and at the same rate ``"head"`` is faster. Per kept head ``"group"``
-    is a little cheaper. Measured on SmolLM2-135M-Instruct (GGUF Q4_1 weights dequantized to fp32), 4 x 512 tokens of
-    English/Python text, layers 3, 10, 20, 27, forward+backward vs the dense sdpa module, median of 5 interleaved
-    ratios per layer, 1 thread of a shared 2-core x86-64 machine, torch 2.13.0+cpu: omission 0.5: ``"head"`` keeps 5
-    heads (2 or 3 of the 3 groups touched) 0.74x dense, ``"group"`` keeps 6 heads 0.78x; omission 2/3 (3 heads kept
-    by both): ``"head"`` 0.59x (1-3 groups touched), ``"group"`` 0.55x. (Measured when ``"head"`` ran the k/v backward
-    over the touched groups only; it now runs it over ``min(G, k)`` groups, which keeps shapes independent of the
-    data: 1.03x the earlier time at omission 0.5 with 2 of 3 groups touched, random weights, B 4, T 512.) For
-    multi-head attention (``num_kv_heads == num_heads``, Llama-2-7B) the two units are the same.
+    the heads (rates 0.25 and 0.5 both give 1/3), and at the same rate ``"head"`` is faster; per kept head ``"group"``
+    is a little cheaper (measured: docs/benchmarks.md, "Unit of selection"). For multi-head attention
+    (``num_kv_heads == num_heads``, Llama-2-7B) the two units are the same.
 
     Args:
         x: ``[B, T, h]`` hidden states (self-attention, no KV cache).

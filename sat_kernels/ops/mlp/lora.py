@@ -173,6 +173,34 @@ def _operand(term: Optional[LoRA], field: str):
     return None if term is None else getattr(term, field)
 
 
+def _check_adapters(adapters, hidden: int, inter: int, device: torch.device) -> None:
+    """Shapes ``A [r, in]``, ``B [out, r]``, device and dtype of each adapter, errors naming the projection."""
+    shapes = {"gate": (hidden, inter), "up": (hidden, inter), "down": (inter, hidden)}
+    for (name, (fan_in, fan_out)), term in zip(shapes.items(), adapters):
+        if term is None:
+            continue
+        r = term.a.shape[0]
+        if term.a.dim() != 2 or tuple(term.a.shape) != (r, fan_in) or tuple(term.b.shape) != (fan_out, r):
+            raise ValueError(f"the {name} adapter must have A [r, {fan_in}] and B [{fan_out}, r], got "
+                             f"{tuple(term.a.shape)} and {tuple(term.b.shape)}")
+        if term.a.device != device or term.b.device != device:
+            raise ValueError(f"the {name} adapter must be on {device} (the device of x)")
+        if term.a.dtype != term.b.dtype or not term.a.is_floating_point():
+            raise TypeError(f"the {name} adapter's A and B must share one float dtype, got {term.a.dtype} and "
+                            f"{term.b.dtype}")
+
+
+def _down_noise(down: Optional[LoRA]):
+    """``noise(shape, device)``: the scale PEFT's dropout multiplies the down adapter's input by, or ``None``."""
+    if down is None or down.dropout is None:
+        return None
+    drop, drop_dtype = down.dropout, down.a.dtype
+
+    def noise(shape, device):
+        return drop(torch.ones(shape, dtype=drop_dtype, device=device))
+    return noise
+
+
 def sat_lora_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                  adapters: Tuple[Optional[LoRA], Optional[LoRA], Optional[LoRA]], k: int, *,
                  metric: str = "l2", strategy: str = "topk", act: str = "silu", sync_selection=False,
@@ -201,19 +229,7 @@ def sat_lora_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
     if strategy == "priority":
         raise ValueError("sat_lora_mlp: strategy='priority' is not supported on LoRA MLPs (the weighted kept neurons "
                          "exist on the plain MLP only); use 'topk', 'sample' or 'random'")
-    shapes = {"gate": (hidden, inter), "up": (hidden, inter), "down": (inter, hidden)}
-    for (name, (fan_in, fan_out)), term in zip(shapes.items(), adapters):
-        if term is None:
-            continue
-        r = term.a.shape[0]
-        if term.a.dim() != 2 or tuple(term.a.shape) != (r, fan_in) or tuple(term.b.shape) != (fan_out, r):
-            raise ValueError(f"the {name} adapter must have A [r, {fan_in}] and B [{fan_out}, r], got "
-                             f"{tuple(term.a.shape)} and {tuple(term.b.shape)}")
-        if term.a.device != x.device or term.b.device != x.device:
-            raise ValueError(f"the {name} adapter must be on {x.device} (the device of x)")
-        if term.a.dtype != term.b.dtype or not term.a.is_floating_point():
-            raise TypeError(f"the {name} adapter's A and B must share one float dtype, got {term.a.dtype} and "
-                            f"{term.b.dtype}")
+    _check_adapters(adapters, hidden, inter, x.device)
     gate, up, down = adapters
     w_eff = w_down
     if metric == "contrib" and down is not None:
@@ -225,12 +241,6 @@ def sat_lora_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
     # the adapters' input dropout, as PEFT applies it: on x cast to the adapter's dtype, through autograd
     xg, xu = ((None if t is None else t.dropout(x2.to(t.a.dtype)) if t.dropout is not None else x2.to(t.a.dtype))
               for t in (gate, up))
-    noise = None
-    if down is not None and down.dropout is not None:
-        drop, drop_dtype = down.dropout, down.a.dtype
-
-        def noise(shape, device):   # the scale PEFT's dropout multiplies the down adapter's input by
-            return drop(torch.ones(shape, dtype=drop_dtype, device=device))
     operands = [x2, xg, xu, w_gate, w_up, w_down] + [_operand(t, f) for t in adapters for f in ("a", "b")]
     device_type = x.device.type
     autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
@@ -239,6 +249,6 @@ def sat_lora_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
         operands = [None if t is None else t.to(dtype) for t in operands]
     scaling = tuple(1.0 if t is None else float(t.scaling) for t in adapters)
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-        y2, idx = SATLoRAMLPFunction.apply(*operands, scaling, noise, select, act, forward)
+        y2, idx = SATLoRAMLPFunction.apply(*operands, scaling, _down_noise(down), select, act, forward)
     y = y2.reshape(*x.shape[:-1], hidden)
     return (y, idx) if return_indices else y
