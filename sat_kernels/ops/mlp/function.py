@@ -60,9 +60,11 @@ class TorchIndexOps:
 
     @staticmethod
     def gather_cols(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:      # w[:, idx]         [R, k] (any strides)
-        if w.element_size() == 2 and w.device.type == "cpu":
+        if w.element_size() == 2 and w.device.type == "cpu" and w.shape[0] <= 2048:
             # a 2-byte index_select(1) is a scalar loop on CPU: read the rows of the transposed view instead (0.46 vs
-            # 1.01 ms for W_down [576, 1536] bf16, 1.16 vs 3.22 ms at [1024, 2816]; EPYC, 1 thread, torch 2.13)
+            # 1.01 ms for W_down [576, 1536] bf16, 1.16 vs 3.22 ms at [1024, 2816]). Each of those rows touches one
+            # cache line and one page per row of w, which stops paying when w is tall: 213 vs 133 ms at
+            # [4096, 11008] (EPYC, 1 thread, torch 2.13).
             return w.t().index_select(0, idx).t()
         return w.index_select(1, idx)
 
