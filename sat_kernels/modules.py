@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import sys
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -68,6 +69,25 @@ def check_projection(owner: str, name: str, proj: nn.Module) -> None:
                          f"gathered only when {name} itself is called, which SAT does not do; {SUPPORTED_SHARDING}")
 
 
+@torch._dynamo.disable
+def _in_autograd_function_forward() -> bool:
+    """Whether the caller runs inside the forward of a custom ``torch.autograd.Function``: a reentrant activation
+    checkpoint's first pass (``torch.utils.checkpoint(..., use_reentrant=True)``, DeepSpeed's and Megatron's
+    checkpointing), which runs the wrapped function with grad mode off and runs it again with grad mode on in its
+    backward. Found by walking the Python stack for a ``forward(ctx, ...)`` frame whose ``ctx`` is an autograd node;
+    torch sets no flag there. Under ``torch.compile`` this is a graph break (dynamo does not trace the stack walk); the
+    call is only made in training-mode forwards with grad mode off, and dynamo traces a checkpoint inside a compiled
+    region with grad mode on."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if (code.co_name == "forward" and code.co_argcount and code.co_varnames[0] == "ctx"
+                and isinstance(frame.f_locals.get("ctx"), torch.autograd.function.BackwardCFunction)):
+            return True
+        frame = frame.f_back
+    return False
+
+
 class _SATWrapper(nn.Module):
     """Base of the SAT modules: holds the children of the wrapped module under the same names and keeps the wrapped
     module itself (unregistered: its parameters are those of the children) for eval and for :func:`revert`.
@@ -99,6 +119,15 @@ class _SATWrapper(nn.Module):
         self.omission_rate = omission_rate
         self.metric, self.strategy, self.backend, self.sync_selection = metric, strategy, backend, sync_selection
         self.forward_mode = check_choice(forward, FORWARD_MODES, "forward")
+
+    def _runs_dense(self) -> bool:
+        """Whether this forward runs the wrapped module: in ``eval()``, and in training mode when grad mode is off
+        (``torch.no_grad()``, ``torch.inference_mode()``: no backward to accelerate; TRL's DPO reference pass and
+        GRPO rollouts) outside the first pass of a reentrant activation checkpoint, which must select as its
+        recompute with grad mode on will (the loss of ``forward="sparse"``, the RNG draws of ``"sample"``)."""
+        if not self.training:
+            return True
+        return not torch.is_grad_enabled() and not _in_autograd_function_forward()
 
     def _stats_device(self) -> torch.device:
         return getattr(self, self._STATS_PROJ).weight.device
@@ -162,10 +191,12 @@ class SATMLP(_SATWrapper):
     """A SwiGLU MLP (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``) that omits neurons while training.
 
     It holds the very ``nn.Linear`` modules of the MLP it wraps under the same names, so parameter names, shapes and
-    ``state_dict`` keys are unchanged. In ``eval()`` mode, or at a rate that keeps every neuron (0), it calls the
-    original module's own forward: the computation is exactly the dense one. In training mode it runs
-    :func:`sat_kernels.sat_mlp` (grad mode is deliberately not consulted, so a reentrant checkpoint's no-grad first
-    pass selects like its recompute). When projections are PEFT LoRA layers (added before or after patching) it runs
+    ``state_dict`` keys are unchanged. In ``eval()`` mode, at a rate that keeps every neuron (0), or in training mode
+    with grad mode off (``torch.no_grad()``: no backward to accelerate, e.g. TRL's DPO reference pass and GRPO
+    rollouts) it calls the original module's own forward: the computation is exactly the dense one, and no selection
+    is recorded. In training mode with grad mode on it runs :func:`sat_kernels.sat_mlp`, and so it does in the no-grad
+    first pass of a reentrant activation checkpoint, which selects like its recompute (same loss, same draws). When
+    projections are PEFT LoRA layers (added before or after patching) it runs
     the SAT MLP with their active adapters (:mod:`sat_kernels.ops.mlp.lora`): selection from the adapted
     activations, the adapters' gradients over the kept neurons, no gradient for the frozen base.
 
@@ -199,7 +230,7 @@ class SATMLP(_SATWrapper):
         self._kept = num_kept(self._units, self._omission_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
+        if self._runs_dense():
             return self.dense_module(x)
         if self._kept == self._units:
             self._record({})
@@ -236,9 +267,10 @@ class SATAttention(_SATWrapper):
     that omits heads while training.
 
     It holds the very submodules of the attention it wraps under the same names and in the same order, so parameter
-    names, shapes and ``state_dict`` keys are unchanged. In ``eval()`` mode, at omission rate 0, or when the rate is
-    too small to drop a unit, it calls the original module's own forward with the same arguments (KV cache and
-    generation included): the computation is exactly the dense one. In training mode it runs
+    names, shapes and ``state_dict`` keys are unchanged. In ``eval()`` mode, at omission rate 0, when the rate is
+    too small to drop a unit, or in training mode with grad mode off (outside a reentrant checkpoint's first pass, as
+    :class:`SATMLP`) it calls the original module's own forward with the same arguments (KV cache and generation
+    included, e.g. GRPO rollouts in training mode): the computation is exactly the dense one. In training mode it runs
     :func:`sat_kernels.sat_attention` with the module's RoPE tables, mask and causality, as the module's
     ``config._attn_implementation`` (``"eager"`` or ``"sdpa"``) would apply them, and returns ``(output, None)``.
 
@@ -314,7 +346,7 @@ class SATAttention(_SATWrapper):
         return call, impl
 
     def forward(self, *args, **kwargs):
-        if not self.training:
+        if self._runs_dense():
             return self.dense_module(*args, **kwargs)
         if self._kept == self._units:
             self._record({})
@@ -327,8 +359,9 @@ class SATAttention(_SATWrapper):
         cache = next((call[n] for n in _CACHE_ARGS if call.get(n) is not None), None)
         layer_idx = getattr(dense, "layer_idx", None)
         if cache is not None and cache.get_seq_length(layer_idx or 0) > 0:
-            raise ValueError("SATAttention: a training-mode forward continuing a non-empty KV cache is not supported; "
-                             "generate in eval() mode")
+            raise ValueError("SATAttention: a training-mode forward with grad mode on continuing a non-empty KV cache "
+                             "is not supported; generate in eval() mode or under torch.no_grad() (both run the dense "
+                             "module)")
         seq = hidden_states.shape[1]
         if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-1] != seq:
             raise ValueError(f"SATAttention: attention_mask covers {mask.shape[-1]} keys for {seq} tokens (a static "

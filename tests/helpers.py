@@ -97,3 +97,17 @@ def tiny_model(family="llama", seed=0, **overrides):
     cfg = tiny_config(family, **overrides)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
     return model.float()
+
+
+def word_tokenizer(vocab_size=96):
+    """A word-level tokenizer over ``w0 .. w91`` and four special tokens, built in memory (no downloads)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[EOS]", "[BOS]", "[UNK]"]
+    vocab = {f"w{i}": i for i in range(vocab_size - len(specials))}
+    vocab.update({tok: vocab_size - len(specials) + i for i, tok in enumerate(specials)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]", bos_token="[BOS]",
+                                   unk_token="[UNK]")

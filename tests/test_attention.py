@@ -568,17 +568,19 @@ def _cache(out):
 
 
 def test_training_forward_fills_the_cache_like_dense():
-    """A training-mode forward with use_cache fills the cache with all heads' keys/values (layer 0 sees the same
-    input as dense; layer 1 the output of a SAT layer)."""
+    """A training-mode forward (grad mode on: the SAT path) with use_cache fills the cache with all heads'
+    keys/values (layer 0 sees the same input as dense; layer 1 the output of a SAT layer, ``forward="sparse"``)."""
     ids = _ids()
     with torch.no_grad():
         dense = _cache(tiny_model("llama").train()(ids, use_cache=True))
-        model = sk.replace_attention(tiny_model("llama"), 0.5).train()
-        ours = _cache(model(ids, use_cache=True))
+    model = sk.replace_attention(tiny_model("llama"), 0.5, forward="sparse").train()
+    ours = _cache(model(ids, use_cache=True))
+    assert sk.sat_stats(model)["attention"]["summary"]["kept_min"] == 2, "the SAT path ran"
     torch.testing.assert_close(ours.layers[0].keys, dense.layers[0].keys, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(ours.layers[0].values, dense.layers[0].values, rtol=1e-6, atol=1e-6)
     assert ours.layers[1].keys.shape == dense.layers[1].keys.shape == (2, 2, 13, 12)
-    with pytest.raises(ValueError, match="non-empty KV cache"), warnings.catch_warnings():
+    assert not torch.allclose(ours.layers[1].keys, dense.layers[1].keys), "layer 1 sees a sparse layer 0"
+    with pytest.raises(ValueError, match="grad mode on continuing a non-empty KV cache"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model(_ids(shape=(2, 1)), past_key_values=ours, use_cache=True)
 

@@ -9,7 +9,7 @@ from sat_kernels.lora import peft_adapter
 from sat_kernels.ops.reference import _masked_gradient
 from sat_kernels.selection import activation_scores, select_neurons
 
-from helpers import tiny_model
+from helpers import tiny_model, word_tokenizer
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -176,9 +176,8 @@ def test_merge_and_unload_gives_the_merged_peft_model():
     assert isinstance(mlp, sk.SATMLP) and type(mlp.gate_proj) is nn.Linear
     assert type(mlp.dense_module.gate_proj) is nn.Linear
     torch.testing.assert_close(_logits(merged, ids), _logits(ref_merged, ids), rtol=0, atol=0)
-    sk.replace_mlp(ref_merged, 0.5)   # the plain SAT path on the merged weights
-    with torch.no_grad():
-        assert torch.equal(merged.train()(ids, labels=ids).loss, ref_merged.train()(ids, labels=ids).loss)
+    sk.replace_mlp(ref_merged, 0.5)   # the plain SAT path on the merged weights (grad mode on: the SAT forward)
+    assert torch.equal(merged.train()(ids, labels=ids).loss, ref_merged.train()(ids, labels=ids).loss)
 
 
 def test_saved_adapter_round_trips(tmp_path):
@@ -196,8 +195,7 @@ def test_saved_adapter_round_trips(tmp_path):
         loaded = PeftModel.from_pretrained(base, tmp_path / "sat").eval()
         assert torch.equal(_logits(loaded, ids), _logits(ref, ids)), "the MLP part of the adapter must be used"
     assert isinstance(loaded.base_model.model.model.layers[1].mlp, sk.SATMLP)
-    with torch.no_grad():
-        assert torch.isfinite(loaded.train()(ids, labels=ids).loss)   # the SAT path with the loaded adapter
+    assert torch.isfinite(loaded.train()(ids, labels=ids).loss)   # the SAT path (grad mode on) with the loaded adapter
 
 
 def test_disable_adapter_runs_the_base_model():
@@ -206,8 +204,7 @@ def test_disable_adapter_runs_the_base_model():
     plain_sat = sk.replace_mlp(tiny_model("llama"), 0.5)
     with model.disable_adapter():
         assert torch.equal(_logits(model.eval(), ids), _logits(tiny_model("llama").eval(), ids))
-        with torch.no_grad():
-            assert torch.equal(model.train()(ids, labels=ids).loss, plain_sat.train()(ids, labels=ids).loss)
+        assert torch.equal(model.train()(ids, labels=ids).loss, plain_sat.train()(ids, labels=ids).loss)
     assert not torch.equal(_logits(model.eval(), ids), _logits(tiny_model("llama").eval(), ids))
 
 
@@ -313,20 +310,6 @@ def test_lora_on_attention_with_sat_on_the_mlp(order):
     _assert_grads_close(grads, ref_grads)
 
 
-def _word_tokenizer(vocab_size=96):
-    """A word-level tokenizer over ``w0 .. w91`` and four special tokens, built in memory (no downloads)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["[PAD]", "[EOS]", "[BOS]", "[UNK]"]
-    vocab = {f"w{i}": i for i in range(vocab_size - len(specials))}
-    vocab.update({tok: vocab_size - len(specials) + i for i, tok in enumerate(specials)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]", bos_token="[BOS]",
-                                   unk_token="[UNK]")
-
-
 def test_trl_sft_trainer_with_peft_config_and_sat_callback(tmp_path):
     pytest.importorskip("trl")
     from datasets import Dataset
@@ -340,7 +323,7 @@ def test_trl_sft_trainer_with_peft_config_and_sat_callback(tmp_path):
                      logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, max_length=24,
                      dataset_text_field="text", seed=0)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
-                         processing_class=_word_tokenizer(),
+                         processing_class=word_tokenizer(),
                          peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=MLP + ATTENTION,
                                                 task_type="CAUSAL_LM"),
                          callbacks=[sk.SATCallback(sk.LadderOmissionScheduler(0.5))])
