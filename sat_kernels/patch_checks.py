@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .lora import lora_parts, peft_adapter
-from .modules import SATMLP, class_path
+from .modules import LIGER_ADVICE, SATMLP, callable_path, class_path, is_liger
 from .ops.mlp.function import act_fwd
 
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
@@ -58,7 +58,20 @@ def _check_linear(fn: str, name: str, proj, advice: str) -> None:
                          f"supported)")
 
 
+def liger_mlp(mlp: nn.Module) -> Optional[str]:
+    """The Liger-Kernel forward or class that ``mlp`` runs (``LigerSwiGLUMLP``: its class when Liger patched the
+    model's classes before loading, its forward when ``apply_liger_kernel_to_*(model=...)`` bound it), else ``None``."""
+    if is_liger(type(mlp)):
+        return class_path(mlp)
+    forward = mlp.__dict__.get("forward")
+    return callable_path(forward) if forward is not None and is_liger(forward) else None
+
+
 def check_mlp(name: str, mlp: nn.Module) -> str:
+    liger = liger_mlp(mlp)
+    if liger is not None:
+        raise ValueError(f"replace_mlp: {name} runs Liger-Kernel's {liger}. {LIGER_ADVICE}, before or after "
+                         f"replace_mlp, on a model loaded again without Liger's SwiGLU")
     for part in ("gate_proj", "up_proj", "down_proj"):
         proj, _ = lora_parts(f"replace_mlp: {name}.{part}", getattr(mlp, part))
         _check_linear("replace_mlp", f"{name}.{part}", proj, "use PEFT LoRA (which SAT supports on the MLP) or put "

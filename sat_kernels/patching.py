@@ -22,7 +22,7 @@ from .ops.attention.checks import check_attention_backend
 from .patch_checks import ATTENTION_CLASSES, check_attention, check_mlp, supported_attentions, swiglu_mlps
 from .selection import ATTENTION_STRATEGIES, DEFAULT_FORWARD, FORWARD_MODES, METRICS, STRATEGIES, check_choice, \
     check_omission_rate
-from .summary import PatchSummary, log_summary, patch_summary, summarize
+from .summary import PatchSummary, log_summary, patch_summary, summarize, warn_replaced_forwards
 
 __all__ = ["replace_mlp", "replace_attention", "set_omission_rate", "revert", "patch_summary", "PatchSummary",
            "sat_modules"]
@@ -206,7 +206,9 @@ def set_omission_rate(model: nn.Module, rate: Optional[float] = None, *, mlp: Op
     """Set the omission rate of the SAT modules in ``model`` (0 makes them dense in training). Returns ``model``.
 
     ``set_omission_rate(model, r)`` sets every SAT module (MLP and attention). ``mlp=`` / ``attention=`` set one kind
-    and take precedence over ``rate`` for it; a kind left ``None`` with ``rate`` ``None`` keeps its rate.
+    and take precedence over ``rate`` for it; a kind left ``None`` with ``rate`` ``None`` keeps its rate. A rate above
+    0 for SAT modules whose forward was replaced (Liger-Kernel's SwiGLU applied after ``replace_mlp``), where SAT
+    does not run, raises a ``RuntimeWarning`` naming them, once per module.
 
     Example:
         >>> sk.set_omission_rate(model, 0.5)                      # every SAT module
@@ -232,6 +234,8 @@ def set_omission_rate(model: nn.Module, rate: Optional[float] = None, *, mlp: Op
     for kind, found in modules.items():
         for _, module in found:
             module.omission_rate = rates[kind]
+        if rates[kind] > 0:
+            warn_replaced_forwards("set_omission_rate", found)
     return model
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .patching import sat_modules
+from .summary import warn_replaced_forwards
 
 _COUNTS = ("kept", "units", "nonfinite", "nonfinite_total")   # read back as int
 # per kind of SAT module: what its units of selection are called in the non-finite warning
@@ -87,7 +88,8 @@ def sat_stats(model: nn.Module) -> Dict[str, Dict]:
     during the step (no host synchronisation); this call reads them, all kinds together, with one synchronisation and
     issues a ``RuntimeWarning`` the first time it finds non-finite scores in a module (once per module, one warning
     per kind), so the warning appears when statistics are read, e.g. at the Trainer's logging steps through
-    :class:`sat_kernels.SATCallback`.
+    :class:`sat_kernels.SATCallback`. SAT modules whose forward was replaced (Liger-Kernel's SwiGLU applied after
+    ``replace_mlp``) record nothing: they raise a ``RuntimeWarning`` naming them, once per module.
 
     Example:
         >>> loss = sk.replace_attention(sk.replace_mlp(model, 0.5), 0.25)(**batch).loss
@@ -97,6 +99,7 @@ def sat_stats(model: nn.Module) -> Dict[str, Dict]:
     """
     modules = {kind: dict(sat_modules(model, kind)) for kind in _UNITS}
     modules = {kind: named for kind, named in modules.items() if named}
+    warn_replaced_forwards("sat_stats", ((name, m) for named in modules.values() for name, m in named.items()))
     raw = {name: {"kept": m._last_stats["kept"], "units": m._units, "kept_mass": m._last_stats["kept_mass"],
                   "nonfinite": m._last_stats["nonfinite"], "nonfinite_total": m._nonfinite_total}
            for named in modules.values() for name, m in named.items() if m._last_stats is not None}

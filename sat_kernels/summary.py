@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Dict, Iterator, Tuple
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Iterator, Tuple
 
 from torch import nn
 
-from .modules import SATMLP, SATAttention, sat_modules
-from .patch_checks import ATTENTION_CLASSES, MLP_PARTS
+from .modules import LIGER_ADVICE, SATMLP, SATAttention, class_path, replaced_forward, sat_modules
+from .patch_checks import ATTENTION_CLASSES, MLP_PARTS, liger_mlp
 
 logger = logging.getLogger("sat_kernels")
 
@@ -35,6 +36,9 @@ class PatchSummary:
         unpatched_layers: ``{name: class name}`` of those with no SAT module.
         sat_modules: names of every SAT module of this kind, inside layers or not.
         skipped: ``{class name: why}`` for the classes in ``partial_layers`` and ``unpatched_layers``.
+        replaced_forwards: ``{name: what runs instead}`` of the SAT modules whose forward is no longer their own
+            (:func:`sat_kernels.modules.replaced_forward`: Liger-Kernel's SwiGLU applied after ``replace_mlp``):
+            SAT does not run in them.
     """
 
     kind: str
@@ -45,11 +49,12 @@ class PatchSummary:
     unpatched_layers: Dict[str, str]
     sat_modules: Tuple[str, ...]
     skipped: Dict[str, str]
+    replaced_forwards: Dict[str, str] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
-        """Whether the module of this kind of every layer is a SAT module."""
-        return not self.partial_layers and not self.unpatched_layers
+        """Whether the module of this kind of every layer is a SAT module running its own forward."""
+        return not self.partial_layers and not self.unpatched_layers and not self.replaced_forwards
 
     def __str__(self) -> str:
         noun = "MLP" if self.kind == "mlp" else "attention"
@@ -60,7 +65,35 @@ class PatchSummary:
             for cls in sorted(set(layers.values())):
                 count = sum(1 for c in layers.values() if c == cls)
                 text += f"; {label}: {count} layer{'s' if count > 1 else ''} of {cls} ({self.skipped[cls]})"
+        if self.replaced_forwards:
+            text += f"; {replaced_forwards_text(self.replaced_forwards)}"
         return text
+
+
+def replaced_forwards_text(replaced: Dict[str, str]) -> str:
+    """One sentence on SAT modules whose forward was replaced (``{name: what runs instead}``), with Liger's remedy
+    when Liger-Kernel replaced it."""
+    by_function: Dict[str, list] = {}
+    for name, what in replaced.items():
+        by_function.setdefault(what, []).append(name)
+    parts = [f"{', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''} run {what}"
+             for what, names in by_function.items()]
+    liger = any(what.split(".", 1)[0] == "liger_kernel" for what in by_function)
+    return (f"forward replaced in {len(replaced)} SAT module{'s' if len(replaced) != 1 else ''} ({'; '.join(parts)}):"
+            f" SAT does not run there{f'. {LIGER_ADVICE}' if liger else ''}")
+
+
+def warn_replaced_forwards(fn: str, named: Iterable[Tuple[str, nn.Module]]) -> Dict[str, str]:
+    """Warn (``RuntimeWarning``, once per module) about the SAT modules among ``named`` whose forward was replaced
+    (:func:`sat_kernels.modules.replaced_forward`); returns ``{name: what runs instead}`` of all of them."""
+    modules = dict(named)
+    replaced = {name: what for name, what in ((n, replaced_forward(m)) for n, m in modules.items()) if what}
+    new = {name: what for name, what in replaced.items() if not modules[name].__dict__.get("_replaced_warned")}
+    if new:
+        for name in new:
+            modules[name].__dict__["_replaced_warned"] = True
+        warnings.warn(f"{fn}: {replaced_forwards_text(new)}", RuntimeWarning, stacklevel=3)
+    return replaced
 
 
 def _layer_modules(model: nn.Module, kind: str) -> Iterator[Tuple[str, nn.Module]]:
@@ -78,6 +111,11 @@ def _layer_modules(model: nn.Module, kind: str) -> Iterator[Tuple[str, nn.Module
 
 def _why_not_patched(module: nn.Module, kind: str) -> str:
     sat_class = _SAT_CLASSES[kind]
+    if "_wrapped" in module.__dict__ and "_last_stats" in module.__dict__:
+        return f"a SAT module whose class was replaced by {class_path(module)}: SAT does not run there"
+    liger = liger_mlp(module) if kind == "mlp" else None
+    if liger is not None:
+        return f"Liger-Kernel's {liger}: {LIGER_ADVICE}"
     inside = [name for name, sub in module.named_modules() if isinstance(sub, sat_class)]
     experts = module._modules.get("experts")
     moe = "mixture of experts: " if experts is not None else ""
@@ -111,9 +149,11 @@ def summarize(model: nn.Module, kind: str) -> PatchSummary:
         bucket = partial if any(isinstance(m, sat_class) for m in module.modules()) else unpatched
         bucket[name] = type(module).__name__
         skipped.setdefault(type(module).__name__, _why_not_patched(module, kind))
+    found = list(sat_modules(model, kind))
+    replaced = {name: what for name, what in ((n, replaced_forward(m)) for n, m in found) if what is not None}
     return PatchSummary(kind=kind, num_layers=len(layers), patched_layers=tuple(patched),
                         patched_classes=tuple(sorted(classes)), partial_layers=partial, unpatched_layers=unpatched,
-                        sat_modules=tuple(n for n, _ in sat_modules(model, kind)), skipped=skipped)
+                        sat_modules=tuple(n for n, _ in found), skipped=skipped, replaced_forwards=replaced)
 
 
 def patch_summary(model: nn.Module) -> Dict[str, PatchSummary]:

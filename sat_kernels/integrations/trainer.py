@@ -7,10 +7,12 @@ from typing import Optional
 from transformers import TrainerCallback
 
 from ..budget import PerLayerBudget
+from ..modules import replaced_forward
 from ..optim import skip_omitted_updates as _skip_omitted_updates
 from ..patching import sat_modules, set_omission_rate
 from ..schedules import OmissionScheduler
 from ..stats import sat_stats
+from ..summary import replaced_forwards_text
 
 _KINDS = ("mlp", "attention")
 _STATS_PREFIX = {"mlp": "sat_mlp_", "attention": "sat_attn_"}   # of each kind's sat_stats summary in the logs
@@ -39,6 +41,11 @@ class SATCallback(TrainerCallback):
     when the model has SAT attention modules the same over them as ``sat_attn_kept_mean``, ...,
     ``sat_attn_nonfinite_total`` (kept heads or KV groups). Reading them is one host sync per logging step;
     non-finite scores also raise a warning then, once per module.
+
+    Checks: training refuses to begin (``ValueError``) when a scheduled SAT module's forward was replaced after
+    patching, where SAT does not run (Liger-Kernel's SwiGLU applied after ``replace_mlp``: apply it with
+    ``swiglu=False``); and after a step in which no scheduled SAT module ran a training forward while some omission
+    rate is above 0, a ``RuntimeWarning`` says so (once per run).
 
     ``total_steps``: a scheduler whose ``total_steps`` is ``None`` when training begins takes the Trainer's
     ``max_steps``, and takes it again at the start of every later ``train()`` with this callback (each run its own
@@ -90,6 +97,9 @@ class SATCallback(TrainerCallback):
         self._filled_total = {}       # id(scheduler) -> the total_steps this callback filled in
         self.current_rate = None      # this step's sat_omission_rate
         self.current_attn_rate = None  # this step's sat_attn_omission_rate (with an attention schedule)
+        self._scheduled = []          # the SAT modules of the scheduled kinds in this run's model
+        self._stats_before = None     # their statistics objects when this step began (a forward replaces them)
+        self._idle_warned = False     # the warning of a step in which no SAT module ran, once per run
 
     def _distinct_schedules(self):
         return {id(s): s for s in self.schedules.values()}
@@ -114,6 +124,13 @@ class SATCallback(TrainerCallback):
                 raise ValueError(f"SATCallback: {kind}= was given but the model has no SAT {kind} modules; call "
                                  f"sat_kernels.replace_{kind}(model) first")
         self._kinds = tuple(kind for kind in _KINDS if kind in self.schedules and present[kind])
+        named = [(name, m) for kind in self._kinds for name, m in sat_modules(model, kind)]
+        replaced = {name: what for name, what in ((n, replaced_forward(m)) for n, m in named) if what}
+        if replaced:
+            raise ValueError(f"SATCallback: {replaced_forwards_text(replaced)}; the schedule would change nothing "
+                             f"there")
+        self._scheduled = [m for _, m in named]
+        self._stats_before, self._idle_warned = None, False
         if len(self._kinds) == 2 and self.schedules["mlp"] is self.schedules["attention"]:
             rates = {kind: sorted({m.omission_rate for m in present[kind]}) for kind in _KINDS}
             if rates["mlp"] != rates["attention"]:
@@ -149,10 +166,26 @@ class SATCallback(TrainerCallback):
             set_omission_rate(model, **rates)
             for budget in self.budgets.values():
                 budget.apply()
+        self._stats_before = [m._last_stats for m in self._scheduled]
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         for budget in self.budgets.values():
             budget.observe()
+        self._check_step_ran_sat(state)
+
+    def _check_step_ran_sat(self, state) -> None:
+        """Warn (once per run) after a step in which no scheduled SAT module ran a training forward although some
+        omit units: every training forward replaces a module's statistics object, so none was replaced."""
+        before, self._stats_before = self._stats_before, None
+        if self._idle_warned or before is None or not self._scheduled:
+            return
+        if any(m._kept < m._units for m in self._scheduled) and all(
+                m._last_stats is old for m, old in zip(self._scheduled, before)):
+            self._idle_warned = True
+            warnings.warn(f"SATCallback: step {state.global_step} ran no training forward through the "
+                          f"{len(self._scheduled)} SAT modules although their omission rates are above 0: SAT did "
+                          f"not run. Is the Trainer's model the patched one? Was their forward replaced after "
+                          f"patching (sat_kernels.patch_summary(model))?", RuntimeWarning, stacklevel=2)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         values = {key: value for key, value in (("sat_omission_rate", self.current_rate),
