@@ -5,7 +5,7 @@ rest of the forward and the whole backward over them only. See README.md for usa
 """
 from .backends import available_backends, unavailable_backends
 from .budget import PerLayerBudget
-from .modules import SATMLP, SATAttention
+from .modules import SATMLP, SATAttention, sat_modules
 from .optim import skip_omitted_updates
 from .ops import gathered_attention, gathered_mlp, head_scores, neuron_scores, sat_attention, sat_mlp
 from .patching import PatchSummary, patch_summary, replace_attention, replace_mlp, revert, set_omission_rate
@@ -20,7 +20,7 @@ __all__ = [
     "replace_attention", "SATAttention", "select_neurons", "num_kept", "available_backends",
     "unavailable_backends", "replace_mlp", "set_omission_rate", "revert", "patch_summary", "PatchSummary", "SATMLP",
     "LadderOmissionScheduler", "ConstantOmissionScheduler", "LinearOmissionScheduler", "SATCallback", "sat_stats",
-    "skip_omitted_updates", "PerLayerBudget",
+    "skip_omitted_updates", "PerLayerBudget", "sat_modules",
 ]
 
 

@@ -394,8 +394,17 @@ class SATAttention(_SATWrapper):
 
 
 def sat_modules(model: nn.Module, kind: Optional[str] = None) -> Iterator[Tuple[str, nn.Module]]:
-    """``(name, module)`` of every SAT module in ``model``: of one kind with ``kind="mlp"`` / ``"attention"``."""
-    classes = {None: (SATMLP, SATAttention), "mlp": SATMLP, "attention": SATAttention}[kind]
+    """``(name, module)`` of every SAT module in ``model`` (:class:`SATMLP`, :class:`SATAttention`), in
+    ``named_modules`` order; of one kind with ``kind="mlp"`` / ``"attention"``.
+
+    Example:
+        >>> {name: m.omission_rate for name, m in sk.sat_modules(model, "mlp")}
+        {'model.layers.0.mlp': 0.5, 'model.layers.1.mlp': 0.5}
+    """
+    kinds = {None: (SATMLP, SATAttention), "mlp": SATMLP, "attention": SATAttention}
+    if kind not in kinds:
+        raise ValueError(f"sat_modules: kind must be None, 'mlp' or 'attention', got {kind!r}")
+    classes = kinds[kind]
     for name, module in model.named_modules():
         if isinstance(module, classes):
             yield name, module

@@ -131,7 +131,7 @@ def test_a_wrapped_sat_forward_is_not_a_replacement():
     and keeps it as ``__wrapped__``: SAT runs, and nothing is reported."""
     hooks = pytest.importorskip("accelerate.hooks")
     model = sk.replace_mlp(tiny_model("llama"), 0.5).train()
-    for _, mlp in sk.patching.sat_modules(model):
+    for _, mlp in sk.sat_modules(model):
         hooks.add_hook_to_module(mlp, hooks.ModelHook())
         assert "forward" in mlp.__dict__ and replaced_forward(mlp) is None
     old = model.model.layers[0].mlp.forward

@@ -8,7 +8,6 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import sat_kernels as sk
-from sat_kernels.modules import sat_modules
 
 from helpers import tiny_model
 
@@ -57,7 +56,7 @@ def test_no_grad_training_forward_continues_a_kv_cache():
         want = ref.generate(prompt, max_new_tokens=6, do_sample=False)
         got = model.generate(prompt, max_new_tokens=6, do_sample=False)
         assert torch.equal(got, want)
-        assert model.training and all(m.training for _, m in sat_modules(model))
+        assert model.training and all(m.training for _, m in sk.sat_modules(model))
         steps = []
         for run in (ref, model):
             first = run(prompt, use_cache=True)

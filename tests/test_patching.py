@@ -352,3 +352,18 @@ def test_qwen3_moe_dense_layers_only_with_a_warning_and_pure_moe_refused(caplog)
     with pytest.raises(ValueError, match=r"has no SwiGLU MLP .*Qwen3MoeSparseMoeBlock: mixture of experts: its routed "
                                          r"experts \(Qwen3MoeExperts\) are not supported"):
         sk.replace_mlp(_moe_model("Qwen3MoeConfig", head_dim=12))
+
+
+def test_sat_modules_is_public():
+    model = tiny_model("llama")
+    assert "sat_modules" in sk.__all__ and list(sk.sat_modules(model)) == []
+    sk.replace_attention(sk.replace_mlp(model, 0.5), 0.25)
+    mlps = [(f"model.layers.{i}.mlp", layer.mlp) for i, layer in enumerate(model.model.layers)]
+    attns = [(f"model.layers.{i}.self_attn", layer.self_attn) for i, layer in enumerate(model.model.layers)]
+    assert list(sk.sat_modules(model, "mlp")) == mlps and list(sk.sat_modules(model, "attention")) == attns
+    assert dict(sk.sat_modules(model)) == dict(mlps + attns)
+    assert [m.omission_rate for _, m in sk.sat_modules(model, "attention")] == [0.25, 0.25]
+    with pytest.raises(ValueError, match="sat_modules: kind must be None, 'mlp' or 'attention', got 'heads'"):
+        list(sk.sat_modules(model, "heads"))
+    sk.revert(model)
+    assert list(sk.sat_modules(model)) == []

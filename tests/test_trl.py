@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import sat_kernels as sk
-from sat_kernels.modules import sat_modules
 
 from helpers import tiny_model, word_tokenizer
 
@@ -40,7 +39,7 @@ def _dpo_trainer(tmp_path, model):
         return DPOTrainer(model=model, args=args, train_dataset=data, processing_class=word_tokenizer(),
                           peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=MLP, task_type="CAUSAL_LM"),
                           callbacks=[sk.SATCallback(sk.ConstantOmissionScheduler(0.5))]
-                          if any(True for _ in sat_modules(model)) else [])
+                          if any(True for _ in sk.sat_modules(model)) else [])
 
 
 def test_dpo_reference_log_probs_are_the_unpatched_models(tmp_path):
@@ -86,4 +85,4 @@ def test_grpo_with_sat_attention_and_mlp_trains(tmp_path):
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 2 and all(torch.isfinite(torch.tensor(e["loss"])) for e in logs)
     assert logs[-1]["sat_mlp_kept_min"] == sk.num_kept(136, 0.5) and logs[-1]["sat_attn_kept_min"] == 2
-    assert all(isinstance(m, (sk.SATMLP, sk.SATAttention)) for _, m in sat_modules(trainer.model))
+    assert all(isinstance(m, (sk.SATMLP, sk.SATAttention)) for _, m in sk.sat_modules(trainer.model))
