@@ -73,12 +73,12 @@ def check_projection(owner: str, name: str, proj: nn.Module) -> None:
 @torch._dynamo.disable
 def _in_autograd_function_forward() -> bool:
     """Whether the caller runs inside the forward of a custom ``torch.autograd.Function``: a reentrant activation
-    checkpoint's first pass (``torch.utils.checkpoint(..., use_reentrant=True)``, DeepSpeed's and Megatron's
-    checkpointing), which runs the wrapped function with grad mode off and runs it again with grad mode on in its
-    backward. Found by walking the Python stack for a ``forward(ctx, ...)`` frame whose ``ctx`` is an autograd node;
-    torch sets no flag there. Under ``torch.compile`` this is a graph break (dynamo does not trace the stack walk); the
-    call is only made in training-mode forwards with grad mode off, and dynamo traces a checkpoint inside a compiled
-    region with grad mode on."""
+    checkpoint's first pass (``torch.utils.checkpoint(..., use_reentrant=True)``, and any checkpoint written as an
+    autograd Function, the pattern of DeepSpeed's and Megatron's), which runs the wrapped function with grad mode off
+    and runs it again with grad mode on in its backward. Found by walking the Python stack for a
+    ``forward(ctx, ...)`` frame whose ``ctx`` is an autograd node; torch sets no flag there. Under ``torch.compile``
+    this is a graph break (dynamo does not trace the stack walk); the call is only made in training-mode forwards with
+    grad mode off, and dynamo traces a checkpoint inside a compiled region with grad mode on."""
     frame = sys._getframe(1)
     while frame is not None:
         code = frame.f_code
