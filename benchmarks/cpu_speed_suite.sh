@@ -16,7 +16,7 @@ export PYTHONPATH="$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 run() { echo "## $*"; "$@"; }
 run python benchmarks/cpu_mlp_speed.py --baseline "$BASELINE" --repeats 9 --rates 0.25 0.5 0.75 \
   --shapes 2048x576x1536 2048x640x2048 1024x1024x2816 --out "$OUT/mlp.json"
-run python benchmarks/cpu_mlp_speed.py --baseline "$BASELINE" --repeats 5 --shapes 1024x4096x11008 \
+run python benchmarks/cpu_mlp_speed.py --baseline "$BASELINE" --repeats 3 --shapes 1024x4096x11008 \
   --out "$OUT/mlp_llama2_7b.json"
 run python benchmarks/cpu_mlp_speed.py --baseline "$BASELINE" --repeats 9 --lora-rank 16 \
   --shapes 2048x576x1536 1024x1024x2816 --out "$OUT/mlp_lora_r16.json"

@@ -69,12 +69,16 @@ def main(argv=None):
     p.add_argument("directory")
     args = p.parse_args(argv)
     d = Path(args.directory)
-    for name in ("mlp.json", "mlp_llama2_7b.json", "mlp_lora_r16.json"):
+    for name in ("mlp.json", "mlp_llama2_7b.json", "mlp_lora_r16.json", "mlp_fp32_quiet.json",
+                 "mlp_llama2_7b_fp32_quiet.json"):
         if (d / name).exists():
             print(f"### {name}\n\n{mlp_table(d / name)}\n")
-    attention = sorted(d.glob("attention_*.json"))
+    attention = sorted(p for p in d.glob("attention_*.json") if not p.stem.endswith("_quiet"))
     if attention:
         print(f"### attention\n\n{attention_table(attention)}\n")
+    quiet = sorted(d.glob("attention_*_quiet.json"))
+    if quiet:
+        print(f"### attention_quiet\n\n{attention_table(quiet)}\n")
 
 
 if __name__ == "__main__":

@@ -27,10 +27,10 @@ from sat_kernels.train.model import load_model, load_tokenizer
 SEQ_LEN = {"cpt": 128, "sft": 256}   # the lengths of the 300-step quality runs in the README
 
 
-@torch.no_grad()
 def mean_loss(model, batches) -> float:
-    """Mean of the per-batch losses (the Trainer's loss: mean over labelled tokens of each batch)."""
-    return sum(model(**b).loss.item() for b in batches) / len(batches)
+    """Mean of the per-batch losses (the Trainer's loss: mean over labelled tokens of each batch). Grad mode stays on:
+    a SAT module in training mode runs its dense module when grad mode is off (no backward to accelerate)."""
+    return sum(model(**b).loss.detach().item() for b in batches) / len(batches)
 
 
 def main(argv=None):
@@ -72,7 +72,8 @@ def main(argv=None):
         for metric in args.metrics:
             for strategy in args.strategies:
                 for rate in args.rates:
-                    model = patch(copy.deepcopy(base), rate, metric=metric, strategy=strategy).train()
+                    model = patch(copy.deepcopy(base), rate, metric=metric, strategy=strategy,
+                                  forward="sparse").train()
                     torch.manual_seed(args.seed)   # the draws of "sample" and "random"
                     loss = mean_loss(model, batches)
                     rows.append(dict(task=task, unit=args.unit, metric=metric, strategy=strategy, omission_rate=rate,
