@@ -72,6 +72,8 @@ def activation_scores(a: torch.Tensor, metric: str = "l2", w_down: Optional[torc
     check_choice(metric, METRICS, "metric")
     if metric == "contrib" and w_down is None:
         raise ValueError("metric='contrib' needs w_down")
+    if neuron_dim == 0 and a.dim() == 2 and a.stride(0) == 1 and a.stride(1) != 1:
+        a, neuron_dim = a.t(), 1          # a token-major [T, I] tensor seen as [I, T]: reduce it as stored
     s = _row_norm(a, 1 if metric == "l1" else 2) if neuron_dim == 0 else _norm(a, 1 if metric == "l1" else 2)
     if metric == "contrib":
         s = s * _norm(w_down, 2)
