@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from .lora import lora_parts, peft_adapter
-from .modules import LIGER_ADVICE, SATMLP, callable_path, class_path, is_liger
+from .forwards import LIGER_ADVICE, callable_path, is_liger
+from .modules import SATMLP, class_path
 from .ops.mlp.function import act_fwd
 
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")

@@ -9,7 +9,8 @@ from typing import Dict, Iterable, Iterator, Tuple
 
 from torch import nn
 
-from .modules import LIGER_ADVICE, SATMLP, SATAttention, class_path, replaced_forward, sat_modules
+from .forwards import LIGER_ADVICE, replaced_forward
+from .modules import SATMLP, SATAttention, class_path, sat_modules
 from .patch_checks import ATTENTION_CLASSES, MLP_PARTS, liger_mlp
 
 logger = logging.getLogger("sat_kernels")

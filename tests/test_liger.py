@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import sat_kernels as sk
-from sat_kernels.modules import replaced_forward
+from sat_kernels.forwards import replaced_forward
 
 from helpers import tiny_model
 

@@ -7,7 +7,7 @@ from typing import Optional
 from transformers import TrainerCallback
 
 from ..budget import PerLayerBudget
-from ..modules import replaced_forward
+from ..forwards import replaced_forward
 from ..optim import skip_omitted_updates as _skip_omitted_updates
 from ..patching import sat_modules, set_omission_rate
 from ..schedules import OmissionScheduler
