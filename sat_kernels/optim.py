@@ -98,17 +98,28 @@ def skip_omitted_updates(model: nn.Module, optimizer) -> RemovableHandle:
         raise ValueError("skip_omitted_updates: the model has no SAT modules; call sat_kernels.replace_mlp(model) "
                          "(or replace_attention) first")
     inner = _base_optimizer(optimizer)
-    # per parameter with omitted units: (parameter, omitted indices, unit axis, {name: saved slices})
-    saved: List[Tuple[torch.Tensor, torch.Tensor, int, Dict[str, torch.Tensor]]] = []
+    lazy = _LazyUpdates(model)
+    return _Handles(inner.register_step_pre_hook(lazy.save), inner.register_step_post_hook(lazy.restore))
 
-    def shaped_state(opt, param) -> Dict[str, torch.Tensor]:
+
+class _LazyUpdates:
+    """The two step hooks of :func:`skip_omitted_updates`: ``save`` the omitted units' slices of each parameter and of
+    its optimizer state before the step, ``restore`` them after it."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        # per parameter with omitted units: (parameter, omitted indices, unit axis, {name: saved slices})
+        self.saved: List[Tuple[torch.Tensor, torch.Tensor, int, Dict[str, torch.Tensor]]] = []
+
+    @staticmethod
+    def _shaped_state(opt, param) -> Dict[str, torch.Tensor]:
         return {key: t for key, t in opt.state.get(param, {}).items()
                 if isinstance(t, torch.Tensor) and t.shape == param.shape}
 
-    def save(opt, args, kwargs):
-        saved.clear()
+    def save(self, opt, args, kwargs):
+        self.saved.clear()
         found = []
-        for name, param, axis in _unit_parameters(model):
+        for name, param, axis in _unit_parameters(self.model):
             grad = param.grad
             if grad is None:
                 continue
@@ -125,24 +136,20 @@ def skip_omitted_updates(model: nn.Module, optimizer) -> RemovableHandle:
             if count == 0:
                 continue
             idx = torch.nonzero_static(~kept, size=count).squeeze(1)
-            slices = {key: t.index_select(axis, idx) for key, t in shaped_state(opt, param).items()}
+            slices = {key: t.index_select(axis, idx) for key, t in self._shaped_state(opt, param).items()}
             slices[None] = param.detach().index_select(axis, idx)
-            saved.append((param, idx, axis, slices))
+            self.saved.append((param, idx, axis, slices))
 
-    def restore(opt, args, kwargs):
+    def restore(self, opt, args, kwargs):
         with torch.no_grad():
-            for param, idx, axis, slices in saved:
+            for param, idx, axis, slices in self.saved:
                 param.index_copy_(axis, idx, slices[None])
-                for key, t in shaped_state(opt, param).items():
+                for key, t in self._shaped_state(opt, param).items():
                     if key in slices:
                         t.index_copy_(axis, idx, slices[key])
                     else:   # state this step created (the first): an untouched unit's is zero
                         t.index_fill_(axis, idx, 0)
-        saved.clear()
-
-    pre = inner.register_step_pre_hook(save)
-    post = inner.register_step_post_hook(restore)
-    return _Handles(pre, post)
+        self.saved.clear()
 
 
 class _Handles(RemovableHandle):

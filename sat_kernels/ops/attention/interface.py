@@ -131,13 +131,10 @@ def sat_attention(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_v: to
     same gradient as ``"sparse"`` at the same kept heads, taken at the dense model's loss, with the same saved tensors.
     When every unit is kept (``omission_rate`` 0, or a rate too small to drop one unit) this is the dense attention.
 
-    Unit of selection (grouped-query attention, ``num_kv_heads < num_heads``): ``"head"`` (default) selects query heads;
-    a KV group's ``k_proj``/``v_proj`` rows get gradient when any of its heads is kept. ``"group"`` selects whole KV
-    groups (their ``H / G`` query heads together) and also skips the k/v backward of omitted groups. ``"head"`` is the
-    default because it omits what was asked at a fine grain: with 3 groups, ``"group"`` can only omit 0, 1/3 or 2/3 of
-    the heads (rates 0.25 and 0.5 both give 1/3), and at the same rate ``"head"`` is faster; per kept head ``"group"``
-    is a little cheaper (measured: docs/benchmarks.md, "Unit of selection"). For multi-head attention
-    (``num_kv_heads == num_heads``, Llama-2-7B) the two units are the same.
+    Unit of selection (grouped-query attention): ``"head"`` (default) selects query heads, and a KV group's
+    ``k_proj``/``v_proj`` rows get gradient when any of its heads is kept; ``"group"`` selects whole KV groups and also
+    skips the k/v backward of omitted groups, at a coarser grain (why ``"head"`` is the default: docs/benchmarks.md,
+    "Unit of selection").
 
     Args:
         x: ``[B, T, h]`` hidden states (self-attention, no KV cache).
