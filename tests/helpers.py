@@ -1,6 +1,11 @@
 """Shared test helpers: operands, the fp64 comparison rule, tiny Hugging Face models."""
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import torch
 
 from sat_kernels.ops.reference import reference_mlp
@@ -111,3 +116,15 @@ def word_tokenizer(vocab_size=96):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]", bos_token="[BOS]",
                                    unk_token="[UNK]")
+
+
+def run_interpreter_cases(cases, timeout: int) -> None:
+    """Run the pytest file ``cases`` under ``TRITON_INTERPRET=1`` in a child process (the interpreter is chosen when
+    triton is first imported); assert that it passed with nothing skipped."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(cases)],
+                          cwd=cases.parent.parent, env=env, capture_output=True, text=True, timeout=timeout)
+    tail = proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert re.search(r"\d+ passed", summary) and "skipped" not in summary, tail

@@ -4,10 +4,7 @@ order is refused with the remedy (``swiglu=False``), and Liger without its SwiGL
 themselves run in ``tests/liger_interpreter_cases.py`` (Triton interpreter, subprocess)."""
 import functools
 import importlib.util
-import os
 import re
-import subprocess
-import sys
 import types
 import warnings
 from pathlib import Path
@@ -19,7 +16,7 @@ import torch.nn.functional as F
 import sat_kernels as sk
 from sat_kernels.forwards import replaced_forward
 
-from helpers import tiny_model
+from helpers import run_interpreter_cases, tiny_model
 
 CASES = Path(__file__).with_name("liger_interpreter_cases.py")
 LIGER_SWIGLU = "liger_kernel.transformers.swiglu.LigerSwiGLUMLP.forward"
@@ -214,10 +211,4 @@ def test_liger_without_swiglu_leaves_sat_whole(apply_liger, order):
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel is not installed")
 def test_liger_kernels_with_sat_in_the_triton_interpreter():
     """tests/liger_interpreter_cases.py under TRITON_INTERPRET=1 in a child process (about 15 s on 2 cores)."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES)],
-                          cwd=CASES.parent.parent, env=env, capture_output=True, text=True, timeout=600)
-    tail = proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert proc.returncode == 0, tail
-    summary = proc.stdout.strip().splitlines()[-1]
-    assert re.search(r"\d+ passed", summary) and "skipped" not in summary, tail
+    run_interpreter_cases(CASES, timeout=600)

@@ -8,7 +8,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import re
 import subprocess
 import sys
 import types
@@ -21,7 +20,7 @@ import sat_kernels as sk
 from sat_kernels.ops.mlp import mlp_selector
 from sat_kernels.ops.reference import reference_indices
 
-from helpers import assert_matches_reference, fp64_copies, make_operands, rel_rms
+from helpers import assert_matches_reference, fp64_copies, make_operands, rel_rms, run_interpreter_cases
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 ON_GPU = torch.cuda.is_available() and "triton" in sk.available_backends()
@@ -32,13 +31,7 @@ ROOT = CASES.parent.parent
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_interpreter_cases():
     """tests/triton_interpreter_cases.py under TRITON_INTERPRET=1 in a child process (about 1 minute on 2 cores)."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES)],
-                          cwd=CASES.parent.parent, env=env, capture_output=True, text=True, timeout=900)
-    tail = proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert proc.returncode == 0, tail
-    summary = proc.stdout.strip().splitlines()[-1]
-    assert re.search(r"\d+ passed", summary) and "skipped" not in summary, tail
+    run_interpreter_cases(CASES, timeout=900)
 
 
 def test_unavailable_without_cuda_or_interpreter():

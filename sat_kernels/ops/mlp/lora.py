@@ -103,11 +103,12 @@ class SATLoRAMLPFunction(torch.autograd.Function):
         u, z_u = _adapted_t(x, w_up, xu, a_u, b_u, s_u)                # [I, T], [T, r]
         a = act_fwd(g, act).mul_(u)                                    # [I, T]
         idx = select(a).indices                                        # [k]
-        g_s, u_s, a_s = ops.gather_rows(g, idx), ops.gather_rows(u, idx), ops.gather_rows(a, idx)   # [k, T]
+        g_s, u_s = ops.gather_rows(g, idx), ops.gather_rows(u, idx)    # [k, T]
         del g, u
         if forward == "dense":
             y = torch.mm(a.t(), w_down.t())                            # [T, h]
         else:
+            a_s = ops.gather_rows(a, idx)                              # [k, T]
             y = torch.mm(a_s.t(), ops.gather_cols(w_down, idx).t())   # [T, h]
         m_s = z_d = None
         if a_d is not None:
