@@ -6,6 +6,7 @@ with the same seed, data order, steps and optimizer), then evaluate dense on a h
     sat-train --model path/to/llama --data corpus.txt --steps 500 --omission-rate 0.5 --output-dir runs/x
     sat-train --compare --preset gpu                     # larger settings for one GPU (bf16 autocast)
     sat-train --compare --task sft --lora-rank 16        # LoRA fine-tuning: dense LoRA vs SAT-LoRA
+    sat-train --time-to-quality --preset ttq --precision bf16   # wall-clock for SAT to reach dense's eval loss
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from .runner import LORA_TARGETS, PRECISIONS, SCHEDULERS, LoRASettings, TrainCon
 PRESETS = {
     "cpu": dict(steps=30, seq_len=128, batch_size=4, lr=1e-4, warmup_steps=0, eval_examples=32),
     "gpu": dict(steps=300, seq_len=512, batch_size=16, lr=1e-4, warmup_steps=10, eval_examples=None),
+    # --time-to-quality on a 2-core CPU: 1024-token sequences, where the MLP share of the step is larger than at 128
+    "ttq": dict(steps=60, seq_len=1024, batch_size=1, lr=1e-4, warmup_steps=0, eval_examples=8),
 }
 
 
@@ -72,6 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "write a JSON summary and a loss-curve PNG")
     p.add_argument("--dense-only", action="store_true",
                    help="train only the dense arm (the reference for SAT runs made alone with the same settings)")
+    p.add_argument("--time-to-quality", action="store_true",
+                   help="time-to-quality benchmark: dense trains --steps steps and its final eval loss is the target; "
+                        "SAT (budget --sat-steps-factor x --steps) trains interleaved with it step by step and is "
+                        "evaluated every --eval-every steps; reports SAT's training time to the target / dense's, "
+                        "and SAT's eval loss at dense's time; JSON and PNG (loss vs wall-clock) in --output-dir")
+    p.add_argument("--sat-steps-factor", type=_number(float, lambda v: 1.0 <= v < math.inf, "a number >= 1"),
+                   default=1.5, help="--time-to-quality: the SAT arm's step budget as a multiple of --steps; its "
+                                     "learning-rate and omission schedules span that budget (default 1.5)")
+    p.add_argument("--eval-every", type=_positive_int, default=None,
+                   help="--time-to-quality: steps between evaluations (default: a tenth of --steps)")
+    p.add_argument("--run-to-budget", action="store_true",
+                   help="--time-to-quality: train SAT for its whole budget (default: stop once it has reached the "
+                        "target and trained as long as dense)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="size of the run (default: cpu)")
     p.add_argument("--steps", type=_positive_int, help="optimizer steps")
     p.add_argument("--seq-len", type=_positive_int, help="tokens per block (cpt) or maximum tokens per pair (sft)")
@@ -165,8 +181,14 @@ def config_from_args(args) -> TrainConfig:
 
 def _check_args(parser: argparse.ArgumentParser, args) -> None:
     """Refuse (``parser.error``) options that contradict each other and paths that do not exist."""
-    if args.compare and args.dense_only:
-        parser.error("--compare and --dense-only exclude each other")
+    modes = [f"--{m.replace('_', '-')}" for m in ("compare", "dense_only", "time_to_quality") if getattr(args, m)]
+    if len(modes) > 1:
+        parser.error(f"{' and '.join(modes)} exclude each other")
+    if not args.time_to_quality:
+        given = [o for o, v in (("--eval-every", args.eval_every), ("--run-to-budget", args.run_to_budget or None),
+                                ("--sat-steps-factor", None if args.sat_steps_factor == 1.5 else 1)) if v is not None]
+        if given:
+            parser.error(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --time-to-quality")
     if args.lora_rank is None:
         given = [f"--lora-{n}" for n in ("alpha", "dropout", "targets") if getattr(args, f"lora_{n}") is not None]
         if given:
@@ -288,6 +310,34 @@ def _write_outputs(args, cfg: TrainConfig, report: dict, runs, base_eval: float,
         print(f"saved the trained model to {path}")
 
 
+def _time_to_quality(say, args, cfg: TrainConfig, pristine, order, held_out, pad_id: int, *, sat_steps: int,
+                     base_eval: float, model_name: str, env: dict, data: dict) -> int:
+    """``--time-to-quality``: both arms interleaved (:mod:`sat_kernels.train.time_to_quality`); prints the result and
+    writes ``<name>.json`` and ``<name>.png``."""
+    from .compare import write_json
+    from .time_to_quality import plot, report, run_time_to_quality, summary_line
+
+    eval_every = args.eval_every or max(1, cfg.steps // 10)
+    say(f"time to quality: dense {cfg.steps} steps sets the target; SAT budget {sat_steps} steps; evaluation every "
+        f"{eval_every} steps; both arms interleaved step by step", flush=True)
+    result = run_time_to_quality(pristine, order, held_out, cfg, pad_id=pad_id, sat_steps=sat_steps,
+                                 eval_every=eval_every, base_eval_loss=base_eval,
+                                 stop_at_target=not args.run_to_budget, say=say)
+    record = report(result, cfg=cfg, model_name=model_name, sat_steps=sat_steps, eval_every=eval_every, env=env,
+                    threads=env["threads"], data=data)
+    say(summary_line(record))
+    name = args.name or f"ttq_{cfg.task}_seed{cfg.seed}"
+    out_dir = Path(args.output_dir)
+    attention = f", attention {cfg.attn_omission_rate}" if cfg.attn_omission_rate is not None else ""
+    title = (f"time to dense quality, {cfg.task}: {Path(model_name).name}, {cfg.batch_size} x {cfg.seq_len} tokens, "
+             f"{record['dtype']}, seed {cfg.seed}\nSAT: {cfg.scheduler} from {cfg.omission_rate}{attention}, "
+             f"forward {cfg.forward}; {env['device']}, {record['cpu']['bf16_isa']}, {env['date']}")
+    json_path = write_json(record, out_dir / f"{name}.json")
+    png_path = plot(record, out_dir / f"{name}.png", title)
+    say(f"wrote {json_path} and {png_path}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -309,8 +359,14 @@ def main(argv=None) -> int:
     # Under torchrun every process runs this whole script (the same seed, data and evaluation); rank 0 prints and
     # writes the outputs. Each step takes batch_size examples per process.
     world, main_process = world_size(), is_main_process()
+    if args.time_to_quality and world > 1:
+        parser.error("--time-to-quality runs in one process (both arms interleaved); not under torchrun")
     say = print if main_process else (lambda *a, **k: None)
-    order = training_order(train_all, cfg.steps * cfg.batch_size * world, cfg.seed)
+    sat_steps = None
+    if args.time_to_quality:
+        from .time_to_quality import sat_step_budget
+        sat_steps = sat_step_budget(cfg.steps, args.sat_steps_factor)
+    order = training_order(train_all, (sat_steps or cfg.steps) * cfg.batch_size * world, cfg.seed)
     held_out = evenly_spaced(eval_all, eval_examples)
     pad_id = tokenizer.pad_token_id
     env = environment(device)
@@ -320,6 +376,9 @@ def main(argv=None) -> int:
     base_eval = evaluate(pristine, held_out, pad_id, batch_size=cfg.eval_batch_size, device=device,
                          autocast_dtype=autocast_dtype)
     say(f"eval loss before training: {base_eval:.4f} (perplexity {math.exp(base_eval):.2f})")
+    if args.time_to_quality:
+        return _time_to_quality(say, args, cfg, pristine, order, held_out, pad_id, sat_steps=sat_steps,
+                                base_eval=base_eval, model_name=model_name, env=env, data=data)
     runs, sat_model = _train_arms(say, args, cfg, pristine, order, held_out, pad_id)
     step_times = _step_time_check(say, args, cfg, pristine, order, runs[-1], pad_id)
     if not main_process:

@@ -1,0 +1,310 @@
+"""Time to dense quality (``sat-train --time-to-quality``): how much training wall-clock SAT needs to reach the
+held-out eval loss that dense training reaches in ``N`` steps.
+
+Method (the MLPerf Training measure, wall-clock to a fixed quality target):
+
+1. The dense arm trains ``N`` steps (AdamW, linear warm-up and decay to 0 over its ``N`` steps); its final dense eval
+   loss is the **target**.
+2. The SAT arm trains from the same model, data order, seed and optimizer, with its own step budget
+   ``M = ceil(factor * N)`` (its learning-rate and omission schedules span ``M``), and is evaluated every ``E``
+   steps. ``sat_seconds`` is its training time at the first evaluation whose loss is at or below the target
+   (``None`` when not reached within ``M`` steps); the ratio is ``sat_seconds / dense_seconds``.
+3. Both arms run in **one process, step by step interleaved** (dense step ``s`` and SAT step ``s``, their order
+   alternating), so load from other processes hits both; after step ``N`` the SAT arm runs alone. Only training
+   steps are timed (forward, backward, gradient clipping, optimizer and learning-rate step); evaluation is excluded.
+4. Equal-time figure: SAT's eval loss at the dense arm's training time, interpolated linearly in time between the
+   two evaluations around it.
+
+Evaluations are those of :func:`~sat_kernels.train.runner.evaluate` (eval mode: SAT modules compute the dense
+function), on the same held-out examples for both arms. The loop mirrors the settings of the ``Trainer`` runs of
+``sat-train --compare`` (AdamW without weight decay, gradient clipping at 1.0, linear schedule) and drives the SAT
+arm's schedules through :class:`sat_kernels.SATCallback`, so ``--skip-omitted-updates`` and ``--per-layer-budget``
+apply.
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+import sat_kernels as sk
+
+from .data import collate
+from .runner import TrainConfig, _schedule_callbacks, evaluate, make_model, resolve_device_precision
+from .step_log import synchronize
+
+MAX_GRAD_NORM = 1.0   # the Trainer's default, used by the sat-train --compare runs
+
+
+@dataclass
+class Arm:
+    """One arm of the benchmark: its model, optimizer and schedule, and what it recorded."""
+
+    name: str
+    sat: bool
+    steps: int
+    model: torch.nn.Module = field(repr=False)
+    optimizer: torch.optim.Optimizer = field(repr=False)
+    lr_schedule: object = field(repr=False)
+    callbacks: list = field(repr=False)
+    rate_of: object = field(repr=False)
+    attn_rate_of: object = field(repr=False)
+    step_seconds: List[float] = field(default_factory=list)
+    losses: List[float] = field(default_factory=list)
+    omission_rates: List[float] = field(default_factory=list)
+    attn_omission_rates: List[float] = field(default_factory=list)
+    evals: List[Dict] = field(default_factory=list)   # {"step", "seconds" (training time so far), "eval_loss"}
+    state: object = field(default=None, repr=False)   # what SATCallback reads (the step and the planned steps)
+
+    def seconds(self) -> float:
+        return sum(self.step_seconds)
+
+    def record(self) -> Dict:
+        return {"name": self.name, "sat": self.sat, "steps_budget": self.steps, "steps_run": len(self.losses),
+                "step_seconds": self.step_seconds, "losses": self.losses, "omission_rates": self.omission_rates,
+                "attn_omission_rates": self.attn_omission_rates, "evals": self.evals,
+                "train_seconds": self.seconds()}
+
+
+class _State:
+    """What :class:`sat_kernels.SATCallback` reads from the Trainer's state: the step and the planned steps."""
+
+    def __init__(self, max_steps: int):
+        self.max_steps, self.global_step, self.log_history = max_steps, 0, []
+
+
+def _make_arm(pristine, cfg: TrainConfig, *, sat: bool, steps: int, device) -> Arm:
+    from transformers import get_linear_schedule_with_warmup, set_seed
+
+    set_seed(cfg.seed)
+    model = make_model(pristine, cfg, sat=sat, device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    lr_schedule = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, steps)
+    callbacks, rate_of, attn_rate_of, _ = _schedule_callbacks(cfg, sat)
+    arm = Arm("SAT" if sat else "dense", sat, steps, model, optimizer, lr_schedule, callbacks, rate_of, attn_rate_of)
+    arm.state = _State(steps)
+    for cb in callbacks:
+        cb.on_train_begin(None, arm.state, None, model=model, optimizer=optimizer)
+    return arm
+
+
+def _train_step(arm: Arm, batch: Dict[str, torch.Tensor], step: int, device, autocast_dtype) -> None:
+    """One optimizer step of ``arm`` on ``batch`` (already on ``device``), timed from the forward to the end of the
+    learning-rate step."""
+    arm.state.global_step = step
+    for cb in arm.callbacks:
+        cb.on_step_begin(None, arm.state, None, model=arm.model)
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        loss = arm.model(**batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in arm.optimizer.param_groups for p in g["params"]], MAX_GRAD_NORM)
+    arm.optimizer.step()
+    arm.lr_schedule.step()
+    arm.optimizer.zero_grad(set_to_none=True)
+    synchronize(device)
+    arm.step_seconds.append(time.perf_counter() - start)
+    arm.losses.append(float(loss.detach()))
+    arm.state.global_step = step + 1
+    for cb in arm.callbacks:
+        cb.on_step_end(None, arm.state, None, model=arm.model)
+    arm.omission_rates.append(float(arm.rate_of() or 0.0))
+    if arm.attn_rate_of is not None:
+        arm.attn_omission_rates.append(float(arm.attn_rate_of() or 0.0))
+
+
+def first_reached(evals: Sequence[Dict], target: float) -> Optional[Dict]:
+    """The first evaluation whose loss is at or below ``target`` (``None`` if none)."""
+    return next((e for e in evals if e["eval_loss"] <= target), None)
+
+
+def loss_at_seconds(evals: Sequence[Dict], seconds: float) -> Optional[float]:
+    """Eval loss at training time ``seconds``, linearly interpolated between the evaluations around it (``None``
+    when ``seconds`` is past the last evaluation)."""
+    for a, b in zip(evals, evals[1:]):
+        if a["seconds"] <= seconds <= b["seconds"]:
+            span = b["seconds"] - a["seconds"]
+            w = 0.0 if span <= 0 else (seconds - a["seconds"]) / span
+            return a["eval_loss"] + w * (b["eval_loss"] - a["eval_loss"])
+    return None
+
+
+def seconds_at_loss(evals: Sequence[Dict], target: float) -> Optional[float]:
+    """Training time at which the eval loss first reaches ``target``, linearly interpolated between the last
+    evaluation above it and the first at or below it (``None`` if never reached)."""
+    for a, b in zip(evals, evals[1:]):
+        if a["eval_loss"] > target >= b["eval_loss"]:
+            w = (a["eval_loss"] - target) / (a["eval_loss"] - b["eval_loss"])
+            return a["seconds"] + w * (b["seconds"] - a["seconds"])
+    return evals[0]["seconds"] if evals and evals[0]["eval_loss"] <= target else None
+
+
+def _should_stop(sat: Arm, dense: Arm, target: Optional[float]) -> bool:
+    """The SAT arm may stop early once dense is done, SAT has reached the target and SAT has trained at least as
+    long as dense (so the equal-time loss is known): nothing measured changes, its schedules are those of ``M``."""
+    return (target is not None and len(dense.losses) == dense.steps and first_reached(sat.evals, target) is not None
+            and sat.seconds() >= dense.seconds() and sat.evals[-1]["seconds"] >= dense.seconds())
+
+
+def run_time_to_quality(pristine, order: Sequence[Dict], eval_examples: Sequence[Dict], cfg: TrainConfig, *,
+                        pad_id: int, sat_steps: int, eval_every: int, base_eval_loss: float,
+                        stop_at_target: bool = True, say=print) -> Dict:
+    """Run both arms interleaved (see the module docstring) and return the result dictionary: the target, the
+    times, the ratio, the equal-time losses and each arm's record. ``order`` holds ``sat_steps * batch_size``
+    examples in training order; the dense arm uses its first ``cfg.steps * batch_size``."""
+    if sat_steps < cfg.steps:
+        raise ValueError(f"sat_steps ({sat_steps}) must be at least the dense steps ({cfg.steps})")
+    if eval_every < 1:
+        raise ValueError(f"eval_every must be a positive integer, got {eval_every}")
+    if len(order) < sat_steps * cfg.batch_size:
+        raise ValueError(f"order must hold sat_steps * batch_size = {sat_steps * cfg.batch_size} examples, "
+                         f"got {len(order)}")
+    device, autocast_dtype = resolve_device_precision(cfg.precision)
+    dense = _make_arm(pristine, cfg, sat=False, steps=cfg.steps, device=device)
+    sat = _make_arm(pristine, cfg, sat=True, steps=sat_steps, device=device)
+    for arm in (dense, sat):
+        arm.evals.append({"step": 0, "seconds": 0.0, "eval_loss": base_eval_loss})
+    target = None
+    for s in range(sat_steps):
+        batch = {k: v.to(device) for k, v in
+                 collate(order[s * cfg.batch_size:(s + 1) * cfg.batch_size], pad_id).items()}
+        arms = [a for a in (dense, sat) if s < a.steps]
+        for arm in (arms if s % 2 == 0 else arms[::-1]):
+            _train_step(arm, batch, s, device, autocast_dtype)
+        for arm in arms:
+            done = s + 1
+            if done % eval_every == 0 or done == arm.steps or (arm.sat and done == dense.steps):
+                loss = evaluate(arm.model, eval_examples, pad_id, batch_size=cfg.eval_batch_size, device=device,
+                                autocast_dtype=autocast_dtype)
+                arm.evals.append({"step": done, "seconds": arm.seconds(), "eval_loss": loss})
+                say(f"[{arm.name}] step {done}/{arm.steps}: eval loss {loss:.4f} after {arm.seconds():.1f} s of "
+                    f"training (rate {arm.omission_rates[-1]:.2f})", flush=True)
+        if s + 1 == dense.steps:
+            target = dense.evals[-1]["eval_loss"]
+            say(f"target (dense eval loss after {dense.steps} steps, {dense.seconds():.1f} s): {target:.4f}",
+                flush=True)
+        if stop_at_target and _should_stop(sat, dense, target):
+            say(f"[SAT] reached the target and passed the dense time: stopping at step {s + 1} of {sat_steps}")
+            break
+    for arm in (dense, sat):
+        for cb in arm.callbacks:
+            cb.on_train_end(None, arm.state, None)
+        sk.revert(arm.model)
+    return _result(dense, sat, target)
+
+
+def _result(dense: Arm, sat: Arm, target: float) -> Dict:
+    dense_seconds = dense.seconds()
+    reached = first_reached(sat.evals, target)
+    sat_seconds = reached["seconds"] if reached else None
+    at_dense_time = loss_at_seconds(sat.evals, dense_seconds)
+    sat_at_n = next((e for e in sat.evals if e["step"] == dense.steps), None)
+    per_step = (statistics.median(dense.step_seconds), statistics.median(sat.step_seconds))
+    return {
+        "target_eval_loss": target, "dense_seconds": dense_seconds, "sat_seconds": sat_seconds,
+        "sat_seconds_interpolated": seconds_at_loss(sat.evals, target),
+        "ratio": sat_seconds / dense_seconds if sat_seconds is not None else None,
+        "reached": reached is not None, "sat_steps_to_target": reached["step"] if reached else None,
+        "equal_time": {"sat_eval_loss": at_dense_time,
+                       "rel_diff": (at_dense_time - target) / target if at_dense_time is not None else None},
+        "sat_at_dense_steps": {"eval_loss": sat_at_n["eval_loss"], "seconds": sat_at_n["seconds"],
+                               "rel_diff": (sat_at_n["eval_loss"] - target) / target} if sat_at_n else None,
+        "median_step_seconds": {"dense": per_step[0], "sat": per_step[1]},
+        "step_speedup_median": per_step[0] / per_step[1],
+        "step_speedup_mean": (dense_seconds / len(dense.step_seconds)) / (sat.seconds() / len(sat.step_seconds)),
+        "runs": {"dense": dense.record(), "sat": sat.record()},
+    }
+
+
+def cpu_facts(threads: int) -> Dict:
+    """CPU model name, the ISA flags that matter for bf16 GEMMs, threads."""
+    from ..bench.results import cpu_bf16_isa
+
+    name = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return {"model_name": name, "bf16_isa": cpu_bf16_isa(), "threads": threads, "logical_cpus": os.cpu_count()}
+
+
+def report(result: Dict, *, cfg: TrainConfig, model_name: str, sat_steps: int, eval_every: int, env: Dict,
+           threads: int, data: Dict) -> Dict:
+    """The JSON record of one benchmark run (the fields of benchmarks/results/time_to_quality/README.md)."""
+    _, autocast_dtype = resolve_device_precision(cfg.precision)
+    common = ("task", "steps", "seq_len", "batch_size", "lr", "warmup_steps", "seed", "precision", "eval_batch_size",
+              "lora")
+    sat_config = {k: v for k, v in asdict(cfg).items() if k not in common}
+    return dict(result, model=model_name, task=cfg.task, seed=cfg.seed,
+                dtype="bf16 autocast" if autocast_dtype is not None else "fp32", seq_len=cfg.seq_len,
+                batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps, steps_dense=cfg.steps,
+                steps_sat_budget=sat_steps, eval_every=eval_every, lora=asdict(cfg)["lora"], sat_config=sat_config,
+                cpu=cpu_facts(threads), device=env["device"],
+                versions={k: env[k] for k in ("torch", "transformers", "triton", "python", "cuda", "peft")
+                          if k in env},
+                git_revision=env["git"], date=env["date"], data=data, load_avg=os.getloadavg()[0])
+
+
+def summary_line(r: Dict) -> str:
+    if r["reached"]:
+        head = (f"SAT reached the dense target {r['target_eval_loss']:.4f} after {r['sat_steps_to_target']} steps, "
+                f"{r['sat_seconds']:.1f} s vs dense {r['dense_seconds']:.1f} s: ratio {r['ratio']:.3f}")
+    else:
+        head = (f"SAT did not reach the dense target {r['target_eval_loss']:.4f} within {r['steps_sat_budget']} "
+                f"steps (dense: {r['dense_seconds']:.1f} s)")
+    eq = r["equal_time"]
+    tail = (f"; at the dense time SAT's eval loss is {eq['sat_eval_loss']:.4f} ({100 * eq['rel_diff']:+.2f}%)"
+            if eq["sat_eval_loss"] is not None else "")
+    return head + tail + f"; step speedup {r['step_speedup_median']:.3f}x (median step)"
+
+
+def plot(r: Dict, path: Path, title: str) -> Path:
+    """Eval loss against training wall-clock for both arms, the target line and the point where SAT reaches it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for key, color in (("dense", "tab:blue"), ("sat", "tab:orange")):
+        evals = r["runs"][key]["evals"]
+        ax.plot([e["seconds"] for e in evals], [e["eval_loss"] for e in evals], marker="o", markersize=3,
+                color=color, label=f"{r['runs'][key]['name']} ({r['runs'][key]['steps_run']} steps)")
+    ax.axhline(r["target_eval_loss"], color="gray", linestyle=":", label=f"target {r['target_eval_loss']:.4f}")
+    ax.axvline(r["dense_seconds"], color="tab:blue", linestyle="--", linewidth=0.8)
+    if r["reached"]:
+        ax.scatter([r["sat_seconds"]], [r["target_eval_loss"]], color="tab:red", zorder=5,
+                   label=f"SAT reaches it: {r['ratio']:.3f}x dense time")
+    else:
+        ax.plot([], [], " ", label="SAT: target not reached")
+    ax.set_xlabel("training wall-clock (s; evaluation excluded)")
+    ax.set_ylabel("held-out eval loss")
+    losses = [e["eval_loss"] for k in ("dense", "sat") for e in r["runs"][k]["evals"][1:]]
+    if losses:   # the curve after the first evaluation: the loss before training would flatten the plot
+        lo, hi = min(losses), max(losses)
+        pad = 0.1 * (hi - lo or abs(hi) * 0.01 or 1.0)
+        ax.set_ylim(lo - pad, hi + pad)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def sat_step_budget(steps: int, factor: float) -> int:
+    """``ceil(factor * steps)``, the SAT arm's step budget."""
+    if not (factor >= 1.0 and math.isfinite(factor)):
+        raise ValueError(f"the SAT step factor must be a finite number >= 1, got {factor}")
+    return math.ceil(factor * steps - 1e-9)
