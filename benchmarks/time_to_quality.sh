@@ -20,5 +20,6 @@ for run in "$@"; do
   OMP_NUM_THREADS=${THREADS:-1} sat-train --time-to-quality --preset ttq --model "$model" --task "$task" \
     --seed "$seed" --steps "${STEPS:-40}" --eval-every "${EVAL_EVERY:-8}" --eval-examples "${EVAL_EXAMPLES:-6}" \
     --seq-len "${SEQ:-1024}" --batch-size "$batch" --precision "$PRECISION" --threads "${THREADS:-1}" \
-    --output-dir "$OUT" --name "$name" --no-progress ${EXTRA:-} 2>&1 | grep -v -E "Converting|Loading weights"
+    --eval-batch-size 1 --output-dir "$OUT" --name "$name" --no-progress ${EXTRA:-} 2>&1 \
+    | grep --line-buffered -v -E "Converting|Loading weights"
 done

@@ -16,54 +16,12 @@ from sat_kernels.train import data as D
 from sat_kernels.train.cli import main
 from sat_kernels.train.runner import LORA_TARGETS, LoRASettings, TrainConfig, add_lora, train_run
 
-from helpers import tiny_config
-
-WORDS = ("the function returns a list of values from the given sequence and raises an error when the input is "
-         "empty or not a number so callers check it before use").split()
-CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
-                 "{% if add_generation_prompt %}<s> assistant : {% endif %}")
-
-
-def _documents(n=48, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (int(torch.randint(12, 30, (1,),
-                                                                                          generator=gen)),),
-                                                               generator=gen).tolist()) for _ in range(n)]
-
-
-def _tokenizer(chat_template=None):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    extra = ["what", "does", "do", "?", "user", "assistant", ":", "`"]
-    tok.train_from_iterator([" ".join(WORDS + extra)],
-                            trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>", "<pad>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
-    if chat_template:
-        fast.chat_template = chat_template
-    return fast
+from tiny_train import CHAT_TEMPLATE, documents, tiny_setup, word_tokenizer, write_tiny_dir
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    """A tiny random Llama and its tokenizer saved with save_pretrained, plus cpt/sft corpus files."""
-    from transformers import AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("tiny")
-    tok = _tokenizer(CHAT_TEMPLATE)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=len(tok)))
-    model.save_pretrained(root / "llama")
-    tok.save_pretrained(root / "llama")
-    docs = _documents()
-    (root / "corpus.txt").write_text("\n\n".join(docs) + "\n")
-    with open(root / "pairs.jsonl", "w") as f:
-        for i, d in enumerate(docs):
-            f.write(json.dumps({"prompt": f"what does `{WORDS[i % len(WORDS)]}` do ?", "response": d}) + "\n")
-    return root
+    return write_tiny_dir(tmp_path_factory.mktemp("tiny"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -120,7 +78,7 @@ def test_first_paragraph():
 
 @pytest.mark.parametrize("template", [CHAT_TEMPLATE, None], ids=["chat-template", "no-template"])
 def test_sft_labels_mask_the_prompt(template):
-    tok = _tokenizer(template)
+    tok = word_tokenizer(template)
     pairs = [{"prompt": "what does `sequence` do ?", "response": "the function returns a list of values"},
              {"prompt": "what does `error` do ?", "response": "raises an error when the input is empty"}]
     examples = D.tokenize_sft(pairs, tok, seq_len=64)
@@ -140,8 +98,8 @@ def test_sft_labels_mask_the_prompt(template):
 
 
 def test_pack_cpt_blocks_and_separators():
-    tok = _tokenizer()
-    texts = _documents(6)
+    tok = word_tokenizer()
+    texts = documents(6)
     blocks = D.pack_cpt(texts, tok, seq_len=10)
     stream = []
     for t in texts:
@@ -188,19 +146,10 @@ def test_load_corpus_errors(tmp_path):
 # runner
 
 
-def _tiny_setup(tiny_dir, steps, batch):
-    from sat_kernels.train.model import load_model, load_tokenizer
-
-    tok = load_tokenizer(tiny_dir / "llama")
-    corpus = D.load_corpus(tiny_dir / "corpus.txt", "cpt")
-    train, held = D.tokenize(corpus, tok, 16)
-    return load_model(tiny_dir / "llama"), D.training_order(train, steps * batch, 0), held, tok.pad_token_id
-
-
 def test_runs_share_seed_data_and_optimizer(tiny_dir):
     """Dense twice gives bitwise equal losses; SAT at omission rate 0 runs the dense modules and matches them
     exactly too, so any dense/SAT difference comes from the omission alone."""
-    pristine, order, held, pad = _tiny_setup(tiny_dir, 8, 2)
+    pristine, order, held, pad = tiny_setup(tiny_dir, 8, 2)
     cfg = TrainConfig(steps=8, seq_len=16, batch_size=2, lr=3e-3)
     dense1, m1 = train_run(pristine, order, held, cfg, sat=False, pad_id=pad, progress=False)
     dense2, _ = train_run(pristine, order, held, cfg, sat=False, pad_id=pad, progress=False)
@@ -227,7 +176,7 @@ def test_lora_runs_train_the_same_adapters_on_a_frozen_model(tiny_dir):
     """LoRA: both arms start from the same seeded adapters (SAT at rate 0 reproduces the dense LoRA run bitwise),
     only the adapters train, and omission changes the first step's loss."""
     pytest.importorskip("peft")
-    pristine, order, held, pad = _tiny_setup(tiny_dir, 6, 2)
+    pristine, order, held, pad = tiny_setup(tiny_dir, 6, 2)
     lora = LoRASettings(rank=4)
     assert lora.alpha == 8.0 and lora.targets == LORA_TARGETS
     cfg = TrainConfig(steps=6, seq_len=16, batch_size=2, lr=3e-3, lora=lora)
@@ -467,7 +416,7 @@ def test_cli_lora_errors(tiny_dir, monkeypatch, capsys):
 
 
 def test_attention_rate_is_applied_separately(tiny_dir):
-    pristine, order, held, pad = _tiny_setup(tiny_dir, 4, 2)
+    pristine, order, held, pad = tiny_setup(tiny_dir, 4, 2)
     cfg = TrainConfig(steps=4, seq_len=16, batch_size=2, omission_rate=0.5, attn_omission_rate=0.0,
                       scheduler="constant")
     mlp_only = TrainConfig(steps=4, seq_len=16, batch_size=2, omission_rate=0.5, scheduler="constant")
@@ -488,7 +437,7 @@ def test_runner_schedules_through_the_public_callback(tiny_dir, monkeypatch):
             made.append(self)
 
     monkeypatch.setattr(sk, "SATCallback", Recording)
-    pristine, order, held, pad = _tiny_setup(tiny_dir, 2, 2)
+    pristine, order, held, pad = tiny_setup(tiny_dir, 2, 2)
     cfg = TrainConfig(steps=2, seq_len=16, batch_size=2, omission_rate=0.5, attn_omission_rate=0.25,
                       scheduler="constant")
     result, _ = train_run(pristine, order, held, cfg, sat=True, pad_id=pad, progress=False)
@@ -523,7 +472,7 @@ def test_cli_bad_arguments(argv, message, capsys):
 def test_cli_rejects_unsupported_model_and_data(tiny_dir, tmp_path, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    tok = _tokenizer()
+    tok = word_tokenizer()
     gpt2 = tmp_path / "gpt2"
     cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64)
     GPT2LMHeadModel(cfg).save_pretrained(gpt2)

@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=_non_negative_int, help="linear warm-up steps")
     p.add_argument("--eval-examples", type=_eval_examples,
                    help="held-out blocks (cpt) or pairs (sft) to evaluate, evenly spaced over the split, or 'all'")
+    p.add_argument("--eval-batch-size", type=_positive_int, default=8,
+                   help="sequences per evaluation forward (default 8; lower it for large vocabularies: the logits "
+                        "of a batch are batch x seq-len x vocabulary floats)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model copy, data order and Trainer (default 0)")
     _add_sat_options(p)
     _add_lora_and_output_options(p)
@@ -176,7 +179,8 @@ def config_from_args(args) -> TrainConfig:
                        scheduler=args.scheduler, num_rungs=args.num_rungs, dense_fraction=args.dense_fraction,
                        metric=args.metric, strategy=args.strategy, forward=args.forward,
                        skip_omitted_updates=args.skip_omitted_updates, per_layer_budget=args.per_layer_budget,
-                       backend=args.backend, precision=args.precision, lora=lora)
+                       backend=args.backend, precision=args.precision, eval_batch_size=args.eval_batch_size,
+                       lora=lora)
 
 
 def _check_args(parser: argparse.ArgumentParser, args) -> None:

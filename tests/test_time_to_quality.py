@@ -1,0 +1,106 @@
+"""``sat-train --time-to-quality``: the mechanics (target from the dense arm, SAT's time to it, the ratio, the
+equal-time loss, the JSON record and the plot) on a tiny random Llama, not the outcome."""
+import json
+
+import pytest
+import torch
+
+import sat_kernels as sk
+from sat_kernels.train.cli import main
+from sat_kernels.train.runner import TrainConfig, train_run
+from sat_kernels.train.time_to_quality import (first_reached, loss_at_seconds, run_time_to_quality, sat_step_budget,
+                                               seconds_at_loss)
+
+from tiny_train import tiny_setup, write_tiny_dir
+
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return write_tiny_dir(tmp_path_factory.mktemp("tiny"))
+
+
+EVALS = [{"step": 0, "seconds": 0.0, "eval_loss": 3.0}, {"step": 2, "seconds": 10.0, "eval_loss": 2.5},
+         {"step": 4, "seconds": 20.0, "eval_loss": 2.0}, {"step": 6, "seconds": 30.0, "eval_loss": 2.1}]
+
+
+def test_target_and_time_helpers():
+    assert first_reached(EVALS, 2.5)["step"] == 2 and first_reached(EVALS, 2.05)["step"] == 4
+    assert first_reached(EVALS, 1.9) is None
+    assert seconds_at_loss(EVALS, 2.25) == pytest.approx(15.0)
+    assert seconds_at_loss(EVALS, 3.5) == 0.0 and seconds_at_loss(EVALS, 1.9) is None
+    assert loss_at_seconds(EVALS, 5.0) == pytest.approx(2.75) and loss_at_seconds(EVALS, 25.0) == pytest.approx(2.05)
+    assert loss_at_seconds(EVALS, 31.0) is None
+    assert sat_step_budget(40, 1.5) == 60 and sat_step_budget(7, 1.5) == 11 and sat_step_budget(10, 1.0) == 10
+    with pytest.raises(ValueError, match="finite number >= 1, got 0.5"):
+        sat_step_budget(10, 0.5)
+
+
+def test_dense_arm_is_the_trainer_run(tiny_dir):
+    """The interleaved loop trains the dense arm exactly as the Trainer run of ``sat-train --compare`` does (AdamW,
+    clipping, linear schedule, same batches), and SAT at omission 0 with the same budget reproduces dense: the target
+    is reached at step N."""
+    pristine, order, held, pad = tiny_setup(tiny_dir, 6, 2)
+    cfg = TrainConfig(steps=6, seq_len=16, batch_size=2, lr=3e-3, warmup_steps=2)
+    trainer_run, _ = train_run(pristine, order, held, cfg, sat=False, pad_id=pad, progress=False)
+    cfg0 = TrainConfig(steps=6, seq_len=16, batch_size=2, lr=3e-3, warmup_steps=2, omission_rate=0.0)
+    r = run_time_to_quality(pristine, order, held, cfg0, pad_id=pad, sat_steps=6, eval_every=3,
+                            base_eval_loss=9.0, say=lambda *a, **k: None)
+    dense, sat = r["runs"]["dense"], r["runs"]["sat"]
+    assert dense["losses"] == pytest.approx(trainer_run.losses, rel=1e-5, abs=1e-6)
+    assert r["target_eval_loss"] == pytest.approx(trainer_run.eval_loss, rel=1e-5)
+    assert sat["losses"] == dense["losses"] and [e["eval_loss"] for e in sat["evals"]] == \
+        [e["eval_loss"] for e in dense["evals"]]
+    assert [e["step"] for e in dense["evals"]] == [0, 3, 6]
+    assert r["reached"] and r["sat_steps_to_target"] == 6
+    assert r["ratio"] == pytest.approx(r["sat_seconds"] / r["dense_seconds"])
+    assert r["sat_seconds"] == pytest.approx(sum(sat["step_seconds"]))
+    assert all(not isinstance(m, sk.SATMLP) for m in pristine.modules())
+
+
+def test_cli_time_to_quality_end_to_end(tiny_dir, tmp_path, capsys):
+    """The documented command on the tiny model: dense 6 steps, SAT budget 9, evaluations every 3 steps (and at
+    step 6 for SAT), a JSON record with the fields of benchmarks/results/time_to_quality/README.md and a plot."""
+    out_dir = tmp_path / "ttq"
+    assert main(["--time-to-quality", "--model", str(tiny_dir / "llama"), "--data", str(tiny_dir / "corpus.txt"),
+                 "--steps", "6", "--seq-len", "16", "--batch-size", "2", "--lr", "3e-3", "--eval-every", "3",
+                 "--eval-examples", "4", "--run-to-budget", "--output-dir", str(out_dir), "--name", "t",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "target (dense eval loss after 6 steps" in out and "step speedup" in out
+    r = json.loads((out_dir / "t.json").read_text())
+    assert (out_dir / "t.png").stat().st_size > 10_000
+    for key in ("model", "task", "seed", "dtype", "seq_len", "steps_dense", "target_eval_loss", "dense_seconds",
+                "sat_seconds", "sat_config", "cpu", "versions", "git_revision", "equal_time", "steps_sat_budget"):
+        assert key in r, key
+    assert r["steps_dense"] == 6 and r["steps_sat_budget"] == 9 and r["dtype"] == "fp32" and r["task"] == "cpt"
+    assert r["sat_config"]["omission_rate"] == 0.5 and r["sat_config"]["scheduler"] == "ladder"
+    assert r["cpu"]["threads"] >= 1 and r["versions"]["torch"] == torch.__version__
+    dense, sat = r["runs"]["dense"], r["runs"]["sat"]
+    assert dense["steps_run"] == 6 and sat["steps_run"] == 9, "--run-to-budget trains SAT's whole budget"
+    assert [e["step"] for e in dense["evals"]] == [0, 3, 6] and [e["step"] for e in sat["evals"]] == [0, 3, 6, 9]
+    assert r["target_eval_loss"] == dense["evals"][-1]["eval_loss"]
+    assert r["dense_seconds"] == pytest.approx(sum(dense["step_seconds"]))
+    # the LORS schedule spans SAT's budget of 9 steps: 8 sparse steps in two rungs, 1 dense
+    assert sat["omission_rates"] == [0.5] * 4 + [0.25] * 4 + [0.0]
+    hit = first_reached(sat["evals"], r["target_eval_loss"])
+    if hit is None:
+        assert r["sat_seconds"] is None and r["ratio"] is None and not r["reached"]
+    else:
+        assert r["sat_seconds"] == hit["seconds"] and r["ratio"] == pytest.approx(hit["seconds"] / r["dense_seconds"])
+    eq = r["equal_time"]
+    assert eq["sat_eval_loss"] == pytest.approx(loss_at_seconds(sat["evals"], r["dense_seconds"]))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--time-to-quality", "--compare"], "--compare and --time-to-quality exclude each other"),
+    (["--eval-every", "3"], "--eval-every needs --time-to-quality"),
+    (["--run-to-budget", "--sat-steps-factor", "2"], "--run-to-budget, --sat-steps-factor need --time-to-quality"),
+    (["--time-to-quality", "--sat-steps-factor", "0.5"], "argument --sat-steps-factor: expected a number >= 1"),
+    (["--time-to-quality", "--eval-every", "0"], "argument --eval-every: expected a positive integer, got 0"),
+])
+def test_cli_time_to_quality_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
