@@ -3,9 +3,10 @@
 Arms (each one forward + backward of one ``[T, h]`` batch):
 
 - ``dense``: the dense SwiGLU MLP as Hugging Face ``LlamaMLP`` runs it (``F.linear`` + autograd), the baseline;
-- ``sat``: ``sk.sat_mlp(..., backend="torch")`` of this checkout at the omission rate and forward mode asked;
+- ``sat``: ``sk.sat_mlp(..., backend="torch")`` of this checkout at the omission rate, forward and backward mode
+  asked;
 - ``base``: the same call from the package as it was at ``--baseline REV`` (extracted with ``git archive`` and imported
-  under another name), so a change is measured against its parent in the same run.
+  under another name), so a change is measured against its parent in the same run (``--backward sparse`` rows only).
 
 With ``--lora-rank r`` the three arms are the LoRA MLP on a frozen base instead (adapters of rank ``r`` on gate, up
 and down, gradients for ``x`` and the adapters): ``dense`` is the PEFT forward (``reference_lora_mlp``), ``sat`` and
@@ -13,10 +14,13 @@ and down, gradients for ``x`` and the adapters): ``dense`` is the PEFT forward (
 
 The arms run in turn, in an order reversed every round, so a slow phase of a shared machine hits all of them; each
 figure is the median over rounds of the per-round ratio to ``dense``, printed beside the FLOP limit of
-docs/design.md section 5: ``(4 + 14 rho) / 18`` sparse forward, ``(6 + 12 rho) / 18`` exact forward; on a frozen base
-``(4 + 8 rho) / 12`` and ``(6 + 6 rho) / 12``. ``vs limit`` = ratio / limit (1.0: as fast as the FLOPs allow).
+docs/design.md section 5: ``(4 + 14 rho) / 18`` sparse forward, ``(6 + 12 rho) / 18`` exact forward,
+``(12 + 6 rho) / 18`` exact forward with ``--backward exact_input``; on a frozen base ``(4 + 8 rho) / 12`` and
+``(6 + 6 rho) / 12``. ``vs limit`` = ratio / limit (1.0: as fast as the FLOPs allow). ``exact_input`` rows are made
+for the exact forward only.
 
     python benchmarks/cpu_mlp_speed.py --dtype bf16 fp32 --forward sparse dense --threads 1
+    python benchmarks/cpu_mlp_speed.py --forward dense --backward sparse exact_input --shapes 2048x576x1536
     python benchmarks/cpu_mlp_speed.py --baseline HEAD~1 --out benchmarks/results/cpu_mlp_speed.json
     python benchmarks/cpu_mlp_speed.py --lora-rank 16 --shapes 2048x576x1536
 """
@@ -50,13 +54,15 @@ def _base_lora(base):
     raise ImportError("the baseline has no LoRA MLP op")
 
 
-def limit(rho: float, forward: str, lora: bool) -> float:
+def limit(rho: float, forward: str, lora: bool, backward: str = "sparse") -> float:
     if lora:
         return (4 + 8 * rho) / 12 if forward == "sparse" else (6 + 6 * rho) / 12
+    if backward == "exact_input":
+        return (12 + 6 * rho) / 18
     return (4 + 14 * rho) / 18 if forward == "sparse" else (6 + 12 * rho) / 18
 
 
-def make_arms(T, h, inter, rate, forward, dtype, lora_rank, base):
+def make_arms(T, h, inter, rate, forward, dtype, lora_rank, base, backward="sparse"):
     """``{arm: step()}``: each step runs one forward + backward and drops the gradients."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(T, h, generator=g).to(dtype)
@@ -77,8 +83,8 @@ def make_arms(T, h, inter, rate, forward, dtype, lora_rank, base):
     else:
         leaves = [x.requires_grad_()] + [w.requires_grad_() for w in ws]
         fns = {"dense": lambda: dense_mlp(x, *ws),
-               "sat": lambda: sk.sat_mlp(x, *ws, rate, backend="torch", forward=forward)}
-        if base is not None:
+               "sat": lambda: sk.sat_mlp(x, *ws, rate, backend="torch", forward=forward, backward=backward)}
+        if base is not None and backward == "sparse":
             fns["base"] = lambda: base.sat_mlp(x, *ws, rate, backend="torch", forward=forward)
 
     def step(fn):
@@ -111,19 +117,23 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--shapes", nargs="+", default=SHAPES, help="TxHxI, e.g. 2048x576x1536")
     p.add_argument("--forward", nargs="+", choices=["sparse", "dense"], default=["sparse", "dense"])
+    p.add_argument("--backward", nargs="+", choices=["sparse", "exact_input"], default=["sparse"],
+                   help="MLP backward modes (exact_input: with the dense forward only; not with --lora-rank)")
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["bf16", "fp32"])
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA MLP on a frozen base with adapters of this rank")
     p.add_argument("--baseline", default=None, help="git revision whose sat_mlp is timed in the same rounds")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write the rows and the environment to this JSON file")
     args = p.parse_args(argv)
+    if args.lora_rank and args.backward != ["sparse"]:
+        p.error("--backward exact_input does not apply to the LoRA MLP (--lora-rank)")
     torch.set_num_threads(args.threads)
     base = load_baseline(args.baseline) if args.baseline else None
     env = dict(environment(torch.device("cpu")), threads=args.threads,
                baseline=args.baseline, lora_rank=args.lora_rank, repeats=args.repeats)
     print(f"# {env['device']}, bf16 ISA {env['cpu_bf16']}, torch {env['torch']}, git {env['git']}, "
           f"median of {args.repeats} rounds" + (f", LoRA r{args.lora_rank}" if args.lora_rank else ""))
-    cols = "| dtype | T | h | I | omission | forward | dense ms | SAT ms | SAT/dense | limit | vs limit |"
+    cols = "| dtype | T | h | I | omission | forward | backward | dense ms | SAT ms | SAT/dense | limit | vs limit |"
     print(cols + (" base/dense | base vs limit |" if base else ""))
     print("|---" * (cols.count("|") - 1 + (2 if base else 0)) + "|")
     rows = []
@@ -131,18 +141,22 @@ def main(argv=None):
         for shape in args.shapes:
             T, h, inter = (int(v) for v in shape.split("x"))
             for rate in args.rates:
-                for forward in args.forward:
-                    arms, k = make_arms(T, h, inter, rate, forward, DTYPES[dname], args.lora_rank, base)
+                for forward, backward in [(f, b) for f in args.forward for b in args.backward
+                                          if b == "sparse" or f == "dense"]:
+                    arms, k = make_arms(T, h, inter, rate, forward, DTYPES[dname], args.lora_rank, base, backward)
                     ms, ratio = measure(arms, args.repeats)
-                    lim = limit(k / inter, forward, bool(args.lora_rank))
-                    row = dict(dtype=dname, T=T, h=h, I=inter, omission=rate, forward=forward, k=k,
-                               dense_ms=ms["dense"], sat_ms=ms["sat"], ratio=ratio["sat"], limit=lim,
+                    lim = limit(k / inter, forward, bool(args.lora_rank), backward)
+                    row = dict(dtype=dname, T=T, h=h, I=inter, omission=rate, forward=forward, backward=backward,
+                               k=k, dense_ms=ms["dense"], sat_ms=ms["sat"], ratio=ratio["sat"], limit=lim,
                                vs_limit=ratio["sat"] / lim)
-                    line = (f"| {dname} | {T} | {h} | {inter} | {rate} | {forward} | {ms['dense']:.1f} | "
-                            f"{ms['sat']:.1f} | {ratio['sat']:.3f} | {lim:.3f} | {ratio['sat'] / lim:.3f} |")
-                    if base:
+                    line = (f"| {dname} | {T} | {h} | {inter} | {rate} | {forward} | {backward} | "
+                            f"{ms['dense']:.1f} | {ms['sat']:.1f} | {ratio['sat']:.3f} | {lim:.3f} | "
+                            f"{ratio['sat'] / lim:.3f} |")
+                    if "base" in ms:
                         row.update(base_ms=ms["base"], base_ratio=ratio["base"])
                         line += f" {ratio['base']:.3f} | {ratio['base'] / lim:.3f} |"
+                    elif base:
+                        line += " - | - |"
                     rows.append(row)
                     print(line, flush=True)
     if args.out:

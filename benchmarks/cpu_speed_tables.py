@@ -16,7 +16,10 @@ def _load(path: Path):
 
 
 def _key(row):
-    return row["T"], row["h"], row["I"], row["omission"], row["forward"]
+    """The row's shape, omission and mode: its forward mode, with `` / exact_input`` for that backward."""
+    backward = row.get("backward", "sparse")   # results written before the option have sparse backwards only
+    mode = row["forward"] if backward == "sparse" else f"{row['forward']} / {backward}"
+    return row["T"], row["h"], row["I"], row["omission"], mode
 
 
 def mlp_table(path: Path) -> str:

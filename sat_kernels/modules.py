@@ -10,8 +10,8 @@ from torch import nn
 
 from .lora import lora_parts, peft_adapter
 from .ops.attention import DEFAULT_UNIT, UNITS, sat_attention_kept
-from .ops.mlp import sat_lora_mlp, sat_mlp_kept
-from .selection import DEFAULT_FORWARD, FORWARD_MODES, check_choice, check_omission_rate, num_kept
+from .ops.mlp import check_backward, sat_lora_mlp, sat_mlp_kept
+from .selection import DEFAULT_BACKWARD, DEFAULT_FORWARD, FORWARD_MODES, check_choice, check_omission_rate, num_kept
 
 _CACHE_ARGS = ("cache", "past_key_values", "past_key_value")
 
@@ -213,17 +213,29 @@ class SATMLP(_SATWrapper):
             keeps the neurons chosen from the global batch.
         forward: ``"dense"`` (default: exact forward output, sparse backward) or ``"sparse"``, as in
             :func:`sat_kernels.sat_mlp`; stored as ``forward_mode``.
+        backward: ``"sparse"`` (default) or ``"exact_input"`` (with ``forward="dense"``: the dense input gradient,
+            weight gradients of the kept neurons only; not on PEFT LoRA projections), as in
+            :func:`sat_kernels.sat_mlp`; stored as ``backward_mode``.
     """
 
     _STATS_PROJ = "gate_proj"
 
     def __init__(self, mlp: nn.Module, act: str, omission_rate: float = 0.5, *, metric: str = "l2",
                  strategy: str = "topk", backend: str = "auto", sync_selection=None,
-                 forward: str = DEFAULT_FORWARD):
+                 forward: str = DEFAULT_FORWARD, backward: str = DEFAULT_BACKWARD):
         super().__init__(mlp, ((name, getattr(mlp, name)) for name in ("gate_proj", "up_proj", "down_proj")))
         self.act = act
         self.configure(omission_rate, metric=metric, strategy=strategy, backend=backend,
-                       sync_selection=sync_selection, forward=forward)
+                       sync_selection=sync_selection, forward=forward, backward=backward)
+
+    def configure(self, omission_rate: float, *, metric: str, strategy: str, backend: str, sync_selection,
+                  forward: str, backward: str = DEFAULT_BACKWARD) -> None:
+        """The shared settings (:meth:`_SATWrapper.configure`) and ``backward``, stored as ``backward_mode``, checked
+        against ``forward`` and ``backend`` first."""
+        check_backward(backward, forward, backend)
+        super().configure(omission_rate, metric=metric, strategy=strategy, backend=backend,
+                          sync_selection=sync_selection, forward=forward)
+        self.backward_mode = backward
 
     def _count_kept(self) -> None:
         self._units = self.gate_proj.out_features
@@ -247,8 +259,13 @@ class SATMLP(_SATWrapper):
         if all(adapter is None for adapter in adapters):
             y = sat_mlp_kept(x, *weights, self._kept, metric=self.metric, strategy=self.strategy, act=self.act,
                              backend=self.backend, sync_selection=self.sync_selection, forward=self.forward_mode,
-                             stats=stats)
+                             backward=self.backward_mode, stats=stats)
         else:
+            if self.backward_mode != "sparse":
+                names = [name for name, adapter in zip(("gate_proj", "up_proj", "down_proj"), adapters) if adapter]
+                raise ValueError(f"SATMLP: backward={self.backward_mode!r} is not supported with PEFT LoRA adapters "
+                                 f"(on {', '.join(names)}): the base weights are frozen, so it would skip no weight "
+                                 f"gradient and save nothing; use replace_mlp(..., backward='sparse')")
             if self.backend not in ("auto", "torch"):
                 raise ValueError(f"SATMLP: backend={self.backend!r} has no LoRA path; SAT on PEFT LoRA projections "
                                  f"runs on the torch backend: use backend='auto' or 'torch'")
@@ -259,7 +276,8 @@ class SATMLP(_SATWrapper):
 
     def extra_repr(self) -> str:
         return (f"omission_rate={self.omission_rate}, metric={self.metric!r}, strategy={self.strategy!r}, "
-                f"act={self.act!r}, backend={self.backend!r}, forward={self.forward_mode!r}")
+                f"act={self.act!r}, backend={self.backend!r}, forward={self.forward_mode!r}, "
+                f"backward={self.backward_mode!r}")
 
 
 class SATAttention(_SATWrapper):

@@ -16,12 +16,14 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 from torch import nn
 
 from .backends import resolve_backend
+from .lora import peft_adapter
 from .modules import SATMLP, SATAttention, sat_modules
 from .ops.attention import DEFAULT_UNIT, UNITS
 from .ops.attention.checks import check_attention_backend
+from .ops.mlp import check_backward
 from .patch_checks import ATTENTION_CLASSES, check_attention, check_mlp, supported_attentions, swiglu_mlps
-from .selection import ATTENTION_STRATEGIES, DEFAULT_FORWARD, FORWARD_MODES, METRICS, STRATEGIES, check_choice, \
-    check_omission_rate
+from .selection import ATTENTION_STRATEGIES, BACKWARD_MODES, DEFAULT_BACKWARD, DEFAULT_FORWARD, FORWARD_MODES, \
+    METRICS, STRATEGIES, check_choice, check_omission_rate
 from .summary import PatchSummary, log_summary, patch_summary, summarize, warn_replaced_forwards
 
 __all__ = ["replace_mlp", "replace_attention", "set_omission_rate", "revert", "patch_summary", "PatchSummary",
@@ -53,7 +55,8 @@ def _targets(fn: str, model: nn.Module, omission_rate: float, *, kind: str,
 
 
 def replace_mlp(model: nn.Module, omission_rate: float = 0.5, *, metric: str = "l2", strategy: str = "topk",
-                backend: str = "auto", sync_selection=None, forward: str = DEFAULT_FORWARD) -> nn.Module:
+                backend: str = "auto", sync_selection=None, forward: str = DEFAULT_FORWARD,
+                backward: str = DEFAULT_BACKWARD) -> nn.Module:
     """Replace every SwiGLU MLP of ``model`` by a :class:`SATMLP` sharing its parameters, in place.
 
     Training-mode forwards then keep ``1 - omission_rate`` of the intermediate neurons per layer and step; ``eval()``
@@ -71,21 +74,35 @@ def replace_mlp(model: nn.Module, omission_rate: float = 0.5, *, metric: str = "
         forward: ``"dense"`` (default: exact forward output, backward over the kept neurons only) or ``"sparse"``
             (omitted neurons are left out of the output too, the paper's mode); see :func:`sat_kernels.sat_mlp` and
             ``DEFAULT_FORWARD`` in :mod:`sat_kernels.selection` for the measurements behind the default.
+        backward: ``"sparse"`` (default: the whole backward over the kept neurons) or ``"exact_input"`` (with
+            ``forward="dense"``, on the torch backend: the input gradient through every neuron, the dense one, and
+            weight gradients of the kept neurons only; refused on MLPs with PEFT LoRA projections); see
+            :func:`sat_kernels.sat_mlp`. Stored on each module as ``backward_mode``.
 
     Example:
         >>> model = sk.replace_mlp(AutoModelForCausalLM.from_pretrained(path), omission_rate=0.5)
     """
+    check_backward(backward, forward, backend)   # first: its backend message is clearer than "not available"
     rate, found, patched = _targets(
         "replace_mlp", model, omission_rate, kind="mlp", find=swiglu_mlps,
         itself="an MLP; pass the model that contains it, or wrap it in SATMLP",
-        choices={"metric": (metric, METRICS), "strategy": (strategy, STRATEGIES), "forward": (forward, FORWARD_MODES)},
+        choices={"metric": (metric, METRICS), "strategy": (strategy, STRATEGIES), "forward": (forward, FORWARD_MODES),
+                 "backward": (backward, BACKWARD_MODES)},
         backend=backend, check_backend=resolve_backend)
     if not found and not patched:
         skipped = "".join(f"; its layers' {cls}: {why}" for cls, why in summarize(model, "mlp").skipped.items())
         raise ValueError(f"replace_mlp: {type(model).__name__} has no SwiGLU MLP (a module with gate_proj, up_proj, "
                          f"down_proj and act_fn){skipped}; supported: Llama, Mistral, Qwen2, Qwen3 and decoders with "
                          f"that layout")
-    settings = dict(metric=metric, strategy=strategy, backend=backend, sync_selection=sync_selection, forward=forward)
+    if backward != "sparse":
+        lora = [f"{name}.{proj}" for name, mlp in found + patched for proj in ("gate_proj", "up_proj", "down_proj")
+                if peft_adapter(getattr(mlp, proj)) is not None]
+        if lora:
+            raise ValueError(f"replace_mlp: backward={backward!r} is not supported on MLPs with PEFT adapters "
+                             f"({', '.join(lora[:3])}{', ...' if len(lora) > 3 else ''}): the base weights are frozen, "
+                             f"so it would skip no weight gradient and save nothing; use backward='sparse'")
+    settings = dict(metric=metric, strategy=strategy, backend=backend, sync_selection=sync_selection, forward=forward,
+                    backward=backward)
     acts = {name: check_mlp(name, mlp) for name, mlp in found}   # check all before changing any
     for name, mlp in found:
         _set_child(model, name, SATMLP(mlp, acts[name], rate, **settings))

@@ -24,6 +24,11 @@ FORWARD_MODES = ("sparse", "dense")
 # +2.15% / +5.58% for "sparse", at step speedups within the noise of each other (docs/quality.md). The
 # functional ops (sat_mlp, sat_attention) keep "sparse", the semantics of the masked-dense reference.
 DEFAULT_FORWARD = "dense"
+# The MLP's backward: "sparse" runs all of it over the kept neurons (dx included); "exact_input" (forward="dense"
+# only) computes the input gradient dx through every neuron, exactly the dense one, and skips only the omitted
+# neurons' weight gradients (docs/design.md section 2).
+BACKWARD_MODES = ("sparse", "exact_input")
+DEFAULT_BACKWARD = "sparse"
 
 
 def check_omission_rate(omission_rate, name: str = "omission_rate") -> float:

@@ -24,14 +24,29 @@ def test_sat_mlp_cuda_matches_fp64_reference(shape, dtype):
     assert (ours[2][omitted] == 0).all() and (ours[4][:, omitted] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: "T{}-h{}-I{}".format(*s))
+def test_exact_input_backward_cuda_matches_fp64_reference(shape, dtype):
+    """backward="exact_input" runs the torch backend's code on CUDA too ("auto" routes it there)."""
+    operands, dy = make_operands(*shape, dtype, device="cuda")
+    exact = dict(forward="dense", backward="exact_input")
+    _, idx = sk.sat_mlp(*operands, 0.5, **exact, return_indices=True)
+    ours = assert_matches_reference(lambda *o: sk.sat_mlp(*o, 0.5, **exact), operands, dy, idx, **exact)
+    omitted = torch.ones(shape[2], dtype=torch.bool, device="cuda")
+    omitted[idx] = False
+    assert (ours[2][omitted] == 0).all() and (ours[4][:, omitted] == 0).all()
+
+
+@pytest.mark.parametrize("backward", ["sparse", "exact_input"])
 @pytest.mark.parametrize("strategy", ["topk", "sample", "random"])
-def test_no_host_sync_in_forward_and_backward(strategy):
+def test_no_host_sync_in_forward_and_backward(strategy, backward):
     operands, dy = make_operands(256, 128, 512, torch.bfloat16, device="cuda")
-    sk.sat_mlp(*operands, 0.5, strategy=strategy).backward(dy)   # warm-up (lazy init may sync)
+    modes = dict(forward="dense", backward=backward) if backward != "sparse" else {}
+    sk.sat_mlp(*operands, 0.5, strategy=strategy, **modes).backward(dy)   # warm-up (lazy init may sync)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        sk.sat_mlp(*operands, 0.5, strategy=strategy).backward(dy)
+        sk.sat_mlp(*operands, 0.5, strategy=strategy, **modes).backward(dy)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

@@ -324,6 +324,19 @@ def test_cli_dense_forward(tiny_dir, tmp_path, capsys):
     assert list(alone) == ["dense"] and alone["dense"]["losses"] == dense["losses"]
 
 
+def test_cli_exact_input_backward(tiny_dir, tmp_path, capsys):
+    """--backward exact_input: recorded in the JSON config; the exact forward keeps the first loss, the sparse weight
+    gradients change the later ones."""
+    _run_cli(["--model", str(tiny_dir / "llama"), "--data", str(tiny_dir / "corpus.txt"), "--compare", "--steps", "3",
+              "--seq-len", "16", "--batch-size", "2", "--scheduler", "constant", "--backward", "exact_input",
+              "--output-dir", str(tmp_path), "--timing-repeats", "0", "--no-progress"], capsys)
+    report = json.loads((tmp_path / "train_cpt.json").read_text())
+    assert report["config"]["backward"] == "exact_input" and report["config"]["forward"] == "dense"
+    sat, dense = report["runs"]["SAT"], report["runs"]["dense"]
+    assert sat["losses"][0] == pytest.approx(dense["losses"][0], rel=1e-6)
+    assert sat["losses"][2] != pytest.approx(dense["losses"][2], rel=1e-6)
+
+
 def test_cli_skip_omitted_updates(tiny_dir, tmp_path, capsys):
     """--skip-omitted-updates: the same first two losses (the first step's update of kept neurons is the plain one
     and no weight decay moves the others), different ones once AdamW's momentum would move omitted neurons."""

@@ -29,15 +29,33 @@ def _masked_gradient(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return t * mask + (t * (1 - mask)).detach()
 
 
+def _weight_gradient_scaled(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``w`` itself in value (exactly: ``w + (w*scale - w*scale)``), with gradient ``scale * grad``."""
+    ws = w * scale
+    return w.detach() + (ws - ws.detach())
+
+
 def reference_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                   indices: Optional[torch.Tensor] = None, *, act: str = "silu", forward: str = "sparse",
-                  weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  weights: Optional[torch.Tensor] = None, backward: str = "sparse") -> torch.Tensor:
     """``y = W_down (m * act(W_gate x) * (W_up x))`` with ``m`` the 0/1 mask of ``indices`` (all ones if ``None``).
 
     ``forward="dense"`` (the exact-forward mode): ``y`` is the unmasked output, and the gradient is that of the masked
     one: the activations and the columns of ``W_down`` pass their value everywhere and their gradient only at kept
     neurons. ``weights`` ``[k]`` (``strategy="priority"``): ``m`` holds them at ``indices`` instead of ones.
+
+    ``backward="exact_input"`` (with ``forward="dense"``): ``y`` and every gradient of the dense MLP, but the
+    gradients of the weights themselves multiplied by ``m`` (rows of ``W_gate``/``W_up``, columns of ``W_down``), so
+    ``dx`` is the dense one and the omitted neurons' weight gradients are zero.
     """
+    if indices is not None and backward == "exact_input":
+        if forward != "dense":
+            raise ValueError("backward='exact_input' needs forward='dense'")
+        mask = torch.zeros(w_gate.shape[0], dtype=w_gate.dtype, device=w_gate.device)
+        mask[indices] = 1 if weights is None else weights.to(mask.dtype)
+        w_gate, w_up = (_weight_gradient_scaled(w, mask[:, None]) for w in (w_gate, w_up))
+        w_down = _weight_gradient_scaled(w_down, mask[None, :])
+        indices = None
     a = _act(F.linear(x, w_gate), act) * F.linear(x, w_up)
     if indices is not None:
         mask = torch.zeros(w_gate.shape[0], dtype=a.dtype, device=a.device)

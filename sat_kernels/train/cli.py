@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_sat_options(p: argparse.ArgumentParser) -> None:
     """The SAT arm: omission rates and schedule, selection, forward mode, kernels, precision."""
     from ..backends import BACKENDS
-    from ..selection import DEFAULT_FORWARD, FORWARD_MODES, METRICS, STRATEGIES
+    from ..selection import BACKWARD_MODES, DEFAULT_BACKWARD, DEFAULT_FORWARD, FORWARD_MODES, METRICS, STRATEGIES
 
     p.add_argument("--omission-rate", type=_rate, default=0.5,
                    help="initial MLP omission rate in [0, 1) (default 0.5)")
@@ -129,6 +129,10 @@ def _add_sat_options(p: argparse.ArgumentParser) -> None:
                    help="sparse: omitted neurons (and heads) are left out of the forward output too (the paper's "
                         "mode); dense: exact forward output, backward over the kept neurons (heads) only (default: "
                         "dense)")
+    p.add_argument("--backward", choices=BACKWARD_MODES, default=DEFAULT_BACKWARD,
+                   help="MLP backward: sparse: over the kept neurons only, input gradient included; exact_input "
+                        "(with --forward dense, not with --lora-rank): the input gradient through every neuron (the "
+                        "dense one), weight gradients of the kept neurons only (default: sparse)")
     p.add_argument("--skip-omitted-updates", action="store_true",
                    help="AdamW leaves the omitted neurons (heads) alone in each step: no momentum step, their "
                         "optimizer state kept (sat_kernels.skip_omitted_updates; default: every weight updated)")
@@ -177,7 +181,7 @@ def config_from_args(args) -> TrainConfig:
                        lr=pick("lr"), warmup_steps=pick("warmup_steps"), seed=args.seed,
                        omission_rate=args.omission_rate, attn_omission_rate=args.attn_omission_rate,
                        scheduler=args.scheduler, num_rungs=args.num_rungs, dense_fraction=args.dense_fraction,
-                       metric=args.metric, strategy=args.strategy, forward=args.forward,
+                       metric=args.metric, strategy=args.strategy, forward=args.forward, backward=args.backward,
                        skip_omitted_updates=args.skip_omitted_updates, per_layer_budget=args.per_layer_budget,
                        backend=args.backend, precision=args.precision, eval_batch_size=args.eval_batch_size,
                        lora=lora)
@@ -193,6 +197,11 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
                                 ("--sat-steps-factor", None if args.sat_steps_factor == 1.5 else 1)) if v is not None]
         if given:
             parser.error(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --time-to-quality")
+    if args.backward == "exact_input" and args.forward != "dense":
+        parser.error(f"--backward exact_input needs --forward dense, got --forward {args.forward}")
+    if args.backward == "exact_input" and args.lora_rank is not None:
+        parser.error("--backward exact_input is not supported with --lora-rank (the frozen base gets no weight "
+                     "gradient to skip); use --backward sparse")
     if args.lora_rank is None:
         given = [f"--lora-{n}" for n in ("alpha", "dropout", "targets") if getattr(args, f"lora_{n}") is not None]
         if given:

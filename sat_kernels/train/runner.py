@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import sat_kernels as sk
 
-from ..selection import DEFAULT_FORWARD
+from ..selection import DEFAULT_BACKWARD, DEFAULT_FORWARD
 from .data import IGNORE_INDEX, collate
 from .step_log import make_step_log, synchronize
 
@@ -70,6 +70,7 @@ class TrainConfig:
     metric: str = "l2"
     strategy: str = "topk"
     forward: str = DEFAULT_FORWARD
+    backward: str = DEFAULT_BACKWARD
     skip_omitted_updates: bool = False
     per_layer_budget: bool = False
     backend: str = "auto"
@@ -169,7 +170,7 @@ def add_lora(model, cfg: TrainConfig):
 
 def _patch(model, cfg: TrainConfig):
     sk.replace_mlp(model, cfg.omission_rate, metric=cfg.metric, strategy=cfg.strategy, backend=cfg.backend,
-                   forward=cfg.forward)
+                   forward=cfg.forward, backward=cfg.backward)
     if cfg.attn_omission_rate is not None:
         sk.replace_attention(model, cfg.attn_omission_rate, metric=cfg.metric, strategy=cfg.strategy,
                              forward=cfg.forward)

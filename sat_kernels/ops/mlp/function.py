@@ -20,6 +20,12 @@ It is the same in both forward modes: with ``forward="dense"`` the loss is the d
 taken through the kept neurons only. FLOPs per ``T*h*I`` (forward + backward): ``4 + 14*rho`` sparse, ``6 + 12*rho``
 dense forward, 18 dense.
 
+``backward="exact_input"`` (with ``forward="dense"`` only) keeps the input gradient exact: it saves ``G^T`` and
+``U^T`` of every neuron instead of the kept rows, and its backward runs ``dA^T = W_down^T dy^T``, the SwiGLU backward
+and ``dx = dG W_gate + dU W_up`` over all ``I`` neurons (full GEMMs, no gathers), then the weight gradients over the
+kept rows of ``dG^T``/``dU^T``/``A^T`` only (3 GEMMs of ``2*T*h*k`` FLOPs, scattered into zeros as above). The kept
+neurons' weight gradients are those of the sparse backward; ``dx`` is the dense MLP's. FLOPs: ``12 + 6*rho``.
+
 ``gathered_mlp`` with a given index set skips the dense gate/up projections: it gathers the kept weight rows first.
 """
 from __future__ import annotations
@@ -106,24 +112,32 @@ class SATMLPFunction(torch.autograd.Function):
     the kept set with ``ops.select_neurons`` (``sat_mlp``). Its :class:`~sat_kernels.ops.selector.Selection` may
     carry per-neuron weights ``[k]`` (priority sampling): the kept neurons' activations are scaled by them (in ``y``
     with the sparse forward, and in the gradient). ``forward="dense"`` (only with a selector) computes ``y`` over
-    every neuron; the backward is unchanged.
+    every neuron; the backward is unchanged. ``backward="exact_input"`` (only with a selector and
+    ``forward="dense"``) saves the full pre-activations and computes ``dx`` through every neuron; the weight
+    gradients stay over the kept neurons (scaled by the priority weights, if any; ``dx`` is exact and is not).
     """
 
     @staticmethod
-    def forward(ctx, x, w_gate, w_up, w_down, select, act: str, ops, forward: str = "sparse"):
+    def forward(ctx, x, w_gate, w_up, w_down, select, act: str, ops, forward: str = "sparse",
+                backward: str = "sparse"):
         weight, nm = None, neuron_major(x)
         if isinstance(select, torch.Tensor):
             idx = select
             g_s = _units_mm(ops.gather_rows(w_gate, idx), x.t(), nm)  # [k, T]
             u_s = _units_mm(ops.gather_rows(w_up, idx), x.t(), nm)    # [k, T]
             a_s = act_fwd(g_s, act).mul_(u_s)                          # [k, T]
-            forward = "sparse"
+            forward = backward = "sparse"
         else:
             g = _units_mm(w_gate, x.t(), nm)                           # [I, T]
             u = _units_mm(w_up, x.t(), nm)                             # [I, T]
             a = act_fwd(g, act).mul_(u)                                # [I, T]
             idx, _, weight = select(a, select_fn=ops.select_neurons)  # [k]; weight [k] fp32 with "priority"
-            g_s, u_s = ops.gather_rows(g, idx), ops.gather_rows(u, idx)   # [k, T]
+            if backward == "exact_input":
+                # dx needs every neuron's G and U; saving them (2 [I, T]) is cheaper than recomputing them from x
+                # (two more T*h*I GEMMs in the backward)
+                g_s, u_s = g, u                                        # [I, T]
+            else:
+                g_s, u_s = ops.gather_rows(g, idx), ops.gather_rows(u, idx)   # [k, T]
             del g, u
             if forward == "dense":
                 y = torch.mm(a.t(), w_down.t())                        # [T, h]
@@ -135,16 +149,23 @@ class SATMLPFunction(torch.autograd.Function):
         if forward != "dense":
             y = torch.mm(a_s.t(), ops.gather_cols(w_down, idx).t())   # [T, h]
         ctx.save_for_backward(x, w_gate, w_up, w_down, idx, g_s, u_s, weight)
-        ctx.act, ctx.ops = act, ops
+        ctx.act, ctx.ops, ctx.backward = act, ops, backward
         ctx.mark_non_differentiable(idx)
         return y, idx
 
     @staticmethod
     def backward(ctx, dy, _didx):
         x, w_gate, w_up, w_down, idx, g_s, u_s, weight = ctx.saved_tensors
-        act, ops, n = ctx.act, ctx.ops, w_gate.shape[0]
-        need_x, need_wg, need_wu, need_wd = ctx.needs_input_grad[:4]
+        ops = ctx.ops
         dy = dy.contiguous()
+        if ctx.backward == "exact_input":
+            if ctx.needs_input_grad[0]:
+                grads = _exact_input_grads(ctx, dy, x, w_gate, w_up, w_down, idx, g_s, u_s, weight)
+                return (*grads, None, None, None, None, None)
+            # no dx: the kept neurons' weight gradients are all there is, and the sparse backward computes them
+            g_s, u_s = ops.gather_rows(g_s, idx), ops.gather_rows(u_s, idx)   # [k, T]
+        act, n = ctx.act, w_gate.shape[0]
+        need_x, need_wg, need_wu, need_wd = ctx.needs_input_grad[:4]
         wd_s = ops.gather_cols(w_down, idx)                            # [h, k]
         da_s = _units_mm(wd_s.t(), dy.t(), neuron_major(dy))          # [k, T]
         act_g = act_fwd(g_s, act)                                      # [k, T]
@@ -164,10 +185,43 @@ class SATMLPFunction(torch.autograd.Function):
         if need_x:
             dx = torch.mm(dg_s.t(), ops.gather_rows(w_gate, idx))     # [T, h]
             dx.addmm_(du_s.t(), ops.gather_rows(w_up, idx))
-        return dx, dwg, dwu, dwd, None, None, None, None
+        return dx, dwg, dwu, dwd, None, None, None, None, None
+
+
+def _exact_input_grads(ctx, dy, x, w_gate, w_up, w_down, idx, g, u, weight):
+    """``(dx, dW_gate, dW_up, dW_down)`` of ``backward="exact_input"``: ``dA``, the SwiGLU backward and ``dx`` over
+    every neuron (``g``, ``u``: the full ``[I, T]`` pre-activations, in the layout of :func:`neuron_major`), the
+    weight gradients over the kept rows ``idx`` only, scaled by the priority weights ``weight`` ``[k]`` if given."""
+    act, ops, n = ctx.act, ctx.ops, w_gate.shape[0]
+    _, need_wg, need_wu, need_wd = ctx.needs_input_grad[:4]
+    da = _units_mm(w_down.t(), dy.t(), neuron_major(dy))              # [I, T]
+    act_g = act_fwd(g, act)                                            # [I, T]
+    dg = act_bwd(da * u, g, act)                                       # [I, T]
+    du = da.mul_(act_g)                                                # [I, T]
+    dx = torch.mm(dg.t(), w_gate)                                      # [T, h]
+    dx.addmm_(du.t(), w_up)
+    if weight is not None:                                             # priority: the kept neurons' weights
+        weight = weight.to(dg.dtype)[:, None]
+
+    def kept_rows_grad(d, w):                                          # d [I, T] -> zeros [I, h] but kept rows
+        d_s = ops.gather_rows(d, idx)                                  # [k, T]
+        if weight is not None:
+            d_s.mul_(weight)
+        return ops.scatter_rows(torch.mm(d_s, x).to(w.dtype), idx, n)
+
+    dwg = kept_rows_grad(dg, w_gate) if need_wg else None             # [I, h]
+    dwu = kept_rows_grad(du, w_up) if need_wu else None               # [I, h]
+    dwd = None
+    if need_wd:
+        a_s = ops.gather_rows(act_g, idx).mul_(ops.gather_rows(u, idx))   # [k, T]
+        if weight is not None:
+            a_s.mul_(weight)
+        dwd = ops.scatter_cols(torch.mm(dy.t(), a_s.t()).to(w_down.dtype), idx, n)                     # [h, I]
+    return dx, dwg, dwu, dwd
 
 
 def sat_mlp_torch(x2: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                  select, act: str, forward: str = "sparse"):
-    """Launcher of the torch backend: ``x2`` is ``[T, h]``; returns ``(y [T, h], idx [k])``."""
-    return SATMLPFunction.apply(x2, w_gate, w_up, w_down, select, act, TorchIndexOps, forward)
+                  select, act: str, forward: str = "sparse", backward: str = "sparse"):
+    """Launcher of the torch backend: ``x2`` is ``[T, h]``; returns ``(y [T, h], idx [k])``. ``backward``: the
+    torch backend's own option (``"exact_input"``), which the other launchers do not take."""
+    return SATMLPFunction.apply(x2, w_gate, w_up, w_down, select, act, TorchIndexOps, forward, backward)

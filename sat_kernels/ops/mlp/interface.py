@@ -8,8 +8,8 @@ from typing import Optional
 import torch
 
 from ...distributed import default_sync_group
-from ...selection import FORWARD_MODES, METRICS, STRATEGIES, activation_scores, check_choice, check_omission_rate, \
-    num_kept
+from ...selection import BACKWARD_MODES, FORWARD_MODES, METRICS, STRATEGIES, activation_scores, check_choice, \
+    check_omission_rate, num_kept
 from ..common import FLOAT_DTYPES, autocast_operands, check_indices
 from ..selector import Selector
 from .function import ACTIVATIONS, act_fwd, dense_mlp, sat_mlp_torch
@@ -41,7 +41,27 @@ def check_mlp_inputs(x, w_gate, w_up, w_down):
     return inter, hidden
 
 
-def check_kept_call(x, w_gate, w_up, w_down, k, *, metric: str, strategy: str, act: str, forward: str):
+def check_backward(backward: str, forward: str, backend: str = "auto") -> str:
+    """Validate the ``backward`` mode of an MLP op against its ``forward`` mode and ``backend``; returns ``backward``.
+
+    ``"exact_input"`` needs ``forward="dense"`` (with the sparse forward the omitted neurons are not in the output,
+    so the input gradient through them is zero by definition: ``"sparse"`` computes that) and the torch backend:
+    ``"auto"`` runs it there, an explicit ``"triton"`` / ``"cuda"`` is refused.
+    """
+    check_choice(backward, BACKWARD_MODES, "backward")
+    if backward == "exact_input":
+        if forward != "dense":
+            raise ValueError(f"backward='exact_input' needs forward='dense', got forward={forward!r}: with the sparse "
+                             f"forward the omitted neurons are not in the output, so their input gradient is zero "
+                             f"by definition (use backward='sparse')")
+        if backend in ("triton", "cuda"):
+            raise ValueError(f"backward='exact_input' is implemented by the torch backend only, got "
+                             f"backend={backend!r}; use backend='torch' or 'auto'")
+    return backward
+
+
+def check_kept_call(x, w_gate, w_up, w_down, k, *, metric: str, strategy: str, act: str, forward: str,
+                    backward: str = "sparse", backend: str = "auto"):
     """Validate the operands and options of an MLP op called with a kept count ``k``; returns ``(I, h)``."""
     inter, hidden = check_mlp_inputs(x, w_gate, w_up, w_down)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= inter:
@@ -50,25 +70,27 @@ def check_kept_call(x, w_gate, w_up, w_down, k, *, metric: str, strategy: str, a
     check_choice(strategy, STRATEGIES, "strategy")
     check_choice(act, ACTIVATIONS, "act")
     check_choice(forward, FORWARD_MODES, "forward")
+    check_backward(backward, forward, backend)
     return inter, hidden
 
 
-def _run(launcher, x, w_gate, w_up, w_down, select, act, forward="sparse"):
+def _run(launcher, x, w_gate, w_up, w_down, select, act, forward="sparse", backward="sparse"):
     hidden = w_gate.shape[1]
     (x, w_gate, w_up, w_down), autocast_device = autocast_operands((x, w_gate, w_up, w_down))
     x2 = x.reshape(-1, hidden).contiguous()
+    extra = {} if backward == "sparse" else {"backward": backward}   # an option of the torch launcher only
     if autocast_device is None:
-        y2, idx = launcher(x2, w_gate, w_up, w_down, select, act, forward)
+        y2, idx = launcher(x2, w_gate, w_up, w_down, select, act, forward, **extra)
     else:
         with torch.autocast(autocast_device, enabled=False):
-            y2, idx = launcher(x2, w_gate, w_up, w_down, select, act, forward)
+            y2, idx = launcher(x2, w_gate, w_up, w_down, select, act, forward, **extra)
     return y2.reshape(*x.shape[:-1], hidden), idx
 
 
 def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, omission_rate: float,
             *, metric: str = "l2", strategy: str = "topk", generator: Optional[torch.Generator] = None,
             act: str = "silu", backend: str = "auto", return_indices: bool = False, sync_selection=False,
-            forward: str = "sparse", stats: Optional[dict] = None):
+            forward: str = "sparse", backward: str = "sparse", stats: Optional[dict] = None):
     """SAT SwiGLU MLP with in-step neuron selection, differentiable w.r.t. ``x`` and all three weights.
 
     Computes gate/up for all ``I`` neurons once, scores them (``metric``), keeps ``k = num_kept(I, omission_rate)``
@@ -77,7 +99,9 @@ def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: t
     runs over the kept neurons too and omitted neurons contribute nothing to ``y``; with ``forward="dense"`` ``y`` is
     the exact dense output (the down projection over all ``I`` neurons) and only the gradient is sparse: the same
     gradient as ``"sparse"`` at the same kept set, taken at the dense model's loss. At ``omission_rate`` 0 (or whenever
-    ``k == I``) this is the dense MLP.
+    ``k == I``) this is the dense MLP. With ``forward="dense"``, ``backward="exact_input"`` also makes the input
+    gradient exact (through every neuron, the dense MLP's ``dx``) and skips only the omitted neurons' weight
+    gradients (the same zero rows/columns; the kept ones are those of ``backward="sparse"``).
 
     Args:
         x: ``[..., h]`` activations.
@@ -99,6 +123,13 @@ def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: t
         forward: ``"sparse"`` (default) or ``"dense"`` (exact forward output, sparse backward). FLOPs per
             ``T*h*I`` for forward + backward: ``4 + 14*(1 - omission_rate)`` sparse, ``6 + 12*(1 - omission_rate)``
             dense, 18 for the dense MLP.
+        backward: ``"sparse"`` (default: the whole backward over the kept neurons, ``dx`` included) or
+            ``"exact_input"`` (needs ``forward="dense"``; torch backend, which ``backend="auto"`` picks for it):
+            ``dx`` through every neuron, exactly the dense one, weight gradients of the kept neurons only (scaled by
+            the priority weights with ``strategy="priority"``, ``dx`` not). It saves the gate/up pre-activations of
+            all ``I`` neurons for the backward (``2*T*I`` elements, against ``2*T*k``) and costs
+            ``12 + 6*(1 - omission_rate)`` FLOPs per ``T*h*I``: less saving, but the gradient that reaches the
+            earlier layers is the dense one.
         stats: a dict that receives the statistics of this call's selection, without a host sync (see
             :func:`sat_kernels.sat_stats`): ``kept`` (``k``, an int), ``kept_mass`` (share of the finite score mass
             kept, fp32 0-dim tensor) and ``nonfinite`` (NaN/inf neuron scores, which rank lowest and are omitted;
@@ -114,13 +145,14 @@ def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: t
     inter, _ = check_mlp_inputs(x, w_gate, w_up, w_down)
     return sat_mlp_kept(x, w_gate, w_up, w_down, num_kept(inter, check_omission_rate(omission_rate)), metric=metric,
                         strategy=strategy, generator=generator, act=act, backend=backend,
-                        return_indices=return_indices, sync_selection=sync_selection, forward=forward, stats=stats)
+                        return_indices=return_indices, sync_selection=sync_selection, forward=forward,
+                        backward=backward, stats=stats)
 
 
 def sat_mlp_kept(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, k: int, *,
                  metric: str = "l2", strategy: str = "topk", generator: Optional[torch.Generator] = None,
                  act: str = "silu", backend: str = "auto", return_indices: bool = False, sync_selection=False,
-                 forward: str = "sparse", stats: Optional[dict] = None):
+                 forward: str = "sparse", backward: str = "sparse", stats: Optional[dict] = None):
     """:func:`sat_mlp` keeping ``k`` neurons, an int in ``[1, I]``, instead of an omission rate.
 
     :class:`sat_kernels.SATMLP` calls this with the ``k`` of its rate, computed when the rate is set: under
@@ -128,11 +160,11 @@ def sat_mlp_kept(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
     float rate read in the forward would recompile for every new rate and be traced as a symbolic float.
     """
     inter, _ = check_kept_call(x, w_gate, w_up, w_down, k, metric=metric, strategy=strategy, act=act,
-                               forward=forward)
+                               forward=forward, backward=backward, backend=backend)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     from ...backends import resolve_backend
-    launcher = resolve_backend(backend, x)
+    launcher = resolve_backend("torch" if backward == "exact_input" else backend, x)
     group = default_sync_group(sync_selection)
     if k == inter:
         y = dense_mlp(x, w_gate, w_up, w_down, act)
@@ -143,7 +175,7 @@ def sat_mlp_kept(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
                          f"backend={backend!r}; use backend='torch' (or 'auto')")
     select = mlp_selector(k, metric=metric, strategy=strategy, generator=generator, group=group, w_down=w_down,
                           stats=stats)
-    y, idx = _run(launcher, x, w_gate, w_up, w_down, select, act, forward)
+    y, idx = _run(launcher, x, w_gate, w_up, w_down, select, act, forward, backward)
     return (y, idx) if return_indices else y
 
 
@@ -157,7 +189,7 @@ def mlp_selector(k: int, *, metric: str, strategy: str, generator: Optional[torc
 
 def gathered_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                  indices: torch.Tensor, *, act: str = "silu", backend: str = "auto",
-                 validate: bool = True) -> torch.Tensor:
+                 validate: bool = True, backward: str = "sparse") -> torch.Tensor:
     """The SwiGLU MLP restricted to the neurons ``indices`` (sorted ascending), forward and backward.
 
     ``y = W_down[:, S] (act(W_gate[S] x) * (W_up[S] x))``; only the kept rows/columns get (non-zero) gradients.
@@ -171,9 +203,16 @@ def gathered_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
             indices from :func:`select_neurons` or ``sat_mlp(..., return_indices=True)``, which are valid by
             construction. No training path of the package calls ``gathered_mlp`` (``SATMLP``, ``replace_mlp`` and
             ``sat-train`` run :func:`sat_mlp`, which selects without a host sync).
+        backward: ``"sparse"`` only. ``"exact_input"`` is refused: it needs the exact forward over every neuron,
+            and ``gathered_mlp`` computes the given neurons only (its forward is the sparse one); use
+            ``sat_mlp(..., forward="dense", backward="exact_input")``.
     """
     inter, _ = check_mlp_inputs(x, w_gate, w_up, w_down)
     check_choice(act, ACTIVATIONS, "act")
+    if check_choice(backward, BACKWARD_MODES, "backward") != "sparse":
+        raise ValueError(f"gathered_mlp: backward={backward!r} needs the exact forward over every neuron, and "
+                         f"gathered_mlp computes the given neurons only (a sparse forward); use "
+                         f"sat_mlp(..., forward='dense', backward='exact_input')")
     from ...backends import resolve_backend
     launcher = resolve_backend(backend, x)
     idx = check_indices(indices, inter, x.device) if validate else indices.long()

@@ -205,7 +205,8 @@ def _down_noise(down: Optional[LoRA]):
 def sat_lora_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                  adapters: Tuple[Optional[LoRA], Optional[LoRA], Optional[LoRA]], k: int, *,
                  metric: str = "l2", strategy: str = "topk", act: str = "silu", sync_selection=False,
-                 forward: str = "sparse", return_indices: bool = False, stats: Optional[dict] = None):
+                 forward: str = "sparse", return_indices: bool = False, stats: Optional[dict] = None,
+                 backward: str = "sparse"):
     """SAT SwiGLU MLP whose projections carry LoRA adapters, keeping ``k`` neurons, differentiable w.r.t. ``x``, the
     adapters and the base.
 
@@ -217,6 +218,8 @@ def sat_lora_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
             :func:`sat_kernels.ops.mlp.interface.sat_mlp_kept`.
         metric, strategy, act, sync_selection, forward, return_indices, stats: as in :func:`sat_kernels.sat_mlp`.
             ``"contrib"`` weighs the scores by the column norms of the adapted down weight ``W_d + s_d B_d A_d``.
+        backward: ``"sparse"`` only. ``"exact_input"`` (:func:`sat_kernels.sat_mlp`) is refused: on a frozen base it
+            would skip no base weight gradient, so it would cost the dense ``dx`` and save nothing.
 
     Returns:
         ``y`` of shape ``[..., h]``, or ``(y, indices)``.
@@ -226,7 +229,11 @@ def sat_lora_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
         >>> y = sat_lora_mlp(x, w_g, w_u, w_d, (LoRA(a_g, b_g, 2.0), None, LoRA(a_d, b_d, 2.0)), k)
     """
     inter, hidden = check_kept_call(x, w_gate, w_up, w_down, k, metric=metric, strategy=strategy, act=act,
-                                    forward=forward)
+                                    forward=forward, backward=backward)
+    if backward != "sparse":
+        raise ValueError(f"sat_lora_mlp: backward={backward!r} is not supported on LoRA MLPs: the base weights are "
+                         f"frozen, so it would skip no weight gradient and save nothing over the dense backward; use "
+                         f"backward='sparse'")
     if strategy == "priority":
         raise ValueError("sat_lora_mlp: strategy='priority' is not supported on LoRA MLPs (the weighted kept neurons "
                          "exist on the plain MLP only); use 'topk', 'sample' or 'random'")
