@@ -1,0 +1,68 @@
+"""Markdown table of the time-to-quality results (one JSON per run of ``sat-train --time-to-quality``).
+
+    python benchmarks/time_to_quality_table.py                      # benchmarks/results/time_to_quality/*.json
+    python benchmarks/time_to_quality_table.py path/to/runs/*.json
+"""
+import argparse
+import json
+from pathlib import Path
+
+DEFAULT_DIR = Path(__file__).parent / "results" / "time_to_quality"
+
+
+def variant(r: dict) -> str:
+    """The SAT settings that differ from the defaults of ``sat-train``, plus the step budget."""
+    c = r["sat_config"]
+    parts = [f"{c['scheduler']} from {c['omission_rate']}"]
+    if c.get("attn_omission_rate") is not None:
+        parts.append(f"attention {c['attn_omission_rate']}")
+    if c.get("forward") != "dense":
+        parts.append(f"forward {c['forward']}")
+    if c.get("backward", "sparse") != "sparse":
+        parts.append(f"backward {c['backward']}")
+    if c.get("score_tokens", "real") not in ("real", None):
+        parts.append(f"scores over {c['score_tokens']} tokens")
+    for flag in ("skip_omitted_updates", "per_layer_budget"):
+        if c.get(flag):
+            parts.append(flag.replace("_", " "))
+    parts.append(f"budget {r['steps_sat_budget'] / r['steps_dense']:g} N")
+    return ", ".join(parts)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:+.2f}%"
+
+
+def row(r: dict) -> str:
+    model = Path(r["model"]).name.split(".")[0].replace("-Instruct", "")
+    reached = r["sat_seconds"] is not None
+    ratio = f"**{r['ratio']:.3f}**" if reached else f"not reached in {r['steps_sat_budget']} steps"
+    at_n = r["sat_at_dense_steps"]
+    cells = [model, r["task"], str(r["seed"]), variant(r), f"{r['target_eval_loss']:.4f}", f"{r['dense_seconds']:.0f}",
+             f"{r['sat_seconds']:.0f}" if reached else "-", ratio, str(r["sat_steps_to_target"] or "-"),
+             _pct(r["equal_time"]["rel_diff"]), _pct(at_n and at_n["rel_diff"]), f"{r['step_speedup_median']:.3f}x"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("files", nargs="*", type=Path)
+    args = p.parse_args(argv)
+    files = args.files or sorted(DEFAULT_DIR.glob("*.json"))
+    runs = [json.loads(f.read_text()) for f in files]
+    print("| model | task | seed | SAT | target (dense eval loss) | dense s | SAT s to target | ratio | SAT steps "
+          "to target | SAT at dense time | SAT after N steps | step speedup (median) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        print(row(r))
+    if runs:
+        r = runs[0]
+        print(f"\n{r['dtype']}, {r['batch_size']} x {r['seq_len']} tokens per step, dense N = {r['steps_dense']} "
+              f"steps, evaluation every {r['eval_every']} steps; {r['cpu']['model_name']} "
+              f"({r['cpu']['bf16_isa']}), {r['cpu']['threads']} thread(s), torch {r['versions']['torch']}, "
+              f"transformers {r['versions'].get('transformers')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
