@@ -33,7 +33,7 @@ setup(
         "hf": ["transformers>=4.45", "accelerate>=0.34"],
         "test": ["pytest>=7", "ruff>=0.5", "matplotlib>=3.7", "transformers>=4.45", "accelerate>=0.34", "peft>=0.13",
                  "trl>=0.19", "triton>=3.0; platform_system == 'Linux'",
-                 "liger-kernel>=0.8; platform_system == 'Linux'"],
+                 "liger-kernel>=0.8; platform_system == 'Linux'", "deepspeed>=0.19.8; platform_system == 'Linux'"],
         "train": ["transformers>=4.45", "accelerate>=0.34", "gguf>=0.10", "matplotlib>=3.7", "tqdm>=4.60"],
     },
 )

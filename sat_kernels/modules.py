@@ -23,7 +23,8 @@ def class_path(obj) -> str:
 
 
 SUPPORTED_SHARDING = ("SAT training supports DDP, FSDP2 (fully_shard on the decoder layers), FSDP1 with the decoder "
-                      "layers as its wrapping units, and DeepSpeed ZeRO-1/2")
+                      "layers as its wrapping units, and DeepSpeed ZeRO-1/2/3 (ZeRO-3 in eager mode, not under "
+                      "torch.compile)")
 
 _ADAPTER_ADVICE = {
     "SATMLP": "use PEFT LoRA (which SAT supports on the MLP), put these adapters on the attention projections only, "
@@ -33,14 +34,40 @@ _ADAPTER_ADVICE = {
 }
 
 
+def check_zero3_weight(owner: str, name: str, weight: torch.Tensor) -> None:
+    """Refuse a DeepSpeed ZeRO-3 parameter (one with a ``ds_id``) that is not whole where SAT reads it.
+
+    Outside a forward a ZeRO-3 parameter is an empty partition. In an eager forward of the DeepSpeed engine's model
+    DeepSpeed gathers a partitioned parameter as soon as it is read (its ``ZeROOrderedDict`` of module parameters)
+    and registers it with the module whose forward runs (here the SAT module), whose backward gathers it again: so
+    the weights SAT reads in its own forward are whole there, and the gradients SAT returns for them reach
+    DeepSpeed's partitioned gradients (docs/distributed.md). ``torch.compile`` skips that gathering (the reads are
+    traced, not run), and so does a call of a submodule outside the engine's forward before its first step.
+    """
+    tracing = torch.compiler.is_compiling()
+    if not tracing and getattr(getattr(weight, "ds_status", None), "name", None) == "AVAILABLE" \
+            and weight.numel() == getattr(weight, "ds_numel", -1):
+        return
+    why = ("it is traced by torch.compile, which skips DeepSpeed's gathering" if tracing else
+           f"it was not gathered for this forward: {getattr(weight, 'ds_status', None)}, {weight.numel()} of "
+           f"{getattr(weight, 'ds_numel', '?')} elements here")
+    raise ValueError(f"{owner}.{name}.weight is a DeepSpeed ZeRO-3 parameter that SAT cannot read whole here ({why}). "
+                     f"SAT reads it without calling {name}; under ZeRO-3 DeepSpeed gathers such reads only in an "
+                     f"eager forward of the engine's model, which torch.compile skips: run SAT without torch.compile "
+                     f"(no engine.compile(), no torch.compile of the model or its layers) and call the model or the "
+                     f"engine, not one of its submodules; or train this module dense (set_omission_rate(model, 0.0), "
+                     f"whose projections gather their own weights); {SUPPORTED_SHARDING}")
+
+
 def check_projection(owner: str, name: str, proj: nn.Module) -> None:
     """Refuse, for a training-mode SAT forward, a projection whose weight SAT cannot use directly.
 
     SAT reads ``proj.weight`` without calling ``proj``: the projection must be exactly ``torch.nn.Linear`` (not a
     wrapper that changes what its forward computes: a PEFT adapter, a quantized or parametrized linear) and its weight
-    must be whole here. Sharding that gathers a module's parameters in that module's own forward hooks is refused:
-    FSDP2 or FSDP1 units at the projections, DeepSpeed ZeRO-3 (parameters with a ``ds_id``, empty until gathered).
-    FSDP1/FSDP2 units at the decoder layers (or the SAT module) gather the weights before SAT reads them.
+    must be whole here. Sharding that gathers a module's parameters only in that module's own forward hooks is
+    refused: FSDP2 or FSDP1 units at the projections. FSDP1/FSDP2 units at the decoder layers (or the SAT module)
+    gather the weights before SAT reads them; DeepSpeed ZeRO-3 gathers them when SAT reads them in an eager forward
+    of the engine's model (:func:`check_zero3_weight` refuses the rest, ``torch.compile`` included).
     """
     weight = getattr(proj, "weight", None)
     if type(weight).__name__ == "DTensor":
@@ -53,9 +80,7 @@ def check_projection(owner: str, name: str, proj: nn.Module) -> None:
                          f"decoder layers the wrapping units (auto_wrap_policy=ModuleWrapPolicy({{decoder layer "
                          f"class}}), FSDP's transformer_based_wrap in accelerate), not nn.Linear; {SUPPORTED_SHARDING}")
     if hasattr(weight, "ds_id"):
-        raise ValueError(f"{owner}.{name}.weight is a DeepSpeed ZeRO-3 partitioned parameter: ZeRO-3 gathers it only "
-                         f"when {name} itself is called, and SAT reads it without calling it, so SAT training is not "
-                         f"supported under ZeRO-3 (eval() is); {SUPPORTED_SHARDING}")
+        check_zero3_weight(owner, name, weight)
     adapter = peft_adapter(proj)
     if adapter is not None:
         raise TypeError(f"{owner}.{name} is a {adapter} layer ({class_path(proj)}); training-mode SAT does not "

@@ -59,6 +59,26 @@ def _base_optimizer(optimizer) -> torch.optim.Optimizer:
     return inner
 
 
+def _refuse_deepspeed(model: nn.Module, optimizer) -> None:
+    """Refuse DeepSpeed ZeRO: its optimizer reduces the gradients into its own buffers (``param.grad`` stays
+    ``None``) and steps flat fp32 partitions, not the model's parameters, so the hooks would find nothing to skip
+    and change nothing."""
+    zero3 = next((name for name, param, _ in _unit_parameters(model) if hasattr(param, "ds_id")), None)
+    chain, inner = [], optimizer
+    while inner is not None and len(chain) < 8:   # the optimizer and the wrapped ones (.optimizer)
+        chain.append(inner)
+        inner = getattr(inner, "optimizer", None)
+    wrapper = next((o for o in chain if type(o).__module__.split(".")[0] == "deepspeed"), None)
+    if zero3 is None and wrapper is None:
+        return
+    what = (f"{zero3} is a DeepSpeed ZeRO-3 parameter" if zero3 is not None else
+            f"the optimizer is DeepSpeed's {type(wrapper).__name__}")
+    raise ValueError(f"skip_omitted_updates: {what}. DeepSpeed's ZeRO optimizers reduce the gradients into their own "
+                     f"buffers and step flat fp32 partitions, not the model's parameters, so these hooks would find "
+                     f"no gradient and skip nothing; under DeepSpeed ZeRO train without skip_omitted_updates (the "
+                     f"default)")
+
+
 def skip_omitted_updates(model: nn.Module, optimizer) -> RemovableHandle:
     """Make ``optimizer.step()`` skip the omitted units of ``model``'s SAT modules: lazy, SparseAdam-like updates.
 
@@ -78,7 +98,8 @@ def skip_omitted_updates(model: nn.Module, optimizer) -> RemovableHandle:
 
     Cost: one host synchronisation per step (the omitted indices), the saved slices (at most the omitted fraction of
     the SAT weights and their optimizer state) and two copies of them. Parameters must be ordinary tensors on one
-    device: under FSDP (DTensor or flattened parameters) it raises ``TypeError``.
+    device: under FSDP (DTensor or flattened parameters) it raises ``TypeError``; DeepSpeed ZeRO (ZeRO-3 parameters, or
+    an optimizer of DeepSpeed's, which steps its own flat partitions) is refused with ``ValueError``.
 
     Args:
         model: the model with SAT modules (the one whose parameters ``optimizer`` updates).
@@ -97,7 +118,13 @@ def skip_omitted_updates(model: nn.Module, optimizer) -> RemovableHandle:
     if not any(True for _ in sat_modules(model)):
         raise ValueError("skip_omitted_updates: the model has no SAT modules; call sat_kernels.replace_mlp(model) "
                          "(or replace_attention) first")
+    _refuse_deepspeed(model, optimizer)
     inner = _base_optimizer(optimizer)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    if trainable and trainable.isdisjoint(id(p) for group in inner.param_groups for p in group["params"]):
+        raise ValueError("skip_omitted_updates: the optimizer updates none of the model's trainable parameters (an "
+                         "optimizer given to DeepSpeed ZeRO, which steps its own flat partitions instead, or one of "
+                         "another model), so its step hooks would skip nothing")
     lazy = _LazyUpdates(model)
     return _Handles(inner.register_step_pre_hook(lazy.save), inner.register_step_post_hook(lazy.restore))
 

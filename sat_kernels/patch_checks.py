@@ -97,6 +97,12 @@ def _materialized(weight: torch.Tensor) -> bool:
                 or hasattr(weight, "ds_id"))
 
 
+def _full_shape(weight: torch.Tensor) -> tuple:
+    """The shape of ``weight``, for a DeepSpeed ZeRO-3 parameter its whole shape (``ds_shape``), not the empty
+    partition's."""
+    return tuple(getattr(weight, "ds_shape", weight.shape))
+
+
 def _check_swiglu_forward(name: str, mlp: nn.Module) -> None:
     """Refuse an MLP whose forward is not ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``, which SAT computes.
 
@@ -160,9 +166,11 @@ def _rms_norm_eps(norm: nn.Module, head_dim: int) -> Optional[float]:
     """The epsilon of a per-head RMSNorm ``norm`` if it computes ``w * x / sqrt(mean(x^2) + eps)``, else ``None``."""
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     w = getattr(norm, "weight", None)
-    if not isinstance(eps, float) or not isinstance(w, torch.Tensor) or tuple(w.shape) != (head_dim,):
+    if not isinstance(eps, float) or not isinstance(w, torch.Tensor) or _full_shape(w) != (head_dim,):
         return None
-    if w.is_meta:  # not materialized yet (patched before loading weights): nothing to evaluate, trust the class
+    # not materialized (patched before loading weights, or a DeepSpeed ZeRO-3 partition, empty outside a forward):
+    # nothing to evaluate, trust the class
+    if w.is_meta or hasattr(w, "ds_id"):
         return eps if type(norm).__name__.endswith("RMSNorm") else None
     probe = torch.linspace(-3.0, 3.0, 3 * head_dim, dtype=w.dtype, device=w.device).view(3, head_dim)
     with torch.no_grad():
@@ -203,7 +211,7 @@ def check_attention(name: str, attn: nn.Module) -> dict:
             or (num_heads, num_kv_heads) != want or num_heads % num_kv_heads):
         raise ValueError(f"replace_attention: {name} head counts do not match its projections: head_dim {head_dim}, "
                          f"config heads (query, kv) {want}, q/k/v/o_proj shapes "
-                         f"{[tuple(p.weight.shape) for p in (q, k, v, o)]}")
+                         f"{[_full_shape(p.weight) for p in (q, k, v, o)]}")
     if ("q_norm" in children) != ("k_norm" in children):
         raise ValueError(f"replace_attention: {name} has only one of q_norm/k_norm")
     eps = {}

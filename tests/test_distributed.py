@@ -1,6 +1,7 @@
 """DDP, FSDP2 and FSDP1 on 2 CPU processes (gloo): SAT training matches single-process training on the global batch,
 and synchronized selection gives every rank the same kept neurons. Set-ups that gather a projection's weight only in
-its own forward (FSDP units at the projections, DeepSpeed ZeRO-3) are refused."""
+its own forward (FSDP units at the projections) are refused, and so is a DeepSpeed ZeRO-3 weight that is not whole
+where SAT reads it (DeepSpeed itself: tests/test_deepspeed.py)."""
 import os
 
 import pytest
@@ -171,7 +172,7 @@ def test_fsdp1_units_at_the_projections_are_refused(tmp_path):
 
 
 def _partitioned(ds_id=None):
-    """A parameter as DeepSpeed ZeRO-3 leaves it outside its module's forward: empty, with a ``ds_id``."""
+    """A parameter as DeepSpeed ZeRO-3 leaves it outside a forward: empty, with a ``ds_id`` (no ``ds_status``)."""
     p = torch.nn.Parameter(torch.empty(0))
     if ds_id is not None:
         p.ds_id = ds_id
@@ -179,7 +180,7 @@ def _partitioned(ds_id=None):
 
 
 @pytest.mark.parametrize("kind", ["mlp", "attention"])
-def test_zero3_partitioned_weights_are_refused_in_training(kind):
+def test_partitioned_weights_not_gathered_are_refused_in_training(kind):
     model = tiny_model("llama").train()
     if kind == "mlp":
         sk.replace_mlp(model, 0.5)
@@ -188,7 +189,8 @@ def test_zero3_partitioned_weights_are_refused_in_training(kind):
         sk.replace_attention(model, 0.5)
         module, name, match = model.model.layers[0].self_attn, "k_proj", r"SATAttention\.k_proj\.weight is a DeepSpeed"
     getattr(module, name).weight = _partitioned(ds_id=7)
-    with pytest.raises(ValueError, match=match + r".*ZeRO-1/2"):
+    with pytest.raises(ValueError, match=match + r" .*cannot read whole here \(it was not gathered for this forward: "
+                                               r"None, 0 of \? elements here\).*without torch\.compile.*ZeRO-1/2/3"):
         model(torch.randint(0, 96, (1, 5)))
     getattr(module, name).weight = _partitioned()
     with pytest.raises(ValueError, match=rf"{name}\.weight is empty \(\(0,\)\): a partitioned parameter"):
