@@ -2,6 +2,7 @@
 
     python benchmarks/time_to_quality_table.py                      # benchmarks/results/time_to_quality/*.json
     python benchmarks/time_to_quality_table.py path/to/runs/*.json
+    python benchmarks/time_to_quality_table.py --reanalyse      # first re-derive each JSON's result from its steps
 """
 import argparse
 import json
@@ -47,9 +48,18 @@ def row(r: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="*", type=Path)
+    p.add_argument("--reanalyse", action="store_true",
+                   help="re-derive each file's result from its per-step data (sat_kernels.train.time_to_quality."
+                        "reanalyse) and rewrite the file: for records written before a change of the analysis")
     args = p.parse_args(argv)
     files = args.files or sorted(DEFAULT_DIR.glob("*.json"))
     runs = [json.loads(f.read_text()) for f in files]
+    if args.reanalyse:
+        from sat_kernels.train.time_to_quality import reanalyse
+
+        runs = [reanalyse(r) for r in runs]
+        for f, r in zip(files, runs):
+            f.write_text(json.dumps(r, indent=1, sort_keys=True) + "\n")
     print("| model | task | seed | SAT | target (dense eval loss) | dense s | SAT s to target | ratio | SAT steps "
           "to target | SAT at dense time | SAT after N steps | step speedup (median) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

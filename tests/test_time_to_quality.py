@@ -8,8 +8,8 @@ import torch
 import sat_kernels as sk
 from sat_kernels.train.cli import main
 from sat_kernels.train.runner import TrainConfig, train_run
-from sat_kernels.train.time_to_quality import (first_reached, loss_at_seconds, run_time_to_quality, sat_step_budget,
-                                               seconds_at_loss)
+from sat_kernels.train.time_to_quality import (analyse, first_reached, loss_at_seconds, reanalyse, robust_step_seconds,
+                                               run_time_to_quality, sat_step_budget, seconds_at_loss)
 
 from tiny_train import tiny_setup, write_tiny_dir
 
@@ -36,6 +36,24 @@ def test_target_and_time_helpers():
         sat_step_budget(10, 0.5)
 
 
+def test_robust_step_times_ignore_a_stall():
+    """One stalled step (600 s among 10-12 s steps) costs the median of its rate group, not 600 s; groups are the
+    omission rates, and the time is per token."""
+    run = {"step_seconds": [10.0, 600.0, 11.0, 5.0, 6.0, 5.5], "step_tokens": [100, 100, 100, 100, 100, 50],
+           "omission_rates": [0.5, 0.5, 0.5, 0.0, 0.0, 0.0]}
+    assert robust_step_seconds(run) == pytest.approx([11.0, 11.0, 11.0, 6.0, 6.0, 3.0])   # 0.06 s/token x tokens
+    assert robust_step_seconds(dict(run, step_tokens=None)) == pytest.approx([11.0] * 3 + [5.5] * 3)
+    dense = {"step_seconds": [10.0] * 4, "omission_rates": [0.0] * 4,
+             "evals": [{"step": 0, "eval_loss": 3.0}, {"step": 4, "eval_loss": 2.0}]}
+    sat = {"step_seconds": [8.0, 800.0, 8.0, 8.0, 8.0, 8.0], "omission_rates": [0.5] * 6,
+           "evals": [{"step": 0, "eval_loss": 3.0}, {"step": 4, "eval_loss": 2.1}, {"step": 6, "eval_loss": 1.9}]}
+    r = analyse(dense, sat, 2.0)
+    assert r["dense_seconds"] == 40.0 and r["sat_seconds"] == 48.0 and r["ratio"] == pytest.approx(1.2)
+    assert r["sat_steps_to_target"] == 6 and r["measured"]["ratio"] == pytest.approx(840 / 40)
+    assert r["equal_time"]["sat_eval_loss"] == pytest.approx(2.1 + (40 - 32) / 16 * (1.9 - 2.1))
+    assert r["sat_at_dense_steps"]["eval_loss"] == 2.1 and r["step_speedup_median"] == pytest.approx(10 / 8)
+
+
 def test_dense_arm_is_the_trainer_run(tiny_dir):
     """The interleaved loop trains the dense arm exactly as the Trainer run of ``sat-train --compare`` does (AdamW,
     clipping, linear schedule, same batches), and SAT at omission 0 with the same budget reproduces dense: the target
@@ -54,7 +72,8 @@ def test_dense_arm_is_the_trainer_run(tiny_dir):
     assert [e["step"] for e in dense["evals"]] == [0, 3, 6]
     assert r["reached"] and r["sat_steps_to_target"] == 6
     assert r["ratio"] == pytest.approx(r["sat_seconds"] / r["dense_seconds"])
-    assert r["sat_seconds"] == pytest.approx(sum(sat["step_seconds"]))
+    assert r["sat_seconds"] == pytest.approx(sum(robust_step_seconds(sat)))
+    assert r["measured"]["sat_seconds"] == pytest.approx(sum(sat["step_seconds"]))
     assert all(not isinstance(m, sk.SATMLP) for m in pristine.modules())
 
 
@@ -80,7 +99,9 @@ def test_cli_time_to_quality_end_to_end(tiny_dir, tmp_path, capsys):
     assert dense["steps_run"] == 6 and sat["steps_run"] == 9, "--run-to-budget trains SAT's whole budget"
     assert [e["step"] for e in dense["evals"]] == [0, 3, 6] and [e["step"] for e in sat["evals"]] == [0, 3, 6, 9]
     assert r["target_eval_loss"] == dense["evals"][-1]["eval_loss"]
-    assert r["dense_seconds"] == pytest.approx(sum(dense["step_seconds"]))
+    assert r["dense_seconds"] == pytest.approx(sum(robust_step_seconds(dense)))
+    assert r["measured"]["dense_seconds"] == pytest.approx(sum(dense["step_seconds"]))
+    assert reanalyse(r) == r, "a stored record re-derives to itself"
     # the LORS schedule spans SAT's budget of 9 steps: 8 sparse steps in two rungs, 1 dense
     assert sat["omission_rates"] == [0.5] * 4 + [0.25] * 4 + [0.0]
     hit = first_reached(sat["evals"], r["target_eval_loss"])

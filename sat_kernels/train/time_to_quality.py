@@ -12,6 +12,10 @@ Method (the MLPerf Training measure, wall-clock to a fixed quality target):
 3. Both arms run in **one process, step by step interleaved** (dense step ``s`` and SAT step ``s``, their order
    alternating), so load from other processes hits both; after step ``N`` the SAT arm runs alone. Only training
    steps are timed (forward, backward, gradient clipping, optimizer and learning-rate step); evaluation is excluded.
+   The times reported are **robust step times**: each step costs the median seconds per token of its arm's steps at
+   the same omission rates, times its tokens (:func:`robust_step_seconds`), so that a stall of a shared machine
+   during one step (seen here: one step of 600 s among steps of 8-25 s) does not decide the result; the raw sums are
+   reported beside them (``measured``).
 4. Equal-time figure: SAT's eval loss at the dense arm's training time, interpolated linearly in time between the
    two evaluations around it.
 
@@ -56,6 +60,7 @@ class Arm:
     rate_of: object = field(repr=False)
     attn_rate_of: object = field(repr=False)
     step_seconds: List[float] = field(default_factory=list)
+    step_tokens: List[int] = field(default_factory=list)   # tokens of each step's batch, padding included
     losses: List[float] = field(default_factory=list)
     omission_rates: List[float] = field(default_factory=list)
     attn_omission_rates: List[float] = field(default_factory=list)
@@ -63,13 +68,26 @@ class Arm:
     state: object = field(default=None, repr=False)   # what SATCallback reads (the step and the planned steps)
 
     def seconds(self) -> float:
-        return sum(self.step_seconds)
+        """Training time so far: the sum of the robust step times (:func:`robust_step_seconds`)."""
+        return sum(robust_step_seconds(self.record()))
 
     def record(self) -> Dict:
         return {"name": self.name, "sat": self.sat, "steps_budget": self.steps, "steps_run": len(self.losses),
-                "step_seconds": self.step_seconds, "losses": self.losses, "omission_rates": self.omission_rates,
-                "attn_omission_rates": self.attn_omission_rates, "evals": self.evals,
-                "train_seconds": self.seconds()}
+                "step_seconds": self.step_seconds, "step_tokens": self.step_tokens, "losses": self.losses,
+                "omission_rates": self.omission_rates, "attn_omission_rates": self.attn_omission_rates,
+                "evals": self.evals}
+
+
+def robust_step_seconds(run: Dict) -> List[float]:
+    """Each step's time as the median, over the run's steps at the same omission rates (MLP, attention), of seconds
+    per token, times the step's tokens. ``run`` is an arm's record (``step_seconds``, ``omission_rates``, and
+    ``step_tokens`` / ``attn_omission_rates`` when present: records without tokens weigh every step alike)."""
+    seconds = run["step_seconds"]
+    tokens = run.get("step_tokens") or [1] * len(seconds)
+    attn = run.get("attn_omission_rates") or [None] * len(seconds)
+    keys = list(zip(run["omission_rates"], attn))
+    per_token = {k: statistics.median(t / n for t, n, kk in zip(seconds, tokens, keys) if kk == k) for k in set(keys)}
+    return [per_token[k] * n for k, n in zip(keys, tokens)]
 
 
 class _State:
@@ -112,6 +130,7 @@ def _train_step(arm: Arm, batch: Dict[str, torch.Tensor], step: int, device, aut
     arm.optimizer.zero_grad(set_to_none=True)
     synchronize(device)
     arm.step_seconds.append(time.perf_counter() - start)
+    arm.step_tokens.append(batch["input_ids"].numel())
     arm.losses.append(float(loss.detach()))
     arm.state.global_step = step + 1
     for cb in arm.callbacks:
@@ -150,8 +169,10 @@ def seconds_at_loss(evals: Sequence[Dict], target: float) -> Optional[float]:
 def _should_stop(sat: Arm, dense: Arm, target: Optional[float]) -> bool:
     """The SAT arm may stop early once dense is done, SAT has reached the target and SAT has trained at least as
     long as dense (so the equal-time loss is known): nothing measured changes, its schedules are those of ``M``."""
-    return (target is not None and len(dense.losses) == dense.steps and first_reached(sat.evals, target) is not None
-            and sat.seconds() >= dense.seconds() and sat.evals[-1]["seconds"] >= dense.seconds())
+    if target is None or len(dense.losses) < dense.steps:
+        return False
+    sat_evals = _with_times(sat.record())["evals"]
+    return first_reached(sat_evals, target) is not None and sat_evals[-1]["seconds"] >= dense.seconds()
 
 
 def run_time_to_quality(pristine, order: Sequence[Dict], eval_examples: Sequence[Dict], cfg: TrainConfig, *,
@@ -198,30 +219,54 @@ def run_time_to_quality(pristine, order: Sequence[Dict], eval_examples: Sequence
         for cb in arm.callbacks:
             cb.on_train_end(None, arm.state, None)
         sk.revert(arm.model)
-    return _result(dense, sat, target)
+    return analyse(dense.record(), sat.record(), target)
 
 
-def _result(dense: Arm, sat: Arm, target: float) -> Dict:
-    dense_seconds = dense.seconds()
-    reached = first_reached(sat.evals, target)
+def _with_times(run: Dict) -> Dict:
+    """``run`` with each evaluation's training time recomputed from the final robust step times (``seconds``) and
+    the raw ones (``seconds_measured``)."""
+    robust, raw = robust_step_seconds(run), run["step_seconds"]
+    evals = [dict(e, seconds=sum(robust[:e["step"]]), seconds_measured=sum(raw[:e["step"]])) for e in run["evals"]]
+    return dict(run, evals=evals, train_seconds=sum(robust), train_seconds_measured=sum(raw))
+
+
+def analyse(dense_run: Dict, sat_run: Dict, target: float) -> Dict:
+    """The result of a benchmark run from its arms' records: target, training times, ratio, equal-time losses,
+    step speedups (see the module docstring). Also re-derives the result of a stored JSON (``runs``)."""
+    dense_run, sat_run = _with_times(dense_run), _with_times(sat_run)
+    dense_evals, sat_evals = dense_run["evals"], sat_run["evals"]
+    steps_dense = dense_evals[-1]["step"]
+    dense_seconds = dense_evals[-1]["seconds"]
+    reached = first_reached(sat_evals, target)
     sat_seconds = reached["seconds"] if reached else None
-    at_dense_time = loss_at_seconds(sat.evals, dense_seconds)
-    sat_at_n = next((e for e in sat.evals if e["step"] == dense.steps), None)
-    per_step = (statistics.median(dense.step_seconds), statistics.median(sat.step_seconds))
+    at_dense_time = loss_at_seconds(sat_evals, dense_seconds)
+    sat_at_n = next((e for e in sat_evals if e["step"] == steps_dense), None)
+    median = {k: statistics.median(r["step_seconds"]) for k, r in (("dense", dense_run), ("sat", sat_run))}
+    mean = {k: sum(r["step_seconds"]) / len(r["step_seconds"]) for k, r in (("dense", dense_run), ("sat", sat_run))}
+    measured_dense = dense_evals[-1]["seconds_measured"]
+    measured_sat = reached["seconds_measured"] if reached else None
     return {
         "target_eval_loss": target, "dense_seconds": dense_seconds, "sat_seconds": sat_seconds,
-        "sat_seconds_interpolated": seconds_at_loss(sat.evals, target),
+        "sat_seconds_interpolated": seconds_at_loss(sat_evals, target),
         "ratio": sat_seconds / dense_seconds if sat_seconds is not None else None,
         "reached": reached is not None, "sat_steps_to_target": reached["step"] if reached else None,
         "equal_time": {"sat_eval_loss": at_dense_time,
                        "rel_diff": (at_dense_time - target) / target if at_dense_time is not None else None},
         "sat_at_dense_steps": {"eval_loss": sat_at_n["eval_loss"], "seconds": sat_at_n["seconds"],
                                "rel_diff": (sat_at_n["eval_loss"] - target) / target} if sat_at_n else None,
-        "median_step_seconds": {"dense": per_step[0], "sat": per_step[1]},
-        "step_speedup_median": per_step[0] / per_step[1],
-        "step_speedup_mean": (dense_seconds / len(dense.step_seconds)) / (sat.seconds() / len(sat.step_seconds)),
-        "runs": {"dense": dense.record(), "sat": sat.record()},
+        "measured": {"dense_seconds": measured_dense, "sat_seconds": measured_sat,
+                     "ratio": measured_sat / measured_dense if measured_sat is not None else None},
+        "median_step_seconds": median,
+        "step_speedup_median": median["dense"] / median["sat"],
+        "step_speedup_mean": mean["dense"] / mean["sat"],
+        "runs": {"dense": dense_run, "sat": sat_run},
     }
+
+
+def reanalyse(record: Dict) -> Dict:
+    """A stored JSON record with its result re-derived by :func:`analyse` from its per-step data."""
+    runs = record["runs"]
+    return dict(record, **analyse(runs["dense"], runs["sat"], record["target_eval_loss"]))
 
 
 def cpu_facts(threads: int) -> Dict:
@@ -264,7 +309,9 @@ def summary_line(r: Dict) -> str:
     eq = r["equal_time"]
     tail = (f"; at the dense time SAT's eval loss is {eq['sat_eval_loss']:.4f} ({100 * eq['rel_diff']:+.2f}%)"
             if eq["sat_eval_loss"] is not None else "")
-    return head + tail + f"; step speedup {r['step_speedup_median']:.3f}x (median step)"
+    m = r.get("measured") or {}
+    raw = f"; raw step-time sums: ratio {m['ratio']:.3f}" if m.get("ratio") is not None else ""
+    return head + tail + f"; step speedup {r['step_speedup_median']:.3f}x (median step){raw}"
 
 
 def plot(r: Dict, path: Path, title: str) -> Path:
