@@ -50,16 +50,17 @@ def main(argv=None) -> int:
     p.add_argument("files", nargs="*", type=Path)
     p.add_argument("--reanalyse", action="store_true",
                    help="re-derive each file's result from its per-step data (sat_kernels.train.time_to_quality."
-                        "reanalyse) and rewrite the file: for records written before a change of the analysis")
+                        "reanalyse) and rewrite it and its plot: for records written before a change of the analysis")
     args = p.parse_args(argv)
     files = args.files or sorted(DEFAULT_DIR.glob("*.json"))
     runs = [json.loads(f.read_text()) for f in files]
     if args.reanalyse:
-        from sat_kernels.train.time_to_quality import reanalyse
+        from sat_kernels.train.time_to_quality import plot, reanalyse
 
         runs = [reanalyse(r) for r in runs]
         for f, r in zip(files, runs):
             f.write_text(json.dumps(r, indent=1, sort_keys=True) + "\n")
+            plot(r, f.with_suffix(".png"))
     print("| model | task | seed | SAT | target (dense eval loss) | dense s | SAT s to target | ratio | SAT steps "
           "to target | SAT at dense time | SAT after N steps | step speedup (median) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -341,12 +341,8 @@ def _time_to_quality(say, args, cfg: TrainConfig, pristine, order, held_out, pad
     say(summary_line(record))
     name = args.name or f"ttq_{cfg.task}_seed{cfg.seed}"
     out_dir = Path(args.output_dir)
-    attention = f", attention {cfg.attn_omission_rate}" if cfg.attn_omission_rate is not None else ""
-    title = (f"time to dense quality, {cfg.task}: {Path(model_name).name}, {cfg.batch_size} x {cfg.seq_len} tokens, "
-             f"{record['dtype']}, seed {cfg.seed}\nSAT: {cfg.scheduler} from {cfg.omission_rate}{attention}, "
-             f"forward {cfg.forward}; {env['device']}, {record['cpu']['bf16_isa']}, {env['date']}")
     json_path = write_json(record, out_dir / f"{name}.json")
-    png_path = plot(record, out_dir / f"{name}.png", title)
+    png_path = plot(record, out_dir / f"{name}.png")
     say(f"wrote {json_path} and {png_path}")
     return 0
 

@@ -314,8 +314,20 @@ def summary_line(r: Dict) -> str:
     return head + tail + f"; step speedup {r['step_speedup_median']:.3f}x (median step){raw}"
 
 
-def plot(r: Dict, path: Path, title: str) -> Path:
-    """Eval loss against training wall-clock for both arms, the target line and the point where SAT reaches it."""
+def title(r: Dict) -> str:
+    """The plot title of record ``r``: model, task, tokens per step, dtype, seed, SAT settings, machine, date."""
+    c = r["sat_config"]
+    attention = f", attention {c['attn_omission_rate']}" if c.get("attn_omission_rate") is not None else ""
+    backward = f", backward {c['backward']}" if c.get("backward", "sparse") != "sparse" else ""
+    return (f"time to dense quality, {r['task']}: {Path(r['model']).name}, {r['batch_size']} x {r['seq_len']} "
+            f"tokens, {r['dtype']}, seed {r['seed']}\nSAT: {c['scheduler']} from {c['omission_rate']}{attention}, "
+            f"forward {c['forward']}{backward}, budget {r['steps_sat_budget']} steps; {r['device']}, "
+            f"{r['cpu']['bf16_isa']}, {r['date'][:10]}")
+
+
+def plot(r: Dict, path: Path) -> Path:
+    """Eval loss against training wall-clock (robust step times) for both arms, the target line and the point where
+    SAT reaches it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -333,14 +345,14 @@ def plot(r: Dict, path: Path, title: str) -> Path:
                    label=f"SAT reaches it: {r['ratio']:.3f}x dense time")
     else:
         ax.plot([], [], " ", label="SAT: target not reached")
-    ax.set_xlabel("training wall-clock (s; evaluation excluded)")
+    ax.set_xlabel("training wall-clock (s; robust step times, evaluation excluded)")
     ax.set_ylabel("held-out eval loss")
     losses = [e["eval_loss"] for k in ("dense", "sat") for e in r["runs"][k]["evals"][1:]]
     if losses:   # the curve after the first evaluation: the loss before training would flatten the plot
         lo, hi = min(losses), max(losses)
         pad = 0.1 * (hi - lo or abs(hi) * 0.01 or 1.0)
         ax.set_ylim(lo - pad, hi + pad)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title(r), fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
