@@ -23,6 +23,7 @@ from .patch_checks import ATTENTION_CLASSES, check_attention, check_mlp, support
 from .selection import ATTENTION_STRATEGIES, DEFAULT_FORWARD, FORWARD_MODES, METRICS, STRATEGIES, check_choice, \
     check_omission_rate
 from .summary import PatchSummary, log_summary, patch_summary, summarize, warn_replaced_forwards
+from .tokens import DEFAULT_SCORE_TOKENS, SCORE_TOKENS, model_tokens, remove_model_tokens
 
 __all__ = ["replace_mlp", "replace_attention", "set_omission_rate", "revert", "patch_summary", "PatchSummary",
            "sat_modules"]
@@ -53,7 +54,8 @@ def _targets(fn: str, model: nn.Module, omission_rate: float, *, kind: str,
 
 
 def replace_mlp(model: nn.Module, omission_rate: float = 0.5, *, metric: str = "l2", strategy: str = "topk",
-                backend: str = "auto", sync_selection=None, forward: str = DEFAULT_FORWARD) -> nn.Module:
+                backend: str = "auto", sync_selection=None, forward: str = DEFAULT_FORWARD,
+                score_tokens: str = DEFAULT_SCORE_TOKENS) -> nn.Module:
     """Replace every SwiGLU MLP of ``model`` by a :class:`SATMLP` sharing its parameters, in place.
 
     Training-mode forwards then keep ``1 - omission_rate`` of the intermediate neurons per layer and step; ``eval()``
@@ -71,6 +73,11 @@ def replace_mlp(model: nn.Module, omission_rate: float = 0.5, *, metric: str = "
         forward: ``"dense"`` (default: exact forward output, backward over the kept neurons only) or ``"sparse"``
             (omitted neurons are left out of the output too, the paper's mode); see :func:`sat_kernels.sat_mlp` and
             ``DEFAULT_FORWARD`` in :mod:`sat_kernels.selection` for the measurements behind the default.
+        score_tokens: the tokens of each batch the neuron scores are summed over, read from the arguments of
+            ``model``'s forward by a forward pre-hook on ``model`` (removed by :func:`revert`): ``"real"`` (default:
+            ``attention_mask != 0``, so padding, left or right, does not count), ``"loss"`` (opt-in: the real tokens
+            whose logits enter the loss, ``labels`` shifted by one != -100; without ``labels`` the real tokens) or
+            ``"all"`` (every token). See :mod:`sat_kernels.tokens`.
 
     Example:
         >>> model = sk.replace_mlp(AutoModelForCausalLM.from_pretrained(path), omission_rate=0.5)
@@ -78,21 +85,32 @@ def replace_mlp(model: nn.Module, omission_rate: float = 0.5, *, metric: str = "
     rate, found, patched = _targets(
         "replace_mlp", model, omission_rate, kind="mlp", find=swiglu_mlps,
         itself="an MLP; pass the model that contains it, or wrap it in SATMLP",
-        choices={"metric": (metric, METRICS), "strategy": (strategy, STRATEGIES), "forward": (forward, FORWARD_MODES)},
+        choices={"metric": (metric, METRICS), "strategy": (strategy, STRATEGIES), "forward": (forward, FORWARD_MODES),
+                 "score_tokens": (score_tokens, SCORE_TOKENS)},
         backend=backend, check_backend=resolve_backend)
     if not found and not patched:
         skipped = "".join(f"; its layers' {cls}: {why}" for cls, why in summarize(model, "mlp").skipped.items())
         raise ValueError(f"replace_mlp: {type(model).__name__} has no SwiGLU MLP (a module with gate_proj, up_proj, "
                          f"down_proj and act_fn){skipped}; supported: Llama, Mistral, Qwen2, Qwen3 and decoders with "
                          f"that layout")
-    settings = dict(metric=metric, strategy=strategy, backend=backend, sync_selection=sync_selection, forward=forward)
+    settings = dict(metric=metric, strategy=strategy, backend=backend, sync_selection=sync_selection, forward=forward,
+                    score_tokens=score_tokens)
     acts = {name: check_mlp(name, mlp) for name, mlp in found}   # check all before changing any
     for name, mlp in found:
         _set_child(model, name, SATMLP(mlp, acts[name], rate, **settings))
     for _, module in patched:
         module.configure(rate, **settings)
+    _connect_tokens(model, "mlp")
     log_summary("replace_mlp", model, "mlp")
     return model
+
+
+def _connect_tokens(model: nn.Module, kind: str) -> None:
+    """Give the SAT modules of ``kind`` in ``model`` the token masks of ``model``'s forward (one
+    :class:`~sat_kernels.tokens.ModelTokens` pre-hook on ``model``, shared by all its SAT modules)."""
+    tokens = model_tokens(model)
+    for _, module in sat_modules(model, kind):
+        module._tokens = tokens
 
 
 class _OutputCaptureInstaller:
@@ -151,7 +169,7 @@ def _remove_output_capture_installers(model: nn.Module) -> None:
 
 def replace_attention(model: nn.Module, omission_rate: float = 0.5, *, metric: str = "l2", strategy: str = "topk",
                       unit: str = DEFAULT_UNIT, backend: str = "auto", sync_selection=None,
-                      forward: str = DEFAULT_FORWARD) -> nn.Module:
+                      forward: str = DEFAULT_FORWARD, score_tokens: str = DEFAULT_SCORE_TOKENS) -> nn.Module:
     """Replace every supported self-attention of ``model`` by a :class:`SATAttention` sharing its submodules, in place.
 
     Training-mode forwards then keep ``1 - omission_rate`` of the heads (or KV groups, ``unit="group"``) per layer and
@@ -172,6 +190,8 @@ def replace_attention(model: nn.Module, omission_rate: float = 0.5, *, metric: s
         forward: ``"dense"`` (default): the training forward's output is the dense model's (``o_proj`` over every
             head) while the backward stays over the kept heads; ``"sparse"``: omitted heads are left out of the output
             too. As in :func:`sat_kernels.sat_attention`.
+        score_tokens: ``"real"`` (default), ``"loss"`` or ``"all"``: the tokens the head scores cover, as in
+            :func:`replace_mlp`.
 
     Example:
         >>> sk.replace_attention(sk.replace_mlp(model, 0.5), 0.5)
@@ -181,14 +201,15 @@ def replace_attention(model: nn.Module, omission_rate: float = 0.5, *, metric: s
         "replace_attention", model, omission_rate, kind="attention", find=supported_attentions,
         itself="an attention module; pass the model that contains it",
         choices={"metric": (metric, METRICS), "strategy": (strategy, ATTENTION_STRATEGIES), "unit": (unit, UNITS),
-                 "forward": (forward, FORWARD_MODES)},
+                 "forward": (forward, FORWARD_MODES), "score_tokens": (score_tokens, SCORE_TOKENS)},
         backend=backend, check_backend=check_attention_backend)
     if not found and not patched:
         others = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "q_proj") or hasattr(m, "qkv_proj")
                          or hasattr(m, "c_attn")})
         raise ValueError(f"replace_attention: {type(model).__name__} has no supported attention module"
                          f"{f' ({others} are not supported)' if others else ''}; supported: {list(ATTENTION_CLASSES)}")
-    settings = dict(metric=metric, strategy=strategy, backend=backend, sync_selection=sync_selection, forward=forward)
+    settings = dict(metric=metric, strategy=strategy, backend=backend, sync_selection=sync_selection, forward=forward,
+                    score_tokens=score_tokens)
     layouts = {name: check_attention(name, attn) for name, attn in found}   # check all before changing any
     if found:
         _add_output_capture_installer(model)
@@ -197,6 +218,7 @@ def replace_attention(model: nn.Module, omission_rate: float = 0.5, *, metric: s
     for _, module in patched:
         module.unit = unit
         module.configure(rate, **settings)
+    _connect_tokens(model, "attention")
     log_summary("replace_attention", model, "attention")
     return model
 
@@ -241,10 +263,11 @@ def set_omission_rate(model: nn.Module, rate: Optional[float] = None, *, mlp: Op
 
 def revert(model: nn.Module) -> nn.Module:
     """Put the original modules back (the very objects ``replace_mlp`` / ``replace_attention`` wrapped), MLP and
-    attention alike, with the SAT modules' current children: adapters added after patching (PEFT LoRA) stay.
-    Returns ``model``."""
+    attention alike, with the SAT modules' current children: adapters added after patching (PEFT LoRA) stay; remove
+    the hooks patching added (the token masks' forward pre-hook among them). Returns ``model``."""
     for name, module in list(sat_modules(model)):
         module.dense_module.train(module.training)
         _set_child(model, name, module.dense_module)
     _remove_output_capture_installers(model)
+    remove_model_tokens(model)
     return model

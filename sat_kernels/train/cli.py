@@ -90,6 +90,7 @@ def _add_sat_options(p: argparse.ArgumentParser) -> None:
     """The SAT arm: omission rates and schedule, selection, forward mode, kernels, precision."""
     from ..backends import BACKENDS
     from ..selection import DEFAULT_FORWARD, FORWARD_MODES, METRICS, STRATEGIES
+    from ..tokens import DEFAULT_SCORE_TOKENS, SCORE_TOKENS
 
     p.add_argument("--omission-rate", type=_rate, default=0.5,
                    help="initial MLP omission rate in [0, 1) (default 0.5)")
@@ -110,6 +111,10 @@ def _add_sat_options(p: argparse.ArgumentParser) -> None:
                    help="sparse: omitted neurons (and heads) are left out of the forward output too (the paper's "
                         "mode); dense: exact forward output, backward over the kept neurons (heads) only (default: "
                         "dense)")
+    p.add_argument("--score-tokens", choices=SCORE_TOKENS, default=DEFAULT_SCORE_TOKENS,
+                   help="the tokens of each batch the neuron (head) scores cover: real = not the padding "
+                        "(attention_mask), loss = the tokens whose logits enter the loss (labels != -100, shifted; "
+                        "in sft the answers), all = every token, padding included (default: %(default)s)")
     p.add_argument("--skip-omitted-updates", action="store_true",
                    help="AdamW leaves the omitted neurons (heads) alone in each step: no momentum step, their "
                         "optimizer state kept (sat_kernels.skip_omitted_updates; default: every weight updated)")
@@ -159,6 +164,7 @@ def config_from_args(args) -> TrainConfig:
                        omission_rate=args.omission_rate, attn_omission_rate=args.attn_omission_rate,
                        scheduler=args.scheduler, num_rungs=args.num_rungs, dense_fraction=args.dense_fraction,
                        metric=args.metric, strategy=args.strategy, forward=args.forward,
+                       score_tokens=args.score_tokens,
                        skip_omitted_updates=args.skip_omitted_updates, per_layer_budget=args.per_layer_budget,
                        backend=args.backend, precision=args.precision, lora=lora)
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import sat_kernels as sk
 
 from ..selection import DEFAULT_FORWARD
+from ..tokens import DEFAULT_SCORE_TOKENS
 from .data import IGNORE_INDEX, collate
 from .step_log import make_step_log, synchronize
 
@@ -70,6 +71,7 @@ class TrainConfig:
     metric: str = "l2"
     strategy: str = "topk"
     forward: str = DEFAULT_FORWARD
+    score_tokens: str = DEFAULT_SCORE_TOKENS
     skip_omitted_updates: bool = False
     per_layer_budget: bool = False
     backend: str = "auto"
@@ -169,10 +171,10 @@ def add_lora(model, cfg: TrainConfig):
 
 def _patch(model, cfg: TrainConfig):
     sk.replace_mlp(model, cfg.omission_rate, metric=cfg.metric, strategy=cfg.strategy, backend=cfg.backend,
-                   forward=cfg.forward)
+                   forward=cfg.forward, score_tokens=cfg.score_tokens)
     if cfg.attn_omission_rate is not None:
         sk.replace_attention(model, cfg.attn_omission_rate, metric=cfg.metric, strategy=cfg.strategy,
-                             forward=cfg.forward)
+                             forward=cfg.forward, score_tokens=cfg.score_tokens)
 
 
 def check_sat_supported(model, cfg: TrainConfig) -> None:
