@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .data import TASKS, default_corpus, evenly_spaced, load_corpus, tokenize, training_order
-from .runner import LORA_TARGETS, PRECISIONS, SCHEDULERS, LoRASettings, TrainConfig
+from .runner import LORA_TARGETS, PRECISIONS, SAT_TRAIN_SCORE_TOKENS, SCHEDULERS, LoRASettings, TrainConfig
 
 # Explicit options override the preset. "cpu" is sized for the main job on a 2-core CPU (scripts/main.sh);
 # "gpu" is a suggestion for one GPU and has not been measured.
@@ -90,7 +90,7 @@ def _add_sat_options(p: argparse.ArgumentParser) -> None:
     """The SAT arm: omission rates and schedule, selection, forward mode, kernels, precision."""
     from ..backends import BACKENDS
     from ..selection import DEFAULT_FORWARD, FORWARD_MODES, METRICS, STRATEGIES
-    from ..tokens import DEFAULT_SCORE_TOKENS, SCORE_TOKENS
+    from ..tokens import SCORE_TOKENS
 
     p.add_argument("--omission-rate", type=_rate, default=0.5,
                    help="initial MLP omission rate in [0, 1) (default 0.5)")
@@ -111,10 +111,11 @@ def _add_sat_options(p: argparse.ArgumentParser) -> None:
                    help="sparse: omitted neurons (and heads) are left out of the forward output too (the paper's "
                         "mode); dense: exact forward output, backward over the kept neurons (heads) only (default: "
                         "dense)")
-    p.add_argument("--score-tokens", choices=SCORE_TOKENS, default=DEFAULT_SCORE_TOKENS,
-                   help="the tokens of each batch the neuron (head) scores cover: real = not the padding "
-                        "(attention_mask), loss = the tokens whose logits enter the loss (labels != -100, shifted; "
-                        "in sft the answers), all = every token, padding included (default: %(default)s)")
+    p.add_argument("--score-tokens", choices=SCORE_TOKENS, default=SAT_TRAIN_SCORE_TOKENS,
+                   help="the tokens of each batch the neuron (head) scores cover: loss = the real tokens whose logits "
+                        "enter the loss (the next label != -100: in sft the answers; in cpt all but the last of each "
+                        "block), real = not the padding (attention_mask), all = every token, padding included "
+                        "(default: %(default)s, measured in docs/quality.md; the library's default is real)")
     p.add_argument("--skip-omitted-updates", action="store_true",
                    help="AdamW leaves the omitted neurons (heads) alone in each step: no momentum step, their "
                         "optimizer state kept (sat_kernels.skip_omitted_updates; default: every weight updated)")
