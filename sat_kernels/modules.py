@@ -125,7 +125,17 @@ class _SATWrapper(nn.Module):
         self.omission_rate = omission_rate
         self.metric, self.strategy, self.backend, self.sync_selection = metric, strategy, backend, sync_selection
         self.forward_mode = check_choice(forward, FORWARD_MODES, "forward")
-        self.score_tokens = check_choice(score_tokens, SCORE_TOKENS, "score_tokens")
+        self.score_tokens = score_tokens
+
+    @property
+    def score_tokens(self) -> str:
+        """``"real"``, ``"loss"`` or ``"all"``: the tokens of the model's batch the scores cover
+        (:mod:`sat_kernels.tokens`)."""
+        return self._score_tokens
+
+    @score_tokens.setter
+    def score_tokens(self, score_tokens: str) -> None:
+        self._score_tokens = check_choice(score_tokens, SCORE_TOKENS, "score_tokens")
 
     def _token_mask(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The bool mask of the tokens of ``x`` this training forward scores, or ``None`` for every token."""

@@ -380,6 +380,8 @@ def test_shape_mismatch_is_an_error():
         mlp(torch.randn(2, 5, 48))
     mlp.score_tokens = "all"
     mlp(torch.randn(2, 5, 48))
+    with pytest.raises(ValueError, match=r"score_tokens must be one of \['real', 'loss', 'all'\], got 'none'"):
+        mlp.score_tokens = "none"
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
