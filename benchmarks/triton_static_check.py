@@ -39,14 +39,20 @@ def kernels(dtype: str):
     two = utils.TWO_ACC_FP32_CONFIGS if fp32 else utils.TWO_ACC_CONFIGS
     one = utils.ONE_ACC_FP32_CONFIGS if fp32 else utils.ONE_ACC_CONFIGS
     swiglu = utils.SWIGLU_BWD_FP32_CONFIGS if fp32 else utils.SWIGLU_BWD_CONFIGS
-    gu = {"x_ptr": p, "wg_ptr": p, "wu_ptr": p, "idx_ptr": i64, "g_ptr": p, "u_ptr": p, "a_ptr": p, "part_ptr": "*fp64"}
+    gu = {"x_ptr": p, "wg_ptr": p, "wu_ptr": p, "idx_ptr": i64, "g_ptr": p, "u_ptr": p, "a_ptr": p, "part_ptr": "*fp64",
+          "mask_ptr": "*u8"}
     dn = {"a_ptr": p, "wd_ptr": p, "idx_ptr": i64, "y_ptr": p}
     db = {"dy_ptr": p, "wd_ptr": p, "idx_ptr": i64, "g_ptr": p, "u_ptr": p, "dg_ptr": p, "du_ptr": p, "a_ptr": p}
     return [
         ("gate_up_fwd scores", gate_up._gate_up_fwd_kernel, gu,
-         dict(HAS_IDX=False, STORE_A=False, SCORE=1, ACT=0, PRECISION=prec, ROWS=utils.SCORE_ROWS), two),
+         dict(HAS_IDX=False, STORE_A=False, SCORE=1, HAS_MASK=False, ACT=0, PRECISION=prec, ROWS=utils.SCORE_ROWS),
+         two),
+        ("gate_up_fwd scores, token mask", gate_up._gate_up_fwd_kernel, gu,
+         dict(HAS_IDX=False, STORE_A=False, SCORE=1, HAS_MASK=True, ACT=0, PRECISION=prec, ROWS=utils.SCORE_ROWS),
+         two),
         ("gate_up_fwd kept rows", gate_up._gate_up_fwd_kernel, gu,
-         dict(HAS_IDX=True, STORE_A=True, SCORE=0, ACT=0, PRECISION=prec, ROWS=utils.SCORE_ROWS), two),
+         dict(HAS_IDX=True, STORE_A=True, SCORE=0, HAS_MASK=False, ACT=0, PRECISION=prec, ROWS=utils.SCORE_ROWS),
+         two),
         ("gate_up_weight_bwd", gate_up._gate_up_weight_bwd_kernel,
          {"dg_ptr": p, "du_ptr": p, "x_ptr": p, "idx_ptr": i64, "dwg_ptr": p, "dwu_ptr": p}, dict(PRECISION=prec), two),
         ("gate_up_input_bwd", gate_up._gate_up_input_bwd_kernel,

@@ -12,6 +12,7 @@ from .lora import lora_parts, peft_adapter
 from .ops.attention import DEFAULT_UNIT, UNITS, sat_attention_kept
 from .ops.mlp import check_backward, sat_lora_mlp, sat_mlp_kept
 from .selection import DEFAULT_BACKWARD, DEFAULT_FORWARD, FORWARD_MODES, check_choice, check_omission_rate, num_kept
+from .tokens import DEFAULT_SCORE_TOKENS, SCORE_TOKENS, ModelTokens
 
 _CACHE_ARGS = ("cache", "past_key_values", "past_key_value")
 
@@ -122,6 +123,10 @@ class _SATWrapper(nn.Module):
     device of the weights without a host sync. A subclass implements ``_count_kept`` (sets ``_units`` and ``_kept``:
     the units of selection and the kept count at ``_omission_rate``) and names in ``_STATS_PROJ`` the child whose
     weight's device the counter follows.
+
+    The tokens a training forward scores come from ``_tokens``, the :class:`~sat_kernels.tokens.ModelTokens` hook of
+    the model that ``replace_mlp`` / ``replace_attention`` patched (``None`` for a module built by hand: every token
+    counts), as the module's ``score_tokens`` asks.
     """
 
     _STATS_PROJ: str
@@ -136,14 +141,31 @@ class _SATWrapper(nn.Module):
         self._nonfinite_total = torch.zeros((), dtype=torch.int64, device=self._stats_device())
         self._nonfinite_warned = False
         self._keep_scores = False   # keep a copy of the last scores (set by sat_kernels.budget.PerLayerBudget)
+        self._tokens: Optional[ModelTokens] = None
 
     def configure(self, omission_rate: float, *, metric: str, strategy: str, backend: str, sync_selection,
-                  forward: str) -> None:
+                  forward: str, score_tokens: str = DEFAULT_SCORE_TOKENS) -> None:
         """Set the selection settings both SAT modules share (the constructors' keywords of the same names; ``forward``
         is stored as ``forward_mode``). ``replace_mlp`` / ``replace_attention`` call it again on a patched model."""
         self.omission_rate = omission_rate
         self.metric, self.strategy, self.backend, self.sync_selection = metric, strategy, backend, sync_selection
         self.forward_mode = check_choice(forward, FORWARD_MODES, "forward")
+        self.score_tokens = score_tokens
+
+    @property
+    def score_tokens(self) -> str:
+        """``"real"``, ``"loss"`` or ``"all"``: the tokens of the model's batch the scores cover
+        (:mod:`sat_kernels.tokens`)."""
+        return self._score_tokens
+
+    @score_tokens.setter
+    def score_tokens(self, score_tokens: str) -> None:
+        self._score_tokens = check_choice(score_tokens, SCORE_TOKENS, "score_tokens")
+
+    def _token_mask(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The bool mask of the tokens of ``x`` this training forward scores, or ``None`` for every token."""
+        tokens = self._tokens
+        return None if tokens is None else tokens.mask(self.score_tokens, type(self).__name__, x)
 
     def _runs_dense(self) -> bool:
         """Whether this forward runs the wrapped module: in ``eval()``, and in training mode when grad mode is off
@@ -241,25 +263,32 @@ class SATMLP(_SATWrapper):
         backward: ``"sparse"`` (default) or ``"exact_input"`` (with ``forward="dense"``: the dense input gradient,
             weight gradients of the kept neurons only; not on PEFT LoRA projections), as in
             :func:`sat_kernels.sat_mlp`; stored as ``backward_mode``.
+        score_tokens: which tokens of the model's batch the neuron scores cover: ``"real"`` (default: not the
+            padding), ``"loss"`` (the tokens whose logits enter the loss) or ``"all"``; see :mod:`sat_kernels.tokens`.
+            The masks come from the model patched by :func:`sat_kernels.replace_mlp`; a module built by hand and
+            called outside such a model scores every token.
     """
 
     _STATS_PROJ = "gate_proj"
 
     def __init__(self, mlp: nn.Module, act: str, omission_rate: float = 0.5, *, metric: str = "l2",
                  strategy: str = "topk", backend: str = "auto", sync_selection=None,
-                 forward: str = DEFAULT_FORWARD, backward: str = DEFAULT_BACKWARD):
+                 forward: str = DEFAULT_FORWARD, backward: str = DEFAULT_BACKWARD,
+                 score_tokens: str = DEFAULT_SCORE_TOKENS):
         super().__init__(mlp, ((name, getattr(mlp, name)) for name in ("gate_proj", "up_proj", "down_proj")))
         self.act = act
         self.configure(omission_rate, metric=metric, strategy=strategy, backend=backend,
-                       sync_selection=sync_selection, forward=forward, backward=backward)
+                       sync_selection=sync_selection, forward=forward, backward=backward,
+                       score_tokens=score_tokens)
 
     def configure(self, omission_rate: float, *, metric: str, strategy: str, backend: str, sync_selection,
-                  forward: str, backward: str = DEFAULT_BACKWARD) -> None:
+                  forward: str, backward: str = DEFAULT_BACKWARD,
+                  score_tokens: str = DEFAULT_SCORE_TOKENS) -> None:
         """The shared settings (:meth:`_SATWrapper.configure`) and ``backward``, stored as ``backward_mode``, checked
         against ``forward`` and ``backend`` first."""
         check_backward(backward, forward, backend)
         super().configure(omission_rate, metric=metric, strategy=strategy, backend=backend,
-                          sync_selection=sync_selection, forward=forward)
+                          sync_selection=sync_selection, forward=forward, score_tokens=score_tokens)
         self.backward_mode = backward
 
     def _count_kept(self) -> None:
@@ -281,10 +310,11 @@ class SATMLP(_SATWrapper):
             weights.append(base.weight)
             adapters.append(adapter)
         stats = {"scores": None} if self._keep_scores else {}   # scores: for a PerLayerBudget
+        mask = self._token_mask(x)
         if all(adapter is None for adapter in adapters):
             y = sat_mlp_kept(x, *weights, self._kept, metric=self.metric, strategy=self.strategy, act=self.act,
                              backend=self.backend, sync_selection=self.sync_selection, forward=self.forward_mode,
-                             backward=self.backward_mode, stats=stats)
+                             backward=self.backward_mode, stats=stats, token_mask=mask)
         else:
             if self.backward_mode != "sparse":
                 names = [name for name, adapter in zip(("gate_proj", "up_proj", "down_proj"), adapters) if adapter]
@@ -295,14 +325,15 @@ class SATMLP(_SATWrapper):
                 raise ValueError(f"SATMLP: backend={self.backend!r} has no LoRA path; SAT on PEFT LoRA projections "
                                  f"runs on the torch backend: use backend='auto' or 'torch'")
             y = sat_lora_mlp(x, *weights, tuple(adapters), self._kept, metric=self.metric, strategy=self.strategy,
-                             act=self.act, sync_selection=self.sync_selection, forward=self.forward_mode, stats=stats)
+                             act=self.act, sync_selection=self.sync_selection, forward=self.forward_mode, stats=stats,
+                             token_mask=mask)
         self._record(stats)
         return y
 
     def extra_repr(self) -> str:
         return (f"omission_rate={self.omission_rate}, metric={self.metric!r}, strategy={self.strategy!r}, "
                 f"act={self.act!r}, backend={self.backend!r}, forward={self.forward_mode!r}, "
-                f"backward={self.backward_mode!r}")
+                f"backward={self.backward_mode!r}, score_tokens={self.score_tokens!r}")
 
 
 class SATAttention(_SATWrapper):
@@ -328,6 +359,8 @@ class SATAttention(_SATWrapper):
         sync_selection: as in :class:`SATMLP`.
         forward: ``"dense"`` (default: exact forward output, sparse backward) or ``"sparse"``, as in
             :func:`sat_kernels.sat_attention`; stored as ``forward_mode``.
+        score_tokens: which tokens the head scores cover, as in :class:`SATMLP` (from the model patched by
+            :func:`sat_kernels.replace_attention`).
     """
 
     _STATS_PROJ = "q_proj"
@@ -335,13 +368,13 @@ class SATAttention(_SATWrapper):
     def __init__(self, attn: nn.Module, *, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  norm_eps: float = 1e-6, omission_rate: float = 0.5, metric: str = "l2", strategy: str = "topk",
                  unit: str = DEFAULT_UNIT, backend: str = "auto", sync_selection=None,
-                 forward: str = DEFAULT_FORWARD):
+                 forward: str = DEFAULT_FORWARD, score_tokens: str = DEFAULT_SCORE_TOKENS):
         super().__init__(attn, attn.named_children())
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale, self.norm_eps = scale, norm_eps
         self._unit = check_choice(unit, UNITS, "unit")
         self.configure(omission_rate, metric=metric, strategy=strategy, backend=backend,
-                       sync_selection=sync_selection, forward=forward)
+                       sync_selection=sync_selection, forward=forward, score_tokens=score_tokens)
         self.__dict__["_signature"] = inspect.signature(attn.forward)
 
     @property
@@ -423,7 +456,8 @@ class SATAttention(_SATWrapper):
             b_v=self.v_proj.bias, b_o=self.o_proj.bias, q_norm_weight=self.q_norm.weight if norm else None,
             k_norm_weight=self.k_norm.weight if norm else None, norm_eps=self.norm_eps, metric=self.metric,
             strategy=self.strategy, unit=self.unit, backend=self.backend, sync_selection=self.sync_selection,
-            forward=self.forward_mode, return_kv=cache is not None, stats=stats)
+            forward=self.forward_mode, return_kv=cache is not None, stats=stats,
+            token_mask=self._token_mask(hidden_states))
         self._record(stats)
         if cache is not None:
             cache.update(k_all, v_all, layer_idx)
@@ -432,7 +466,8 @@ class SATAttention(_SATWrapper):
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"omission_rate={self.omission_rate}, metric={self.metric!r}, strategy={self.strategy!r}, "
-                f"unit={self.unit!r}, backend={self.backend!r}, forward={self.forward_mode!r}")
+                f"unit={self.unit!r}, backend={self.backend!r}, forward={self.forward_mode!r}, "
+                f"score_tokens={self.score_tokens!r}")
 
 
 def sat_modules(model: nn.Module, kind: Optional[str] = None) -> Iterator[Tuple[str, nn.Module]]:

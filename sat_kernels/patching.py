@@ -25,6 +25,7 @@ from .patch_checks import ATTENTION_CLASSES, check_attention, check_mlp, support
 from .selection import ATTENTION_STRATEGIES, BACKWARD_MODES, DEFAULT_BACKWARD, DEFAULT_FORWARD, FORWARD_MODES, \
     METRICS, STRATEGIES, check_choice, check_omission_rate
 from .summary import PatchSummary, log_summary, patch_summary, summarize, warn_replaced_forwards
+from .tokens import DEFAULT_SCORE_TOKENS, SCORE_TOKENS, model_tokens, remove_model_tokens
 
 __all__ = ["replace_mlp", "replace_attention", "set_omission_rate", "revert", "patch_summary", "PatchSummary",
            "sat_modules"]
@@ -56,7 +57,7 @@ def _targets(fn: str, model: nn.Module, omission_rate: float, *, kind: str,
 
 def replace_mlp(model: nn.Module, omission_rate: float = 0.5, *, metric: str = "l2", strategy: str = "topk",
                 backend: str = "auto", sync_selection=None, forward: str = DEFAULT_FORWARD,
-                backward: str = DEFAULT_BACKWARD) -> nn.Module:
+                backward: str = DEFAULT_BACKWARD, score_tokens: str = DEFAULT_SCORE_TOKENS) -> nn.Module:
     """Replace every SwiGLU MLP of ``model`` by a :class:`SATMLP` sharing its parameters, in place.
 
     Training-mode forwards then keep ``1 - omission_rate`` of the intermediate neurons per layer and step; ``eval()``
@@ -78,6 +79,11 @@ def replace_mlp(model: nn.Module, omission_rate: float = 0.5, *, metric: str = "
             ``forward="dense"``, on the torch backend: the input gradient through every neuron, the dense one, and
             weight gradients of the kept neurons only; refused on MLPs with PEFT LoRA projections); see
             :func:`sat_kernels.sat_mlp`. Stored on each module as ``backward_mode``.
+        score_tokens: the tokens of each batch the neuron scores are summed over, read from the arguments of
+            ``model``'s forward by a forward pre-hook on ``model`` (removed by :func:`revert`): ``"real"`` (default:
+            ``attention_mask != 0``, so padding, left or right, does not count), ``"loss"`` (opt-in: the real tokens
+            whose logits enter the loss, ``labels`` shifted by one != -100; without ``labels`` the real tokens) or
+            ``"all"`` (every token). See :mod:`sat_kernels.tokens`.
 
     Example:
         >>> model = sk.replace_mlp(AutoModelForCausalLM.from_pretrained(path), omission_rate=0.5)
@@ -87,7 +93,8 @@ def replace_mlp(model: nn.Module, omission_rate: float = 0.5, *, metric: str = "
         "replace_mlp", model, omission_rate, kind="mlp", find=swiglu_mlps,
         itself="an MLP; pass the model that contains it, or wrap it in SATMLP",
         choices={"metric": (metric, METRICS), "strategy": (strategy, STRATEGIES), "forward": (forward, FORWARD_MODES),
-                 "backward": (backward, BACKWARD_MODES)},
+                 "backward": (backward, BACKWARD_MODES),
+                 "score_tokens": (score_tokens, SCORE_TOKENS)},
         backend=backend, check_backend=resolve_backend)
     if not found and not patched:
         skipped = "".join(f"; its layers' {cls}: {why}" for cls, why in summarize(model, "mlp").skipped.items())
@@ -102,14 +109,23 @@ def replace_mlp(model: nn.Module, omission_rate: float = 0.5, *, metric: str = "
                              f"({', '.join(lora[:3])}{', ...' if len(lora) > 3 else ''}): the base weights are frozen, "
                              f"so it would skip no weight gradient and save nothing; use backward='sparse'")
     settings = dict(metric=metric, strategy=strategy, backend=backend, sync_selection=sync_selection, forward=forward,
-                    backward=backward)
+                    backward=backward, score_tokens=score_tokens)
     acts = {name: check_mlp(name, mlp) for name, mlp in found}   # check all before changing any
     for name, mlp in found:
         _set_child(model, name, SATMLP(mlp, acts[name], rate, **settings))
     for _, module in patched:
         module.configure(rate, **settings)
+    _connect_tokens(model, "mlp")
     log_summary("replace_mlp", model, "mlp")
     return model
+
+
+def _connect_tokens(model: nn.Module, kind: str) -> None:
+    """Give the SAT modules of ``kind`` in ``model`` the token masks of ``model``'s forward (one
+    :class:`~sat_kernels.tokens.ModelTokens` pre-hook on ``model``, shared by all its SAT modules)."""
+    tokens = model_tokens(model)
+    for _, module in sat_modules(model, kind):
+        module._tokens = tokens
 
 
 class _OutputCaptureInstaller:
@@ -168,7 +184,7 @@ def _remove_output_capture_installers(model: nn.Module) -> None:
 
 def replace_attention(model: nn.Module, omission_rate: float = 0.5, *, metric: str = "l2", strategy: str = "topk",
                       unit: str = DEFAULT_UNIT, backend: str = "auto", sync_selection=None,
-                      forward: str = DEFAULT_FORWARD) -> nn.Module:
+                      forward: str = DEFAULT_FORWARD, score_tokens: str = DEFAULT_SCORE_TOKENS) -> nn.Module:
     """Replace every supported self-attention of ``model`` by a :class:`SATAttention` sharing its submodules, in place.
 
     Training-mode forwards then keep ``1 - omission_rate`` of the heads (or KV groups, ``unit="group"``) per layer and
@@ -189,6 +205,8 @@ def replace_attention(model: nn.Module, omission_rate: float = 0.5, *, metric: s
         forward: ``"dense"`` (default): the training forward's output is the dense model's (``o_proj`` over every
             head) while the backward stays over the kept heads; ``"sparse"``: omitted heads are left out of the output
             too. As in :func:`sat_kernels.sat_attention`.
+        score_tokens: ``"real"`` (default), ``"loss"`` or ``"all"``: the tokens the head scores cover, as in
+            :func:`replace_mlp`.
 
     Example:
         >>> sk.replace_attention(sk.replace_mlp(model, 0.5), 0.5)
@@ -198,14 +216,15 @@ def replace_attention(model: nn.Module, omission_rate: float = 0.5, *, metric: s
         "replace_attention", model, omission_rate, kind="attention", find=supported_attentions,
         itself="an attention module; pass the model that contains it",
         choices={"metric": (metric, METRICS), "strategy": (strategy, ATTENTION_STRATEGIES), "unit": (unit, UNITS),
-                 "forward": (forward, FORWARD_MODES)},
+                 "forward": (forward, FORWARD_MODES), "score_tokens": (score_tokens, SCORE_TOKENS)},
         backend=backend, check_backend=check_attention_backend)
     if not found and not patched:
         others = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "q_proj") or hasattr(m, "qkv_proj")
                          or hasattr(m, "c_attn")})
         raise ValueError(f"replace_attention: {type(model).__name__} has no supported attention module"
                          f"{f' ({others} are not supported)' if others else ''}; supported: {list(ATTENTION_CLASSES)}")
-    settings = dict(metric=metric, strategy=strategy, backend=backend, sync_selection=sync_selection, forward=forward)
+    settings = dict(metric=metric, strategy=strategy, backend=backend, sync_selection=sync_selection, forward=forward,
+                    score_tokens=score_tokens)
     layouts = {name: check_attention(name, attn) for name, attn in found}   # check all before changing any
     if found:
         _add_output_capture_installer(model)
@@ -214,6 +233,7 @@ def replace_attention(model: nn.Module, omission_rate: float = 0.5, *, metric: s
     for _, module in patched:
         module.unit = unit
         module.configure(rate, **settings)
+    _connect_tokens(model, "attention")
     log_summary("replace_attention", model, "attention")
     return model
 
@@ -258,10 +278,11 @@ def set_omission_rate(model: nn.Module, rate: Optional[float] = None, *, mlp: Op
 
 def revert(model: nn.Module) -> nn.Module:
     """Put the original modules back (the very objects ``replace_mlp`` / ``replace_attention`` wrapped), MLP and
-    attention alike, with the SAT modules' current children: adapters added after patching (PEFT LoRA) stay.
-    Returns ``model``."""
+    attention alike, with the SAT modules' current children: adapters added after patching (PEFT LoRA) stay; remove
+    the hooks patching added (the token masks' forward pre-hook among them). Returns ``model``."""
     for name, module in list(sat_modules(model)):
         module.dense_module.train(module.training)
         _set_child(model, name, module.dense_module)
     _remove_output_capture_installers(model)
+    remove_model_tokens(model)
     return model

@@ -25,7 +25,8 @@ def test_compiled_model_recompiles_once_per_kept_count(fresh_dynamo):
     graphs = []
 
     def counting_backend(gm, example_inputs):
-        graphs.append(gm)
+        if "gate_proj" in gm.code:   # the model's forward (the token masks' pre-hook is a small graph of its own)
+            graphs.append(gm)
         return aot_eager(gm, example_inputs)
 
     compiled = torch.compile(model, backend=counting_backend, fullgraph=True)

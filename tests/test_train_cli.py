@@ -13,7 +13,7 @@ import torch
 
 import sat_kernels as sk
 from sat_kernels.train import data as D
-from sat_kernels.train.cli import main
+from sat_kernels.train.cli import build_parser, main
 from sat_kernels.train.runner import LORA_TARGETS, LoRASettings, TrainConfig, add_lora, train_run
 
 from tiny_train import CHAT_TEMPLATE, documents, tiny_setup, word_tokenizer, write_tiny_dir
@@ -337,6 +337,25 @@ def test_cli_exact_input_backward(tiny_dir, tmp_path, capsys):
     assert sat["losses"][2] != pytest.approx(dense["losses"][2], rel=1e-6)
 
 
+def test_cli_score_tokens(tiny_dir, tmp_path, capsys):
+    """--score-tokens: in the JSON config and in the SAT modules; on padded sft batches the three choices keep
+    different neurons: the same first loss (exact forward), different later ones. The default is recorded too."""
+    from sat_kernels.tokens import SCORE_TOKENS
+
+    common = ["--task", "sft", "--model", str(tiny_dir / "llama"), "--data", str(tiny_dir / "pairs.jsonl"), "--steps",
+              "3", "--seq-len", "48", "--batch-size", "3", "--scheduler", "constant", "--output-dir", str(tmp_path),
+              "--no-progress"]
+    losses = {}
+    for mode in SCORE_TOKENS:
+        _run_cli(common + ["--name", mode, "--score-tokens", mode], capsys)
+        report = json.loads((tmp_path / f"{mode}.json").read_text())
+        assert report["config"]["score_tokens"] == mode
+        losses[mode] = report["runs"]["SAT"]["losses"]
+    assert losses["real"][0] == losses["all"][0] == losses["loss"][0]
+    assert losses["real"][1:] != losses["all"][1:] and losses["loss"][1:] != losses["real"][1:]
+    assert build_parser().parse_args([]).score_tokens == TrainConfig().score_tokens
+
+
 def test_cli_skip_omitted_updates(tiny_dir, tmp_path, capsys):
     """--skip-omitted-updates: the same first two losses (the first step's update of kept neurons is the plain one
     and no weight decay moves the others), different ones once AdamW's momentum would move omitted neurons."""
@@ -473,8 +492,9 @@ def test_runner_schedules_through_the_public_callback(tiny_dir, monkeypatch):
     (["--task", "dpo"], "argument --task: invalid choice"),
     (["--lora-rank", "0"], "argument --lora-rank: expected a positive integer, got 0"),
     (["--lora-dropout", "1"], "argument --lora-dropout: must be in [0, 1), got 1.0"),
+    (["--score-tokens", "padding"], "argument --score-tokens: invalid choice"),
 ], ids=["missing-data", "missing-model", "rate-1", "rate-neg", "rate-text", "attn-rate-1", "steps-0", "scheduler",
-        "dense-fraction", "num-rungs", "task", "lora-rank-0", "lora-dropout-1"])
+        "dense-fraction", "num-rungs", "task", "lora-rank-0", "lora-dropout-1", "score-tokens"])
 def test_cli_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)

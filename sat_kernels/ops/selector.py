@@ -44,12 +44,16 @@ class Selector:
             noise), or ``None`` (see :mod:`sat_kernels.distributed`).
         stats: a dict that receives :func:`sat_kernels.selection.selection_stats` of each call (a ``"scores"`` key
             asks for a copy of the scores too), or ``None``.
+        token_mask: the tokens the scores cover, a bool tensor (``[T]`` for the MLP, ``[B, T]`` for attention), or
+            ``None`` for every token. ``score`` applies it; a backend that fuses the scoring reads it as it reads
+            ``metric``.
     """
 
     def __init__(self, k: int, *, metric: str, strategy: str, score: Callable[[torch.Tensor], torch.Tensor],
-                 generator: Optional[torch.Generator] = None, group=None, stats: Optional[dict] = None):
+                 generator: Optional[torch.Generator] = None, group=None, stats: Optional[dict] = None,
+                 token_mask: Optional[torch.Tensor] = None):
         self.k, self.metric, self.strategy, self.score = k, metric, strategy, score
-        self.generator, self.group, self.stats = generator, group, stats
+        self.generator, self.group, self.stats, self.token_mask = generator, group, stats, token_mask
 
     def __call__(self, activations: Optional[torch.Tensor] = None, *, scores: Optional[torch.Tensor] = None,
                  select_fn=select_neurons) -> Selection:

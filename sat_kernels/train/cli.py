@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .data import TASKS, default_corpus, evenly_spaced, load_corpus, tokenize, training_order
-from .runner import LORA_TARGETS, PRECISIONS, SCHEDULERS, LoRASettings, TrainConfig
+from .runner import LORA_TARGETS, PRECISIONS, SAT_TRAIN_SCORE_TOKENS, SCHEDULERS, LoRASettings, TrainConfig
 
 # Explicit options override the preset. "cpu" is sized for the main job on a 2-core CPU (scripts/main.sh);
 # "gpu" is a suggestion for one GPU and has not been measured.
@@ -109,6 +109,7 @@ def _add_sat_options(p: argparse.ArgumentParser) -> None:
     """The SAT arm: omission rates and schedule, selection, forward mode, kernels, precision."""
     from ..backends import BACKENDS
     from ..selection import BACKWARD_MODES, DEFAULT_BACKWARD, DEFAULT_FORWARD, FORWARD_MODES, METRICS, STRATEGIES
+    from ..tokens import SCORE_TOKENS
 
     p.add_argument("--omission-rate", type=_rate, default=0.5,
                    help="initial MLP omission rate in [0, 1) (default 0.5)")
@@ -133,6 +134,11 @@ def _add_sat_options(p: argparse.ArgumentParser) -> None:
                    help="MLP backward: sparse: over the kept neurons only, input gradient included; exact_input "
                         "(with --forward dense, not with --lora-rank): the input gradient through every neuron (the "
                         "dense one), weight gradients of the kept neurons only (default: sparse)")
+    p.add_argument("--score-tokens", choices=SCORE_TOKENS, default=SAT_TRAIN_SCORE_TOKENS,
+                   help="the tokens of each batch the neuron (head) scores cover: loss = the real tokens whose logits "
+                        "enter the loss (the next label != -100: in sft the answers; in cpt all but the last of each "
+                        "block), real = not the padding (attention_mask), all = every token, padding included "
+                        "(default: %(default)s, measured in docs/quality.md; the library's default is real)")
     p.add_argument("--skip-omitted-updates", action="store_true",
                    help="AdamW leaves the omitted neurons (heads) alone in each step: no momentum step, their "
                         "optimizer state kept (sat_kernels.skip_omitted_updates; default: every weight updated)")
@@ -182,6 +188,7 @@ def config_from_args(args) -> TrainConfig:
                        omission_rate=args.omission_rate, attn_omission_rate=args.attn_omission_rate,
                        scheduler=args.scheduler, num_rungs=args.num_rungs, dense_fraction=args.dense_fraction,
                        metric=args.metric, strategy=args.strategy, forward=args.forward, backward=args.backward,
+                       score_tokens=args.score_tokens,
                        skip_omitted_updates=args.skip_omitted_updates, per_layer_budget=args.per_layer_budget,
                        backend=args.backend, precision=args.precision, eval_batch_size=args.eval_batch_size,
                        lora=lora)

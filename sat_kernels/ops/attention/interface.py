@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ...distributed import default_sync_group
 from ...selection import ATTENTION_STRATEGIES, FORWARD_MODES, METRICS, check_choice, check_omission_rate, num_kept, \
     selection_stats
-from ..common import autocast_operands, check_indices
+from ..common import autocast_operands, check_indices, check_token_mask
 from ..selector import Selector
 from .checks import Operands, check_attention_backend, check_attention_inputs, check_head_counts
 from .core import core_fwd
@@ -29,16 +29,21 @@ UNITS = ("head", "group")
 DEFAULT_UNIT = "head"
 
 
-def unit_scores(o: torch.Tensor, w_o: torch.Tensor, metric: str, unit: str, num_kv_heads: int) -> torch.Tensor:
+def unit_scores(o: torch.Tensor, w_o: torch.Tensor, metric: str, unit: str, num_kv_heads: int,
+                token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """fp32 score per selection unit from the attention output ``o`` ``[B, H, T, d]`` (any strides).
 
     A unit's output is the concatenation of its heads' outputs (one head, or the ``H / G`` heads of a KV group):
     ``"l2"`` its Frobenius norm over all tokens, ``"l1"`` the sum of its absolute values, ``"contrib"`` its norm times
-    the Frobenius norm of the unit's columns of ``w_o``.
+    the Frobenius norm of the unit's columns of ``w_o``. With a bool ``token_mask`` ``[B, T]`` the sums run over its
+    tokens only (each token's terms times 0/1, as :func:`sat_kernels.selection.activation_scores`).
     """
     acc = acc_dtype(o.dtype)
     H, d = o.shape[1], o.shape[3]
-    per_head = (o.abs() if metric == "l1" else o * o).sum(dim=(0, 2, 3), dtype=acc)                 # [H]
+    terms = o.abs() if metric == "l1" else o * o                                                    # [B, H, T, d]
+    if token_mask is not None:
+        terms.mul_(token_mask.to(terms.dtype)[:, None, :, None])
+    per_head = terms.sum(dim=(0, 2, 3), dtype=acc)                                                  # [H]
     per_unit = per_head.view(num_kv_heads, -1).sum(1) if unit == "group" else per_head
     if metric == "l1":
         return per_unit.float()
@@ -72,7 +77,7 @@ def sat_attention_kept(x, w_q, w_k, w_v, w_o, k, *, num_heads, num_kv_heads=None
                        attention_mask=None, causal=True, scale=None, b_q=None, b_k=None, b_v=None, b_o=None,
                        q_norm_weight=None, k_norm_weight=None, norm_eps=1e-6, metric="l2", strategy="topk",
                        unit=DEFAULT_UNIT, generator=None, backend="auto", sync_selection=False, forward="sparse",
-                       return_kv=False, stats=None):
+                       return_kv=False, stats=None, token_mask=None):
     """:func:`sat_attention` keeping ``k`` units (an int in ``[1, n_units]``) instead of an omission rate, returning
     ``(y, heads, K, V)``: ``K``/``V`` ``[B, G, T, d]`` (post-RoPE keys and values of all groups, for a KV cache) with
     ``return_kv``, else ``None``. ``heads`` is ``None`` when every unit is kept (the dense computation runs then).
@@ -89,6 +94,7 @@ def sat_attention_kept(x, w_q, w_k, w_v, w_o, k, *, num_heads, num_kv_heads=None
     check_choice(strategy, ATTENTION_STRATEGIES, "strategy")
     check_choice(unit, UNITS, "unit")
     check_choice(forward, FORWARD_MODES, "forward")
+    mask = check_token_mask(token_mask, x)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     check_attention_backend(backend)
@@ -101,8 +107,8 @@ def sat_attention_kept(x, w_q, w_k, w_v, w_o, k, *, num_heads, num_kv_heads=None
         return dense_attention(*ops, spec), None, None, None
     rep = H // G
     w_o = ops.w_o
-    select = Selector(k, metric=metric, strategy=strategy, score=lambda o: unit_scores(o, w_o, metric, unit, G),
-                      generator=generator, group=group)
+    select = Selector(k, metric=metric, strategy=strategy, generator=generator, group=group, token_mask=mask,
+                      score=lambda o: unit_scores(o, w_o, metric, unit, G, token_mask=mask))
     spec = spec._replace(return_kv=bool(return_kv), group_units=unit == "group", forward=forward)
     y, heads, scores, k_all, v_all = _run(ops, select, spec)
     if stats is not None:   # the kept units: the kept heads, or the groups of every rep-th kept head
@@ -118,7 +124,8 @@ def sat_attention(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_v: to
                   b_q=None, b_k=None, b_v=None, b_o=None, q_norm_weight=None, k_norm_weight=None,
                   norm_eps: float = 1e-6, metric: str = "l2", strategy: str = "topk", unit: str = DEFAULT_UNIT,
                   generator: Optional[torch.Generator] = None, backend: str = "auto", return_indices: bool = False,
-                  sync_selection=False, forward: str = "sparse", stats: Optional[dict] = None):
+                  sync_selection=False, forward: str = "sparse", stats: Optional[dict] = None,
+                  token_mask: Optional[torch.Tensor] = None):
     """SAT self-attention with in-step head selection, differentiable w.r.t. ``x``, the four projection weights,
     the biases and the q/k norm weights.
 
@@ -165,6 +172,10 @@ def sat_attention(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_v: to
             :func:`sat_kernels.sat_mlp` but over units: ``kept`` (``k`` units, an int), ``kept_mass`` (share of the
             finite unit-score mass kept, fp32 0-dim tensor) and ``nonfinite`` (NaN/inf unit scores, which rank lowest
             and are omitted; int64 0-dim tensor). Left unchanged when every unit is kept (nothing is scored then).
+        token_mask: the tokens the unit scores are summed over: ``None`` (default: every token), or a bool or integer
+            ``[B, T]`` tensor on ``x``'s device, True / nonzero for the tokens that count (e.g. the 2-D
+            ``attention_mask`` of a padded batch). It only changes which units are kept: every token still goes
+            through the attention (``attention_mask`` is what masks keys).
 
     Returns:
         ``y`` ``[B, T, h]``, or ``(y, heads)``.
@@ -178,7 +189,7 @@ def sat_attention(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_v: to
         attention_mask=attention_mask, causal=causal, scale=scale, b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o,
         q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps, metric=metric,
         strategy=strategy, unit=unit, generator=generator, backend=backend, sync_selection=sync_selection,
-        forward=forward, stats=stats)
+        forward=forward, stats=stats, token_mask=token_mask)
     if not return_indices:
         return y
     return y, (heads if heads is not None else torch.arange(num_heads, device=x.device))
@@ -215,16 +226,18 @@ def gathered_attention(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_
 def head_scores(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor, w_o: torch.Tensor, *,
                 num_heads: int, num_kv_heads: Optional[int] = None, cos=None, sin=None, attention_mask=None,
                 causal: bool = True, scale=None, b_q=None, b_k=None, b_v=None, b_o=None, q_norm_weight=None,
-                k_norm_weight=None, norm_eps: float = 1e-6, metric: str = "l2",
-                unit: str = DEFAULT_UNIT) -> torch.Tensor:
+                k_norm_weight=None, norm_eps: float = 1e-6, metric: str = "l2", unit: str = DEFAULT_UNIT,
+                token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """fp32 importance of every unit (``[H]`` for ``unit="head"``, ``[G]`` for ``"group"``) over all tokens of ``x``
-    (not differentiable). See :func:`unit_scores` for the metrics."""
+    (not differentiable), or over the tokens of ``token_mask`` (as in :func:`sat_attention`). See :func:`unit_scores`
+    for the metrics."""
     ops, spec = check_attention_inputs(
         x, w_q, w_k, w_v, w_o, num_heads=num_heads, num_kv_heads=num_kv_heads, cos=cos, sin=sin,
         attention_mask=attention_mask, causal=causal, scale=scale, b_q=b_q, b_k=b_k, b_v=b_v, b_o=b_o,
         q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, norm_eps=norm_eps)
     check_choice(metric, METRICS, "metric")
     check_choice(unit, UNITS, "unit")
+    mask = check_token_mask(token_mask, x)
     B, T, _ = x.shape
     H, G, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
     cos_, sin_ = (cos.to(x.dtype).unsqueeze(2), sin.to(x.dtype).unsqueeze(2)) if cos is not None else (None, None)
@@ -234,4 +247,4 @@ def head_scores(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_v: torc
     group_of = torch.arange(H, device=x.device) // (H // G)
     o, _ = core_fwd(q.transpose(1, 2), take_heads(k, group_of).transpose(1, 2),
                      take_heads(v, group_of).transpose(1, 2), attention_mask, spec)
-    return unit_scores(o, w_o, metric, unit, G)
+    return unit_scores(o, w_o, metric, unit, G, token_mask=mask)

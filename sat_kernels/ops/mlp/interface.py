@@ -10,7 +10,7 @@ import torch
 from ...distributed import default_sync_group
 from ...selection import BACKWARD_MODES, FORWARD_MODES, METRICS, STRATEGIES, activation_scores, check_choice, \
     check_omission_rate, num_kept
-from ..common import FLOAT_DTYPES, autocast_operands, check_indices
+from ..common import FLOAT_DTYPES, autocast_operands, check_indices, check_token_mask
 from ..selector import Selector
 from .function import ACTIVATIONS, act_fwd, dense_mlp, sat_mlp_torch
 
@@ -90,7 +90,8 @@ def _run(launcher, x, w_gate, w_up, w_down, select, act, forward="sparse", backw
 def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, omission_rate: float,
             *, metric: str = "l2", strategy: str = "topk", generator: Optional[torch.Generator] = None,
             act: str = "silu", backend: str = "auto", return_indices: bool = False, sync_selection=False,
-            forward: str = "sparse", backward: str = "sparse", stats: Optional[dict] = None):
+            forward: str = "sparse", backward: str = "sparse", stats: Optional[dict] = None,
+            token_mask: Optional[torch.Tensor] = None):
     """SAT SwiGLU MLP with in-step neuron selection, differentiable w.r.t. ``x`` and all three weights.
 
     Computes gate/up for all ``I`` neurons once, scores them (``metric``), keeps ``k = num_kept(I, omission_rate)``
@@ -134,6 +135,12 @@ def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: t
             :func:`sat_kernels.sat_stats`): ``kept`` (``k``, an int), ``kept_mass`` (share of the finite score mass
             kept, fp32 0-dim tensor) and ``nonfinite`` (NaN/inf neuron scores, which rank lowest and are omitted;
             int64 0-dim tensor). Left unchanged when every neuron is kept (nothing is scored then).
+        token_mask: the tokens the neuron scores are summed over: ``None`` (default: every token of ``x``), or a
+            bool or integer tensor of shape ``x.shape[:-1]`` on ``x``'s device, True / nonzero for the tokens that
+            count (e.g. the ``[B, T]`` ``attention_mask`` of a padded batch with ``x`` ``[B, T, h]``). The masked
+            tokens still go through the MLP (``y`` is computed for every token) and their gradients are those of the
+            kept neurons; only the choice of the kept set ignores them: the scores are those of the masked-in tokens
+            alone. Every backend supports it.
 
     Returns:
         ``y`` of shape ``[..., h]``, or ``(y, indices)``.
@@ -146,13 +153,14 @@ def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: t
     return sat_mlp_kept(x, w_gate, w_up, w_down, num_kept(inter, check_omission_rate(omission_rate)), metric=metric,
                         strategy=strategy, generator=generator, act=act, backend=backend,
                         return_indices=return_indices, sync_selection=sync_selection, forward=forward,
-                        backward=backward, stats=stats)
+                        backward=backward, stats=stats, token_mask=token_mask)
 
 
 def sat_mlp_kept(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, k: int, *,
                  metric: str = "l2", strategy: str = "topk", generator: Optional[torch.Generator] = None,
                  act: str = "silu", backend: str = "auto", return_indices: bool = False, sync_selection=False,
-                 forward: str = "sparse", backward: str = "sparse", stats: Optional[dict] = None):
+                 forward: str = "sparse", backward: str = "sparse", stats: Optional[dict] = None,
+                 token_mask: Optional[torch.Tensor] = None):
     """:func:`sat_mlp` keeping ``k`` neurons, an int in ``[1, I]``, instead of an omission rate.
 
     :class:`sat_kernels.SATMLP` calls this with the ``k`` of its rate, computed when the rate is set: under
@@ -161,6 +169,7 @@ def sat_mlp_kept(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
     """
     inter, _ = check_kept_call(x, w_gate, w_up, w_down, k, metric=metric, strategy=strategy, act=act,
                                forward=forward, backward=backward, backend=backend)
+    mask = check_token_mask(token_mask, x)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     from ...backends import resolve_backend
@@ -174,17 +183,21 @@ def sat_mlp_kept(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
         raise ValueError(f"strategy='priority' runs on the torch backend only (it weights the kept neurons), got "
                          f"backend={backend!r}; use backend='torch' (or 'auto')")
     select = mlp_selector(k, metric=metric, strategy=strategy, generator=generator, group=group, w_down=w_down,
-                          stats=stats)
+                          stats=stats, token_mask=mask)
     y, idx = _run(launcher, x, w_gate, w_up, w_down, select, act, forward, backward)
     return (y, idx) if return_indices else y
 
 
 def mlp_selector(k: int, *, metric: str, strategy: str, generator: Optional[torch.Generator], group,
-                 w_down: Optional[torch.Tensor], stats: Optional[dict] = None) -> Selector:
+                 w_down: Optional[torch.Tensor], stats: Optional[dict] = None,
+                 token_mask: Optional[torch.Tensor] = None) -> Selector:
     """The :class:`~sat_kernels.ops.selector.Selector` of an MLP op: scores the neuron-major activations ``A^T``
-    ``[I, T]`` with ``metric`` (``"contrib"`` weighs by the column norms of ``w_down``) and keeps ``k`` neurons."""
+    ``[I, T]`` with ``metric`` (``"contrib"`` weighs by the column norms of ``w_down``) over the tokens of the bool
+    ``token_mask`` (any shape of ``T`` entries, flattened here; ``None``: every token) and keeps ``k`` neurons."""
+    mask = token_mask.reshape(-1) if token_mask is not None else None
     return Selector(k, metric=metric, strategy=strategy, generator=generator, group=group, stats=stats,
-                    score=lambda a_t: activation_scores(a_t, metric, w_down, neuron_dim=0))
+                    token_mask=mask,
+                    score=lambda a_t: activation_scores(a_t, metric, w_down, neuron_dim=0, token_mask=mask))
 
 
 def gathered_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
@@ -222,8 +235,10 @@ def gathered_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
 
 @torch.no_grad()
 def neuron_scores(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, *,
-                  metric: str = "l2", act: str = "silu") -> torch.Tensor:
-    """fp32 ``[I]`` importance of every intermediate neuron over all tokens of ``x`` (not differentiable).
+                  metric: str = "l2", act: str = "silu", token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """fp32 ``[I]`` importance of every intermediate neuron over all tokens of ``x`` (not differentiable), or over the
+    tokens of ``token_mask`` (as in :func:`sat_mlp`: bool or integer, shape ``x.shape[:-1]``, True / nonzero for the
+    tokens that count).
 
     ``"l2"``: ``||a[:, i]||_2``; ``"l1"``: ``sum_t |a[t, i]|``; ``"contrib"``: ``||a[:, i]||_2 * ||w_down[:, i]||_2``,
     where ``a = act(x W_gate^T) * (x W_up^T)``.
@@ -231,6 +246,7 @@ def neuron_scores(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     check_mlp_inputs(x, w_gate, w_up, w_down)
     check_choice(metric, METRICS, "metric")
     check_choice(act, ACTIVATIONS, "act")
+    mask = check_token_mask(token_mask, x)
     x2 = x.reshape(-1, x.shape[-1])
     a = act_fwd(x2 @ w_gate.t(), act) * (x2 @ w_up.t())
-    return activation_scores(a, metric, w_down)
+    return activation_scores(a, metric, w_down, token_mask=mask.reshape(-1) if mask is not None else None)

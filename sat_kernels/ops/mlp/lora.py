@@ -39,6 +39,7 @@ import torch
 
 from ...distributed import default_sync_group
 from .function import TorchIndexOps as ops, act_bwd, act_fwd
+from ..common import check_token_mask
 from .interface import check_kept_call, mlp_selector
 
 
@@ -206,7 +207,7 @@ def sat_lora_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
                  adapters: Tuple[Optional[LoRA], Optional[LoRA], Optional[LoRA]], k: int, *,
                  metric: str = "l2", strategy: str = "topk", act: str = "silu", sync_selection=False,
                  forward: str = "sparse", return_indices: bool = False, stats: Optional[dict] = None,
-                 backward: str = "sparse"):
+                 backward: str = "sparse", token_mask: Optional[torch.Tensor] = None):
     """SAT SwiGLU MLP whose projections carry LoRA adapters, keeping ``k`` neurons, differentiable w.r.t. ``x``, the
     adapters and the base.
 
@@ -216,7 +217,8 @@ def sat_lora_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
             (PEFT keeps them in fp32 on a bf16 base): the adapter runs in it and the sum is cast back, as in PEFT.
         k: kept neurons, an int in ``[1, I]`` (``num_kept(I, omission_rate)``), as in
             :func:`sat_kernels.ops.mlp.interface.sat_mlp_kept`.
-        metric, strategy, act, sync_selection, forward, return_indices, stats: as in :func:`sat_kernels.sat_mlp`.
+        metric, strategy, act, sync_selection, forward, return_indices, stats, token_mask: as in
+            :func:`sat_kernels.sat_mlp`.
             ``"contrib"`` weighs the scores by the column norms of the adapted down weight ``W_d + s_d B_d A_d``.
         backward: ``"sparse"`` only. ``"exact_input"`` (:func:`sat_kernels.sat_mlp`) is refused: on a frozen base it
             would skip no base weight gradient, so it would cost the dense ``dx`` and save nothing.
@@ -238,13 +240,14 @@ def sat_lora_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
         raise ValueError("sat_lora_mlp: strategy='priority' is not supported on LoRA MLPs (the weighted kept neurons "
                          "exist on the plain MLP only); use 'topk', 'sample' or 'random'")
     _check_adapters(adapters, hidden, inter, x.device)
+    mask = check_token_mask(token_mask, x)
     gate, up, down = adapters
     w_eff = w_down
     if metric == "contrib" and down is not None:
         with torch.no_grad():
             w_eff = w_down + (torch.mm(down.b, down.a) * down.scaling).to(w_down.dtype)
     select = mlp_selector(k, metric=metric, strategy=strategy, generator=None,
-                          group=default_sync_group(sync_selection), w_down=w_eff, stats=stats)
+                          group=default_sync_group(sync_selection), w_down=w_eff, stats=stats, token_mask=mask)
     x2 = x.reshape(-1, hidden)
     # the adapters' input dropout, as PEFT applies it: on x cast to the adapter's dtype, through autograd
     xg, xu = ((None if t is None else t.dropout(x2.to(t.a.dtype)) if t.dropout is not None else x2.to(t.a.dtype))

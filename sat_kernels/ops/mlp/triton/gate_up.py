@@ -18,19 +18,21 @@ from .utils import ACT_IDS, BY_DTYPE, INTERPRET, ONE_ACC_CONFIGS, ONE_ACC_FP32_C
 
 
 @triton.autotune(configs=TWO_ACC_CONFIGS + TWO_ACC_FP32_CONFIGS,
-                 key=["M_KEY", "N_KEY", "K_KEY", "HAS_IDX", "STORE_A", "SCORE"], prune_configs_by=BY_DTYPE)
+                 key=["M_KEY", "N_KEY", "K_KEY", "HAS_IDX", "STORE_A", "SCORE", "HAS_MASK"],
+                 prune_configs_by=BY_DTYPE)
 @triton.jit
-def _gate_up_fwd_kernel(x_ptr, wg_ptr, wu_ptr, idx_ptr, g_ptr, u_ptr, a_ptr, part_ptr, M, N, K, M_KEY, N_KEY, K_KEY,
-                        LDO,
-                        HAS_IDX: tl.constexpr, STORE_A: tl.constexpr, SCORE: tl.constexpr, ACT: tl.constexpr,
-                        PRECISION: tl.constexpr, ROWS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                        BK: tl.constexpr, GROUP_M: tl.constexpr):
+def _gate_up_fwd_kernel(x_ptr, wg_ptr, wu_ptr, idx_ptr, g_ptr, u_ptr, a_ptr, part_ptr, mask_ptr, M, N, K, M_KEY,
+                        N_KEY, K_KEY, LDO,
+                        HAS_IDX: tl.constexpr, STORE_A: tl.constexpr, SCORE: tl.constexpr, HAS_MASK: tl.constexpr,
+                        ACT: tl.constexpr, PRECISION: tl.constexpr, ROWS: tl.constexpr, BM: tl.constexpr,
+                        BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """G = x W_gate[rows]^T, U = x W_up[rows]^T (rows = idx or all), one [BM, BN] tile of each.
 
     Epilogue, in two column halves: stores G, U (and A = act(G) * U if STORE_A) in the input dtype and, if SCORE, the
     per-neuron partial scores (1: sum of A^2, 2: sum of |A|) from A as it is rounded to the input dtype: one fp64
     partial per ROWS rows (BM is a multiple of ROWS), row t // ROWS of the partials [cdiv(M, ROWS), N]. Each partial
-    element is written by exactly one program (no atomics) and covers the same rows whatever the config.
+    element is written by exactly one program (no atomics) and covers the same rows whatever the config. With
+    HAS_MASK the terms of row t are multiplied by the 0/1 uint8 mask_ptr[t] (the token mask, [M]).
     """
     i_m, i_n = tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
     o_m = i_m * BM + tl.arange(0, BM)                                  # [BM]
@@ -60,16 +62,16 @@ def _gate_up_fwd_kernel(x_ptr, wg_ptr, wu_ptr, idx_ptr, g_ptr, u_ptr, a_ptr, par
     b_g0, b_g1 = split_cols(b_g, BM, BN)                                # [BM, BN // 2] each
     b_u0, b_u1 = split_cols(b_u, BM, BN)                                # [BM, BN // 2] each
     o_h = tl.arange(0, BN // 2)                                         # [BN // 2]
-    _gate_up_fwd_epilogue(b_g0, b_u0, i_m, o_m, i_n * BN + o_h, M, N, LDO, g_ptr, u_ptr, a_ptr, part_ptr,
-                          STORE_A, SCORE, ACT, ROWS, BM, BN // 2)
+    _gate_up_fwd_epilogue(b_g0, b_u0, i_m, o_m, i_n * BN + o_h, M, N, LDO, g_ptr, u_ptr, a_ptr, part_ptr, mask_ptr,
+                          STORE_A, SCORE, HAS_MASK, ACT, ROWS, BM, BN // 2)
     _gate_up_fwd_epilogue(b_g1, b_u1, i_m, o_m, i_n * BN + BN // 2 + o_h, M, N, LDO, g_ptr, u_ptr, a_ptr, part_ptr,
-                          STORE_A, SCORE, ACT, ROWS, BM, BN // 2)
+                          mask_ptr, STORE_A, SCORE, HAS_MASK, ACT, ROWS, BM, BN // 2)
 
 
 @triton.jit
-def _gate_up_fwd_epilogue(b_g, b_u, i_m, o_m, o_n, M, N, LDO, g_ptr, u_ptr, a_ptr, part_ptr, STORE_A: tl.constexpr,
-                          SCORE: tl.constexpr, ACT: tl.constexpr, ROWS: tl.constexpr, BM: tl.constexpr,
-                          BH: tl.constexpr):
+def _gate_up_fwd_epilogue(b_g, b_u, i_m, o_m, o_n, M, N, LDO, g_ptr, u_ptr, a_ptr, part_ptr, mask_ptr,
+                          STORE_A: tl.constexpr, SCORE: tl.constexpr, HAS_MASK: tl.constexpr, ACT: tl.constexpr,
+                          ROWS: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr):
     """Stores of one column block of the gate/up tile (fp32 accumulators b_g, b_u [BM, BH], columns o_n)."""
     dtype = g_ptr.dtype.element_ty
     m_m = o_m < M
@@ -92,6 +94,9 @@ def _gate_up_fwd_epilogue(b_g, b_u, i_m, o_m, o_n, M, N, LDO, g_ptr, u_ptr, a_pt
                 b_af = b_af * b_af
             else:
                 b_af = tl.abs(b_af)
+            if HAS_MASK:   # the token mask as a 0/1 factor, as the torch backend applies it
+                b_tm = tl.load(mask_ptr + o_m, mask=m_m, other=0).to(tl.float64)        # [BM]
+                b_af = b_af * b_tm[:, None]
             b_s = tl.sum(tl.reshape(b_af, (BM // ROWS, ROWS, BH)), axis=1)            # [BM // ROWS, BH]
             o_p = i_m * (BM // ROWS) + tl.arange(0, BM // ROWS)                        # [BM // ROWS] partial rows
             m_p = (o_p < tl.cdiv(M, ROWS))[:, None] & m_n[None, :]
@@ -99,9 +104,9 @@ def _gate_up_fwd_epilogue(b_g, b_u, i_m, o_m, o_n, M, N, LDO, g_ptr, u_ptr, a_pt
 
 
 def gate_up_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, act: str = "silu", *,
-                idx: Optional[torch.Tensor] = None, store_a: bool = False,
-                score: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor],
-                                                       Optional[torch.Tensor]]:
+                idx: Optional[torch.Tensor] = None, store_a: bool = False, score: Optional[str] = None,
+                token_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                    Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Fused gate/up projections of the rows ``idx`` (all ``I`` if ``None``).
 
     Args:
@@ -111,6 +116,8 @@ def gate_up_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, act: 
             -1 entries come out zero), or ``None`` for all ``n = I``.
         store_a: also return ``A = act(G) * U``.
         score: ``None``, ``"l2"``/``"contrib"`` (partials of ``sum_t A^2``) or ``"l1"`` (of ``sum_t |A|``).
+        token_mask: with ``score``, ``None`` or a contiguous uint8 ``[T]`` 0/1 tensor: the sums run over the tokens
+            where it is 1 only (each term times the mask, as :func:`sat_kernels.selection.activation_scores`).
 
     Returns:
         ``(G [T, n], U [T, n], A [T, n] or None, partials [cdiv(T, SCORE_ROWS), n] fp64 or None)``, ``n = k`` or
@@ -125,8 +132,10 @@ def gate_up_fwd(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, act: 
     if T == 0 or n == 0:
         return g, u, a, part if score else None
     grid = lambda meta: (triton.cdiv(T, meta["BM"]) * triton.cdiv(n, meta["BN"]),)  # noqa: E731
-    _gate_up_fwd_kernel[grid](x, w_gate, w_up, idx, g, u, a, part, T, n, h, *tune_keys(T, n, h), g.stride(0),
-                              HAS_IDX=idx is not None, STORE_A=store_a, SCORE=SCORE_IDS[score], ACT=ACT_IDS[act],
+    has_mask = score is not None and token_mask is not None
+    _gate_up_fwd_kernel[grid](x, w_gate, w_up, idx, g, u, a, part, token_mask if has_mask else None, T, n, h,
+                              *tune_keys(T, n, h), g.stride(0), HAS_IDX=idx is not None, STORE_A=store_a,
+                              SCORE=SCORE_IDS[score], HAS_MASK=has_mask, ACT=ACT_IDS[act],
                               PRECISION=dot_precision(x.dtype), ROWS=SCORE_ROWS)
     return g, u, a, part if score else None
 

@@ -3,7 +3,8 @@
 Forward of ``sat_mlp`` (in-step selection, docs/design.md section 2)::
 
     G, U, s = gate_up_fwd(x)                    one kernel: both projections of all I neurons, fp64 score partials
-                                                of act(G) * U per 64 rows in the epilogue (no [T, I] re-read)
+                                                of act(G) * U per 64 rows in the epilogue (no [T, I] re-read); a
+                                                token mask multiplies each row's terms by 0/1 there
     S = select(scores=s)                        torch.topk + sort on the fp32 scores, no host sync
     G_S, U_S, A_S = kept_act_fwd(G, U, S)       compaction of the kept columns, A_S = act(G_S) * U_S
     y = down_fwd(A_S, W_down[:, S])             [T, h], fp32 accumulation (forward="sparse")
@@ -76,11 +77,13 @@ def _compact(tensors, k: int) -> Tuple[Tensor, ...]:
 
 @torch.library.custom_op("sat_kernels::triton_gate_up_scores", mutates_args=())
 def _gate_up_scores_op(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, act: str,
-                       metric: Optional[str], store_a: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                       metric: Optional[str], store_a: bool,
+                       token_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(G [T, I], U [T, I], A [T, I], scores [I] fp32)``; ``A`` is empty unless ``store_a``, ``scores`` when
-    ``metric`` is ``None``."""
+    ``metric`` is ``None``. ``token_mask``: ``None`` or a bool ``[T]``, the tokens the scores cover."""
+    mask = token_mask.to(torch.uint8).contiguous() if token_mask is not None else None
     with on_device(x):
-        g, u, a, part = gate_up_fwd(x, w_gate, w_up, act, score=metric, store_a=store_a)
+        g, u, a, part = gate_up_fwd(x, w_gate, w_up, act, score=metric, store_a=store_a, token_mask=mask)
     a = a if store_a else x.new_empty(0)
     if metric is None:
         return g, u, a, x.new_empty(0, dtype=torch.float32)
@@ -94,7 +97,7 @@ def _gate_up_scores_op(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, 
 
 
 @_gate_up_scores_op.register_fake
-def _(x, w_gate, w_up, w_down, act, metric, store_a):
+def _(x, w_gate, w_up, w_down, act, metric, store_a, token_mask=None):
     T, inter = x.shape[0], w_gate.shape[0]
     return (padded_empty(x, T, inter), padded_empty(x, T, inter),
             padded_empty(x, T, inter) if store_a else x.new_empty(0),
@@ -198,7 +201,8 @@ def sat_mlp_triton(x2: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, sel
     """Launcher of the triton backend: ``x2`` is ``[T, h]``; returns ``(y [T, h], idx [k])``.
 
     ``select`` is a sorted int64 index tensor (``gathered_mlp``) or a :class:`~sat_kernels.ops.selector.Selector`,
-    which gets the fp32 scores of its ``metric`` fused into the gate/up kernel: ``select(scores=s)``.
+    which gets the fp32 scores of its ``metric`` over the tokens of its ``token_mask`` fused into the gate/up kernel:
+    ``select(scores=s)``.
     ``forward="dense"`` (selector only): ``y`` over every neuron, from the full ``A`` the gate/up kernel then also
     stores.
 
@@ -218,7 +222,7 @@ def sat_mlp_triton(x2: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, sel
         g_s, u_s, a = torch.ops.sat_kernels.triton_gate_up_kept(xd, wgd, wud, idx, act)
     else:
         g, u, a_full, scores = torch.ops.sat_kernels.triton_gate_up_scores(xd, wgd, wud, wdd, act, select.metric,
-                                                                             dense_forward)
+                                                                             dense_forward, select.token_mask)
         idx = select(scores=scores).indices
         g_s, u_s, a_s = torch.ops.sat_kernels.triton_kept_act(g, u, idx, act, not dense_forward)
         a = a_full if dense_forward else a_s
