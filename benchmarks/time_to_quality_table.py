@@ -39,7 +39,10 @@ def row(r: dict) -> str:
     reached = r["sat_seconds"] is not None
     ratio = f"**{r['ratio']:.3f}**" if reached else f"not reached in {r['steps_sat_budget']} steps"
     at_n = r["sat_at_dense_steps"]
-    cells = [model, r["task"], str(r["seed"]), variant(r), f"{r['target_eval_loss']:.4f}", f"{r['dense_seconds']:.0f}",
+    tokens = r["runs"]["dense"].get("step_tokens") or [r["batch_size"] * r["seq_len"]]
+    shape = f"{r['batch_size']} x <= {r['seq_len']} ({sum(tokens) / len(tokens):.0f})"
+    cells = [model, r["task"], str(r["seed"]), shape, variant(r), f"{r['target_eval_loss']:.4f}",
+             f"{r['dense_seconds']:.0f}",
              f"{r['sat_seconds']:.0f}" if reached else "-", ratio, str(r["sat_steps_to_target"] or "-"),
              _pct(r["equal_time"]["rel_diff"]), _pct(at_n and at_n["rel_diff"]), f"{r['step_speedup_median']:.3f}x"]
     return "| " + " | ".join(cells) + " |"
@@ -61,15 +64,16 @@ def main(argv=None) -> int:
         for f, r in zip(files, runs):
             f.write_text(json.dumps(r, indent=1, sort_keys=True) + "\n")
             plot(r, f.with_suffix(".png"))
-    print("| model | task | seed | SAT | target (dense eval loss) | dense s | SAT s to target | ratio | SAT steps "
+    print("| model | task | seed | sequences x tokens per step (mean tokens) | SAT | target (dense eval loss) | "
+          "dense s | SAT s to target | ratio | SAT steps "
           "to target | SAT at dense time | SAT after N steps | step speedup (median) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         print(row(r))
     if runs:
         r = runs[0]
-        print(f"\n{r['dtype']}, {r['batch_size']} x {r['seq_len']} tokens per step, dense N = {r['steps_dense']} "
-              f"steps, evaluation every {r['eval_every']} steps; {r['cpu']['model_name']} "
+        print(f"\n{r['dtype']}, dense N = {r['steps_dense']} steps, evaluation every {r['eval_every']} steps (first "
+              f"file); {r['cpu']['model_name']} "
               f"({r['cpu']['bf16_isa']}), {r['cpu']['threads']} thread(s), torch {r['versions']['torch']}, "
               f"transformers {r['versions'].get('transformers')}")
     return 0
