@@ -110,6 +110,30 @@ def test_train_step_bench_bf16_autocast_and_ladder(monkeypatch):
     assert ladder["step_ms"] == pytest.approx(sum(v["share"] * v["step_ms"] for v in ladder["ladder"].values()))
 
 
+def test_train_step_bench_exact_input_backward(monkeypatch):
+    """--backward exact_input reaches the SAT modules and its ceiling is the one of (12 + 6 rho) / 18."""
+    from sat_kernels.bench import train_step
+
+    monkeypatch.setitem(train_step.CONFIGS, "tiny", dict(vocab_size=64, hidden_size=32, intermediate_size=96,
+                                                         num_hidden_layers=2, num_attention_heads=4,
+                                                         num_key_value_heads=2))
+    seen = []
+    replace_mlp = train_step.sk.replace_mlp
+
+    def recording_replace_mlp(*args, **kwargs):
+        seen.append(kwargs["backward"])
+        return replace_mlp(*args, **kwargs)
+
+    monkeypatch.setattr(train_step.sk, "replace_mlp", recording_replace_mlp)
+    dense, sat = train_step.run_train_step("tiny", batch=2, seq=16, steps=1, rate=0.5, dtype=torch.float32,
+                                           device=torch.device("cpu"), repeats=1, backend="torch", forward="dense",
+                                           backward="exact_input")
+    assert seen == ["exact_input"] and sat["backward"] == "exact_input"
+    limit = (12 + 6 * 0.5) / 18
+    ceiling = dense["step_ms"] / (dense["step_ms"] - dense["mlp_ms"] * (1 - limit))
+    assert sat["mlp_only_ceiling"] == pytest.approx(ceiling)
+
+
 def test_flop_model_matches_design():
     T, h, inter = 10, 4, 100
     assert flops("torch", "full", T, h, inter, 50) / flops("dense", "full", T, h, inter, 50) == pytest.approx(11 / 18)

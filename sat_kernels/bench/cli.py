@@ -26,8 +26,8 @@ from .train_step import CONFIGS, run_train_step
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MLP_COLUMNS = ["shape", "T", "omission_rate", "provider", "mode", "median_ms", "p20_ms", "p80_ms", "ratio_to_dense",
                "flop_limit", "vs_limit", "tflops", "saved_bytes", "select_share"]
-STEP_COLUMNS = ["config", "run", "backend", "omission_rate", "forward", "dtype", "autocast", "batch", "seq", "step_ms",
-                "tokens_per_s", "mlp_share", "attention_share", "speedup", "mlp_only_ceiling", "of_ceiling"]
+STEP_COLUMNS = ["config", "run", "backend", "omission_rate", "forward", "backward", "dtype", "autocast", "batch", "seq",
+                "step_ms", "tokens_per_s", "mlp_share", "attention_share", "speedup", "mlp_only_ceiling", "of_ceiling"]
 FORMATS = {"median_ms": ".2f", "p20_ms": ".2f", "p80_ms": ".2f", "ratio_to_dense": ".3f", "flop_limit": ".3f",
            "vs_limit": ".3f", "tflops": ".3f", "select_share": ".3%", "step_ms": ".1f", "tokens_per_s": ".0f",
            "mlp_share": ".1%", "attention_share": ".1%", "speedup": ".3f", "mlp_only_ceiling": ".3f",
@@ -103,7 +103,8 @@ def cmd_train_step(args) -> int:
     rows = [{**env, **r} for r in run_train_step(config, batch=batch, seq=seq, steps=args.steps, rate=args.rate,
                                                  attention_rate=args.attention_rate, dtype=dtype, device=device,
                                                  backend=args.backend, autocast_dtype=autocast,
-                                                 forward=args.forward, ladder=args.ladder)]
+                                                 forward=args.forward, backward=args.backward,
+                                                 ladder=args.ladder)]
     print(f"\n# training step, {env['device']}, bf16 ISA {env.get('cpu_bf16', '-')}, {dtype}"
           f"{f' under {autocast} autocast' if autocast else ''}, torch {env['torch']}, git {env['git']}")
     print(markdown_table(rows, STEP_COLUMNS, FORMATS))
@@ -160,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--autocast", choices=["bf16", "fp16"], default=None,
                    help="run the forward under torch.autocast with this dtype (fp32 weights unless --dtype)")
     t.add_argument("--forward", choices=FORWARD_MODES, default=DEFAULT_FORWARD, help="the SAT modules' forward mode")
+    t.add_argument("--backward", choices=["sparse", "exact_input"], default="sparse",
+                   help="the SAT MLP's backward (exact_input: with --forward dense; FLOP limit (12 + 6 rho) / 18)")
     t.add_argument("--ladder", action="store_true",
                    help="also time every rate of the default ladder from --rate and report the schedule's mean step")
     pl = sub.add_parser("plot", help="PNGs from benchmarks/results/mlp.jsonl")

@@ -87,8 +87,10 @@ def ladder_fractions(rate: float) -> Dict[float, float]:
     return {r: c / 10000 for r, c in counts.items()}
 
 
-def mlp_limit(rho: float, forward: str) -> float:
-    """SAT/dense FLOPs of the MLP (docs/design.md section 5)."""
+def mlp_limit(rho: float, forward: str, backward: str = "sparse") -> float:
+    """SAT/dense FLOPs of the MLP (docs/design.md section 5); ``rho`` is the kept fraction."""
+    if backward == "exact_input":
+        return (12 + 6 * rho) / 18
     return (4 + 14 * rho) / 18 if forward == "sparse" else (6 + 12 * rho) / 18
 
 
@@ -116,18 +118,20 @@ def _time_steps(models, optimizers, ids, steps, device, autocast_dtype, order):
 
 def run_train_step(config_name: str, *, batch: int, seq: int, steps: int, rate: float, dtype, device,
                    attention_rate: Optional[float] = None, repeats: int = 5, backend: str = "auto",
-                   autocast_dtype=None, forward: str = DEFAULT_FORWARD, ladder: bool = False) -> List[Dict]:
+                   autocast_dtype=None, forward: str = DEFAULT_FORWARD, backward: str = "sparse",
+                   ladder: bool = False) -> List[Dict]:
     """Dense and SAT (MLP omission ``rate``, with ``ladder`` also every rate of the default ladder from ``rate``):
     ``steps`` timed optimizer steps each after 2 warm-ups, interleaved so all see the same machine state; one row
     per run, step time = median. ``dtype``: the weights' dtype; ``autocast_dtype``: run the forward under
-    ``torch.autocast`` with it (fp32 weights, e.g. bf16 autocast); ``backend``, ``forward``: the SAT MLP's.
+    ``torch.autocast`` with it (fp32 weights, e.g. bf16 autocast); ``backend``, ``forward``, ``backward``: the SAT
+    MLP's.
 
     The SAT row at ``rate`` gets ``speedup`` (dense step / SAT step), ``mlp_only_ceiling`` (Amdahl: the speedup if
     the MLP share of the dense step ran at SAT's FLOP limit and the rest did not change) and ``of_ceiling``
     (``speedup / mlp_only_ceiling``); the ladder row gets the speedup of the schedule's mean step.
     """
     models = {name: _model(config_name, seq, dtype, device) for name in ("dense", "sat")}
-    sk.replace_mlp(models["sat"], rate, backend=backend, forward=forward)
+    sk.replace_mlp(models["sat"], rate, backend=backend, forward=forward, backward=backward)
     if attention_rate:
         sk.replace_attention(models["sat"], attention_rate, forward=forward)
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-5, foreach=True) for name, m in models.items()}
@@ -142,7 +146,7 @@ def run_train_step(config_name: str, *, batch: int, seq: int, steps: int, rate: 
     inter, layers = CONFIGS[config_name]["intermediate_size"], CONFIGS[config_name]["num_hidden_layers"]
     common = {"config": config_name, "batch": batch, "seq": seq, "dtype": str(dtype).replace("torch.", ""),
               "autocast": str(autocast_dtype).replace("torch.", "") if autocast_dtype else "none",
-              "forward": forward, "interleaved": True}
+              "forward": forward, "backward": backward, "interleaved": True}
     rows = []
     for name, run_rate in (("dense", 0.0), ("sat", rate)):
         model = models[name]
@@ -158,7 +162,7 @@ def run_train_step(config_name: str, *, batch: int, seq: int, steps: int, rate: 
                      "mlp_share": mlp_ms / step_ms, "attention_share": attn_ms / step_ms})
     dense, sat = rows
     sat["speedup"] = dense["step_ms"] / sat["step_ms"]
-    limit = mlp_limit(sk.num_kept(inter, rate) / inter, forward)
+    limit = mlp_limit(sk.num_kept(inter, rate) / inter, forward, backward)
     sat["mlp_only_ceiling"] = dense["step_ms"] / (dense["step_ms"] - dense["mlp_ms"] * (1 - limit))
     sat["of_ceiling"] = sat["speedup"] / sat["mlp_only_ceiling"]
     if ladder:
