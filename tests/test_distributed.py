@@ -80,6 +80,7 @@ def _worker(rank, init_file, wrap, sync, out_dir, forward="sparse"):
     else:
         state = _full_state(model)
     torch.save({"losses": losses / WORLD, "kept": kept, "state": state}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()   # both ranks done before either tears the group down (one rank once hung in the teardown)
     dist.destroy_process_group()
 
 
