@@ -104,6 +104,13 @@ def plot(runs: Sequence[RunResult], path: Path, title: str, base_eval_loss: Opti
         handles, labels = [], []
     h1, l1 = ax.get_legend_handles_labels()
     ax.legend(h1 + handles, l1 + labels, fontsize=8, loc="upper right")
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` (directories created) at 110 dpi and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

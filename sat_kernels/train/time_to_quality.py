@@ -39,6 +39,7 @@ import torch
 
 import sat_kernels as sk
 
+from .compare import save_figure
 from .data import collate
 from .runner import TrainConfig, _schedule_callbacks, evaluate, make_model, resolve_device_precision
 from .step_log import synchronize
@@ -354,12 +355,7 @@ def plot(r: Dict, path: Path) -> Path:
         ax.set_ylim(lo - pad, hi + pad)
     ax.set_title(title(r), fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def sat_step_budget(steps: int, factor: float) -> int:
