@@ -3,6 +3,7 @@
 SAT scores the intermediate neurons of every MLP in each training step, keeps the most important ones and runs the
 rest of the forward and the whole backward over them only. See README.md for usage.
 """
+from .accumulation import hold_selection
 from .backends import available_backends, unavailable_backends
 from .budget import PerLayerBudget
 from .modules import SATMLP, SATAttention, sat_modules
@@ -20,7 +21,7 @@ __all__ = [
     "replace_attention", "SATAttention", "select_neurons", "num_kept", "available_backends",
     "unavailable_backends", "replace_mlp", "set_omission_rate", "revert", "patch_summary", "PatchSummary", "SATMLP",
     "LadderOmissionScheduler", "ConstantOmissionScheduler", "LinearOmissionScheduler", "SATCallback", "sat_stats",
-    "skip_omitted_updates", "PerLayerBudget", "sat_modules",
+    "skip_omitted_updates", "PerLayerBudget", "sat_modules", "hold_selection",
 ]
 
 

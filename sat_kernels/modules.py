@@ -11,6 +11,7 @@ from torch import nn
 from .lora import lora_parts, peft_adapter
 from .ops.attention import DEFAULT_UNIT, UNITS, sat_attention_kept
 from .ops.mlp import check_backward, sat_lora_mlp, sat_mlp_kept
+from .ops.selector import SelectionHold
 from .selection import DEFAULT_BACKWARD, DEFAULT_FORWARD, FORWARD_MODES, check_choice, check_omission_rate, num_kept
 from .tokens import DEFAULT_SCORE_TOKENS, SCORE_TOKENS, ModelTokens
 
@@ -142,6 +143,7 @@ class _SATWrapper(nn.Module):
         self._nonfinite_warned = False
         self._keep_scores = False   # keep a copy of the last scores (set by sat_kernels.budget.PerLayerBudget)
         self._tokens: Optional[ModelTokens] = None
+        self._hold: Optional[SelectionHold] = None   # set while sat_kernels.hold_selection holds this module
 
     def configure(self, omission_rate: float, *, metric: str, strategy: str, backend: str, sync_selection,
                   forward: str, score_tokens: str = DEFAULT_SCORE_TOKENS) -> None:
@@ -314,7 +316,7 @@ class SATMLP(_SATWrapper):
         if all(adapter is None for adapter in adapters):
             y = sat_mlp_kept(x, *weights, self._kept, metric=self.metric, strategy=self.strategy, act=self.act,
                              backend=self.backend, sync_selection=self.sync_selection, forward=self.forward_mode,
-                             backward=self.backward_mode, stats=stats, token_mask=mask)
+                             backward=self.backward_mode, stats=stats, token_mask=mask, hold=self._hold)
         else:
             if self.backward_mode != "sparse":
                 names = [name for name, adapter in zip(("gate_proj", "up_proj", "down_proj"), adapters) if adapter]
@@ -326,7 +328,7 @@ class SATMLP(_SATWrapper):
                                  f"runs on the torch backend: use backend='auto' or 'torch'")
             y = sat_lora_mlp(x, *weights, tuple(adapters), self._kept, metric=self.metric, strategy=self.strategy,
                              act=self.act, sync_selection=self.sync_selection, forward=self.forward_mode, stats=stats,
-                             token_mask=mask)
+                             token_mask=mask, hold=self._hold)
         self._record(stats)
         return y
 
@@ -457,7 +459,7 @@ class SATAttention(_SATWrapper):
             k_norm_weight=self.k_norm.weight if norm else None, norm_eps=self.norm_eps, metric=self.metric,
             strategy=self.strategy, unit=self.unit, backend=self.backend, sync_selection=self.sync_selection,
             forward=self.forward_mode, return_kv=cache is not None, stats=stats,
-            token_mask=self._token_mask(hidden_states))
+            token_mask=self._token_mask(hidden_states), hold=self._hold)
         self._record(stats)
         if cache is not None:
             cache.update(k_all, v_all, layer_idx)

@@ -6,6 +6,7 @@ from typing import Optional
 
 from transformers import TrainerCallback
 
+from ..accumulation import hold_selection as _hold_selection
 from ..budget import PerLayerBudget
 from ..forwards import replaced_forward
 from ..optim import skip_omitted_updates as _skip_omitted_updates
@@ -55,6 +56,11 @@ class SATCallback(TrainerCallback):
     training begins (and takes it off when training ends): omitted units keep their weights and optimizer state
     through each step instead of moving by their momentum (lazy, SparseAdam-like updates).
 
+    ``hold_selection=True`` makes the micro-batches of each optimizer step share one selection under gradient
+    accumulation (``gradient_accumulation_steps > 1``): every SAT module selects in the step's first micro-batch and
+    the others reuse it (:func:`sat_kernels.hold_selection`). By default each micro-batch selects its own units, so
+    the accumulated gradient omits only the units that every micro-batch omitted.
+
     ``per_layer_budget=True`` splits each step's kept count of each kind over its layers with a
     :class:`sat_kernels.budget.PerLayerBudget` (the same total as the schedule's uniform rate, more units to the
     layers whose score mass is spread wider); the per-layer counts are in :func:`sat_kernels.sat_stats`.
@@ -68,6 +74,8 @@ class SATCallback(TrainerCallback):
             the optimizer updates every parameter, as without SAT).
         per_layer_budget: split the kept count over the layers by their score mass (default ``False``: every layer
             keeps the count of the schedule's rate).
+        hold_selection: one selection per optimizer step, from its first micro-batch (default ``False``: one per
+            micro-batch).
 
     Example:
         >>> sk.replace_mlp(model, 0.5)
@@ -78,7 +86,7 @@ class SATCallback(TrainerCallback):
 
     def __init__(self, scheduler: Optional[OmissionScheduler] = None, *, mlp: Optional[OmissionScheduler] = None,
                  attention: Optional[OmissionScheduler] = None, skip_omitted_updates: bool = False,
-                 per_layer_budget: bool = False):
+                 per_layer_budget: bool = False, hold_selection: bool = False):
         for name, value in (("scheduler", scheduler), ("mlp", mlp), ("attention", attention)):
             _check_scheduler(value, name)
         if scheduler is None and mlp is None and attention is None:
@@ -88,6 +96,8 @@ class SATCallback(TrainerCallback):
         self._skip_handle = None      # the hooks skip_omitted_updates put on this run's optimizer
         self.per_layer_budget = bool(per_layer_budget)
         self.budgets = {}             # kind -> PerLayerBudget of this run's model
+        self.hold_selection = bool(hold_selection)
+        self._hold = None             # the hold_selection open during this optimizer step
         self.own_schedules = {"mlp": mlp, "attention": attention}
         # the schedule each kind of SAT module follows
         self.schedules = {kind: own if own is not None else scheduler for kind, own in self.own_schedules.items()
@@ -155,6 +165,12 @@ class SATCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._remove_skip_hooks()
+        self._release_hold()
+
+    def _release_hold(self) -> None:
+        if self._hold is not None:
+            self._hold.__exit__(None, None, None)
+            self._hold = None
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         rate = {key: float(s.rate(state.global_step)) for key, s in self._distinct_schedules().items()}
@@ -166,9 +182,13 @@ class SATCallback(TrainerCallback):
             set_omission_rate(model, **rates)
             for budget in self.budgets.values():
                 budget.apply()
+        self._release_hold()
+        if self.hold_selection and model is not None and self._scheduled:
+            self._hold = _hold_selection(model).__enter__()
         self._stats_before = [m._last_stats for m in self._scheduled]
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._release_hold()
         for budget in self.budgets.values():
             budget.observe()
         self._check_step_ran_sat(state)

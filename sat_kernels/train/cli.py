@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, help="optimizer steps")
     p.add_argument("--seq-len", type=_positive_int, help="tokens per block (cpt) or maximum tokens per pair (sft)")
     p.add_argument("--batch-size", type=_positive_int, help="sequences per optimizer step")
+    p.add_argument("--grad-accum", type=_positive_int, default=1,
+                   help="gradient accumulation: each optimizer step's --batch-size sequences run as this many "
+                        "micro-batches (it must divide --batch-size; default 1)")
     p.add_argument("--lr", type=_positive_float, help="AdamW peak learning rate (linear decay to 0)")
     p.add_argument("--warmup-steps", type=_non_negative_int, help="linear warm-up steps")
     p.add_argument("--eval-examples", type=_eval_examples,
@@ -146,6 +149,9 @@ def _add_sat_options(p: argparse.ArgumentParser) -> None:
                    help="split each step's kept neurons over the layers by their score mass, same total as the "
                         "uniform rate (sat_kernels.budget.PerLayerBudget; the per-layer k per step in the JSON as "
                         "layer_kept; default: every layer keeps the uniform rate's k)")
+    p.add_argument("--hold-selection", action="store_true",
+                   help="with --grad-accum: the micro-batches of each optimizer step keep the units the first one "
+                        "selected (sk.hold_selection; default: every micro-batch selects its own)")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="SAT kernel backend (default: auto)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 autocast on a GPU that supports it, else fp32 (default: auto)")
@@ -184,6 +190,7 @@ def config_from_args(args) -> TrainConfig:
                             dropout=args.lora_dropout if args.lora_dropout is not None else 0.0,
                             targets=tuple(args.lora_targets or LORA_TARGETS))
     return TrainConfig(task=args.task, steps=pick("steps"), seq_len=pick("seq_len"), batch_size=pick("batch_size"),
+                       grad_accum=args.grad_accum, hold_selection=args.hold_selection,
                        lr=pick("lr"), warmup_steps=pick("warmup_steps"), seed=args.seed,
                        omission_rate=args.omission_rate, attn_omission_rate=args.attn_omission_rate,
                        scheduler=args.scheduler, num_rungs=args.num_rungs, dense_fraction=args.dense_fraction,
@@ -204,6 +211,12 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
                                 ("--sat-steps-factor", None if args.sat_steps_factor == 1.5 else 1)) if v is not None]
         if given:
             parser.error(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --time-to-quality")
+    if args.hold_selection and args.grad_accum == 1:
+        parser.error("--hold-selection needs --grad-accum > 1 (with one micro-batch per step there is one selection "
+                     "per step already)")
+    if args.grad_accum > 1 and args.time_to_quality:
+        parser.error("--grad-accum is not supported with --time-to-quality (its interleaved loop runs one batch per "
+                     "step)")
     if args.backward == "exact_input" and args.forward != "dense":
         parser.error(f"--backward exact_input needs --forward dense, got --forward {args.forward}")
     if args.backward == "exact_input" and args.lora_rank is not None:
@@ -359,6 +372,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     _check_args(parser, args)
     cfg = config_from_args(args)
+    if cfg.batch_size % cfg.grad_accum:
+        parser.error(f"--grad-accum {cfg.grad_accum} must divide the batch size ({cfg.batch_size} sequences per "
+                     f"optimizer step)")
     eval_examples = PRESETS[args.preset]["eval_examples"] if args.eval_examples is None else args.eval_examples
     eval_examples = None if eval_examples == "all" else eval_examples
 

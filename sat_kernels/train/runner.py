@@ -64,6 +64,7 @@ class TrainConfig:
     steps: int = 30
     seq_len: int = 128
     batch_size: int = 4
+    grad_accum: int = 1
     lr: float = 1e-4
     warmup_steps: int = 0
     seed: int = 0
@@ -79,6 +80,7 @@ class TrainConfig:
     score_tokens: str = SAT_TRAIN_SCORE_TOKENS
     skip_omitted_updates: bool = False
     per_layer_budget: bool = False
+    hold_selection: bool = False
     backend: str = "auto"
     precision: str = "auto"
     eval_batch_size: int = 8
@@ -276,7 +278,8 @@ def _schedule_callbacks(cfg: TrainConfig, sat: bool):
 
     attn = cfg.attn_omission_rate   # MLP and attention follow schedules of the same type from their own rates
     callback = sk.SATCallback(mlp=schedule(cfg.omission_rate), attention=schedule(attn) if attn is not None else None,
-                              skip_omitted_updates=cfg.skip_omitted_updates, per_layer_budget=cfg.per_layer_budget)
+                              skip_omitted_updates=cfg.skip_omitted_updates, per_layer_budget=cfg.per_layer_budget,
+                              hold_selection=cfg.hold_selection)
     attn_rate_of = (lambda: callback.current_attn_rate) if attn is not None else None
     # the budget of the MLP modules exists once training has begun
     kept_of = (lambda: list(callback.budgets["mlp"].kept().values())) if cfg.per_layer_budget else None
@@ -285,9 +288,11 @@ def _schedule_callbacks(cfg: TrainConfig, sat: bool):
 
 def _training_arguments(training_arguments, cfg: TrainConfig, output_dir: str, device: torch.device, autocast_dtype):
     """The Trainer settings of both runs: AdamW without weight decay, linear schedule, a log line every step, no
-    checkpoints, the examples in the given order (no shuffling workers)."""
+    checkpoints, the examples in the given order (no shuffling workers); each optimizer step's ``batch_size``
+    sequences in ``grad_accum`` micro-batches."""
     return training_arguments(
-        output_dir=output_dir, max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
+        output_dir=output_dir, max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size // cfg.grad_accum,
+        gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps, lr_scheduler_type="linear", weight_decay=0.0,
         optim="adamw_torch", logging_steps=1, save_strategy="no", report_to=[], seed=cfg.seed,
         use_cpu=device.type != "cuda", bf16=autocast_dtype is torch.bfloat16, disable_tqdm=True,

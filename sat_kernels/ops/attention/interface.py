@@ -17,7 +17,7 @@ from ...distributed import default_sync_group
 from ...selection import ATTENTION_STRATEGIES, FORWARD_MODES, METRICS, check_choice, check_omission_rate, num_kept, \
     selection_stats
 from ..common import autocast_operands, check_indices, check_token_mask
-from ..selector import Selector
+from ..selector import Selection, Selector, reused_stats
 from .checks import Operands, check_attention_backend, check_attention_inputs, check_head_counts
 from .core import core_fwd
 from .function import dense_attention, sat_attention_torch
@@ -77,10 +77,12 @@ def sat_attention_kept(x, w_q, w_k, w_v, w_o, k, *, num_heads, num_kv_heads=None
                        attention_mask=None, causal=True, scale=None, b_q=None, b_k=None, b_v=None, b_o=None,
                        q_norm_weight=None, k_norm_weight=None, norm_eps=1e-6, metric="l2", strategy="topk",
                        unit=DEFAULT_UNIT, generator=None, backend="auto", sync_selection=False, forward="sparse",
-                       return_kv=False, stats=None, token_mask=None):
+                       return_kv=False, stats=None, token_mask=None, hold=None):
     """:func:`sat_attention` keeping ``k`` units (an int in ``[1, n_units]``) instead of an omission rate, returning
     ``(y, heads, K, V)``: ``K``/``V`` ``[B, G, T, d]`` (post-RoPE keys and values of all groups, for a KV cache) with
     ``return_kv``, else ``None``. ``heads`` is ``None`` when every unit is kept (the dense computation runs then).
+    ``hold``: a :class:`~sat_kernels.ops.selector.SelectionHold` whose selection of ``k`` units is reused instead of
+    selecting (filled by the first call given it): :func:`sat_kernels.hold_selection`.
 
     :class:`sat_kernels.SATAttention` calls this with the ``k`` of its rate, computed when the rate is set: under
     ``torch.compile`` the graph then depends on the int ``k`` alone (one compilation per distinct ``k``), where a
@@ -108,12 +110,16 @@ def sat_attention_kept(x, w_q, w_k, w_v, w_o, k, *, num_heads, num_kv_heads=None
     rep = H // G
     w_o = ops.w_o
     select = Selector(k, metric=metric, strategy=strategy, generator=generator, group=group, token_mask=mask,
-                      score=lambda o: unit_scores(o, w_o, metric, unit, G, token_mask=mask))
+                      score=lambda o: unit_scores(o, w_o, metric, unit, G, token_mask=mask), hold=hold,
+                      fill_hold=False)
     spec = spec._replace(return_kv=bool(return_kv), group_units=unit == "group", forward=forward)
     y, heads, scores, k_all, v_all = _run(ops, select, spec)
-    if stats is not None:   # the kept units: the kept heads, or the groups of every rep-th kept head
-        stats.update(selection_stats(scores, heads if unit == "head" else heads[::rep] // rep,
-                                     keep_scores="scores" in stats))
+    units = heads if unit == "head" else heads[::rep] // rep   # the kept heads, or the groups of every rep-th one
+    if stats is not None:
+        kept = selection_stats(scores, units, keep_scores="scores" in stats)
+        stats.update(reused_stats(kept, keep_scores="scores" in stats) if select.reused else kept)
+    if hold is not None and not select.reused:
+        hold.store(Selection(units, scores), {})
     return y, heads, (k_all if return_kv else None), (v_all if return_kv else None)
 
 

@@ -11,7 +11,7 @@ from ...distributed import default_sync_group
 from ...selection import BACKWARD_MODES, FORWARD_MODES, METRICS, STRATEGIES, activation_scores, check_choice, \
     check_omission_rate, num_kept
 from ..common import FLOAT_DTYPES, autocast_operands, check_indices, check_token_mask
-from ..selector import Selector
+from ..selector import SelectionHold, Selector
 from .function import ACTIVATIONS, act_fwd, dense_mlp, sat_mlp_torch
 
 
@@ -160,8 +160,11 @@ def sat_mlp_kept(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
                  metric: str = "l2", strategy: str = "topk", generator: Optional[torch.Generator] = None,
                  act: str = "silu", backend: str = "auto", return_indices: bool = False, sync_selection=False,
                  forward: str = "sparse", backward: str = "sparse", stats: Optional[dict] = None,
-                 token_mask: Optional[torch.Tensor] = None):
+                 token_mask: Optional[torch.Tensor] = None, hold: Optional[SelectionHold] = None):
     """:func:`sat_mlp` keeping ``k`` neurons, an int in ``[1, I]``, instead of an omission rate.
+
+    ``hold``: a :class:`~sat_kernels.ops.selector.SelectionHold` whose selection of ``k`` neurons is reused instead of
+    selecting (filled by the first call given it): :func:`sat_kernels.hold_selection`.
 
     :class:`sat_kernels.SATMLP` calls this with the ``k`` of its rate, computed when the rate is set: under
     ``torch.compile`` the graph then depends on the int ``k`` alone (one compilation per distinct ``k``), where a
@@ -183,20 +186,21 @@ def sat_mlp_kept(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
         raise ValueError(f"strategy='priority' runs on the torch backend only (it weights the kept neurons), got "
                          f"backend={backend!r}; use backend='torch' (or 'auto')")
     select = mlp_selector(k, metric=metric, strategy=strategy, generator=generator, group=group, w_down=w_down,
-                          stats=stats, token_mask=mask)
+                          stats=stats, token_mask=mask, hold=hold)
     y, idx = _run(launcher, x, w_gate, w_up, w_down, select, act, forward, backward)
     return (y, idx) if return_indices else y
 
 
 def mlp_selector(k: int, *, metric: str, strategy: str, generator: Optional[torch.Generator], group,
                  w_down: Optional[torch.Tensor], stats: Optional[dict] = None,
-                 token_mask: Optional[torch.Tensor] = None) -> Selector:
+                 token_mask: Optional[torch.Tensor] = None, hold: Optional[SelectionHold] = None) -> Selector:
     """The :class:`~sat_kernels.ops.selector.Selector` of an MLP op: scores the neuron-major activations ``A^T``
     ``[I, T]`` with ``metric`` (``"contrib"`` weighs by the column norms of ``w_down``) over the tokens of the bool
-    ``token_mask`` (any shape of ``T`` entries, flattened here; ``None``: every token) and keeps ``k`` neurons."""
+    ``token_mask`` (any shape of ``T`` entries, flattened here; ``None``: every token) and keeps ``k`` neurons, or
+    reuses the selection of ``hold``."""
     mask = token_mask.reshape(-1) if token_mask is not None else None
     return Selector(k, metric=metric, strategy=strategy, generator=generator, group=group, stats=stats,
-                    token_mask=mask,
+                    token_mask=mask, hold=hold,
                     score=lambda a_t: activation_scores(a_t, metric, w_down, neuron_dim=0, token_mask=mask))
 
 

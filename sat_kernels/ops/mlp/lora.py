@@ -207,7 +207,7 @@ def sat_lora_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
                  adapters: Tuple[Optional[LoRA], Optional[LoRA], Optional[LoRA]], k: int, *,
                  metric: str = "l2", strategy: str = "topk", act: str = "silu", sync_selection=False,
                  forward: str = "sparse", return_indices: bool = False, stats: Optional[dict] = None,
-                 backward: str = "sparse", token_mask: Optional[torch.Tensor] = None):
+                 backward: str = "sparse", token_mask: Optional[torch.Tensor] = None, hold=None):
     """SAT SwiGLU MLP whose projections carry LoRA adapters, keeping ``k`` neurons, differentiable w.r.t. ``x``, the
     adapters and the base.
 
@@ -222,6 +222,7 @@ def sat_lora_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
             ``"contrib"`` weighs the scores by the column norms of the adapted down weight ``W_d + s_d B_d A_d``.
         backward: ``"sparse"`` only. ``"exact_input"`` (:func:`sat_kernels.sat_mlp`) is refused: on a frozen base it
             would skip no base weight gradient, so it would cost the dense ``dx`` and save nothing.
+        hold: as in :func:`sat_kernels.ops.mlp.interface.sat_mlp_kept`.
 
     Returns:
         ``y`` of shape ``[..., h]``, or ``(y, indices)``.
@@ -247,7 +248,8 @@ def sat_lora_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
         with torch.no_grad():
             w_eff = w_down + (torch.mm(down.b, down.a) * down.scaling).to(w_down.dtype)
     select = mlp_selector(k, metric=metric, strategy=strategy, generator=None,
-                          group=default_sync_group(sync_selection), w_down=w_eff, stats=stats, token_mask=mask)
+                          group=default_sync_group(sync_selection), w_down=w_eff, stats=stats, token_mask=mask,
+                          hold=hold)
     x2 = x.reshape(-1, hidden)
     # the adapters' input dropout, as PEFT applies it: on x cast to the adapter's dtype, through autograd
     xg, xu = ((None if t is None else t.dropout(x2.to(t.a.dtype)) if t.dropout is not None else x2.to(t.a.dtype))
