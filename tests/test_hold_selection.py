@@ -277,3 +277,14 @@ def test_cli_grad_accum_and_hold_selection(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(common + argv)
         assert message in capsys.readouterr().err
+
+
+def test_lora_mlp_adapters_get_the_rows_of_one_selection():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(sk.replace_mlp(tiny_model("llama"), 0.5, forward="dense"),
+                                peft.LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"],
+                                                init_lora_weights=False)).train()
+    _accumulate(model, [_ids(s) for s in range(3)], hold=True)
+    gate = model.base_model.model.model.layers[0].mlp.gate_proj
+    lora_b = gate.lora_B["default"].weight
+    assert int((lora_b.grad.abs().sum(1) == 0).sum()) == 136 - sk.num_kept(136, 0.5)
