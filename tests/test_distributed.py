@@ -34,13 +34,23 @@ def _kept_rows(model_or_layers):
     return torch.stack(masks)
 
 
-def _train(model, layers, batches, rank=0, world=1):
+def _train(model, layers, batches, rank=0, world=1, hold=False):
+    """SGD steps on the rank's share of each batch; with ``hold``, as PER_RANK micro-batches (micro-batch j: the j-th
+    sequence of every rank) sharing the first one's selection (``sk.hold_selection``)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     losses, kept = [], []
     for ids in batches:
         local = ids[rank * PER_RANK:(rank + 1) * PER_RANK] if world > 1 else ids
-        loss = model(input_ids=local, labels=local).loss
-        loss.backward()
+        if hold:
+            loss = 0.0
+            with sk.hold_selection(model):
+                for j in range(PER_RANK):
+                    part = model(input_ids=local[j::PER_RANK], labels=local[j::PER_RANK]).loss / PER_RANK
+                    part.backward()
+                    loss = loss + part.detach()
+        else:
+            loss = model(input_ids=local, labels=local).loss
+            loss.backward()
         kept.append(_kept_rows(layers))
         opt.step()
         opt.zero_grad()
@@ -53,7 +63,7 @@ def _full_state(model):
             for k, v in model.state_dict().items()}
 
 
-def _worker(rank, init_file, wrap, sync, out_dir, forward="sparse"):
+def _worker(rank, init_file, wrap, sync, out_dir, forward="sparse", hold=False):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     model = sk.replace_mlp(tiny_model("llama"), 0.5, sync_selection=sync, forward=forward).train()
@@ -71,7 +81,7 @@ def _worker(rank, init_file, wrap, sync, out_dir, forward="sparse"):
         for layer in layers:
             fully_shard(layer)
         wrapped = fully_shard(model)
-    losses, kept = _train(wrapped, layers, _batches(), rank, WORLD)
+    losses, kept = _train(wrapped, layers, _batches(), rank, WORLD, hold)
     dist.all_reduce(losses)
     if wrap == "fsdp1":
         from torch.distributed.fsdp import FullyShardedDataParallel, StateDictType
@@ -84,16 +94,17 @@ def _worker(rank, init_file, wrap, sync, out_dir, forward="sparse"):
     dist.destroy_process_group()
 
 
-def _spawn(tmp_path, wrap, sync, forward="sparse"):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), wrap, sync, str(tmp_path), forward), nprocs=WORLD, join=True)
+def _spawn(tmp_path, wrap, sync, forward="sparse", hold=False):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), wrap, sync, str(tmp_path), forward, hold), nprocs=WORLD,
+             join=True)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
 
-def _single_process(forward="sparse"):
+def _single_process(forward="sparse", hold=False):
     torch.manual_seed(0)
     model = sk.replace_mlp(tiny_model("llama"), 0.5, forward=forward).train()
     keys = list(tiny_model("llama").state_dict())
-    losses, kept = _train(model, model.model.layers, _batches())
+    losses, kept = _train(model, model.model.layers, _batches(), hold=hold)
     return {"losses": losses, "kept": kept, "state": _full_state(model), "keys": keys}
 
 
@@ -102,10 +113,14 @@ def single_process():
     return _single_process()
 
 
-@pytest.mark.parametrize("wrap, forward", [("ddp", "sparse"), ("fsdp2", "sparse"), ("ddp", "dense")])
-def test_synchronized_selection_matches_single_process(tmp_path, wrap, forward, single_process):
-    ranks = _spawn(tmp_path, wrap, None, forward)   # sync_selection=None: on, since a 2-rank group is initialised
-    ref = single_process if forward == "sparse" else _single_process(forward)
+@pytest.mark.parametrize("wrap, forward, hold", [("ddp", "sparse", False), ("fsdp2", "sparse", False),
+                                                 ("ddp", "dense", False), ("ddp", "dense", True)],
+                         ids=["ddp-sparse", "fsdp2-sparse", "ddp-dense", "ddp-dense-hold_selection"])
+def test_synchronized_selection_matches_single_process(tmp_path, wrap, forward, hold, single_process):
+    """With ``hold``: 2 micro-batches per step under ``sk.hold_selection``; the ranks keep the set chosen from the
+    first global micro-batch, as one process holding it does."""
+    ranks = _spawn(tmp_path, wrap, None, forward, hold)   # sync_selection=None: on, since a 2-rank group exists
+    ref = single_process if forward == "sparse" and not hold else _single_process(forward, hold)
     for out in ranks:
         assert torch.equal(out["kept"], ranks[0]["kept"]), "every rank must keep the same neurons"
         assert torch.equal(out["kept"], ref["kept"]), "the kept set must be the one of the global batch"
