@@ -3,6 +3,11 @@
     python benchmarks/time_to_quality_table.py                      # benchmarks/results/time_to_quality/*.json
     python benchmarks/time_to_quality_table.py path/to/runs/*.json
     python benchmarks/time_to_quality_table.py --reanalyse      # first re-derive each JSON's result from its steps
+    python benchmarks/time_to_quality_table.py --attach-control RUN.json CONTROL.json   # then print the table
+
+``--attach-control`` takes the control arm (dense with SAT's budget and schedules) from CONTROL.json, a run of the
+same benchmark with ``--omission-rate 0`` (``sat_kernels.train.time_to_quality.attach_control``), into RUN.json, and
+rewrites RUN.json and its plot. Control runs themselves (SAT at omission 0) are left out of the table.
 """
 import argparse
 import json
@@ -45,7 +50,22 @@ def row(r: dict) -> str:
              f"{r['dense_seconds']:.0f}",
              f"{r['sat_seconds']:.0f}" if reached else "-", ratio, str(r["sat_steps_to_target"] or "-"),
              _pct(r["equal_time"]["rel_diff"]), _pct(at_n and at_n["rel_diff"]), f"{r['step_speedup_median']:.3f}x"]
+    c = r.get("control")
+    if c is None:
+        cells += ["-", "-"]
+    elif c["steps_to_target"] is None:
+        cells += ["not reached", "-"]
+    else:
+        ratio = f"**{c['ratio']:.3f}**" if c["ratio"] is not None else "-"
+        interp = f" ({c['ratio_interpolated']:.3f})" if c.get("ratio_interpolated") else ""
+        cells += [f"{c['steps_to_target']} ({c['seconds']:.0f} s)", ratio + interp]
     return "| " + " | ".join(cells) + " |"
+
+
+def is_control_run(r: dict) -> bool:
+    """A run whose SAT arm kept every unit: the control of another run (``--attach-control``), not a result."""
+    c = r["sat_config"]
+    return c["omission_rate"] == 0 and not c.get("attn_omission_rate")
 
 
 def main(argv=None) -> int:
@@ -54,7 +74,17 @@ def main(argv=None) -> int:
     p.add_argument("--reanalyse", action="store_true",
                    help="re-derive each file's result from its per-step data (sat_kernels.train.time_to_quality."
                         "reanalyse) and rewrite it and its plot: for records written before a change of the analysis")
+    p.add_argument("--attach-control", nargs=2, type=Path, metavar=("RUN", "CONTROL"),
+                   help="attach CONTROL's arm (a run with --omission-rate 0) to RUN as its control and rewrite RUN "
+                        "and its plot")
     args = p.parse_args(argv)
+    if args.attach_control:
+        from sat_kernels.train.time_to_quality import attach_control, plot
+
+        run_path, control_path = args.attach_control
+        merged = attach_control(json.loads(run_path.read_text()), json.loads(control_path.read_text()))
+        run_path.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
+        plot(merged, run_path.with_suffix(".png"))
     files = args.files or sorted(DEFAULT_DIR.glob("*.json"))
     runs = [json.loads(f.read_text()) for f in files]
     if args.reanalyse:
@@ -66,10 +96,12 @@ def main(argv=None) -> int:
             plot(r, f.with_suffix(".png"))
     print("| model | task | seed | sequences x tokens per step (mean tokens) | SAT | target (dense eval loss) | "
           "dense s | SAT s to target | ratio | SAT steps "
-          "to target | SAT at dense time | SAT after N steps | step speedup (median) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "to target | SAT at dense time | SAT after N steps | step speedup (median) | control: dense on SAT's "
+          "schedule, steps (s) to target | SAT's ratio to the control (interpolated) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
-        print(row(r))
+        if not is_control_run(r):
+            print(row(r))
     if runs:
         r = runs[0]
         print(f"\n{r['dtype']}, dense N = {r['steps_dense']} steps, evaluation every {r['eval_every']} steps (first "

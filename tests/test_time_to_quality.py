@@ -8,8 +8,9 @@ import torch
 import sat_kernels as sk
 from sat_kernels.train.cli import main
 from sat_kernels.train.runner import TrainConfig, train_run
-from sat_kernels.train.time_to_quality import (analyse, first_reached, loss_at_seconds, reanalyse, robust_step_seconds,
-                                               run_time_to_quality, sat_step_budget, seconds_at_loss)
+from sat_kernels.train.time_to_quality import (CONTROL_NAME, analyse, attach_control, first_reached, loss_at_seconds,
+                                               reanalyse, robust_step_seconds, run_time_to_quality, sat_step_budget,
+                                               seconds_at_loss)
 
 from tiny_train import tiny_setup, write_tiny_dir
 
@@ -52,6 +53,12 @@ def test_robust_step_times_ignore_a_stall():
     assert r["sat_steps_to_target"] == 6 and r["measured"]["ratio"] == pytest.approx(840 / 40)
     assert r["equal_time"]["sat_eval_loss"] == pytest.approx(2.1 + (40 - 32) / 16 * (1.9 - 2.1))
     assert r["sat_at_dense_steps"]["eval_loss"] == 2.1 and r["step_speedup_median"] == pytest.approx(10 / 8)
+    # a control (dense on SAT's schedule) is costed at the dense step time, whatever its own steps took
+    control = {"name": "c", "step_seconds": [99.0] * 6, "omission_rates": [0.0] * 6, "losses": [0.0] * 6,
+               "evals": [{"step": 0, "eval_loss": 3.0}, {"step": 2, "eval_loss": 2.2}, {"step": 4, "eval_loss": 1.8}]}
+    c = analyse(dense, sat, 2.0, control)["control"]
+    assert c["steps_to_target"] == 4 and c["seconds"] == 40.0 and c["ratio"] == pytest.approx(48 / 40)
+    assert c["seconds_interpolated"] == pytest.approx(30.0) and c["eval_loss_at_dense_steps"] == 1.8
 
 
 def test_dense_arm_is_the_trainer_run(tiny_dir):
@@ -113,7 +120,45 @@ def test_cli_time_to_quality_end_to_end(tiny_dir, tmp_path, capsys):
     assert eq["sat_eval_loss"] == pytest.approx(loss_at_seconds(sat["evals"], r["dense_seconds"]))
 
 
+def test_control_arm_is_dense_on_sats_schedule(tiny_dir, tmp_path, capsys):
+    """``--control``: a third arm, dense with SAT's budget and schedules, interleaved; with SAT at omission 0 it is
+    the SAT arm step for step, so it reaches the target at the same step and SAT's ratio against it is its own time
+    over dense steps' time. The same control from a separate run (SAT at rate 0) attaches to a record."""
+    common = ["--time-to-quality", "--model", str(tiny_dir / "llama"), "--data", str(tiny_dir / "corpus.txt"),
+              "--steps", "6", "--seq-len", "16", "--batch-size", "2", "--lr", "3e-3", "--eval-every", "3",
+              "--eval-examples", "4", "--run-to-budget", "--output-dir", str(tmp_path), "--no-progress"]
+    assert main(common + ["--control", "--omission-rate", "0", "--name", "c"]) == 0
+    assert "control (dense, SAT's schedule)" in capsys.readouterr().out
+    r = json.loads((tmp_path / "c.json").read_text())
+    sat, control = r["runs"]["sat"], r["runs"]["control"]
+    assert control["name"] == CONTROL_NAME and control["steps_run"] == 9
+    assert control["losses"] == sat["losses"]
+    assert [e["eval_loss"] for e in control["evals"]] == [e["eval_loss"] for e in sat["evals"]]
+    c = r["control"]
+    hit = first_reached(control["evals"], r["target_eval_loss"])
+    assert c["steps_to_target"] == (hit and hit["step"]) == r["sat_steps_to_target"]
+    per_token = r["dense_seconds"] / sum(r["runs"]["dense"]["step_tokens"])
+    if hit is not None:
+        assert c["seconds"] == pytest.approx(per_token * sum(control["step_tokens"][:hit["step"]]))
+        assert c["ratio"] == pytest.approx(r["sat_seconds"] / c["seconds"])
+    assert reanalyse(r) == r
+
+    assert main(common + ["--name", "s"]) == 0        # the same benchmark with SAT at 0.5, no control
+    plain = json.loads((tmp_path / "s.json").read_text())
+    assert plain["control"] is None
+    rate0 = {k: v for k, v in r.items()}
+    rate0["runs"] = {k: v for k, v in r["runs"].items() if k != "control"}
+    merged = attach_control(plain, rate0)
+    assert merged["runs"]["control"]["losses"] == sat["losses"] and merged["control"]["name"] == CONTROL_NAME
+    assert merged["runs"]["sat"] == reanalyse(plain)["runs"]["sat"]
+    with pytest.raises(ValueError, match="keep every unit"):
+        attach_control(r, plain)
+    with pytest.raises(ValueError, match=r"differs in \['seed'\]"):
+        attach_control(plain, dict(rate0, seed=1))
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--control"], "--control needs --time-to-quality"),
     (["--time-to-quality", "--compare"], "--compare and --time-to-quality exclude each other"),
     (["--eval-every", "3"], "--eval-every needs --time-to-quality"),
     (["--run-to-budget", "--sat-steps-factor", "2"], "--run-to-budget, --sat-steps-factor need --time-to-quality"),

@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-to-budget", action="store_true",
                    help="--time-to-quality: train SAT for its whole budget (default: stop once it has reached the "
                         "target and trained as long as dense)")
+    p.add_argument("--control", action="store_true",
+                   help="--time-to-quality: also train dense with SAT's step budget and schedules, interleaved, and "
+                        "report SAT's time to the target against it (a longer learning-rate schedule alone lowers "
+                        "the loss at step N)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="size of the run (default: cpu)")
     p.add_argument("--steps", type=_positive_int, help="optimizer steps")
     p.add_argument("--seq-len", type=_positive_int, help="tokens per block (cpt) or maximum tokens per pair (sft)")
@@ -208,6 +212,7 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"{' and '.join(modes)} exclude each other")
     if not args.time_to_quality:
         given = [o for o, v in (("--eval-every", args.eval_every), ("--run-to-budget", args.run_to_budget or None),
+                                ("--control", args.control or None),
                                 ("--sat-steps-factor", None if args.sat_steps_factor == 1.5 else 1)) if v is not None]
         if given:
             parser.error(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --time-to-quality")
@@ -355,7 +360,7 @@ def _time_to_quality(say, args, cfg: TrainConfig, pristine, order, held_out, pad
         f"{eval_every} steps; both arms interleaved step by step", flush=True)
     result = run_time_to_quality(pristine, order, held_out, cfg, pad_id=pad_id, sat_steps=sat_steps,
                                  eval_every=eval_every, base_eval_loss=base_eval,
-                                 stop_at_target=not args.run_to_budget, say=say)
+                                 stop_at_target=not args.run_to_budget, control=args.control, say=say)
     record = report(result, cfg=cfg, model_name=model_name, sat_steps=sat_steps, eval_every=eval_every, env=env,
                     threads=env["threads"], data=data)
     say(summary_line(record))

@@ -18,6 +18,11 @@ Method (the MLPerf Training measure, wall-clock to a fixed quality target):
    reported beside them (``measured``).
 4. Equal-time figure: SAT's eval loss at the dense arm's training time, interpolated linearly in time between the
    two evaluations around it.
+5. Control (``control=True``, ``sat-train --control``): a third arm trains dense with the SAT arm's step budget
+   and schedules, interleaved with the others. A longer learning-rate schedule alone lowers the loss at step ``N``
+   while training is far from converged, so the ratio of point 2 mixes SAT's effect with the schedule's; the
+   control's time to the target (its steps costed at the dense arm's robust step time) gives
+   ``control.ratio = sat_seconds / control seconds``, SAT against dense on the same schedule.
 
 Evaluations are those of :func:`~sat_kernels.train.runner.evaluate` (eval mode: SAT modules compute the dense
 function), on the same held-out examples for both arms. The loop mirrors the settings of the ``Trainer`` runs of
@@ -45,6 +50,7 @@ from .runner import TrainConfig, _schedule_callbacks, evaluate, make_model, reso
 from .step_log import synchronize
 
 MAX_GRAD_NORM = 1.0   # the Trainer's default, used by the sat-train --compare runs
+CONTROL_NAME = "dense, SAT's schedule"
 
 
 @dataclass
@@ -98,7 +104,7 @@ class _State:
         self.max_steps, self.global_step, self.log_history = max_steps, 0, []
 
 
-def _make_arm(pristine, cfg: TrainConfig, *, sat: bool, steps: int, device) -> Arm:
+def _make_arm(pristine, cfg: TrainConfig, *, sat: bool, steps: int, device, name: Optional[str] = None) -> Arm:
     from transformers import get_linear_schedule_with_warmup, set_seed
 
     set_seed(cfg.seed)
@@ -107,7 +113,8 @@ def _make_arm(pristine, cfg: TrainConfig, *, sat: bool, steps: int, device) -> A
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     lr_schedule = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, steps)
     callbacks, rate_of, attn_rate_of, _ = _schedule_callbacks(cfg, sat)
-    arm = Arm("SAT" if sat else "dense", sat, steps, model, optimizer, lr_schedule, callbacks, rate_of, attn_rate_of)
+    arm = Arm(name or ("SAT" if sat else "dense"), sat, steps, model, optimizer, lr_schedule, callbacks, rate_of,
+              attn_rate_of)
     arm.state = _State(steps)
     for cb in callbacks:
         cb.on_train_begin(None, arm.state, None, model=model, optimizer=optimizer)
@@ -167,10 +174,13 @@ def seconds_at_loss(evals: Sequence[Dict], target: float) -> Optional[float]:
     return evals[0]["seconds"] if evals and evals[0]["eval_loss"] <= target else None
 
 
-def _should_stop(sat: Arm, dense: Arm, target: Optional[float]) -> bool:
+def _should_stop(sat: Arm, dense: Arm, target: Optional[float], control: Optional[Arm] = None) -> bool:
     """The SAT arm may stop early once dense is done, SAT has reached the target and SAT has trained at least as
-    long as dense (so the equal-time loss is known): nothing measured changes, its schedules are those of ``M``."""
+    long as dense (so the equal-time loss is known), and the control, if any, has reached the target too: nothing
+    measured changes, the schedules are those of ``M``."""
     if target is None or len(dense.losses) < dense.steps:
+        return False
+    if control is not None and first_reached(control.evals, target) is None:
         return False
     sat_evals = _with_times(sat.record())["evals"]
     return first_reached(sat_evals, target) is not None and sat_evals[-1]["seconds"] >= dense.seconds()
@@ -178,10 +188,11 @@ def _should_stop(sat: Arm, dense: Arm, target: Optional[float]) -> bool:
 
 def run_time_to_quality(pristine, order: Sequence[Dict], eval_examples: Sequence[Dict], cfg: TrainConfig, *,
                         pad_id: int, sat_steps: int, eval_every: int, base_eval_loss: float,
-                        stop_at_target: bool = True, say=print) -> Dict:
+                        stop_at_target: bool = True, control: bool = False, say=print) -> Dict:
     """Run both arms interleaved (see the module docstring) and return the result dictionary: the target, the
     times, the ratio, the equal-time losses and each arm's record. ``order`` holds ``sat_steps * batch_size``
-    examples in training order; the dense arm uses its first ``cfg.steps * batch_size``."""
+    examples in training order; the dense arm uses its first ``cfg.steps * batch_size``. ``control``: also train
+    the control arm (dense with SAT's step budget and schedules; point 5 of the module docstring)."""
     if sat_steps < cfg.steps:
         raise ValueError(f"sat_steps ({sat_steps}) must be at least the dense steps ({cfg.steps})")
     if eval_every < 1:
@@ -192,13 +203,15 @@ def run_time_to_quality(pristine, order: Sequence[Dict], eval_examples: Sequence
     device, autocast_dtype = resolve_device_precision(cfg.precision)
     dense = _make_arm(pristine, cfg, sat=False, steps=cfg.steps, device=device)
     sat = _make_arm(pristine, cfg, sat=True, steps=sat_steps, device=device)
-    for arm in (dense, sat):
+    ctrl = _make_arm(pristine, cfg, sat=False, steps=sat_steps, device=device, name=CONTROL_NAME) if control else None
+    all_arms = [a for a in (dense, sat, ctrl) if a is not None]
+    for arm in all_arms:
         arm.evals.append({"step": 0, "seconds": 0.0, "eval_loss": base_eval_loss})
     target = None
     for s in range(sat_steps):
         batch = {k: v.to(device) for k, v in
                  collate(order[s * cfg.batch_size:(s + 1) * cfg.batch_size], pad_id).items()}
-        arms = [a for a in (dense, sat) if s < a.steps]
+        arms = [a for a in all_arms if s < a.steps]
         for arm in (arms if s % 2 == 0 else arms[::-1]):
             _train_step(arm, batch, s, device, autocast_dtype)
         for arm in arms:
@@ -213,14 +226,14 @@ def run_time_to_quality(pristine, order: Sequence[Dict], eval_examples: Sequence
             target = dense.evals[-1]["eval_loss"]
             say(f"target (dense eval loss after {dense.steps} steps, {dense.seconds():.1f} s): {target:.4f}",
                 flush=True)
-        if stop_at_target and _should_stop(sat, dense, target):
+        if stop_at_target and _should_stop(sat, dense, target, ctrl):
             say(f"[SAT] reached the target and passed the dense time: stopping at step {s + 1} of {sat_steps}")
             break
-    for arm in (dense, sat):
+    for arm in all_arms:
         for cb in arm.callbacks:
             cb.on_train_end(None, arm.state, None)
         sk.revert(arm.model)
-    return analyse(dense.record(), sat.record(), target)
+    return analyse(dense.record(), sat.record(), target, ctrl.record() if ctrl is not None else None)
 
 
 def _with_times(run: Dict) -> Dict:
@@ -231,9 +244,36 @@ def _with_times(run: Dict) -> Dict:
     return dict(run, evals=evals, train_seconds=sum(robust), train_seconds_measured=sum(raw))
 
 
-def analyse(dense_run: Dict, sat_run: Dict, target: float) -> Dict:
+def _control_times(control_run: Dict, dense_run: Dict) -> Dict:
+    """The control arm's record with its evaluations timed as dense steps: each step costs the dense arm's median
+    seconds per token times its tokens (the control runs the dense step; this keeps a control trained in another
+    process, or in a noisier stretch, on the dense arm's clock)."""
+    robust = robust_step_seconds(dense_run)
+    weigh = bool(dense_run.get("step_tokens")) and bool(control_run.get("step_tokens"))   # else per step
+    per_unit = robust[0] / (dense_run["step_tokens"][0] if weigh else 1)
+    steps = [per_unit * n for n in (control_run["step_tokens"] if weigh else [1] * len(control_run["losses"]))]
+    evals = [dict(e, seconds=sum(steps[:e["step"]])) for e in control_run["evals"]]
+    return dict(control_run, evals=evals, train_seconds=sum(steps))
+
+
+def _control_result(control_run: Dict, target: float, sat_seconds: Optional[float],
+                    sat_interpolated: Optional[float], steps_dense: int) -> Dict:
+    evals = control_run["evals"]
+    reached = first_reached(evals, target)
+    interpolated = seconds_at_loss(evals, target)
+    at_n = next((e for e in evals if e["step"] == steps_dense), None)
+    return {"name": control_run["name"], "steps_to_target": reached["step"] if reached else None,
+            "seconds": reached["seconds"] if reached else None, "seconds_interpolated": interpolated,
+            "ratio": sat_seconds / reached["seconds"] if reached and sat_seconds is not None else None,
+            "ratio_interpolated": (sat_interpolated / interpolated
+                                   if interpolated and sat_interpolated is not None else None),
+            "eval_loss_at_dense_steps": at_n["eval_loss"] if at_n else None}
+
+
+def analyse(dense_run: Dict, sat_run: Dict, target: float, control_run: Optional[Dict] = None) -> Dict:
     """The result of a benchmark run from its arms' records: target, training times, ratio, equal-time losses,
-    step speedups (see the module docstring). Also re-derives the result of a stored JSON (``runs``)."""
+    step speedups, and with ``control_run`` the control block (see the module docstring). Also re-derives the result
+    of a stored JSON (``runs``)."""
     dense_run, sat_run = _with_times(dense_run), _with_times(sat_run)
     dense_evals, sat_evals = dense_run["evals"], sat_run["evals"]
     steps_dense = dense_evals[-1]["step"]
@@ -246,9 +286,15 @@ def analyse(dense_run: Dict, sat_run: Dict, target: float) -> Dict:
     mean = {k: sum(r["step_seconds"]) / len(r["step_seconds"]) for k, r in (("dense", dense_run), ("sat", sat_run))}
     measured_dense = dense_evals[-1]["seconds_measured"]
     measured_sat = reached["seconds_measured"] if reached else None
+    sat_interpolated = seconds_at_loss(sat_evals, target)
+    runs = {"dense": dense_run, "sat": sat_run}
+    control = None
+    if control_run is not None:
+        runs["control"] = _control_times(control_run, dense_run)
+        control = _control_result(runs["control"], target, sat_seconds, sat_interpolated, steps_dense)
     return {
         "target_eval_loss": target, "dense_seconds": dense_seconds, "sat_seconds": sat_seconds,
-        "sat_seconds_interpolated": seconds_at_loss(sat_evals, target),
+        "sat_seconds_interpolated": sat_interpolated,
         "ratio": sat_seconds / dense_seconds if sat_seconds is not None else None,
         "reached": reached is not None, "sat_steps_to_target": reached["step"] if reached else None,
         "equal_time": {"sat_eval_loss": at_dense_time,
@@ -260,14 +306,36 @@ def analyse(dense_run: Dict, sat_run: Dict, target: float) -> Dict:
         "median_step_seconds": median,
         "step_speedup_median": median["dense"] / median["sat"],
         "step_speedup_mean": mean["dense"] / mean["sat"],
-        "runs": {"dense": dense_run, "sat": sat_run},
+        "control": control,
+        "runs": runs,
     }
 
 
 def reanalyse(record: Dict) -> Dict:
     """A stored JSON record with its result re-derived by :func:`analyse` from its per-step data."""
     runs = record["runs"]
-    return dict(record, **analyse(runs["dense"], runs["sat"], record["target_eval_loss"]))
+    return dict(record, **analyse(runs["dense"], runs["sat"], record["target_eval_loss"], runs.get("control")))
+
+
+def attach_control(record: Dict, control_record: Dict) -> Dict:
+    """``record`` with the control arm taken from ``control_record``: a run of the same benchmark (model, task,
+    seed, data, steps, budget, optimizer settings) whose SAT arm kept every unit (``--omission-rate 0``, no attention
+    omission), i.e. dense with SAT's budget and schedules. Its dense arm must have reached the same target."""
+    same = ("model", "task", "seed", "seq_len", "batch_size", "lr", "warmup_steps", "steps_dense", "steps_sat_budget",
+            "dtype", "data")
+    differ = [k for k in same if record.get(k) != control_record.get(k)]
+    if differ:
+        raise ValueError(f"attach_control: the control run differs in {differ}")
+    cfg = control_record["sat_config"]
+    if cfg["omission_rate"] != 0 or cfg.get("attn_omission_rate"):
+        raise ValueError(f"attach_control: the control run's SAT arm must keep every unit (omission rate 0, no "
+                         f"attention omission), got omission_rate={cfg['omission_rate']}, "
+                         f"attn_omission_rate={cfg.get('attn_omission_rate')}")
+    if abs(record["target_eval_loss"] - control_record["target_eval_loss"]) > 1e-6 * abs(record["target_eval_loss"]):
+        raise ValueError(f"attach_control: the dense arms reached different targets ({record['target_eval_loss']} "
+                         f"vs {control_record['target_eval_loss']})")
+    control = dict(control_record["runs"]["sat"], name=CONTROL_NAME, sat=False)
+    return reanalyse(dict(record, runs=dict(record["runs"], control=control)))
 
 
 def cpu_facts(threads: int) -> Dict:
@@ -312,7 +380,16 @@ def summary_line(r: Dict) -> str:
             if eq["sat_eval_loss"] is not None else "")
     m = r.get("measured") or {}
     raw = f"; raw step-time sums: ratio {m['ratio']:.3f}" if m.get("ratio") is not None else ""
-    return head + tail + f"; step speedup {r['step_speedup_median']:.3f}x (median step){raw}"
+    line = head + tail + f"; step speedup {r['step_speedup_median']:.3f}x (median step){raw}"
+    c = r.get("control")
+    if c:
+        if c["steps_to_target"] is None:
+            line += f"; control ({c['name']}): target not reached"
+        else:
+            vs = f", SAT's ratio against it {c['ratio']:.3f}" if c["ratio"] is not None else ""
+            line += (f"; control ({c['name']}) reached the target after {c['steps_to_target']} steps, "
+                     f"{c['seconds']:.1f} s{vs}")
+    return line
 
 
 def title(r: Dict) -> str:
@@ -335,7 +412,9 @@ def plot(r: Dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for key, color in (("dense", "tab:blue"), ("sat", "tab:orange")):
+    for key, color in (("dense", "tab:blue"), ("sat", "tab:orange"), ("control", "tab:green")):
+        if key not in r["runs"]:
+            continue
         evals = r["runs"][key]["evals"]
         ax.plot([e["seconds"] for e in evals], [e["eval_loss"] for e in evals], marker="o", markersize=3,
                 color=color, label=f"{r['runs'][key]['name']} ({r['runs'][key]['steps_run']} steps)")
@@ -346,9 +425,14 @@ def plot(r: Dict, path: Path) -> Path:
                    label=f"SAT reaches it: {r['ratio']:.3f}x dense time")
     else:
         ax.plot([], [], " ", label="SAT: target not reached")
+    control = r.get("control")
+    if control and control["seconds"] is not None:
+        vs = f": SAT takes {control['ratio']:.3f}x its time" if control["ratio"] is not None else ""
+        ax.scatter([control["seconds"]], [r["target_eval_loss"]], color="tab:green", marker="s", zorder=5,
+                   label=f"{control['name']} reaches it{vs}")
     ax.set_xlabel("training wall-clock (s; robust step times, evaluation excluded)")
     ax.set_ylabel("held-out eval loss")
-    losses = [e["eval_loss"] for k in ("dense", "sat") for e in r["runs"][k]["evals"][1:]]
+    losses = [e["eval_loss"] for k in r["runs"] for e in r["runs"][k]["evals"][1:]]
     if losses:   # the curve after the first evaluation: the loss before training would flatten the plot
         lo, hi = min(losses), max(losses)
         pad = 0.1 * (hi - lo or abs(hi) * 0.01 or 1.0)
