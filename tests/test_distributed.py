@@ -92,6 +92,9 @@ def _worker(rank, init_file, wrap, sync, out_dir, forward="sparse", hold=False):
     torch.save({"losses": losses / WORLD, "kept": kept, "state": state}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()   # both ranks done before either tears the group down (one rank once hung in the teardown)
     dist.destroy_process_group()
+    # Everything is written and the group is gone: leave without the interpreter's teardown, where a rank once
+    # aborted ("terminate called without an active exception", a C++ thread of the gloo / FSDP2 run at exit).
+    os._exit(0)
 
 
 def _spawn(tmp_path, wrap, sync, forward="sparse", hold=False):
