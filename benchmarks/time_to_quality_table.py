@@ -28,6 +28,12 @@ def variant(r: dict) -> str:
         parts.append(f"backward {c['backward']}")
     if c.get("score_tokens", "real") not in ("real", None):
         parts.append(f"scores over {c['score_tokens']} tokens")
+    if c.get("scheduler") != "constant" and c.get("dense_fraction", 0.1) != 0.1:
+        parts.append(f"dense final {c['dense_fraction']:g}")
+    if c.get("dense_warmup_steps"):
+        parts.append(f"{c['dense_warmup_steps']} dense warm-up steps")
+    if c.get("sat_lr") is not None:
+        parts.append(f"SAT learning rate {c['sat_lr']:g} (dense {r['lr']:g})")
     for flag in ("skip_omitted_updates", "per_layer_budget"):
         if c.get(flag):
             parts.append(flag.replace("_", " "))

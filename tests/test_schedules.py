@@ -33,6 +33,34 @@ def test_constant_and_linear():
     assert all(a >= b for a, b in zip(rates, rates[1:]))
 
 
+def test_dense_warmup():
+    ladder = sk.LadderOmissionScheduler(0.5, total_steps=100, dense_warmup_steps=10)
+    # warm-up 0..9 dense, rungs split steps 10..89 (40 each), then the dense final 10%
+    assert [ladder.rate(t) for t in (0, 9, 10, 49, 50, 89, 90, 99)] == [0, 0, 0.5, 0.5, 0.25, 0.25, 0, 0]
+    const = sk.ConstantOmissionScheduler(0.5, dense_warmup_steps=3)
+    assert [const.rate(t) for t in range(5)] == [0, 0, 0, 0.5, 0.5]
+    lin = sk.LinearOmissionScheduler(0.5, total_steps=30, dense_fraction=0.0, dense_warmup_steps=10)
+    assert [lin.rate(t) for t in (0, 9, 10, 20, 29, 30)] == [0, 0, 0.5, 0.25, 0.5 * (1 - 19 / 20), 0]
+    # without a warm-up the schedules are unchanged
+    assert [sk.LadderOmissionScheduler(0.5, 100, dense_warmup_steps=0).rate(t) for t in range(100)] == \
+        [sk.LadderOmissionScheduler(0.5, 100).rate(t) for t in range(100)]
+    assert "dense_warmup_steps=10" in repr(ladder) and "dense_warmup_steps=3" in repr(const)
+
+
+def test_dense_warmup_errors():
+    for make in (lambda w: sk.LadderOmissionScheduler(0.5, 10, dense_warmup_steps=w),
+                 lambda w: sk.LinearOmissionScheduler(0.5, 10, dense_warmup_steps=w),
+                 lambda w: sk.ConstantOmissionScheduler(0.5, dense_warmup_steps=w)):
+        for bad in (-1, 1.5, True, "2"):
+            with pytest.raises(ValueError, match="dense_warmup_steps must be a non-negative integer"):
+                make(bad)
+    # 9 warm-up steps of 10 with the dense final step 9: no sparse step left
+    with pytest.raises(ValueError, match="dense_warmup_steps=9 leaves no sparse step"):
+        sk.LadderOmissionScheduler(0.5, 10, dense_warmup_steps=9).rate(0)
+    with pytest.raises(ValueError, match="dense_warmup_steps=12 leaves no sparse step"):
+        sk.LinearOmissionScheduler(0.5, 10, dense_warmup_steps=12).rate(0)
+
+
 def test_schedule_errors():
     with pytest.raises(ValueError, match="initial_rate"):
         sk.LadderOmissionScheduler(1.0, 10)

@@ -155,6 +155,39 @@ def test_control_arm_is_dense_on_sats_schedule(tiny_dir, tmp_path, capsys):
         attach_control(r, plain)
     with pytest.raises(ValueError, match=r"differs in \['seed'\]"):
         attach_control(plain, dict(rate0, seed=1))
+    with pytest.raises(ValueError, match=r"differs in \['sat_config.sat_lr'\]"):
+        attach_control(plain, dict(rate0, sat_config=dict(rate0["sat_config"], sat_lr=1e-3)))
+
+
+def test_sat_lr_drives_the_sat_arm_and_the_control(tiny_dir):
+    """``sat_lr`` is the peak learning rate of the SAT arm and of the control (dense on SAT's schedule), not of the
+    dense arm: at omission 0 with equal budgets, SAT at ``sat_lr == lr`` is dense step for step; at twice the rate
+    it departs from dense after the first update, and the control follows it exactly."""
+    pristine, order, held, pad = tiny_setup(tiny_dir, 6, 2)
+    quiet = dict(pad_id=pad, sat_steps=6, eval_every=3, base_eval_loss=9.0, say=lambda *a, **k: None, control=True)
+    same = run_time_to_quality(pristine, order, held, TrainConfig(steps=6, seq_len=16, batch_size=2, lr=3e-3,
+                                                                  omission_rate=0.0, sat_lr=3e-3), **quiet)
+    assert same["runs"]["sat"]["losses"] == same["runs"]["dense"]["losses"]
+    high = run_time_to_quality(pristine, order, held, TrainConfig(steps=6, seq_len=16, batch_size=2, lr=3e-3,
+                                                                  omission_rate=0.0, sat_lr=6e-3), **quiet)
+    dense, sat, control = (high["runs"][k]["losses"] for k in ("dense", "sat", "control"))
+    assert dense == same["runs"]["dense"]["losses"], "the dense arm keeps --lr"
+    assert sat[0] == dense[0] and all(a != b for a, b in zip(sat[1:], dense[1:]))
+    assert control == sat
+    assert high["target_eval_loss"] == same["target_eval_loss"]
+
+
+def test_dense_warmup_in_the_sat_arm(tiny_dir, tmp_path, capsys):
+    """``--dense-warmup-steps 3``: the SAT arm's first 3 steps run dense, then the ladder spans the steps up to its
+    dense final phase; the record names both settings."""
+    assert main(["--time-to-quality", "--model", str(tiny_dir / "llama"), "--data", str(tiny_dir / "corpus.txt"),
+                 "--steps", "6", "--seq-len", "16", "--batch-size", "2", "--lr", "3e-3", "--eval-every", "3",
+                 "--eval-examples", "4", "--run-to-budget", "--output-dir", str(tmp_path), "--name", "w",
+                 "--no-progress", "--dense-warmup-steps", "3", "--sat-lr", "2e-3"]) == 0
+    r = json.loads((tmp_path / "w.json").read_text())
+    # budget 9: warm-up steps 0-2, rungs over steps 3-7 (int(0.9 * 9) = 8), step 8 dense
+    assert r["runs"]["sat"]["omission_rates"] == [0.0] * 3 + [0.5] * 3 + [0.25] * 2 + [0.0]
+    assert r["sat_config"]["dense_warmup_steps"] == 3 and r["sat_config"]["sat_lr"] == 2e-3 and r["lr"] == 3e-3
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -164,6 +197,16 @@ def test_control_arm_is_dense_on_sats_schedule(tiny_dir, tmp_path, capsys):
     (["--run-to-budget", "--sat-steps-factor", "2"], "--run-to-budget, --sat-steps-factor need --time-to-quality"),
     (["--time-to-quality", "--sat-steps-factor", "0.5"], "argument --sat-steps-factor: expected a number >= 1"),
     (["--time-to-quality", "--eval-every", "0"], "argument --eval-every: expected a positive integer, got 0"),
+    (["--time-to-quality", "--steps", "6", "--dense-warmup-steps", "9"],
+     "--dense-warmup-steps 9 must be below the SAT run's 9 steps"),
+    (["--time-to-quality", "--steps", "6", "--dense-warmup-steps", "8"],
+     "--dense-warmup-steps: LadderOmissionScheduler: dense_warmup_steps=8 leaves no sparse step"),
+    (["--steps", "6", "--dense-warmup-steps", "6", "--scheduler", "constant"],
+     "--dense-warmup-steps 6 must be below the SAT run's 6 steps"),
+    (["--dense-warmup-steps", "-1"], "argument --dense-warmup-steps"),
+    (["--dense-only", "--sat-lr", "1e-3", "--dense-warmup-steps", "2"],
+     "--sat-lr, --dense-warmup-steps set the SAT run, which --dense-only does not train"),
+    (["--sat-lr", "0"], "argument --sat-lr"),
 ])
 def test_cli_time_to_quality_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

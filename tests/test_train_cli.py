@@ -172,6 +172,28 @@ def test_runs_share_seed_data_and_optimizer(tiny_dir):
     assert all(not isinstance(m, sk.SATMLP) for m in pristine.modules())
 
 
+def test_sat_lr_and_dense_warmup_in_trainer_runs(tiny_dir):
+    """``sat_lr`` is the SAT run's peak learning rate (the dense run keeps ``lr``); ``dense_warmup_steps`` makes the
+    SAT run's first steps dense and shifts the ladder after them."""
+    pristine, order, held, pad = tiny_setup(tiny_dir, 8, 2)
+    base = dict(steps=8, seq_len=16, batch_size=2, lr=3e-3)
+    dense, _ = train_run(pristine, order, held, TrainConfig(**base), sat=False, pad_id=pad, progress=False)
+    dense_hi, _ = train_run(pristine, order, held, TrainConfig(**base, sat_lr=6e-3), sat=False, pad_id=pad,
+                            progress=False)
+    assert dense_hi.losses == dense.losses
+    same, _ = train_run(pristine, order, held, TrainConfig(**base, omission_rate=0.0, sat_lr=3e-3), sat=True,
+                        pad_id=pad, progress=False)
+    assert same.losses == dense.losses
+    high, _ = train_run(pristine, order, held, TrainConfig(**base, omission_rate=0.0, sat_lr=6e-3), sat=True,
+                        pad_id=pad, progress=False)
+    assert high.losses[0] == dense.losses[0] and all(a != b for a, b in zip(high.losses[1:], dense.losses[1:]))
+    warm, _ = train_run(pristine, order, held, TrainConfig(**base, dense_warmup_steps=2), sat=True, pad_id=pad,
+                        progress=False)
+    # warm-up steps 0-1, rungs over steps 2-6 (int(0.9 * 8) = 7), step 7 dense
+    assert warm.omission_rates == [0.0] * 2 + [0.5] * 3 + [0.25] * 2 + [0.0]
+    assert warm.losses[:3] == dense.losses[:3], "dense steps, and the exact forward of the first sparse one"
+
+
 def test_lora_runs_train_the_same_adapters_on_a_frozen_model(tiny_dir):
     """LoRA: both arms start from the same seeded adapters (SAT at rate 0 reproduces the dense LoRA run bitwise),
     only the adapters train, and omission changes the first step's loss."""

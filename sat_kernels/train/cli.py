@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "micro-batches (it must divide --batch-size; default 1)")
     p.add_argument("--lr", type=_positive_float, help="AdamW peak learning rate (linear decay to 0)")
     p.add_argument("--warmup-steps", type=_non_negative_int, help="linear warm-up steps")
+    p.add_argument("--sat-lr", type=_positive_float, default=None,
+                   help="AdamW peak learning rate of the SAT run (and of --time-to-quality's --control arm, which "
+                        "follows SAT's schedule); default: --lr")
     p.add_argument("--eval-examples", type=_eval_examples,
                    help="held-out blocks (cpt) or pairs (sft) to evaluate, evenly spaced over the split, or 'all'")
     p.add_argument("--eval-batch-size", type=_positive_int, default=8,
@@ -131,6 +134,8 @@ def _add_sat_options(p: argparse.ArgumentParser) -> None:
                    help="ladder: sparse rungs, rung j at initial rate x (rungs - j) / rungs (default 2)")
     p.add_argument("--dense-fraction", type=_fraction, default=0.1,
                    help="ladder: share of the steps trained dense at the end, in [0, 1] (default 0.1)")
+    p.add_argument("--dense-warmup-steps", type=_non_negative_int, default=0,
+                   help="steps trained dense at the start of the SAT run, before its omission schedule (default 0)")
     p.add_argument("--metric", choices=METRICS, default="l2", help="neuron score (default: l2)")
     p.add_argument("--strategy", choices=STRATEGIES, default="topk", help="neuron selection (default: topk)")
     p.add_argument("--forward", choices=FORWARD_MODES, default=DEFAULT_FORWARD,
@@ -195,9 +200,10 @@ def config_from_args(args) -> TrainConfig:
                             targets=tuple(args.lora_targets or LORA_TARGETS))
     return TrainConfig(task=args.task, steps=pick("steps"), seq_len=pick("seq_len"), batch_size=pick("batch_size"),
                        grad_accum=args.grad_accum, hold_selection=args.hold_selection,
-                       lr=pick("lr"), warmup_steps=pick("warmup_steps"), seed=args.seed,
+                       lr=pick("lr"), warmup_steps=pick("warmup_steps"), sat_lr=args.sat_lr, seed=args.seed,
                        omission_rate=args.omission_rate, attn_omission_rate=args.attn_omission_rate,
                        scheduler=args.scheduler, num_rungs=args.num_rungs, dense_fraction=args.dense_fraction,
+                       dense_warmup_steps=args.dense_warmup_steps,
                        metric=args.metric, strategy=args.strategy, forward=args.forward, backward=args.backward,
                        score_tokens=args.score_tokens,
                        skip_omitted_updates=args.skip_omitted_updates, per_layer_budget=args.per_layer_budget,
@@ -216,6 +222,12 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
                                 ("--sat-steps-factor", None if args.sat_steps_factor == 1.5 else 1)) if v is not None]
         if given:
             parser.error(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --time-to-quality")
+    if args.dense_only:
+        given = [o for o, v in (("--sat-lr", args.sat_lr), ("--dense-warmup-steps", args.dense_warmup_steps or None))
+                 if v is not None]
+        if given:
+            parser.error(f"{', '.join(given)} {'sets' if len(given) == 1 else 'set'} the SAT run, which "
+                         f"--dense-only does not train")
     if args.hold_selection and args.grad_accum == 1:
         parser.error("--hold-selection needs --grad-accum > 1 (with one micro-batch per step there is one selection "
                      "per step already)")
@@ -236,6 +248,23 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
     from .model import NAMED_MODELS
     if args.model is not None and args.model not in NAMED_MODELS and not Path(args.model).exists():
         parser.error(f"--model: {args.model!r} does not exist")
+
+
+def _check_dense_warmup(parser: argparse.ArgumentParser, args, cfg: TrainConfig) -> None:
+    """Refuse a dense warm-up that leaves the SAT run no sparse step."""
+    from .runner import make_scheduler
+    from .time_to_quality import sat_step_budget
+
+    steps = sat_step_budget(cfg.steps, args.sat_steps_factor) if args.time_to_quality else cfg.steps
+    if cfg.dense_warmup_steps >= steps:
+        parser.error(f"--dense-warmup-steps {cfg.dense_warmup_steps} must be below the SAT run's {steps} steps")
+    schedule = make_scheduler(cfg.scheduler, cfg.omission_rate, num_rungs=cfg.num_rungs,
+                              dense_fraction=cfg.dense_fraction, dense_warmup_steps=cfg.dense_warmup_steps)
+    schedule.total_steps = steps
+    try:
+        schedule.rate(0)
+    except ValueError as e:
+        parser.error(f"--dense-warmup-steps: {e}")
 
 
 def _load(parser: argparse.ArgumentParser, args, cfg: TrainConfig):
@@ -380,6 +409,8 @@ def main(argv=None) -> int:
     if cfg.batch_size % cfg.grad_accum:
         parser.error(f"--grad-accum {cfg.grad_accum} must divide the batch size ({cfg.batch_size} sequences per "
                      f"optimizer step)")
+    if cfg.dense_warmup_steps:
+        _check_dense_warmup(parser, args, cfg)
     eval_examples = PRESETS[args.preset]["eval_examples"] if args.eval_examples is None else args.eval_examples
     eval_examples = None if eval_examples == "all" else eval_examples
 

@@ -67,12 +67,14 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-4
     warmup_steps: int = 0
+    sat_lr: Optional[float] = None   # peak learning rate of the runs SAT's schedule drives (default: lr)
     seed: int = 0
     omission_rate: float = 0.5
     attn_omission_rate: Optional[float] = None
     scheduler: str = "ladder"
     num_rungs: int = 2
     dense_fraction: float = 0.1
+    dense_warmup_steps: int = 0
     metric: str = "l2"
     strategy: str = "topk"
     forward: str = DEFAULT_FORWARD
@@ -131,16 +133,18 @@ class RunResult:
         return d
 
 
-def make_scheduler(name: str, initial_rate: float, *, num_rungs: int = 2, dense_fraction: float = 0.1):
+def make_scheduler(name: str, initial_rate: float, *, num_rungs: int = 2, dense_fraction: float = 0.1,
+                   dense_warmup_steps: int = 0):
     """``ladder`` (LORS, the default; ``num_rungs`` and ``dense_fraction`` apply to it only), ``constant`` or
-    ``linear``, starting at ``initial_rate``; ``total_steps`` is filled in from the Trainer by
-    :class:`sat_kernels.SATCallback`."""
+    ``linear``, starting at ``initial_rate`` after ``dense_warmup_steps`` dense steps; ``total_steps`` is filled in
+    from the Trainer by :class:`sat_kernels.SATCallback`."""
     if name == "ladder":
-        return sk.LadderOmissionScheduler(initial_rate, num_rungs=num_rungs, dense_fraction=dense_fraction)
+        return sk.LadderOmissionScheduler(initial_rate, num_rungs=num_rungs, dense_fraction=dense_fraction,
+                                          dense_warmup_steps=dense_warmup_steps)
     if name == "constant":
-        return sk.ConstantOmissionScheduler(initial_rate)
+        return sk.ConstantOmissionScheduler(initial_rate, dense_warmup_steps=dense_warmup_steps)
     if name == "linear":
-        return sk.LinearOmissionScheduler(initial_rate)
+        return sk.LinearOmissionScheduler(initial_rate, dense_warmup_steps=dense_warmup_steps)
     raise ValueError(f"scheduler must be one of {list(SCHEDULERS)}, got {name!r}")
 
 
@@ -274,7 +278,8 @@ def _schedule_callbacks(cfg: TrainConfig, sat: bool):
         return [], (lambda: 0.0), (lambda: 0.0) if cfg.attn_omission_rate is not None else None, None
 
     def schedule(rate):
-        return make_scheduler(cfg.scheduler, rate, num_rungs=cfg.num_rungs, dense_fraction=cfg.dense_fraction)
+        return make_scheduler(cfg.scheduler, rate, num_rungs=cfg.num_rungs, dense_fraction=cfg.dense_fraction,
+                              dense_warmup_steps=cfg.dense_warmup_steps)
 
     attn = cfg.attn_omission_rate   # MLP and attention follow schedules of the same type from their own rates
     callback = sk.SATCallback(mlp=schedule(cfg.omission_rate), attention=schedule(attn) if attn is not None else None,
@@ -286,14 +291,20 @@ def _schedule_callbacks(cfg: TrainConfig, sat: bool):
     return [callback], (lambda: callback.current_rate), attn_rate_of, kept_of
 
 
-def _training_arguments(training_arguments, cfg: TrainConfig, output_dir: str, device: torch.device, autocast_dtype):
-    """The Trainer settings of both runs: AdamW without weight decay, linear schedule, a log line every step, no
-    checkpoints, the examples in the given order (no shuffling workers); each optimizer step's ``batch_size``
-    sequences in ``grad_accum`` micro-batches."""
+def sat_schedule_lr(cfg: TrainConfig) -> float:
+    """The peak learning rate of a run on SAT's schedule: ``cfg.sat_lr``, or ``cfg.lr`` when it is not set."""
+    return cfg.lr if cfg.sat_lr is None else cfg.sat_lr
+
+
+def _training_arguments(training_arguments, cfg: TrainConfig, output_dir: str, device: torch.device, autocast_dtype,
+                        lr: float):
+    """The Trainer settings of both runs: AdamW without weight decay, linear schedule from peak ``lr``, a log line
+    every step, no checkpoints, the examples in the given order (no shuffling workers); each optimizer step's
+    ``batch_size`` sequences in ``grad_accum`` micro-batches."""
     return training_arguments(
         output_dir=output_dir, max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size // cfg.grad_accum,
         gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps, lr_scheduler_type="linear", weight_decay=0.0,
+        learning_rate=lr, warmup_steps=cfg.warmup_steps, lr_scheduler_type="linear", weight_decay=0.0,
         optim="adamw_torch", logging_steps=1, save_strategy="no", report_to=[], seed=cfg.seed,
         use_cpu=device.type != "cuda", bf16=autocast_dtype is torch.bfloat16, disable_tqdm=True,
         remove_unused_columns=False, dataloader_num_workers=0, dataloader_drop_last=False,
@@ -336,7 +347,8 @@ def train_run(pristine, train_examples: Sequence[Dict], eval_examples: Sequence[
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
     with tempfile.TemporaryDirectory() as tmp:
-        args = _training_arguments(TrainingArguments, cfg, tmp, device, autocast_dtype)
+        args = _training_arguments(TrainingArguments, cfg, tmp, device, autocast_dtype,
+                                   sat_schedule_lr(cfg) if sat else cfg.lr)
         trainer = OrderedTrainer(model=model, args=args, train_dataset=_ExamplesDataset(list(train_examples)),
                                  data_collator=lambda batch: collate(batch, pad_id), callbacks=callbacks)
         trainer.remove_callback(PrinterCallback)

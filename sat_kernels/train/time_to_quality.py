@@ -22,7 +22,9 @@ Method (the MLPerf Training measure, wall-clock to a fixed quality target):
    and schedules, interleaved with the others. A longer learning-rate schedule alone lowers the loss at step ``N``
    while training is far from converged, so the ratio of point 2 mixes SAT's effect with the schedule's; the
    control's time to the target (its steps costed at the dense arm's robust step time) gives
-   ``control.ratio = sat_seconds / control seconds``, SAT against dense on the same schedule.
+   ``control.ratio = sat_seconds / control seconds``, SAT against dense on the same schedule. With a peak learning
+   rate of its own for the SAT arm (``cfg.sat_lr``, ``sat-train --sat-lr``) the control trains at that rate too:
+   it differs from the SAT arm in the omission only.
 
 Evaluations are those of :func:`~sat_kernels.train.runner.evaluate` (eval mode: SAT modules compute the dense
 function), on the same held-out examples for both arms. The loop mirrors the settings of the ``Trainer`` runs of
@@ -46,7 +48,7 @@ import sat_kernels as sk
 
 from .compare import save_figure
 from .data import collate
-from .runner import TrainConfig, _schedule_callbacks, evaluate, make_model, resolve_device_precision
+from .runner import TrainConfig, _schedule_callbacks, evaluate, make_model, resolve_device_precision, sat_schedule_lr
 from .step_log import synchronize
 
 MAX_GRAD_NORM = 1.0   # the Trainer's default, used by the sat-train --compare runs
@@ -104,13 +106,14 @@ class _State:
         self.max_steps, self.global_step, self.log_history = max_steps, 0, []
 
 
-def _make_arm(pristine, cfg: TrainConfig, *, sat: bool, steps: int, device, name: Optional[str] = None) -> Arm:
+def _make_arm(pristine, cfg: TrainConfig, *, sat: bool, steps: int, device, lr: float,
+              name: Optional[str] = None) -> Arm:
     from transformers import get_linear_schedule_with_warmup, set_seed
 
     set_seed(cfg.seed)
     model = make_model(pristine, cfg, sat=sat, device=device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     lr_schedule = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, steps)
     callbacks, rate_of, attn_rate_of, _ = _schedule_callbacks(cfg, sat)
     arm = Arm(name or ("SAT" if sat else "dense"), sat, steps, model, optimizer, lr_schedule, callbacks, rate_of,
@@ -201,9 +204,10 @@ def run_time_to_quality(pristine, order: Sequence[Dict], eval_examples: Sequence
         raise ValueError(f"order must hold sat_steps * batch_size = {sat_steps * cfg.batch_size} examples, "
                          f"got {len(order)}")
     device, autocast_dtype = resolve_device_precision(cfg.precision)
-    dense = _make_arm(pristine, cfg, sat=False, steps=cfg.steps, device=device)
-    sat = _make_arm(pristine, cfg, sat=True, steps=sat_steps, device=device)
-    ctrl = _make_arm(pristine, cfg, sat=False, steps=sat_steps, device=device, name=CONTROL_NAME) if control else None
+    dense = _make_arm(pristine, cfg, sat=False, steps=cfg.steps, device=device, lr=cfg.lr)
+    sat = _make_arm(pristine, cfg, sat=True, steps=sat_steps, device=device, lr=sat_schedule_lr(cfg))
+    ctrl = (_make_arm(pristine, cfg, sat=False, steps=sat_steps, device=device, lr=sat_schedule_lr(cfg),
+                      name=CONTROL_NAME) if control else None)
     all_arms = [a for a in (dense, sat, ctrl) if a is not None]
     for arm in all_arms:
         arm.evals.append({"step": 0, "seconds": 0.0, "eval_loss": base_eval_loss})
@@ -324,6 +328,8 @@ def attach_control(record: Dict, control_record: Dict) -> Dict:
     same = ("model", "task", "seed", "seq_len", "batch_size", "lr", "warmup_steps", "steps_dense", "steps_sat_budget",
             "dtype", "data")
     differ = [k for k in same if record.get(k) != control_record.get(k)]
+    if record["sat_config"].get("sat_lr") != control_record["sat_config"].get("sat_lr"):
+        differ.append("sat_config.sat_lr")
     if differ:
         raise ValueError(f"attach_control: the control run differs in {differ}")
     cfg = control_record["sat_config"]
@@ -397,9 +403,11 @@ def title(r: Dict) -> str:
     c = r["sat_config"]
     attention = f", attention {c['attn_omission_rate']}" if c.get("attn_omission_rate") is not None else ""
     backward = f", backward {c['backward']}" if c.get("backward", "sparse") != "sparse" else ""
+    warmup = f", {c['dense_warmup_steps']} dense warm-up steps" if c.get("dense_warmup_steps") else ""
+    lr = f", learning rate {c['sat_lr']:g}" if c.get("sat_lr") is not None else ""
     return (f"time to dense quality, {r['task']}: {Path(r['model']).name}, {r['batch_size']} x {r['seq_len']} "
-            f"tokens, {r['dtype']}, seed {r['seed']}\nSAT: {c['scheduler']} from {c['omission_rate']}{attention}, "
-            f"forward {c['forward']}{backward}, budget {r['steps_sat_budget']} steps; {r['device']}, "
+            f"tokens, {r['dtype']}, seed {r['seed']}\nSAT: {c['scheduler']} from {c['omission_rate']}{attention}"
+            f"{warmup}, forward {c['forward']}{backward}{lr}, budget {r['steps_sat_budget']} steps; {r['device']}, "
             f"{r['cpu']['bf16_isa']}, {r['date'][:10]}")
 
 
