@@ -404,10 +404,11 @@ def title(r: Dict) -> str:
     attention = f", attention {c['attn_omission_rate']}" if c.get("attn_omission_rate") is not None else ""
     backward = f", backward {c['backward']}" if c.get("backward", "sparse") != "sparse" else ""
     warmup = f", {c['dense_warmup_steps']} dense warm-up steps" if c.get("dense_warmup_steps") else ""
-    lr = f", learning rate {c['sat_lr']:g}" if c.get("sat_lr") is not None else ""
+    lr = (f"peak learning rate {c['sat_lr']:g} (SAT and the control), {r['lr']:g} (dense); "
+          if c.get("sat_lr") is not None else "")
     return (f"time to dense quality, {r['task']}: {Path(r['model']).name}, {r['batch_size']} x {r['seq_len']} "
             f"tokens, {r['dtype']}, seed {r['seed']}\nSAT: {c['scheduler']} from {c['omission_rate']}{attention}"
-            f"{warmup}, forward {c['forward']}{backward}{lr}, budget {r['steps_sat_budget']} steps; {r['device']}, "
+            f"{warmup}, forward {c['forward']}{backward}, budget {r['steps_sat_budget']} steps\n{lr}{r['device']}, "
             f"{r['cpu']['bf16_isa']}, {r['date'][:10]}")
 
 
@@ -419,7 +420,7 @@ def plot(r: Dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 4.8))
     for key, color in (("dense", "tab:blue"), ("sat", "tab:orange"), ("control", "tab:green")):
         if key not in r["runs"]:
             continue
