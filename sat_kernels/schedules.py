@@ -17,18 +17,18 @@ def _check_fraction(value, name: str) -> float:
     return float(value)
 
 
-def _check_steps(value, name: str, allow_none: bool = True) -> Optional[int]:
+def _check_steps(value, name: str, allow_none: bool = True, minimum: int = 1) -> Optional[int]:
+    """``value`` as an int of at least ``minimum`` (1 or 0), or ``None`` where ``allow_none``."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        kind = "positive" if minimum == 1 else "non-negative"
+        raise ValueError(f"{name} must be a {kind} integer{' or None' if allow_none else ''}, got {value!r}")
     return int(value)
 
 
 def _check_warmup(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"dense_warmup_steps must be a non-negative integer, got {value!r}")
-    return int(value)
+    return _check_steps(value, "dense_warmup_steps", allow_none=False, minimum=0)
 
 
 class OmissionScheduler:
@@ -56,10 +56,10 @@ class OmissionScheduler:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
         return int(step)
 
-    def _sparse_span(self, dense_fraction: float):
+    def _sparse_span(self):
         """``(first, end)``: the sparse phase of a schedule with a dense warm-up of ``dense_warmup_steps`` and a
-        dense final ``dense_fraction`` of ``total_steps``."""
-        total = self._total()
+        dense final ``dense_fraction`` of ``total_steps`` (the ladder and the linear schedule)."""
+        total, dense_fraction = self._total(), self.dense_fraction
         first, end = self.dense_warmup_steps, int((1.0 - dense_fraction) * total)
         if first and first >= end:
             raise ValueError(f"{type(self).__name__}: dense_warmup_steps={first} leaves no sparse step before the "
@@ -96,7 +96,7 @@ class LinearOmissionScheduler(OmissionScheduler):
 
     def rate(self, step: int) -> float:
         step = self._check_step(step)
-        first, end = self._sparse_span(self.dense_fraction)
+        first, end = self._sparse_span()
         if not first <= step < end:
             return 0.0
         return self.initial_rate * (1.0 - (step - first) / (end - first))
@@ -137,7 +137,7 @@ class LadderOmissionScheduler(OmissionScheduler):
 
     def rate(self, step: int) -> float:
         step = self._check_step(step)
-        first, end = self._sparse_span(self.dense_fraction)
+        first, end = self._sparse_span()
         if not first <= step < end:
             return 0.0
         rung = (step - first) * self.num_rungs // (end - first)
