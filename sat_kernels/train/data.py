@@ -9,7 +9,8 @@ in every summary). Each documented public object (module, class, function, metho
   packed into blocks of ``seq_len`` tokens; the loss is on every token.
 * ``sft`` (supervised fine-tuning): prompt ``"What does the Python {kind} `{name}` do?"``, response = the first
   paragraph of the docstring; formatted with the tokenizer's chat template when it has one; the loss is on the
-  response tokens only (labels ``-100`` on the prompt).
+  response tokens only (labels ``-100`` on the prompt). One pair per sequence, or with ``pack=True`` consecutive
+  whole pairs concatenated into sequences of up to ``seq_len`` tokens (:func:`pack_sft`).
 
 Train and held-out eval are split by document: documents are de-duplicated by text, ordered by the SHA-256 of their
 key (the qualified name for the default corpus, the text for user files) and the first ``eval_fraction`` of them are
@@ -288,14 +289,39 @@ def tokenize_sft(pairs: Sequence[Dict[str, str]], tokenizer, seq_len: int) -> Li
     return out
 
 
-def tokenize(corpus: Corpus, tokenizer, seq_len: int) -> Tuple[list, list]:
-    """``(train examples, eval examples)`` of ``corpus``, each a dict of ``input_ids`` and ``labels`` lists."""
+def pack_sft(examples: Sequence[Dict[str, List[int]]], seq_len: int) -> List[Dict[str, List[int]]]:
+    """Tokenized sft pairs concatenated, in order, into sequences of at most ``seq_len`` tokens: each pair whole in
+    one sequence, a new sequence started when the next pair does not fit. Labels keep ``-100`` on every prompt, so the
+    loss is on the answers as before. Attention is causal over the whole sequence, so a pair's tokens also attend to
+    the pairs before it in its sequence (packing without per-pair attention masks, as TRL's ``packing=True`` does
+    without ``padding_free``); in exchange every step holds about ``seq_len`` tokens instead of one short pair."""
+    out: List[Dict[str, List[int]]] = []
+    ids: List[int] = []
+    labels: List[int] = []
+    for e in examples:
+        if len(e["input_ids"]) > seq_len:
+            raise ValueError(f"pack_sft: an example of {len(e['input_ids'])} tokens exceeds seq_len {seq_len}")
+        if ids and len(ids) + len(e["input_ids"]) > seq_len:
+            out.append({"input_ids": ids, "labels": labels})
+            ids, labels = [], []
+        ids.extend(e["input_ids"])
+        labels.extend(e["labels"])
+    if ids:
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def tokenize(corpus: Corpus, tokenizer, seq_len: int, *, pack: bool = False) -> Tuple[list, list]:
+    """``(train examples, eval examples)`` of ``corpus``, each a dict of ``input_ids`` and ``labels`` lists.
+    ``pack``: sft pairs packed into sequences of up to ``seq_len`` tokens (:func:`pack_sft`); cpt is always packed."""
     if corpus.task == "cpt":
         train = pack_cpt([r["text"] for r in corpus.train], tokenizer, seq_len)
         held = pack_cpt([r["text"] for r in corpus.eval], tokenizer, seq_len)
     else:
         train = tokenize_sft(corpus.train, tokenizer, seq_len)
         held = tokenize_sft(corpus.eval, tokenizer, seq_len)
+        if pack:
+            train, held = pack_sft(train, seq_len), pack_sft(held, seq_len)
     for name, split in (("train", train), ("eval", held)):
         if not split:
             raise ValueError(f"the {name} split of {corpus.source} gives no {corpus.task} example of --seq-len "

@@ -61,6 +61,7 @@ class TrainConfig:
     runs train the same LoRA adapters on the frozen model (:func:`add_lora`)."""
 
     task: str = "cpt"
+    pack: bool = False               # sft: whole pairs packed into sequences of up to seq_len tokens
     steps: int = 30
     seq_len: int = 128
     batch_size: int = 4

@@ -328,6 +328,8 @@ def attach_control(record: Dict, control_record: Dict) -> Dict:
     same = ("model", "task", "seed", "seq_len", "batch_size", "lr", "warmup_steps", "steps_dense", "steps_sat_budget",
             "dtype", "data")
     differ = [k for k in same if record.get(k) != control_record.get(k)]
+    if record.get("packed", False) != control_record.get("packed", False):   # records before --pack lack it
+        differ.append("packed")
     if record["sat_config"].get("sat_lr") != control_record["sat_config"].get("sat_lr"):
         differ.append("sat_config.sat_lr")
     if differ:
@@ -361,10 +363,10 @@ def report(result: Dict, *, cfg: TrainConfig, model_name: str, sat_steps: int, e
            threads: int, data: Dict) -> Dict:
     """The JSON record of one benchmark run (the fields of benchmarks/results/time_to_quality/README.md)."""
     _, autocast_dtype = resolve_device_precision(cfg.precision)
-    common = ("task", "steps", "seq_len", "batch_size", "lr", "warmup_steps", "seed", "precision", "eval_batch_size",
-              "lora")
+    common = ("task", "pack", "steps", "seq_len", "batch_size", "lr", "warmup_steps", "seed", "precision",
+              "eval_batch_size", "lora")
     sat_config = {k: v for k, v in asdict(cfg).items() if k not in common}
-    return dict(result, model=model_name, task=cfg.task, seed=cfg.seed,
+    return dict(result, model=model_name, task=cfg.task, packed=cfg.pack, seed=cfg.seed,
                 dtype="bf16 autocast" if autocast_dtype is not None else "fp32", seq_len=cfg.seq_len,
                 batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps, steps_dense=cfg.steps,
                 steps_sat_budget=sat_steps, eval_every=eval_every, lora=asdict(cfg)["lora"], sat_config=sat_config,
@@ -406,10 +408,11 @@ def title(r: Dict) -> str:
     warmup = f", {c['dense_warmup_steps']} dense warm-up steps" if c.get("dense_warmup_steps") else ""
     lr = (f"peak learning rate {c['sat_lr']:g} (SAT and the control), {r['lr']:g} (dense); "
           if c.get("sat_lr") is not None else "")
+    packed = " (packed pairs)" if r.get("packed") else ""
     return (f"time to dense quality, {r['task']}: {Path(r['model']).name}, {r['batch_size']} x {r['seq_len']} "
-            f"tokens, {r['dtype']}, seed {r['seed']}\nSAT: {c['scheduler']} from {c['omission_rate']}{attention}"
-            f"{warmup}, forward {c['forward']}{backward}, budget {r['steps_sat_budget']} steps\n{lr}{r['device']}, "
-            f"{r['cpu']['bf16_isa']}, {r['date'][:10]}")
+            f"tokens{packed}, {r['dtype']}, seed {r['seed']}\nSAT: {c['scheduler']} from {c['omission_rate']}"
+            f"{attention}{warmup}, forward {c['forward']}{backward}, budget {r['steps_sat_budget']} steps\n"
+            f"{lr}{r['device']}, {r['cpu']['bf16_isa']}, {r['date'][:10]}")
 
 
 def plot(r: Dict, path: Path) -> Path:
