@@ -10,7 +10,7 @@ from sat_kernels.train.cli import main
 from sat_kernels.train.runner import TrainConfig, train_run
 from sat_kernels.train.time_to_quality import (CONTROL_NAME, analyse, attach_control, first_reached, loss_at_seconds,
                                                reanalyse, robust_step_seconds, run_time_to_quality, sat_step_budget,
-                                               seconds_at_loss)
+                                               seconds_at_loss, title)
 
 from tiny_train import tiny_setup, write_tiny_dir
 
@@ -100,6 +100,8 @@ def test_cli_time_to_quality_end_to_end(tiny_dir, tmp_path, capsys):
                 "sat_seconds", "sat_config", "cpu", "versions", "git_revision", "equal_time", "steps_sat_budget"):
         assert key in r, key
     assert r["steps_dense"] == 6 and r["steps_sat_budget"] == 9 and r["dtype"] == "fp32" and r["task"] == "cpt"
+    assert r["packed"] is False and "pack" not in r["sat_config"]
+    assert "2 x 16 tokens, fp32" in title(r) and "2 x 16 tokens (packed pairs), fp32" in title(dict(r, packed=True))
     assert r["sat_config"]["omission_rate"] == 0.5 and r["sat_config"]["scheduler"] == "ladder"
     assert r["cpu"]["threads"] >= 1 and r["versions"]["torch"] == torch.__version__
     dense, sat = r["runs"]["dense"], r["runs"]["sat"]
@@ -157,6 +159,10 @@ def test_control_arm_is_dense_on_sats_schedule(tiny_dir, tmp_path, capsys):
         attach_control(plain, dict(rate0, seed=1))
     with pytest.raises(ValueError, match=r"differs in \['sat_config.sat_lr'\]"):
         attach_control(plain, dict(rate0, sat_config=dict(rate0["sat_config"], sat_lr=1e-3)))
+    with pytest.raises(ValueError, match=r"differs in \['packed'\]"):
+        attach_control(plain, dict(rate0, packed=True))
+    legacy = {k: v for k, v in plain.items() if k != "packed"}     # a record written before --pack existed
+    assert attach_control(legacy, rate0)["control"] == merged["control"]
 
 
 def test_sat_lr_drives_the_sat_arm_and_the_control(tiny_dir):

@@ -109,6 +109,32 @@ def test_pack_cpt_blocks_and_separators():
     assert all(b["labels"] == b["input_ids"] and len(b["input_ids"]) == 10 for b in blocks)
 
 
+def test_pack_sft_keeps_pairs_whole_and_in_order():
+    tok = word_tokenizer(CHAT_TEMPLATE)
+    pairs = [{"prompt": f"what does `f{i}` do ?", "response": " ".join(["returns the value"] * (1 + i % 3))}
+             for i in range(9)]
+    examples = D.tokenize_sft(pairs, tok, seq_len=64)
+    lengths = [len(e["input_ids"]) for e in examples]
+    seq_len = max(lengths) + min(lengths)   # at least one pair per sequence, never all of them
+    packed = D.pack_sft(examples, seq_len)
+    assert 1 < len(packed) < len(examples)
+    assert [x for p in packed for x in p["input_ids"]] == [x for e in examples for x in e["input_ids"]]
+    assert [x for p in packed for x in p["labels"]] == [x for e in examples for x in e["labels"]]
+    # greedy: each sequence fits, and the first pair of the next one would not have fitted
+    ends = [0]
+    for p in packed:
+        ends.append(ends[-1] + len(p["input_ids"]))
+        assert len(p["input_ids"]) <= seq_len
+    starts = {sum(lengths[:i]) for i in range(len(lengths) + 1)}
+    assert set(ends) <= starts, "no pair is split across sequences"
+    for p, nxt in zip(packed, ends[1:-1]):
+        assert len(p["input_ids"]) + lengths[sorted(starts).index(nxt)] > seq_len
+    assert D.pack_sft(examples, sum(lengths)) == [{"input_ids": [x for e in examples for x in e["input_ids"]],
+                                                   "labels": [x for e in examples for x in e["labels"]]}]
+    with pytest.raises(ValueError, match=f"an example of {max(lengths)} tokens exceeds seq_len {max(lengths) - 1}"):
+        D.pack_sft(examples, max(lengths) - 1)
+
+
 def test_collate_pads_right_and_masks_labels():
     batch = D.collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}],
                       pad_id=3)
@@ -308,6 +334,23 @@ def test_cli_sft_single_run_saves_model(tiny_dir, tmp_path, capsys):
     assert report["runs"]["SAT"]["omission_rates"] == [0.25] * 6
     saved = AutoModelForCausalLM.from_pretrained(out_dir / "s_model")
     assert not any(isinstance(m, sk.SATMLP) for m in saved.modules())
+
+
+def test_cli_sft_pack(tiny_dir, tmp_path, capsys):
+    common = ["--task", "sft", "--model", str(tiny_dir / "llama"), "--data", str(tiny_dir / "pairs.jsonl"),
+              "--steps", "3", "--seq-len", "96", "--batch-size", "1", "--eval-examples", "all", "--no-progress"]
+    out = _run_cli([*common, "--pack", "--name", "packed", "--output-dir", str(tmp_path)], capsys)
+    assert "sat-train: sft (packed pairs)" in out
+    packed = json.loads((tmp_path / "packed.json").read_text())
+    _run_cli([*common, "--name", "pairs", "--output-dir", str(tmp_path)], capsys)
+    pairs = json.loads((tmp_path / "pairs.json").read_text())
+    assert packed["config"]["pack"] is True and pairs["config"]["pack"] is False
+    # the same pairs (27-44 tokens each) in fewer, longer sequences, none longer than --seq-len
+    assert packed["data"]["train_examples_available"] < pairs["data"]["train_examples_available"] / 1.5
+    assert packed["data"]["eval_tokens"] == pairs["data"]["eval_tokens"]
+    assert packed["data"]["eval_examples_used"] < pairs["data"]["eval_examples_used"]
+    tokens = packed["runs"]["SAT"]["step_tokens"]
+    assert max(tokens) <= 96 and sum(tokens) > 1.5 * sum(pairs["runs"]["SAT"]["step_tokens"])
 
 
 def test_cli_attention_omission(tiny_dir, tmp_path, capsys):
@@ -515,8 +558,10 @@ def test_runner_schedules_through_the_public_callback(tiny_dir, monkeypatch):
     (["--lora-rank", "0"], "argument --lora-rank: expected a positive integer, got 0"),
     (["--lora-dropout", "1"], "argument --lora-dropout: must be in [0, 1), got 1.0"),
     (["--score-tokens", "padding"], "argument --score-tokens: invalid choice"),
+    (["--pack"], "--pack needs --task sft (--task cpt is packed into blocks of --seq-len tokens already)"),
 ], ids=["missing-data", "missing-model", "rate-1", "rate-neg", "rate-text", "attn-rate-1", "steps-0", "scheduler",
-        "dense-fraction", "num-rungs", "task", "lora-rank-0", "lora-dropout-1", "score-tokens"])
+        "dense-fraction", "num-rungs", "task", "lora-rank-0", "lora-dropout-1", "score-tokens",
+        "pack-cpt"])
 def test_cli_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
