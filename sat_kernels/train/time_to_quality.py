@@ -321,15 +321,18 @@ def reanalyse(record: Dict) -> Dict:
     return dict(record, **analyse(runs["dense"], runs["sat"], record["target_eval_loss"], runs.get("control")))
 
 
+# Record fields added after the first records were written, with the value those records imply.
+_FIELD_DEFAULTS = {"packed": False}
+
+
 def attach_control(record: Dict, control_record: Dict) -> Dict:
     """``record`` with the control arm taken from ``control_record``: a run of the same benchmark (model, task,
     seed, data, steps, budget, optimizer settings) whose SAT arm kept every unit (``--omission-rate 0``, no attention
     omission), i.e. dense with SAT's budget and schedules. Its dense arm must have reached the same target."""
-    same = ("model", "task", "seed", "seq_len", "batch_size", "lr", "warmup_steps", "steps_dense", "steps_sat_budget",
-            "dtype", "data")
-    differ = [k for k in same if record.get(k) != control_record.get(k)]
-    if record.get("packed", False) != control_record.get("packed", False):   # records before --pack lack it
-        differ.append("packed")
+    same = ("model", "task", "packed", "seed", "seq_len", "batch_size", "lr", "warmup_steps", "steps_dense",
+            "steps_sat_budget", "dtype", "data")
+    value = lambda r, k: r.get(k, _FIELD_DEFAULTS.get(k))  # noqa: E731
+    differ = [k for k in same if value(record, k) != value(control_record, k)]
     if record["sat_config"].get("sat_lr") != control_record["sat_config"].get("sat_lr"):
         differ.append("sat_config.sat_lr")
     if differ:
