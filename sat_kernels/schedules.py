@@ -79,8 +79,7 @@ class ConstantOmissionScheduler(OmissionScheduler):
         return 0.0 if self._check_step(step) < self.dense_warmup_steps else self.value
 
     def __repr__(self) -> str:
-        warmup = f", dense_warmup_steps={self.dense_warmup_steps}" if self.dense_warmup_steps else ""
-        return f"ConstantOmissionScheduler(rate={self.value}{warmup})"
+        return f"ConstantOmissionScheduler(rate={self.value}, dense_warmup_steps={self.dense_warmup_steps})"
 
 
 class LinearOmissionScheduler(OmissionScheduler):

@@ -45,6 +45,8 @@ def test_dense_warmup():
     assert [sk.LadderOmissionScheduler(0.5, 100, dense_warmup_steps=0).rate(t) for t in range(100)] == \
         [sk.LadderOmissionScheduler(0.5, 100).rate(t) for t in range(100)]
     assert "dense_warmup_steps=10" in repr(ladder) and "dense_warmup_steps=3" in repr(const)
+    # every scheduler names its warm-up, zero included
+    assert repr(sk.ConstantOmissionScheduler(0.5)) == "ConstantOmissionScheduler(rate=0.5, dense_warmup_steps=0)"
 
 
 def test_dense_warmup_errors():

@@ -205,9 +205,10 @@ def run_time_to_quality(pristine, order: Sequence[Dict], eval_examples: Sequence
                          f"got {len(order)}")
     device, autocast_dtype = resolve_device_precision(cfg.precision)
     dense = _make_arm(pristine, cfg, sat=False, steps=cfg.steps, device=device, lr=cfg.lr)
-    sat = _make_arm(pristine, cfg, sat=True, steps=sat_steps, device=device, lr=sat_schedule_lr(cfg))
-    ctrl = (_make_arm(pristine, cfg, sat=False, steps=sat_steps, device=device, lr=sat_schedule_lr(cfg),
-                      name=CONTROL_NAME) if control else None)
+    sat_lr = sat_schedule_lr(cfg)   # the control follows SAT's schedule, its peak learning rate included
+    sat = _make_arm(pristine, cfg, sat=True, steps=sat_steps, device=device, lr=sat_lr)
+    ctrl = (_make_arm(pristine, cfg, sat=False, steps=sat_steps, device=device, lr=sat_lr, name=CONTROL_NAME)
+            if control else None)
     all_arms = [a for a in (dense, sat, ctrl) if a is not None]
     for arm in all_arms:
         arm.evals.append({"step": 0, "seconds": 0.0, "eval_loss": base_eval_loss})
