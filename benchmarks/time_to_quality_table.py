@@ -56,7 +56,7 @@ def row(r: dict) -> str:
     cells = [model, r["task"], str(r["seed"]), shape, variant(r), f"{r['target_eval_loss']:.4f}",
              f"{r['dense_seconds']:.0f}",
              f"{r['sat_seconds']:.0f}" if reached else "-", ratio, str(r["sat_steps_to_target"] or "-"),
-             _pct(r["equal_time"]["rel_diff"]), _pct(at_n and at_n["rel_diff"]), f"{r['step_speedup_median']:.3f}x"]
+             _pct(r["equal_time"]["rel_diff"]), _pct(at_n and at_n["rel_diff"]), f"{r['step_speedup_paired']:.3f}x"]
     c = r.get("control")
     if c is None:
         cells += ["-", "-"]
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
             plot(r, f.with_suffix(".png"))
     print("| model | task | seed | sequences x tokens per step (mean tokens) | SAT | target (dense eval loss) | "
           "dense s | SAT s to target | ratio | SAT steps "
-          "to target | SAT at dense time | SAT after N steps | step speedup (median) | control: dense on SAT's "
+          "to target | SAT at dense time | SAT after N steps | step speedup (paired) | control: dense on SAT's "
           "schedule, steps (s) to target | SAT's ratio to the control (interpolated) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:

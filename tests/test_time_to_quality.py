@@ -8,9 +8,9 @@ import torch
 import sat_kernels as sk
 from sat_kernels.train.cli import main
 from sat_kernels.train.runner import TrainConfig, train_run
-from sat_kernels.train.time_to_quality import (CONTROL_NAME, analyse, attach_control, first_reached, loss_at_seconds,
-                                               reanalyse, robust_step_seconds, run_time_to_quality, sat_step_budget,
-                                               seconds_at_loss, title)
+from sat_kernels.train.time_to_quality import (CONTROL_NAME, analyse, as_dense_steps, attach_control, first_reached,
+                                               loss_at_seconds, reanalyse, relative_step_costs, run_time_to_quality,
+                                               sat_step_budget, seconds_at_loss, title)
 
 from tiny_train import tiny_setup, write_tiny_dir
 
@@ -38,12 +38,12 @@ def test_target_and_time_helpers():
 
 
 def test_robust_step_times_ignore_a_stall():
-    """One stalled step (600 s among 10-12 s steps) costs the median of its rate group, not 600 s; groups are the
-    omission rates, and the time is per token."""
-    run = {"step_seconds": [10.0, 600.0, 11.0, 5.0, 6.0, 5.5], "step_tokens": [100, 100, 100, 100, 100, 50],
-           "omission_rates": [0.5, 0.5, 0.5, 0.0, 0.0, 0.0]}
-    assert robust_step_seconds(run) == pytest.approx([11.0, 11.0, 11.0, 6.0, 6.0, 3.0])   # 0.06 s/token x tokens
-    assert robust_step_seconds(dict(run, step_tokens=None)) == pytest.approx([11.0] * 3 + [5.5] * 3)
+    """One stalled step (600 s among 10-12 s steps) costs the median of its arm's steps, not 600 s; a dense step's
+    time is per token; a SAT step costs the median of its paired ratio to the dense step beside it."""
+    run = {"step_seconds": [10.0, 600.0, 11.0, 12.0, 5.0], "step_tokens": [100, 100, 100, 100, 50],
+           "omission_rates": [0.0] * 5}
+    assert as_dense_steps(run, run) == pytest.approx([11.0] * 4 + [5.5])   # 0.11 s/token x tokens
+    assert as_dense_steps(dict(run, step_tokens=None), run) == pytest.approx([11.0] * 5)   # per step without tokens
     dense = {"step_seconds": [10.0] * 4, "omission_rates": [0.0] * 4,
              "evals": [{"step": 0, "eval_loss": 3.0}, {"step": 4, "eval_loss": 2.0}]}
     sat = {"step_seconds": [8.0, 800.0, 8.0, 8.0, 8.0, 8.0], "omission_rates": [0.5] * 6,
@@ -59,6 +59,42 @@ def test_robust_step_times_ignore_a_stall():
     c = analyse(dense, sat, 2.0, control)["control"]
     assert c["steps_to_target"] == 4 and c["seconds"] == 40.0 and c["ratio"] == pytest.approx(48 / 40)
     assert c["seconds_interpolated"] == pytest.approx(30.0) and c["eval_loss_at_dense_steps"] == 1.8
+
+
+def _phased(rates, load, relative, dense_seconds=10.0):
+    """Steps of SAT at ``rates`` and of the dense step beside each, under a machine load factor ``load[s]``: SAT's
+    step takes ``relative[rate]`` of the dense one's time at the same moment."""
+    dense = [dense_seconds * f for f in load]
+    return [relative[r] * d for r, d in zip(rates, dense)], dense
+
+
+def test_paired_step_costs_follow_load_changes():
+    """Load that changes during the run (2x busier for two of the steps SAT runs at 0.5) does not leak into SAT's
+    cost: each rate costs the median of SAT's time over the dense step's beside it, and every time is on the dense
+    arm's clock. Costed from its own steps alone (the median of SAT's steps at 0.5, half of them busy, against the
+    dense arm's median), rate 0.5 would cost 1.35 dense steps instead of 0.9."""
+    rates = [0.5] * 4 + [0.25] * 4 + [0.0] * 2
+    load = [1.0, 1.0, 2.0, 2.0] + [1.0] * 6
+    sat_s, dense_s = _phased(rates, load, {0.5: 0.9, 0.25: 0.95, 0.0: 1.0})
+    evals = [{"step": 0, "eval_loss": 3.0}, {"step": 5, "eval_loss": 2.5}, {"step": 10, "eval_loss": 1.9}]
+    dense = {"step_seconds": dense_s[:5], "omission_rates": [0.0] * 5, "evals": evals[:2]}
+    sat = {"step_seconds": sat_s, "omission_rates": rates, "evals": evals}
+    control = {"name": "c", "step_seconds": dense_s, "omission_rates": [0.0] * 10, "losses": [0.0] * 10,
+               "evals": [{"step": 0, "eval_loss": 3.0}, {"step": 10, "eval_loss": 2.0}]}
+    costs = {c["omission_rate"]: (c["relative_to_dense"], c["paired_steps"])
+             for c in relative_step_costs(sat, dense, control)}
+    assert costs == {0.5: (pytest.approx(0.9), 4), 0.25: (pytest.approx(0.95), 4), 0.0: (pytest.approx(1.0), 2)}
+    clock = 10.0   # the dense arm's median step: 3 of its 5 steps ran in the quiet stretch
+    r = analyse(dense, sat, 2.0, control)
+    assert r["sat_seconds"] == pytest.approx(clock * (4 * 0.9 + 4 * 0.95 + 2 * 1.0))
+    assert r["step_speedup_paired"] == pytest.approx(10 / (4 * 0.9 + 4 * 0.95 + 2))
+    # without the control, the SAT steps after the dense arm's last pair with nothing: rate 0.25 keeps its one pair
+    # (step 4); rate 0 falls back to SAT's median seconds over the dense arm's
+    costs = {c["omission_rate"]: (c["relative_to_dense"], c["paired_steps"]) for c in relative_step_costs(sat, dense)}
+    assert costs[0.25] == (pytest.approx(0.95), 1) and costs[0.0] == (pytest.approx(1.0), 0)
+    # a control trained in another process (attach_control) is not paired with: the same fallback
+    separate = dict(control, separate_process=True, step_seconds=[99.0] * 10)
+    assert relative_step_costs(sat, dense, separate) == relative_step_costs(sat, dense)
 
 
 def test_dense_arm_is_the_trainer_run(tiny_dir):
@@ -79,7 +115,9 @@ def test_dense_arm_is_the_trainer_run(tiny_dir):
     assert [e["step"] for e in dense["evals"]] == [0, 3, 6]
     assert r["reached"] and r["sat_steps_to_target"] == 6
     assert r["ratio"] == pytest.approx(r["sat_seconds"] / r["dense_seconds"])
-    assert r["sat_seconds"] == pytest.approx(sum(robust_step_seconds(sat)))
+    (cost,) = r["relative_step_costs"]   # one rate, every step paired with the dense step beside it
+    assert cost["omission_rate"] == 0.0 and cost["paired_steps"] == 6
+    assert r["sat_seconds"] == pytest.approx(cost["relative_to_dense"] * sum(as_dense_steps(sat, dense)))
     assert r["measured"]["sat_seconds"] == pytest.approx(sum(sat["step_seconds"]))
     assert all(not isinstance(m, sk.SATMLP) for m in pristine.modules())
 
@@ -108,7 +146,7 @@ def test_cli_time_to_quality_end_to_end(tiny_dir, tmp_path, capsys):
     assert dense["steps_run"] == 6 and sat["steps_run"] == 9, "--run-to-budget trains SAT's whole budget"
     assert [e["step"] for e in dense["evals"]] == [0, 3, 6] and [e["step"] for e in sat["evals"]] == [0, 3, 6, 9]
     assert r["target_eval_loss"] == dense["evals"][-1]["eval_loss"]
-    assert r["dense_seconds"] == pytest.approx(sum(robust_step_seconds(dense)))
+    assert r["dense_seconds"] == pytest.approx(sum(as_dense_steps(dense, dense)))
     assert r["measured"]["dense_seconds"] == pytest.approx(sum(dense["step_seconds"]))
     assert reanalyse(r) == r, "a stored record re-derives to itself"
     # the LORS schedule spans SAT's budget of 9 steps: 8 sparse steps in two rungs, 1 dense
@@ -153,6 +191,9 @@ def test_control_arm_is_dense_on_sats_schedule(tiny_dir, tmp_path, capsys):
     merged = attach_control(plain, rate0)
     assert merged["runs"]["control"]["losses"] == sat["losses"] and merged["control"]["name"] == CONTROL_NAME
     assert merged["runs"]["sat"] == reanalyse(plain)["runs"]["sat"]
+    # the attached control ran in another process: SAT's steps are paired with the dense arm's only
+    assert merged["runs"]["control"]["separate_process"] is True
+    assert merged["relative_step_costs"] == plain["relative_step_costs"]
     with pytest.raises(ValueError, match="keep every unit"):
         attach_control(r, plain)
     with pytest.raises(ValueError, match=r"differs in \['seed'\]"):

@@ -12,16 +12,21 @@ Method (the MLPerf Training measure, wall-clock to a fixed quality target):
 3. Both arms run in **one process, step by step interleaved** (dense step ``s`` and SAT step ``s``, their order
    alternating), so load from other processes hits both; after step ``N`` the SAT arm runs alone. Only training
    steps are timed (forward, backward, gradient clipping, optimizer and learning-rate step); evaluation is excluded.
-   The times reported are **robust step times**: each step costs the median seconds per token of its arm's steps at
-   the same omission rates, times its tokens (:func:`robust_step_seconds`), so that a stall of a shared machine
-   during one step (seen here: one step of 600 s among steps of 8-25 s) does not decide the result; the raw sums are
-   reported beside them (``measured``).
+   The times reported are **robust step times**, all on the dense arm's clock: a dense step costs the median
+   seconds per token of the dense arm's steps, times its tokens (:func:`as_dense_steps`); a SAT step costs that
+   times SAT's **paired** step cost at its omission rates, the median over those steps of SAT's seconds over the
+   seconds of the dense step run beside it, on the same batch at the same moment (:func:`relative_step_costs`). So a
+   stall of a shared machine during one step (seen here: one step of 600 s among steps of 8-25 s) does not decide
+   the result, and neither does load that changes during the run (each omission rate of a schedule falls in its own
+   stretch of the run: costed from its own steps alone, a rate run while the machine was busier looks slower). The
+   raw sums are reported beside them (``measured``).
 4. Equal-time figure: SAT's eval loss at the dense arm's training time, interpolated linearly in time between the
    two evaluations around it.
 5. Control (``control=True``, ``sat-train --control``): a third arm trains dense with the SAT arm's step budget
    and schedules, interleaved with the others. A longer learning-rate schedule alone lowers the loss at step ``N``
    while training is far from converged, so the ratio of point 2 mixes SAT's effect with the schedule's; the
-   control's time to the target (its steps costed at the dense arm's robust step time) gives
+   control's time to the target (its steps costed as dense steps; after step ``N`` the SAT arm's steps are paired
+   with the control's) gives
    ``control.ratio = sat_seconds / control seconds``, SAT against dense on the same schedule. With a peak learning
    rate of its own for the SAT arm (``cfg.sat_lr``, ``sat-train --sat-lr``) the control trains at that rate too:
    it differs from the SAT arm in the omission only.
@@ -76,9 +81,6 @@ class Arm:
     evals: List[Dict] = field(default_factory=list)   # {"step", "seconds" (training time so far), "eval_loss"}
     state: object = field(default=None, repr=False)   # what SATCallback reads (the step and the planned steps)
 
-    def seconds(self) -> float:
-        """Training time so far: the sum of the robust step times (:func:`robust_step_seconds`)."""
-        return sum(robust_step_seconds(self.record()))
 
     def record(self) -> Dict:
         return {"name": self.name, "sat": self.sat, "steps_budget": self.steps, "steps_run": len(self.losses),
@@ -87,16 +89,55 @@ class Arm:
                 "evals": self.evals}
 
 
-def robust_step_seconds(run: Dict) -> List[float]:
-    """Each step's time as the median, over the run's steps at the same omission rates (MLP, attention), of seconds
-    per token, times the step's tokens. ``run`` is an arm's record (``step_seconds``, ``omission_rates``, and
-    ``step_tokens`` / ``attn_omission_rates`` when present: records without tokens weigh every step alike)."""
-    seconds = run["step_seconds"]
-    tokens = run.get("step_tokens") or [1] * len(seconds)
-    attn = run.get("attn_omission_rates") or [None] * len(seconds)
-    keys = list(zip(run["omission_rates"], attn))
-    per_token = {k: statistics.median(t / n for t, n, kk in zip(seconds, tokens, keys) if kk == k) for k in set(keys)}
-    return [per_token[k] * n for k, n in zip(keys, tokens)]
+def _rate_keys(run: Dict) -> List[tuple]:
+    """Each step's ``(MLP omission rate, attention omission rate or None)``."""
+    attn = run.get("attn_omission_rates") or [None] * len(run["step_seconds"])
+    return list(zip(run["omission_rates"], attn))
+
+
+def as_dense_steps(run: Dict, dense_run: Dict) -> List[float]:
+    """What each step of ``run`` would cost as a dense step: the dense arm's median seconds per token times the
+    step's tokens (per step when either record lacks its tokens)."""
+    weigh = bool(run.get("step_tokens")) and bool(dense_run.get("step_tokens"))
+    units = (lambda r: r["step_tokens"]) if weigh else (lambda r: [1] * len(r["step_seconds"]))  # noqa: E731
+    per_unit = statistics.median(t / n for t, n in zip(dense_run["step_seconds"], units(dense_run)))
+    return [per_unit * n for n in units(run)]
+
+
+def relative_step_costs(sat_run: Dict, dense_run: Dict, control_run: Optional[Dict] = None) -> List[Dict]:
+    """SAT's step time relative to a dense step at each omission rate of its run, measured in pairs.
+
+    Step ``s`` of every arm trains on the same batch, one right after the other (module docstring, point 3), so
+    ``SAT seconds / dense seconds`` of step ``s`` compares the two steps under the same load. The cost at a rate is
+    the median of that ratio over SAT's steps at the rate, each paired with the dense arm's step ``s`` (steps before
+    ``N``) or else the control's (``control_run``, unless it ran in another process: ``separate_process``, set by
+    :func:`attach_control`). A rate none of whose steps has a dense step beside it falls back to the ratio of the
+    medians of seconds per token (SAT's steps at that rate over the dense arm's).
+
+    Returns one dict per rate, in the order of first use: ``omission_rate``, ``attn_omission_rate`` (or ``None``),
+    ``relative_to_dense`` and ``paired_steps`` (0 for the fallback).
+    """
+    beside = [dense_run] + ([control_run] if control_run is not None and not control_run.get("separate_process")
+                            else [])
+    sat_seconds, keys = sat_run["step_seconds"], _rate_keys(sat_run)
+    as_dense = as_dense_steps(sat_run, dense_run)
+    costs = []
+    for key in dict.fromkeys(keys):
+        steps = [s for s, k in enumerate(keys) if k == key]
+        refs = {s: next((r["step_seconds"][s] for r in beside if s < len(r["step_seconds"])), None) for s in steps}
+        ratios = [sat_seconds[s] / refs[s] for s in steps if refs[s] is not None]
+        relative = statistics.median(ratios) if ratios else statistics.median(sat_seconds[s] / as_dense[s]
+                                                                              for s in steps)
+        costs.append({"omission_rate": key[0], "attn_omission_rate": key[1], "relative_to_dense": relative,
+                      "paired_steps": len(ratios)})
+    return costs
+
+
+def sat_step_seconds(sat_run: Dict, dense_run: Dict, costs: List[Dict]) -> List[float]:
+    """Each SAT step's time on the dense arm's clock: its cost as a dense step (:func:`as_dense_steps`) times SAT's
+    paired cost at the step's rates (``costs``, from :func:`relative_step_costs`)."""
+    relative = {(c["omission_rate"], c["attn_omission_rate"]): c["relative_to_dense"] for c in costs}
+    return [relative[k] * t for k, t in zip(_rate_keys(sat_run), as_dense_steps(sat_run, dense_run))]
 
 
 class _State:
@@ -185,8 +226,18 @@ def _should_stop(sat: Arm, dense: Arm, target: Optional[float], control: Optiona
         return False
     if control is not None and first_reached(control.evals, target) is None:
         return False
-    sat_evals = _with_times(sat.record())["evals"]
-    return first_reached(sat_evals, target) is not None and sat_evals[-1]["seconds"] >= dense.seconds()
+    sat_evals = _with_times(sat.record(), _live_seconds(sat, dense, control))["evals"]
+    return first_reached(sat_evals, target) is not None and sat_evals[-1]["seconds"] >= sum(
+        _live_seconds(dense, dense, control))
+
+
+def _live_seconds(arm: Arm, dense: Arm, control: Optional[Arm]) -> List[float]:
+    """The robust step times of ``arm`` so far (those :func:`analyse` gives its record)."""
+    if arm.sat:
+        sat_run, dense_run = arm.record(), dense.record()
+        costs = relative_step_costs(sat_run, dense_run, control.record() if control is not None else None)
+        return sat_step_seconds(sat_run, dense_run, costs)
+    return as_dense_steps(arm.record(), dense.record())
 
 
 def run_time_to_quality(pristine, order: Sequence[Dict], eval_examples: Sequence[Dict], cfg: TrainConfig, *,
@@ -224,13 +275,14 @@ def run_time_to_quality(pristine, order: Sequence[Dict], eval_examples: Sequence
             if done % eval_every == 0 or done == arm.steps or (arm.sat and done == dense.steps):
                 loss = evaluate(arm.model, eval_examples, pad_id, batch_size=cfg.eval_batch_size, device=device,
                                 autocast_dtype=autocast_dtype)
-                arm.evals.append({"step": done, "seconds": arm.seconds(), "eval_loss": loss})
-                say(f"[{arm.name}] step {done}/{arm.steps}: eval loss {loss:.4f} after {arm.seconds():.1f} s of "
+                seconds = sum(_live_seconds(arm, dense, ctrl))
+                arm.evals.append({"step": done, "seconds": seconds, "eval_loss": loss})
+                say(f"[{arm.name}] step {done}/{arm.steps}: eval loss {loss:.4f} after {seconds:.1f} s of "
                     f"training (rate {arm.omission_rates[-1]:.2f})", flush=True)
         if s + 1 == dense.steps:
             target = dense.evals[-1]["eval_loss"]
-            say(f"target (dense eval loss after {dense.steps} steps, {dense.seconds():.1f} s): {target:.4f}",
-                flush=True)
+            say(f"target (dense eval loss after {dense.steps} steps, {dense.evals[-1]['seconds']:.1f} s): "
+                f"{target:.4f}", flush=True)
         if stop_at_target and _should_stop(sat, dense, target, ctrl):
             say(f"[SAT] reached the target and passed the dense time: stopping at step {s + 1} of {sat_steps}")
             break
@@ -241,22 +293,19 @@ def run_time_to_quality(pristine, order: Sequence[Dict], eval_examples: Sequence
     return analyse(dense.record(), sat.record(), target, ctrl.record() if ctrl is not None else None)
 
 
-def _with_times(run: Dict) -> Dict:
-    """``run`` with each evaluation's training time recomputed from the final robust step times (``seconds``) and
-    the raw ones (``seconds_measured``)."""
-    robust, raw = robust_step_seconds(run), run["step_seconds"]
+def _with_times(run: Dict, robust: List[float]) -> Dict:
+    """``run`` with each evaluation's training time recomputed from its robust step times ``robust``
+    (``seconds``) and the raw ones (``seconds_measured``)."""
+    raw = run["step_seconds"]
     evals = [dict(e, seconds=sum(robust[:e["step"]]), seconds_measured=sum(raw[:e["step"]])) for e in run["evals"]]
     return dict(run, evals=evals, train_seconds=sum(robust), train_seconds_measured=sum(raw))
 
 
 def _control_times(control_run: Dict, dense_run: Dict) -> Dict:
-    """The control arm's record with its evaluations timed as dense steps: each step costs the dense arm's median
-    seconds per token times its tokens (the control runs the dense step; this keeps a control trained in another
-    process, or in a noisier stretch, on the dense arm's clock)."""
-    robust = robust_step_seconds(dense_run)
-    weigh = bool(dense_run.get("step_tokens")) and bool(control_run.get("step_tokens"))   # else per step
-    per_unit = robust[0] / (dense_run["step_tokens"][0] if weigh else 1)
-    steps = [per_unit * n for n in (control_run["step_tokens"] if weigh else [1] * len(control_run["losses"]))]
+    """The control arm's record with its evaluations timed as dense steps (:func:`as_dense_steps`: the control runs
+    the dense step; this keeps a control trained in another process, or in a noisier stretch, on the dense arm's
+    clock)."""
+    steps = as_dense_steps(control_run, dense_run)
     evals = [dict(e, seconds=sum(steps[:e["step"]])) for e in control_run["evals"]]
     return dict(control_run, evals=evals, train_seconds=sum(steps))
 
@@ -279,7 +328,11 @@ def analyse(dense_run: Dict, sat_run: Dict, target: float, control_run: Optional
     """The result of a benchmark run from its arms' records: target, training times, ratio, equal-time losses,
     step speedups, and with ``control_run`` the control block (see the module docstring). Also re-derives the result
     of a stored JSON (``runs``)."""
-    dense_run, sat_run = _with_times(dense_run), _with_times(sat_run)
+    costs = relative_step_costs(sat_run, dense_run, control_run)
+    sat_times = sat_step_seconds(sat_run, dense_run, costs)
+    step_speedup = sum(as_dense_steps(sat_run, dense_run)) / sum(sat_times)
+    sat_run = _with_times(sat_run, sat_times)
+    dense_run = _with_times(dense_run, as_dense_steps(dense_run, dense_run))
     dense_evals, sat_evals = dense_run["evals"], sat_run["evals"]
     steps_dense = dense_evals[-1]["step"]
     dense_seconds = dense_evals[-1]["seconds"]
@@ -311,6 +364,7 @@ def analyse(dense_run: Dict, sat_run: Dict, target: float, control_run: Optional
         "median_step_seconds": median,
         "step_speedup_median": median["dense"] / median["sat"],
         "step_speedup_mean": mean["dense"] / mean["sat"],
+        "relative_step_costs": costs, "step_speedup_paired": step_speedup,
         "control": control,
         "runs": runs,
     }
@@ -346,7 +400,7 @@ def attach_control(record: Dict, control_record: Dict) -> Dict:
     if abs(record["target_eval_loss"] - control_record["target_eval_loss"]) > 1e-6 * abs(record["target_eval_loss"]):
         raise ValueError(f"attach_control: the dense arms reached different targets ({record['target_eval_loss']} "
                          f"vs {control_record['target_eval_loss']})")
-    control = dict(control_record["runs"]["sat"], name=CONTROL_NAME, sat=False)
+    control = dict(control_record["runs"]["sat"], name=CONTROL_NAME, sat=False, separate_process=True)
     return reanalyse(dict(record, runs=dict(record["runs"], control=control)))
 
 
@@ -392,7 +446,7 @@ def summary_line(r: Dict) -> str:
             if eq["sat_eval_loss"] is not None else "")
     m = r.get("measured") or {}
     raw = f"; raw step-time sums: ratio {m['ratio']:.3f}" if m.get("ratio") is not None else ""
-    line = head + tail + f"; step speedup {r['step_speedup_median']:.3f}x (median step){raw}"
+    line = head + tail + f"; step speedup {r['step_speedup_paired']:.3f}x (paired with dense steps){raw}"
     c = r.get("control")
     if c:
         if c["steps_to_target"] is None:
