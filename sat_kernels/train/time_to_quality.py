@@ -81,7 +81,6 @@ class Arm:
     evals: List[Dict] = field(default_factory=list)   # {"step", "seconds" (training time so far), "eval_loss"}
     state: object = field(default=None, repr=False)   # what SATCallback reads (the step and the planned steps)
 
-
     def record(self) -> Dict:
         return {"name": self.name, "sat": self.sat, "steps_budget": self.steps, "steps_run": len(self.losses),
                 "step_seconds": self.step_seconds, "step_tokens": self.step_tokens, "losses": self.losses,
@@ -227,8 +226,8 @@ def _should_stop(sat: Arm, dense: Arm, target: Optional[float], control: Optiona
     if control is not None and first_reached(control.evals, target) is None:
         return False
     sat_evals = _with_times(sat.record(), _live_seconds(sat, dense, control))["evals"]
-    return first_reached(sat_evals, target) is not None and sat_evals[-1]["seconds"] >= sum(
-        _live_seconds(dense, dense, control))
+    dense_seconds = sum(_live_seconds(dense, dense, control))
+    return first_reached(sat_evals, target) is not None and sat_evals[-1]["seconds"] >= dense_seconds
 
 
 def _live_seconds(arm: Arm, dense: Arm, control: Optional[Arm]) -> List[float]:
