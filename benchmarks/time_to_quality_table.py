@@ -6,8 +6,9 @@
     python benchmarks/time_to_quality_table.py --attach-control RUN.json CONTROL.json   # then print the table
 
 ``--attach-control`` takes the control arm (dense with SAT's budget and schedules) from CONTROL.json, a run of the
-same benchmark with ``--omission-rate 0`` (``sat_kernels.train.time_to_quality.attach_control``), into RUN.json, and
-rewrites RUN.json and its plot. Control runs themselves (SAT at omission 0) are left out of the table.
+same benchmark with ``--control`` (any SAT settings) or with ``--omission-rate 0``
+(``sat_kernels.train.time_to_quality.attach_control``), into RUN.json, and rewrites RUN.json and its plot. Control
+runs themselves (SAT at omission 0) are left out of the table.
 """
 import argparse
 import json
@@ -82,8 +83,8 @@ def main(argv=None) -> int:
                    help="re-derive each file's result from its per-step data (sat_kernels.train.time_to_quality."
                         "reanalyse) and rewrite it and its plot: for records written before a change of the analysis")
     p.add_argument("--attach-control", nargs=2, type=Path, metavar=("RUN", "CONTROL"),
-                   help="attach CONTROL's arm (a run with --omission-rate 0) to RUN as its control and rewrite RUN "
-                        "and its plot")
+                   help="attach CONTROL's control arm (a run with --control) or SAT arm (a run with --omission-rate "
+                        "0) to RUN as its control and rewrite RUN and its plot")
     args = p.parse_args(argv)
     if args.attach_control:
         from sat_kernels.train.time_to_quality import attach_control, plot

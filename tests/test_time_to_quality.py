@@ -194,8 +194,13 @@ def test_control_arm_is_dense_on_sats_schedule(tiny_dir, tmp_path, capsys):
     # the attached control ran in another process: SAT's steps are paired with the dense arm's only
     assert merged["runs"]["control"]["separate_process"] is True
     assert merged["relative_step_costs"] == plain["relative_step_costs"]
-    with pytest.raises(ValueError, match="keep every unit"):
+    with pytest.raises(ValueError, match="no control arm and its SAT arm does not keep every unit"):
         attach_control(r, plain)
+    # a run with an in-process control lends that arm, whatever its own SAT settings
+    lender = dict(plain, runs=dict(plain["runs"], control=r["runs"]["control"]))
+    via_control = attach_control(plain, lender)
+    assert via_control["runs"]["control"]["losses"] == r["runs"]["control"]["losses"]
+    assert via_control["runs"]["control"]["separate_process"] is True and via_control["control"] == merged["control"]
     with pytest.raises(ValueError, match=r"differs in \['seed'\]"):
         attach_control(plain, dict(rate0, seed=1))
     with pytest.raises(ValueError, match=r"differs in \['sat_config.sat_lr'\]"):

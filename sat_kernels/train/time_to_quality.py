@@ -380,9 +380,11 @@ _FIELD_DEFAULTS = {"packed": False}
 
 
 def attach_control(record: Dict, control_record: Dict) -> Dict:
-    """``record`` with the control arm taken from ``control_record``: a run of the same benchmark (model, task,
-    seed, data, steps, budget, optimizer settings) whose SAT arm kept every unit (``--omission-rate 0``, no attention
-    omission), i.e. dense with SAT's budget and schedules. Its dense arm must have reached the same target."""
+    """``record`` with the control arm taken from ``control_record``, a run of the same benchmark (model, task,
+    seed, data, steps, budget, optimizer settings, SAT's learning rate) whose dense arm reached the same target: its
+    control arm (a run with ``--control``, whatever its SAT settings: the control depends on none of them), or else
+    its SAT arm if that kept every unit (``--omission-rate 0``, no attention omission), i.e. dense with SAT's budget
+    and schedules. The attached arm is marked ``separate_process``: its steps ran beside another run's."""
     same = ("model", "task", "packed", "seed", "seq_len", "batch_size", "lr", "warmup_steps", "steps_dense",
             "steps_sat_budget", "dtype", "data")
     value = lambda r, k: r.get(k, _FIELD_DEFAULTS.get(k))  # noqa: E731
@@ -392,14 +394,17 @@ def attach_control(record: Dict, control_record: Dict) -> Dict:
     if differ:
         raise ValueError(f"attach_control: the control run differs in {differ}")
     cfg = control_record["sat_config"]
-    if cfg["omission_rate"] != 0 or cfg.get("attn_omission_rate"):
-        raise ValueError(f"attach_control: the control run's SAT arm must keep every unit (omission rate 0, no "
-                         f"attention omission), got omission_rate={cfg['omission_rate']}, "
-                         f"attn_omission_rate={cfg.get('attn_omission_rate')}")
+    arm = control_record["runs"].get("control")
+    if arm is None:
+        if cfg["omission_rate"] != 0 or cfg.get("attn_omission_rate"):
+            raise ValueError(f"attach_control: the control run has no control arm and its SAT arm does not keep every "
+                             f"unit (omission rate 0, no attention omission): omission_rate={cfg['omission_rate']}, "
+                             f"attn_omission_rate={cfg.get('attn_omission_rate')}")
+        arm = control_record["runs"]["sat"]
     if abs(record["target_eval_loss"] - control_record["target_eval_loss"]) > 1e-6 * abs(record["target_eval_loss"]):
         raise ValueError(f"attach_control: the dense arms reached different targets ({record['target_eval_loss']} "
                          f"vs {control_record['target_eval_loss']})")
-    control = dict(control_record["runs"]["sat"], name=CONTROL_NAME, sat=False, separate_process=True)
+    control = dict(arm, name=CONTROL_NAME, sat=False, separate_process=True)
     return reanalyse(dict(record, runs=dict(record["runs"], control=control)))
 
 
