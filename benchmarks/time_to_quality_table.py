@@ -51,7 +51,8 @@ def _pct(x) -> str:
 def row(r: dict) -> str:
     model = Path(r["model"]).name.split(".")[0].replace("-Instruct", "")
     reached = r["sat_seconds"] is not None
-    ratio = f"**{r['ratio']:.3f}**" if reached else f"not reached in {r['steps_sat_budget']} steps"
+    ratio = (f"**{r['ratio']:.3f}** ({r['ratio_interpolated']:.3f})" if reached
+             else f"not reached in {r['steps_sat_budget']} steps")
     at_n = r["sat_at_dense_steps"]
     tokens = r["runs"]["dense"].get("step_tokens") or [r["batch_size"] * r["seq_len"]]
     packed = " packed" if r.get("packed") else ""
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
             f.write_text(json.dumps(r, indent=1, sort_keys=True) + "\n")
             plot(r, f.with_suffix(".png"))
     print("| model | task | seed | sequences x tokens per step (mean tokens) | SAT | target (dense eval loss) | "
-          "dense s | SAT s to target | ratio | SAT steps "
+          "dense s | SAT s to target | ratio (interpolated) | SAT steps "
           "to target | SAT at dense time | SAT after N steps | step speedup (paired) | control: dense on SAT's "
           "schedule, steps (s) to target | SAT's ratio to the control (interpolated) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")

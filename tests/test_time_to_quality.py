@@ -51,6 +51,7 @@ def test_robust_step_times_ignore_a_stall():
     r = analyse(dense, sat, 2.0)
     assert r["dense_seconds"] == 40.0 and r["sat_seconds"] == 48.0 and r["ratio"] == pytest.approx(1.2)
     assert r["sat_steps_to_target"] == 6 and r["measured"]["ratio"] == pytest.approx(840 / 40)
+    assert r["sat_seconds_interpolated"] == pytest.approx(40.0) and r["ratio_interpolated"] == pytest.approx(1.0)
     assert r["equal_time"]["sat_eval_loss"] == pytest.approx(2.1 + (40 - 32) / 16 * (1.9 - 2.1))
     assert r["sat_at_dense_steps"]["eval_loss"] == 2.1 and r["step_speedup_median"] == pytest.approx(10 / 8)
     # a control (dense on SAT's schedule) is costed at the dense step time, whatever its own steps took
