@@ -357,6 +357,8 @@ class SATAttention(_SATWrapper):
         attn: the module to wrap (kept, unregistered, for eval and for :func:`sat_kernels.revert`).
         num_heads, num_kv_heads, head_dim, scale, norm_eps: its layout (as :func:`sat_kernels.replace_attention`
             finds and checks it).
+        norm_offset: what the q/k norms add to their stored weights: 0 (Qwen3's ``w * x_hat``) or 1 (Gemma 3's
+            ``(1 + w) * x_hat``).
         omission_rate, metric, strategy, unit, backend: as in :func:`sat_kernels.sat_attention`.
         sync_selection: as in :class:`SATMLP`.
         forward: ``"dense"`` (default: exact forward output, sparse backward) or ``"sparse"``, as in
@@ -368,12 +370,13 @@ class SATAttention(_SATWrapper):
     _STATS_PROJ = "q_proj"
 
     def __init__(self, attn: nn.Module, *, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 norm_eps: float = 1e-6, omission_rate: float = 0.5, metric: str = "l2", strategy: str = "topk",
+                 norm_eps: float = 1e-6, norm_offset: float = 0.0, omission_rate: float = 0.5, metric: str = "l2",
+                 strategy: str = "topk",
                  unit: str = DEFAULT_UNIT, backend: str = "auto", sync_selection=None,
                  forward: str = DEFAULT_FORWARD, score_tokens: str = DEFAULT_SCORE_TOKENS):
         super().__init__(attn, attn.named_children())
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale, self.norm_eps = scale, norm_eps
+        self.scale, self.norm_eps, self.norm_offset = scale, norm_eps, float(norm_offset)
         self._unit = check_choice(unit, UNITS, "unit")
         self.configure(omission_rate, metric=metric, strategy=strategy, backend=backend,
                        sync_selection=sync_selection, forward=forward, score_tokens=score_tokens)
@@ -449,21 +452,29 @@ class SATAttention(_SATWrapper):
         if is_causal is None:
             is_causal = getattr(dense, "is_causal", True)
         causal = impl == "sdpa" and mask is None and seq > 1 and bool(is_causal)
-        norm = getattr(self, "q_norm", None) is not None
+        q_scale, k_scale = self.norm_scales()
         stats = {"scores": None} if self._keep_scores else {}   # scores: for a PerLayerBudget
         y, _, k_all, v_all = sat_attention_kept(
             hidden_states, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.o_proj.weight,
             self._kept, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, cos=cos, sin=sin,
             attention_mask=mask, causal=causal, scale=self.scale, b_q=self.q_proj.bias, b_k=self.k_proj.bias,
-            b_v=self.v_proj.bias, b_o=self.o_proj.bias, q_norm_weight=self.q_norm.weight if norm else None,
-            k_norm_weight=self.k_norm.weight if norm else None, norm_eps=self.norm_eps, metric=self.metric,
-            strategy=self.strategy, unit=self.unit, backend=self.backend, sync_selection=self.sync_selection,
-            forward=self.forward_mode, return_kv=cache is not None, stats=stats,
+            b_v=self.v_proj.bias, b_o=self.o_proj.bias, q_norm_weight=q_scale, k_norm_weight=k_scale,
+            norm_eps=self.norm_eps, metric=self.metric, strategy=self.strategy, unit=self.unit, backend=self.backend,
+            sync_selection=self.sync_selection, forward=self.forward_mode, return_kv=cache is not None, stats=stats,
             token_mask=self._token_mask(hidden_states), hold=self._hold)
         self._record(stats)
         if cache is not None:
             cache.update(k_all, v_all, layer_idx)
         return y, None
+
+    def norm_scales(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The multipliers the q and k norms apply to the normalized heads (``offset + weight``, differentiable in
+        ``weight``; the sum in fp32 as Gemma 3 computes it), ``(None, None)`` without norms."""
+        if getattr(self, "q_norm", None) is None:
+            return None, None
+        if not self.norm_offset:
+            return self.q_norm.weight, self.k_norm.weight
+        return tuple((self.norm_offset + w.float()).to(w.dtype) for w in (self.q_norm.weight, self.k_norm.weight))
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "

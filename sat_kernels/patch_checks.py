@@ -14,7 +14,8 @@ from .modules import SATMLP, class_path
 from .ops.mlp.function import act_fwd
 
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
-ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention", "GemmaAttention")
+ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention", "GemmaAttention",
+                     "Gemma3Attention")
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -162,16 +163,18 @@ def _compare_probe(name: str, mlp: nn.Module, out, want: torch.Tensor, mode: str
                      f"dropout){hint}")
 
 
-def _rms_norm_eps(norm: nn.Module, head_dim: int) -> Optional[float]:
-    """The epsilon of a per-head RMSNorm ``norm`` if it computes ``w * x / sqrt(mean(x^2) + eps)``, else ``None``."""
+def _rms_norm_layout(norm: nn.Module, head_dim: int) -> Optional[Tuple[float, float]]:
+    """``(eps, offset)`` of a per-head RMSNorm ``norm`` if it computes ``(offset + w) * x / sqrt(mean(x^2) + eps)``
+    with ``offset`` 0 (Llama-style: Qwen3) or 1 (Gemma-style, weights stored as ``w - 1``: Gemma 3), else ``None``."""
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     w = getattr(norm, "weight", None)
     if not isinstance(eps, float) or not isinstance(w, torch.Tensor) or _full_shape(w) != (head_dim,):
         return None
+    gemma_style = type(norm).__name__.startswith("Gemma")
     # not materialized (patched before loading weights, or a DeepSpeed ZeRO-3 partition, empty outside a forward):
     # nothing to evaluate, trust the class
     if w.is_meta or hasattr(w, "ds_id"):
-        return eps if type(norm).__name__.endswith("RMSNorm") else None
+        return (eps, 1.0 if gemma_style else 0.0) if type(norm).__name__.endswith("RMSNorm") else None
     probe = torch.linspace(-3.0, 3.0, 3 * head_dim, dtype=w.dtype, device=w.device).view(3, head_dim)
     with torch.no_grad():
         try:
@@ -179,10 +182,13 @@ def _rms_norm_eps(norm: nn.Module, head_dim: int) -> Optional[float]:
         except Exception:  # any failure means "not the supported RMSNorm"
             return None
         p32 = probe.float()
-        want = w * (p32 * torch.rsqrt(p32.pow(2).mean(-1, keepdim=True) + eps)).to(w.dtype)
-    ok = isinstance(out, torch.Tensor) and out.shape == want.shape and torch.allclose(out.float(), want.float(),
-                                                                                      atol=1e-5, rtol=1e-4)
-    return eps if ok else None
+        n = (p32 * torch.rsqrt(p32.pow(2).mean(-1, keepdim=True) + eps))
+        for offset in (0.0, 1.0):
+            want = ((offset + w.float()) * n).to(w.dtype) if offset else w * n.to(w.dtype)
+            if isinstance(out, torch.Tensor) and out.shape == want.shape and torch.allclose(
+                    out.float(), want.float(), atol=1e-5, rtol=1e-4):
+                return eps, offset
+    return None
 
 
 def check_attention(name: str, attn: nn.Module) -> dict:
@@ -214,16 +220,20 @@ def check_attention(name: str, attn: nn.Module) -> dict:
                          f"{[_full_shape(p.weight) for p in (q, k, v, o)]}")
     if ("q_norm" in children) != ("k_norm" in children):
         raise ValueError(f"replace_attention: {name} has only one of q_norm/k_norm")
-    eps = {}
+    norms = {}
     for part in ("q_norm", "k_norm"):
         if part in children:
-            eps[part] = _rms_norm_eps(children[part], head_dim)
-            if eps[part] is None:
+            norms[part] = _rms_norm_layout(children[part], head_dim)
+            if norms[part] is None:
                 raise ValueError(f"replace_attention: {name}.{part} ({type(children[part]).__name__}) is not a "
                                  f"per-head RMSNorm of size head_dim = {head_dim}")
-    if len(set(eps.values())) > 1:
-        raise ValueError(f"replace_attention: {name}.q_norm and k_norm have different epsilons {eps}")
-    norm_eps = eps.get("q_norm", 1e-6)
+    if len(set(norms.values())) > 1:
+        raise ValueError(f"replace_attention: {name}.q_norm and k_norm differ in (epsilon, weight offset): {norms}")
+    norm_eps, norm_offset = norms.get("q_norm", (1e-6, 0.0))
+    softcap = getattr(attn, "attn_logit_softcapping", None)
+    if softcap is not None:
+        raise ValueError(f"replace_attention: {name}.attn_logit_softcapping = {softcap}; SAT attention computes "
+                         f"softmax(q k^T * scale) without a soft cap (set it to None, as Gemma 3 has it)")
     if getattr(attn, "attention_dropout", 0.0):
         raise ValueError(f"replace_attention: {name}.attention_dropout = {attn.attention_dropout}; SAT attention "
                          f"supports attention dropout 0 (the default of these models)")
@@ -233,4 +243,4 @@ def check_attention(name: str, attn: nn.Module) -> dict:
                          f"with attn_implementation='sdpa' (or 'eager')")
     scale = getattr(attn, "scaling", head_dim ** -0.5)
     return dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, scale=float(scale),
-                norm_eps=norm_eps)
+                norm_eps=norm_eps, norm_offset=norm_offset)

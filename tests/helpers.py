@@ -86,11 +86,13 @@ def tiny_config(family="llama", **overrides):
     import transformers
 
     cls = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
-           "gemma": "GemmaConfig"}[family]
+           "gemma": "GemmaConfig", "gemma3": "Gemma3TextConfig"}[family]
     kwargs = dict(vocab_size=96, hidden_size=48, intermediate_size=136, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64)
-    if family in ("qwen3", "gemma"):
+    if family in ("qwen3", "gemma", "gemma3"):
         kwargs["head_dim"] = 12
+    if family == "gemma3":   # a sliding-window layer, then a global one; a query scale other than head_dim ** -0.5
+        kwargs.update(sliding_window=6, query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"])
     kwargs.update(overrides)
     return getattr(transformers, cls)(**kwargs)
 
@@ -101,6 +103,11 @@ def tiny_model(family="llama", seed=0, **overrides):
     torch.manual_seed(seed)
     cfg = tiny_config(family, **overrides)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
+    if family == "gemma3":   # Gemma 3 initializes its (1 + w) norm weights w to 0: make them matter
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0.0, 0.5)
     return model.float()
 
 

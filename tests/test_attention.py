@@ -391,7 +391,7 @@ def test_synchronized_selection_uses_the_global_batch(tmp_path):
 # ------------------------------------------------------------------------------------------------ model integration
 
 FAMILIES = [("llama", {}), ("mistral", {"sliding_window": 6}), ("qwen2", {}), ("qwen3", {}), ("gemma", {}),
-            ("gemma", {"use_bidirectional_attention": True})]
+            ("gemma", {"use_bidirectional_attention": True}), ("gemma3", {})]
 
 
 def _fam_id(p):
@@ -416,7 +416,8 @@ def _layout_kwargs(sat: sk.SATAttention):
     kw = dict(num_heads=sat.num_heads, num_kv_heads=sat.num_kv_heads, scale=sat.scale, b_q=sat.q_proj.bias,
               b_k=sat.k_proj.bias, b_v=sat.v_proj.bias, b_o=sat.o_proj.bias, norm_eps=sat.norm_eps)
     if hasattr(sat, "q_norm"):
-        kw.update(q_norm_weight=sat.q_norm.weight, k_norm_weight=sat.k_norm.weight)
+        q_scale, k_scale = sat.norm_scales()   # Gemma 3: 1 + weight
+        kw.update(q_norm_weight=q_scale, k_norm_weight=k_scale)
     return kw
 
 
@@ -432,7 +433,8 @@ def test_patched_model_eval_exact_training_matches_reference(family, impl):
     keys = list(model.state_dict())
     originals = [layer.self_attn for layer in model.model.layers]
 
-    assert sk.replace_attention(model, 0.5, forward="sparse") is model
+    # scores over every token, as the reference's (the default covers real tokens only: tests/test_token_mask.py)
+    assert sk.replace_attention(model, 0.5, forward="sparse", score_tokens="all") is model
     assert all(isinstance(layer.self_attn, sk.SATAttention) for layer in model.model.layers)
     assert list(model.state_dict()) == keys
     assert all(p is params[n] for n, p in model.named_parameters())
@@ -451,7 +453,8 @@ def test_patched_model_eval_exact_training_matches_reference(family, impl):
         model(ids, attention_mask=attention_mask, labels=ids, use_cache=False).loss.backward()
         kw = seen["kwargs"]
         x, mask = kw["hidden_states"].detach(), kw["attention_mask"]
-        assert (mask is None) == (impl == "sdpa" and attention_mask is None and name != "mistral")
+        # mistral and gemma3's layer 0: a sliding window of 6 < 13 tokens needs a mask
+        assert (mask is None) == (impl == "sdpa" and attention_mask is None and name not in ("mistral", "gemma3"))
         causal = impl == "sdpa" and mask is None and originals[0].is_causal
         cos, sin = kw["position_embeddings"]
         layout = {**_layout_kwargs(sat), "cos": cos, "sin": sin, "attention_mask": mask, "causal": causal}
@@ -514,12 +517,13 @@ _PARAMETER_NAMES = {"w_q": "q_proj.weight", "w_k": "k_proj.weight", "w_v": "v_pr
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
 @pytest.mark.parametrize("left", [True, False], ids=["left-padding", "right-padding"])
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "gemma"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "gemma", "gemma3"])
 def test_patched_model_padding_gradients_match_reference(family, impl, left, dtype):
     """Layer 0 of a tiny patched model on the hidden states, mask and RoPE tables the model passed it (left padding
     leaves query rows without an allowed key: finfo.min rows with eager, all-False rows with sdpa). The original
     module against the fp64 reference with all heads, and the SAT module against it with the kept heads: output and
-    every gradient."""
+    every gradient. Gemma 3's norms multiply by ``1 + weight``: the reference takes that multiplier, and the modules
+    get ``multiplier - 1`` as their weight (the same gradient)."""
     model = sk.replace_attention(tiny_model(family, attn_implementation=impl).to(dtype), 0.5, forward="sparse").train()
     sat = model.model.layers[0].self_attn
     seen = {}
@@ -534,8 +538,9 @@ def test_patched_model_padding_gradients_match_reference(family, impl, left, dty
     assert no_key.any() == left
     params = dict(sat.named_parameters())
     names = {k: n for k, n in _PARAMETER_NAMES.items() if n in params}
+    offset = {k: sat.norm_offset if k.endswith("norm_weight") else 0.0 for k in names}
     tensors = {"x": x.detach().clone().requires_grad_(),
-               **{k: params[n].detach().clone().requires_grad_() for k, n in names.items()}}
+               **{k: (params[n].detach() + offset[k]).requires_grad_() for k, n in names.items()}}
     cos, sin = kw["position_embeddings"]
     const = dict(num_heads=sat.num_heads, num_kv_heads=sat.num_kv_heads, scale=sat.scale, norm_eps=sat.norm_eps,
                  cos=cos, sin=sin, attention_mask=mask, causal=False)
@@ -543,7 +548,7 @@ def test_patched_model_padding_gradients_match_reference(family, impl, left, dty
 
     def call(module):
         def fn(x, **t):
-            weights = {names[k]: v for k, v in t.items()}
+            weights = {names[k]: v - offset[k] for k, v in t.items()}
             return torch.func.functional_call(module, weights, args=(), kwargs={**kw, "hidden_states": x})[0]
         return fn
 
@@ -875,6 +880,21 @@ def test_unsupported_models_and_settings_get_clear_errors():
         sk.set_omission_rate(sk.replace_mlp(tiny_model("llama")))
     with pytest.raises(ValueError, match="attention must be in"):
         sk.set_omission_rate(sk.replace_attention(tiny_model("llama")), attention=1.0)
+
+
+def test_gemma3_norm_offset_and_soft_cap():
+    """Gemma 3's q/k norms are found with their (1 + w) offset and the query scale with query_pre_attn_scalar; an
+    attention logit soft cap (Gemma 2's) is refused by name, before any module is patched."""
+    model = sk.replace_attention(tiny_model("gemma3"), 0.5)
+    sat = model.model.layers[0].self_attn
+    assert sat.norm_offset == 1.0 and sat.scale == 16 ** -0.5
+    q_scale, _ = sat.norm_scales()
+    assert torch.equal(q_scale, 1 + sat.q_norm.weight)
+    assert sk.replace_attention(tiny_model("qwen3"), 0.5).model.layers[0].self_attn.norm_offset == 0.0
+    capped = tiny_model("gemma3", attn_logit_softcapping=50.0)
+    with pytest.raises(ValueError, match="attn_logit_softcapping = 50.0"):
+        sk.replace_attention(capped)
+    assert not any(isinstance(m, sk.SATAttention) for m in capped.modules()), "a failed call must not patch"
 
 
 def test_head_count_mismatch_is_refused():

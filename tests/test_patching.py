@@ -9,7 +9,7 @@ import sat_kernels as sk
 
 from helpers import tiny_model
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3"]
 
 
 def _ids(seed=0, shape=(2, 13)):
