@@ -4,10 +4,10 @@
 Any decoder whose MLP modules have ``gate_proj``, ``up_proj``, ``down_proj`` (bias-free ``nn.Linear``) and an
 ``act_fn`` computing SiLU or tanh-GELU is supported: Llama, Mistral, Qwen2, Qwen3, Gemma and their relatives. Attention
 is patched for the classes whose forward SAT attention reproduces (``LlamaAttention``, ``MistralAttention``,
-``Qwen2Attention``, ``Qwen3Attention``, ``GemmaAttention``). The patched model keeps its parameter objects, names and
-``state_dict`` keys. PEFT LoRA on the MLP projections is supported whether it is added before or after patching
-(:mod:`sat_kernels.lora`). What can be patched is checked in :mod:`sat_kernels.patch_checks`; what was patched is
-reported by :mod:`sat_kernels.summary`.
+``Qwen2Attention``, ``Qwen3Attention``, ``GemmaAttention``, ``Gemma3Attention``). The patched model keeps its
+parameter objects, names and ``state_dict`` keys. PEFT LoRA on the MLP projections is supported whether it is added
+before or after patching (:mod:`sat_kernels.lora`). What can be patched is checked in :mod:`sat_kernels.patch_checks`;
+what was patched is reported by :mod:`sat_kernels.summary`.
 """
 from __future__ import annotations
 
@@ -193,9 +193,10 @@ def replace_attention(model: nn.Module, omission_rate: float = 0.5, *, metric: s
     What was patched and what was not is logged and returned by :func:`patch_summary`.
 
     Supported: ``LlamaAttention``, ``MistralAttention``, ``Qwen2Attention`` (q/k/v biases), ``Qwen3Attention``
-    (q_norm/k_norm), ``GemmaAttention``, with ``attn_implementation`` ``"sdpa"`` or ``"eager"`` (sliding windows are
-    applied through the attention mask the model builds). Training-mode forwards refuse ``output_attentions``, a
-    non-empty KV cache and attention dropout.
+    (q_norm/k_norm), ``GemmaAttention``, ``Gemma3Attention`` (q_norm/k_norm multiplying by ``1 + weight``, scale
+    ``query_pre_attn_scalar ** -0.5``; an ``attn_logit_softcapping`` is refused), with ``attn_implementation``
+    ``"sdpa"`` or ``"eager"`` (sliding windows are applied through the attention mask the model builds).
+    Training-mode forwards refuse ``output_attentions``, a non-empty KV cache and attention dropout.
 
     Args:
         model: e.g. ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``.
