@@ -371,8 +371,7 @@ class SATAttention(_SATWrapper):
 
     def __init__(self, attn: nn.Module, *, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  norm_eps: float = 1e-6, norm_offset: float = 0.0, omission_rate: float = 0.5, metric: str = "l2",
-                 strategy: str = "topk",
-                 unit: str = DEFAULT_UNIT, backend: str = "auto", sync_selection=None,
+                 strategy: str = "topk", unit: str = DEFAULT_UNIT, backend: str = "auto", sync_selection=None,
                  forward: str = DEFAULT_FORWARD, score_tokens: str = DEFAULT_SCORE_TOKENS):
         super().__init__(attn, attn.named_children())
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim

@@ -182,7 +182,7 @@ def _rms_norm_layout(norm: nn.Module, head_dim: int) -> Optional[Tuple[float, fl
         except Exception:  # any failure means "not the supported RMSNorm"
             return None
         p32 = probe.float()
-        n = (p32 * torch.rsqrt(p32.pow(2).mean(-1, keepdim=True) + eps))
+        n = p32 * torch.rsqrt(p32.pow(2).mean(-1, keepdim=True) + eps)
         for offset in (0.0, 1.0):
             want = ((offset + w.float()) * n).to(w.dtype) if offset else w * n.to(w.dtype)
             if isinstance(out, torch.Tensor) and out.shape == want.shape and torch.allclose(
