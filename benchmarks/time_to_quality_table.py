@@ -14,6 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
+from sat_kernels.train.runner import TrainConfig
+
 DEFAULT_DIR = Path(__file__).parent / "results" / "time_to_quality"
 
 
@@ -35,7 +37,7 @@ def variant(r: dict) -> str:
         parts.append(f"{c['dense_warmup_steps']} dense warm-up steps")
     if c.get("sat_lr") is not None:
         parts.append(f"SAT learning rate {c['sat_lr']:g} (dense {r['lr']:g})")
-    elif r["lr"] != 1e-4:   # sat-train's default peak learning rate
+    elif r["lr"] != TrainConfig.lr:   # sat-train's default peak learning rate
         parts.append(f"learning rate {r['lr']:g} (every arm)")
     for flag in ("skip_omitted_updates", "per_layer_budget"):
         if c.get(flag):
