@@ -644,9 +644,10 @@ def test_whole_model_pickling(tmp_path):
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
 @pytest.mark.parametrize("strategy,forward", [("topk", "sparse"), ("sample", "sparse"), ("random", "sparse"),
                                               ("topk", "dense"), ("random", "dense")])
-def test_gradient_checkpointing_gives_the_same_gradients(strategy, forward, reentrant):
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])   # q/k norms: Qwen3's weight, Gemma 3's 1 + weight
+def test_gradient_checkpointing_gives_the_same_gradients(family, strategy, forward, reentrant):
     def grads(checkpoint):
-        model = sk.replace_attention(tiny_model("qwen3"), 0.5, strategy=strategy, forward=forward).train()
+        model = sk.replace_attention(tiny_model(family), 0.5, strategy=strategy, forward=forward).train()
         if checkpoint:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
@@ -661,15 +662,16 @@ def test_gradient_checkpointing_gives_the_same_gradients(strategy, forward, reen
         torch.testing.assert_close(ckpt[name], plain[name], rtol=0, atol=0, msg=name)
 
 
-def test_torch_compile_fullgraph_training():
-    """``torch.compile(fullgraph=True)`` of a tiny patched Llama (attention only; tests/test_compile_mlp.py compiles
+@pytest.mark.parametrize("family", ["llama", "gemma3"])   # Gemma 3: norm offset, sliding-window layer
+def test_torch_compile_fullgraph_training(family):
+    """``torch.compile(fullgraph=True)`` of a tiny patched model (attention only; tests/test_compile_mlp.py compiles
     replace_mlp) in training mode, forward and backward, across omission-rate changes: no graph break (so no host
     sync in the attention op, its selection statistics included), one compilation per distinct kept-head count
     (4 heads: 0.5 and 0.4 keep 2), the eager gradients and the eager statistics."""
     import torch._dynamo.backends.debugging
 
     torch._dynamo.reset()
-    model = sk.replace_attention(tiny_model("llama"), 0.5).train()
+    model = sk.replace_attention(tiny_model(family), 0.5).train()
     graphs = []
 
     def counting_backend(gm, example_inputs):

@@ -33,8 +33,8 @@ def _lora(model, targets, seed=1, **config):
     return get_peft_model(model, _config(targets, **config))
 
 
-def _sat_lora(order, targets, rate=0.5, fp64=True, **config):
-    base = tiny_model("llama").double() if fp64 else tiny_model("llama")
+def _sat_lora(order, targets, rate=0.5, fp64=True, family="llama", **config):
+    base = tiny_model(family).double() if fp64 else tiny_model(family)
     if order == "lora-then-patch":
         return sk.replace_mlp(_lora(base, targets, **config), rate)
     return _lora(sk.replace_mlp(base, rate), targets, **config)
@@ -73,11 +73,11 @@ def _masked_forward(mlp, x, rate, forward, kept):
 
 
 def _mask_mlps(model, rate, forward="sparse"):
-    """Make every ``LlamaMLP`` of a (PEFT) model compute :func:`_masked_forward`; returns the list the kept sets go
-    to, one per MLP call."""
+    """Make every ``LlamaMLP`` / ``Gemma3MLP`` of a (PEFT) model compute :func:`_masked_forward`; returns the list
+    the kept sets go to, one per MLP call."""
     kept = []
     for mlp in model.modules():
-        if type(mlp).__name__ == "LlamaMLP":
+        if type(mlp).__name__ in ("LlamaMLP", "Gemma3MLP"):
             mlp.forward = lambda x, m=mlp: _masked_forward(m, x, rate, forward, kept)
     return kept
 
@@ -91,14 +91,15 @@ def _assert_grads_close(grads, ref_grads):
 CONFIGS = {"plain": {}, "dropout": {"lora_dropout": 0.25}, "rslora": {"use_rslora": True, "lora_alpha": 6}}
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])   # SwiGLU; Gemma 3's tanh-GELU gate
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("forward", ["sparse", "dense"])
 @pytest.mark.parametrize("order", ORDERS)
-def test_sat_on_lora_mlps_matches_the_masked_peft_model(order, forward, config):
+def test_sat_on_lora_mlps_matches_the_masked_peft_model(order, forward, config, family):
     ids = _ids()
     targets = MLP + ATTENTION
-    ref = _lora(tiny_model("llama").double(), targets, **CONFIGS[config])
-    model = _sat_lora(order, targets, **CONFIGS[config])
+    ref = _lora(tiny_model(family).double(), targets, **CONFIGS[config])
+    model = _sat_lora(order, targets, family=family, **CONFIGS[config])
     sk.replace_mlp(model, 0.5, forward=forward)
     model.load_state_dict(ref.state_dict())
     assert sum(isinstance(m, sk.SATMLP) for m in model.modules()) == 2
