@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import warnings
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from .lora import lora_parts, peft_adapter
 from .ops.attention import DEFAULT_UNIT, UNITS, sat_attention_kept
-from .ops.mlp import check_backward, sat_lora_mlp, sat_mlp_kept
+from .ops.mlp import check_backward, lora_backward_reason, sat_lora_mlp, sat_mlp_kept
 from .ops.selector import SelectionHold
 from .selection import DEFAULT_BACKWARD, DEFAULT_FORWARD, FORWARD_MODES, check_choice, check_omission_rate, num_kept
 from .tokens import DEFAULT_SCORE_TOKENS, SCORE_TOKENS, ModelTokens
@@ -144,6 +145,7 @@ class _SATWrapper(nn.Module):
         self._keep_scores = False   # keep a copy of the last scores (set by sat_kernels.budget.PerLayerBudget)
         self._tokens: Optional[ModelTokens] = None
         self._hold: Optional[SelectionHold] = None   # set while sat_kernels.hold_selection holds this module
+        self._dense_tokens_warned = False   # SATMLP, backward="dense_tokens" without labels: warned once
 
     def configure(self, omission_rate: float, *, metric: str, strategy: str, backend: str, sync_selection,
                   forward: str, score_tokens: str = DEFAULT_SCORE_TOKENS) -> None:
@@ -262,9 +264,12 @@ class SATMLP(_SATWrapper):
             keeps the neurons chosen from the global batch.
         forward: ``"dense"`` (default: exact forward output, sparse backward) or ``"sparse"``, as in
             :func:`sat_kernels.sat_mlp`; stored as ``forward_mode``.
-        backward: ``"sparse"`` (default) or ``"exact_input"`` (with ``forward="dense"``: the dense input gradient,
-            weight gradients of the kept neurons only; not on PEFT LoRA projections), as in
-            :func:`sat_kernels.sat_mlp`; stored as ``backward_mode``.
+        backward: ``"sparse"`` (default), ``"exact_input"`` (with ``forward="dense"``: the dense input gradient,
+            weight gradients of the kept neurons only) or ``"dense_tokens"`` (with ``forward="dense"``: the tokens
+            whose logits enter the loss, the ``score_tokens="loss"`` tokens of :mod:`sat_kernels.tokens`, take the
+            dense backward, every other token the sparse one; a forward without ``labels`` marks every real token,
+            so its backward is dense, and warns once), as in :func:`sat_kernels.sat_mlp`; neither of the last two
+            on PEFT LoRA projections. Stored as ``backward_mode``.
         score_tokens: which tokens of the model's batch the neuron scores cover: ``"real"`` (default: not the
             padding), ``"loss"`` (the tokens whose logits enter the loss) or ``"all"``; see :mod:`sat_kernels.tokens`.
             The masks come from the model patched by :func:`sat_kernels.replace_mlp`; a module built by hand and
@@ -288,7 +293,7 @@ class SATMLP(_SATWrapper):
                   score_tokens: str = DEFAULT_SCORE_TOKENS) -> None:
         """The shared settings (:meth:`_SATWrapper.configure`) and ``backward``, stored as ``backward_mode``, checked
         against ``forward`` and ``backend`` first."""
-        check_backward(backward, forward, backend)
+        check_backward(backward, forward, backend, strategy)
         super().configure(omission_rate, metric=metric, strategy=strategy, backend=backend,
                           sync_selection=sync_selection, forward=forward, score_tokens=score_tokens)
         self.backward_mode = backward
@@ -314,15 +319,17 @@ class SATMLP(_SATWrapper):
         stats = {"scores": None} if self._keep_scores else {}   # scores: for a PerLayerBudget
         mask = self._token_mask(x)
         if all(adapter is None for adapter in adapters):
+            dense = self._dense_token_mask(x) if self.backward_mode == "dense_tokens" else None
             y = sat_mlp_kept(x, *weights, self._kept, metric=self.metric, strategy=self.strategy, act=self.act,
                              backend=self.backend, sync_selection=self.sync_selection, forward=self.forward_mode,
-                             backward=self.backward_mode, stats=stats, token_mask=mask, hold=self._hold)
+                             backward=self.backward_mode, stats=stats, token_mask=mask, hold=self._hold,
+                             dense_token_mask=dense)
         else:
             if self.backward_mode != "sparse":
                 names = [name for name, adapter in zip(("gate_proj", "up_proj", "down_proj"), adapters) if adapter]
                 raise ValueError(f"SATMLP: backward={self.backward_mode!r} is not supported with PEFT LoRA adapters "
-                                 f"(on {', '.join(names)}): the base weights are frozen, so it would skip no weight "
-                                 f"gradient and save nothing; use replace_mlp(..., backward='sparse')")
+                                 f"(on {', '.join(names)}): {lora_backward_reason(self.backward_mode)}; use "
+                                 f"replace_mlp(..., backward='sparse')")
             if self.backend not in ("auto", "torch"):
                 raise ValueError(f"SATMLP: backend={self.backend!r} has no LoRA path; SAT on PEFT LoRA projections "
                                  f"runs on the torch backend: use backend='auto' or 'torch'")
@@ -331,6 +338,21 @@ class SATMLP(_SATWrapper):
                              token_mask=mask, hold=self._hold)
         self._record(stats)
         return y
+
+    def _dense_token_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """The bool mask of the tokens of ``x`` whose backward is dense with ``backward="dense_tokens"``: those whose
+        logits enter the loss in the model's latest forward, or, without ``labels`` (or outside a patched model),
+        every real token, with a warning the first time."""
+        tokens = self._tokens
+        if tokens is not None and tokens.loss is not None:
+            return tokens.mask("loss", "SATMLP", x)
+        if not self._dense_tokens_warned:
+            self._dense_tokens_warned = True
+            warnings.warn("SATMLP: backward='dense_tokens' found no labels in the model's forward, so every real token "
+                          "counts as a loss token and the backward is dense; pass labels (-100 on the tokens without "
+                          "loss) or use backward='sparse'", stacklevel=2)
+        real = None if tokens is None else tokens.mask("real", "SATMLP", x)
+        return torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device) if real is None else real
 
     def extra_repr(self) -> str:
         return (f"omission_rate={self.omission_rate}, metric={self.metric!r}, strategy={self.strategy!r}, "

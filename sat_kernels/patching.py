@@ -20,7 +20,7 @@ from .lora import peft_adapter
 from .modules import SATMLP, SATAttention, sat_modules
 from .ops.attention import DEFAULT_UNIT, UNITS
 from .ops.attention.checks import check_attention_backend
-from .ops.mlp import check_backward
+from .ops.mlp import check_backward, lora_backward_reason
 from .patch_checks import ATTENTION_CLASSES, check_attention, check_mlp, supported_attentions, swiglu_mlps
 from .selection import ATTENTION_STRATEGIES, BACKWARD_MODES, DEFAULT_BACKWARD, DEFAULT_FORWARD, FORWARD_MODES, \
     METRICS, STRATEGIES, check_choice, check_omission_rate
@@ -75,10 +75,12 @@ def replace_mlp(model: nn.Module, omission_rate: float = 0.5, *, metric: str = "
         forward: ``"dense"`` (default: exact forward output, backward over the kept neurons only) or ``"sparse"``
             (omitted neurons are left out of the output too, the paper's mode); see :func:`sat_kernels.sat_mlp` and
             ``DEFAULT_FORWARD`` in :mod:`sat_kernels.selection` for the measurements behind the default.
-        backward: ``"sparse"`` (default: the whole backward over the kept neurons) or ``"exact_input"`` (with
+        backward: ``"sparse"`` (default: the whole backward over the kept neurons), ``"exact_input"`` (with
             ``forward="dense"``, on the torch backend: the input gradient through every neuron, the dense one, and
-            weight gradients of the kept neurons only; refused on MLPs with PEFT LoRA projections); see
-            :func:`sat_kernels.sat_mlp`. Stored on each module as ``backward_mode``.
+            weight gradients of the kept neurons only) or ``"dense_tokens"`` (with ``forward="dense"``, on the torch
+            backend, not under ``torch.compile``: the tokens whose logits enter the loss take the dense backward,
+            every other token the sparse one; see :class:`SATMLP`); the last two refused on MLPs with PEFT LoRA
+            projections; see :func:`sat_kernels.sat_mlp`. Stored on each module as ``backward_mode``.
         score_tokens: the tokens of each batch the neuron scores are summed over, read from the arguments of
             ``model``'s forward by a forward pre-hook on ``model`` (removed by :func:`revert`): ``"real"`` (default:
             ``attention_mask != 0``, so padding, left or right, does not count), ``"loss"`` (opt-in: the real tokens
@@ -88,7 +90,7 @@ def replace_mlp(model: nn.Module, omission_rate: float = 0.5, *, metric: str = "
     Example:
         >>> model = sk.replace_mlp(AutoModelForCausalLM.from_pretrained(path), omission_rate=0.5)
     """
-    check_backward(backward, forward, backend)   # first: its backend message is clearer than "not available"
+    check_backward(backward, forward, backend, strategy)   # first: its backend message is clearer than "not available"
     rate, found, patched = _targets(
         "replace_mlp", model, omission_rate, kind="mlp", find=swiglu_mlps,
         itself="an MLP; pass the model that contains it, or wrap it in SATMLP",
@@ -106,8 +108,8 @@ def replace_mlp(model: nn.Module, omission_rate: float = 0.5, *, metric: str = "
                 if peft_adapter(getattr(mlp, proj)) is not None]
         if lora:
             raise ValueError(f"replace_mlp: backward={backward!r} is not supported on MLPs with PEFT adapters "
-                             f"({', '.join(lora[:3])}{', ...' if len(lora) > 3 else ''}): the base weights are frozen, "
-                             f"so it would skip no weight gradient and save nothing; use backward='sparse'")
+                             f"({', '.join(lora[:3])}{', ...' if len(lora) > 3 else ''}): "
+                             f"{lora_backward_reason(backward)}; use backward='sparse'")
     settings = dict(metric=metric, strategy=strategy, backend=backend, sync_selection=sync_selection, forward=forward,
                     backward=backward, score_tokens=score_tokens)
     acts = {name: check_mlp(name, mlp) for name, mlp in found}   # check all before changing any

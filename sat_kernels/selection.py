@@ -26,8 +26,9 @@ FORWARD_MODES = ("sparse", "dense")
 DEFAULT_FORWARD = "dense"
 # The MLP's backward: "sparse" runs all of it over the kept neurons (dx included); "exact_input" (forward="dense"
 # only) computes the input gradient dx through every neuron, exactly the dense one, and skips only the omitted
-# neurons' weight gradients (docs/design.md section 2).
-BACKWARD_MODES = ("sparse", "exact_input")
+# neurons' weight gradients (docs/design.md section 2); "dense_tokens" (forward="dense" only) runs the backward of
+# the tokens of a mask (the loss tokens, at the model level) through every neuron and the others' through the kept.
+BACKWARD_MODES = ("sparse", "exact_input", "dense_tokens")
 DEFAULT_BACKWARD = "sparse"
 
 

@@ -43,11 +43,13 @@ def rel_rms(a, ref):
 NAMES = ("y", "dx", "dw_gate", "dw_up", "dw_down")
 
 
-def assert_matches_reference(fn, operands, dy, indices, act="silu", forward="sparse", backward="sparse"):
+def assert_matches_reference(fn, operands, dy, indices, act="silu", forward="sparse", backward="sparse",
+                             dense_token_mask=None):
     """``fn`` (y and every gradient) against the fp64 masked-dense reference, within 2x plain PyTorch's error at the
     operands' dtype (flash-attention's rule) plus a few ulps of headroom."""
     def ref_fn(*o):
-        return reference_mlp(*o, indices, act=act, forward=forward, backward=backward)
+        return reference_mlp(*o, indices, act=act, forward=forward, backward=backward,
+                             dense_token_mask=dense_token_mask)
 
     ours = out_and_grads(fn, operands, dy)
     ref = out_and_grads(ref_fn, fp64_copies(operands), dy.double())

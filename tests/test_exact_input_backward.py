@@ -252,7 +252,8 @@ def test_sparse_forward_is_refused():
 
 
 def test_unknown_backward_is_refused():
-    with pytest.raises(ValueError, match=r"backward must be one of \['sparse', 'exact_input'\], got 'exact'"):
+    with pytest.raises(ValueError, match=r"backward must be one of \['sparse', 'exact_input', 'dense_tokens'\], got "
+                                         r"'exact'"):
         sk.sat_mlp(*_ops(), 0.5, forward="dense", backward="exact")
     with pytest.raises(ValueError, match="backward must be one of"):
         sk.replace_mlp(tiny_model("llama"), 0.5, backward="dense")

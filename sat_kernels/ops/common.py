@@ -43,23 +43,25 @@ def autocast_operands(tensors):
     return list(tensors), None
 
 
-def check_token_mask(token_mask, x: torch.Tensor, *, lead: Optional[tuple] = None) -> Optional[torch.Tensor]:
+def check_token_mask(token_mask, x: torch.Tensor, *, lead: Optional[tuple] = None, name: str = "token_mask",
+                     role: str = "the tokens the scores cover") -> Optional[torch.Tensor]:
     """Validate the ``token_mask`` of an op on ``x`` ``[..., h]``: ``None``, or a bool or integer tensor of shape
     ``x.shape[:-1]`` (``lead`` when given) on ``x``'s device, nonzero / True for the tokens the scores cover (an
     integer 0/1 ``attention_mask`` as Hugging Face builds it passes as it is). Returns ``None`` or the mask as bool,
-    of the same shape. Reads no values: no host synchronisation."""
+    of the same shape. Reads no values: no host synchronisation. ``name`` and ``role``: the argument's name and what
+    its True entries mark, for the error messages."""
     if token_mask is None:
         return None
     shape = tuple(x.shape[:-1]) if lead is None else tuple(lead)
     if not isinstance(token_mask, torch.Tensor):
-        raise TypeError(f"token_mask must be None or a bool/integer tensor of shape {list(shape)} (x.shape[:-1], True "
-                        f"or 1 for the tokens the scores cover), got {type(token_mask).__name__}")
+        raise TypeError(f"{name} must be None or a bool/integer tensor of shape {list(shape)} (x.shape[:-1], True "
+                        f"or 1 for {role}), got {type(token_mask).__name__}")
     if token_mask.dtype != torch.bool and (token_mask.dtype.is_floating_point or token_mask.dtype.is_complex):
-        raise TypeError(f"token_mask must be a bool or integer tensor (True or 1 for the tokens the scores cover, e.g. "
-                        f"an attention_mask), got {token_mask.dtype}")
+        raise TypeError(f"{name} must be a bool or integer tensor (True or 1 for {role}, e.g. an attention_mask), "
+                        f"got {token_mask.dtype}")
     if tuple(token_mask.shape) != shape:
-        raise ValueError(f"token_mask must have shape {list(shape)} (x.shape[:-1], one entry per token), got "
+        raise ValueError(f"{name} must have shape {list(shape)} (x.shape[:-1], one entry per token), got "
                          f"{list(token_mask.shape)}")
     if token_mask.device != x.device:
-        raise ValueError(f"token_mask must be on {x.device} (the device of x), got {token_mask.device}")
+        raise ValueError(f"{name} must be on {x.device} (the device of x), got {token_mask.device}")
     return token_mask if token_mask.dtype == torch.bool else token_mask != 0

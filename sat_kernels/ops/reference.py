@@ -37,7 +37,8 @@ def _weight_gradient_scaled(w: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
 
 def reference_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                   indices: Optional[torch.Tensor] = None, *, act: str = "silu", forward: str = "sparse",
-                  weights: Optional[torch.Tensor] = None, backward: str = "sparse") -> torch.Tensor:
+                  weights: Optional[torch.Tensor] = None, backward: str = "sparse",
+                  dense_token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``y = W_down (m * act(W_gate x) * (W_up x))`` with ``m`` the 0/1 mask of ``indices`` (all ones if ``None``).
 
     ``forward="dense"`` (the exact-forward mode): ``y`` is the unmasked output, and the gradient is that of the masked
@@ -47,7 +48,19 @@ def reference_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
     ``backward="exact_input"`` (with ``forward="dense"``): ``y`` and every gradient of the dense MLP, but the
     gradients of the weights themselves multiplied by ``m`` (rows of ``W_gate``/``W_up``, columns of ``W_down``), so
     ``dx`` is the dense one and the omitted neurons' weight gradients are zero.
+
+    ``backward="dense_tokens"`` (with ``forward="dense"``): ``y`` of the dense MLP, and the gradient of the masked
+    one whose mask is 1 at token ``t`` and neuron ``i`` when ``i`` is kept or ``dense_token_mask[t]`` (bool, shape
+    ``x.shape[:-1]``) is True: ``y = (m * a) W_down^T + ((1 - m) * a) W_down^T``, the second term without gradient.
     """
+    if indices is not None and backward == "dense_tokens":
+        if forward != "dense" or weights is not None:
+            raise ValueError("backward='dense_tokens' needs forward='dense' and no weights")
+        a = _act(F.linear(x, w_gate), act) * F.linear(x, w_up)
+        kept = torch.zeros(w_gate.shape[0], dtype=torch.bool, device=a.device)
+        kept[indices] = True
+        mask = (kept | dense_token_mask[..., None]).to(a.dtype)        # [..., I]
+        return F.linear(a * mask, w_down) + F.linear(a * (1 - mask), w_down).detach()
     if indices is not None and backward == "exact_input":
         if forward != "dense":
             raise ValueError("backward='exact_input' needs forward='dense'")

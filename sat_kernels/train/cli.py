@@ -150,7 +150,9 @@ def _add_sat_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backward", choices=BACKWARD_MODES, default=DEFAULT_BACKWARD,
                    help="MLP backward: sparse: over the kept neurons only, input gradient included; exact_input "
                         "(with --forward dense, not with --lora-rank): the input gradient through every neuron (the "
-                        "dense one), weight gradients of the kept neurons only (default: sparse)")
+                        "dense one), weight gradients of the kept neurons only; dense_tokens (with --forward dense, "
+                        "not with --lora-rank or --strategy priority): the tokens whose logits enter the loss take "
+                        "the dense backward, the others the sparse one (default: sparse)")
     p.add_argument("--score-tokens", choices=SCORE_TOKENS, default=SAT_TRAIN_SCORE_TOKENS,
                    help="the tokens of each batch the neuron (head) scores cover: loss = the real tokens whose logits "
                         "enter the loss (the next label != -100: in sft the answers; in cpt all but the last of each "
@@ -243,11 +245,15 @@ def _check_args(parser: argparse.ArgumentParser, args) -> None:
     if args.grad_accum > 1 and args.time_to_quality:
         parser.error("--grad-accum is not supported with --time-to-quality (its interleaved loop runs one batch per "
                      "step)")
-    if args.backward == "exact_input" and args.forward != "dense":
-        parser.error(f"--backward exact_input needs --forward dense, got --forward {args.forward}")
-    if args.backward == "exact_input" and args.lora_rank is not None:
-        parser.error("--backward exact_input is not supported with --lora-rank (the frozen base gets no weight "
-                     "gradient to skip); use --backward sparse")
+    if args.backward != "sparse" and args.forward != "dense":
+        parser.error(f"--backward {args.backward} needs --forward dense, got --forward {args.forward}")
+    if args.backward != "sparse" and args.lora_rank is not None:
+        from ..ops.mlp import lora_backward_reason
+        parser.error(f"--backward {args.backward} is not supported with --lora-rank ("
+                     f"{lora_backward_reason(args.backward)}); use --backward sparse")
+    if args.backward == "dense_tokens" and args.strategy == "priority":
+        parser.error("--backward dense_tokens is not supported with --strategy priority (its weights scale the kept "
+                     "neurons' gradient); use topk, sample or random")
     if args.lora_rank is None:
         given = [f"--lora-{n}" for n in ("alpha", "dropout", "targets") if getattr(args, f"lora_{n}") is not None]
         if given:

@@ -10,7 +10,8 @@
 from .function import ACTIVATIONS, SATMLPFunction, dense_mlp
 from .interface import check_backward, check_indices, check_mlp_inputs, gathered_mlp, mlp_selector, neuron_scores, \
     sat_mlp, sat_mlp_kept
-from .lora import LoRA, sat_lora_mlp
+from .lora import LoRA, lora_backward_reason, sat_lora_mlp
 
 __all__ = ["sat_mlp", "sat_mlp_kept", "gathered_mlp", "neuron_scores", "sat_lora_mlp", "LoRA", "SATMLPFunction",
-           "dense_mlp", "ACTIVATIONS", "check_mlp_inputs", "check_indices", "check_backward", "mlp_selector"]
+           "dense_mlp", "ACTIVATIONS", "check_mlp_inputs", "check_indices", "check_backward", "mlp_selector",
+           "lora_backward_reason"]

@@ -26,6 +26,13 @@ and ``dx = dG W_gate + dU W_up`` over all ``I`` neurons (full GEMMs, no gathers)
 kept rows of ``dG^T``/``dU^T``/``A^T`` only (3 GEMMs of ``2*T*h*k`` FLOPs, scattered into zeros as above). The kept
 neurons' weight gradients are those of the sparse backward; ``dx`` is the dense MLP's. FLOPs: ``12 + 6*rho``.
 
+``backward="dense_tokens"`` (with ``forward="dense"`` only) runs the backward of the rows ``D`` of a token mask (the
+loss tokens, in supervised fine-tuning) through every neuron and that of the other rows through the kept neurons:
+the gradient of the masked-dense MLP whose mask is 1 at ``(t, i)`` when neuron ``i`` is kept or token ``t`` is in
+``D``. It saves ``G^T``/``U^T`` of the omitted neurons at the rows ``D`` besides the kept rows, and its backward is the
+sparse one plus the omitted neurons over ``D`` only (6 GEMMs of ``2*|D|*h*(I-k)`` FLOPs, their weight gradients
+written into the omitted rows / columns): ``6 + 12*rho + 12*(1-rho)*|D|/T`` FLOPs per ``T*h*I``.
+
 ``gathered_mlp`` with a given index set skips the dense gate/up projections: it gathers the kept weight rows first.
 """
 from __future__ import annotations
@@ -99,6 +106,13 @@ def neuron_major(x: torch.Tensor) -> bool:
     return x.element_size() <= 2 or x.device.type != "cpu" or torch.compiler.is_compiling()
 
 
+def omitted_neurons(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n - k`` neurons not in ``idx`` (``[k]``), ascending, without a host sync: a stable sort of the kept flags
+    puts the omitted neurons first, in index order."""
+    kept = torch.zeros(n, dtype=torch.int32, device=idx.device).index_fill_(0, idx, 1)
+    return torch.sort(kept, stable=True).indices[: n - idx.numel()]
+
+
 def _units_mm(a: torch.Tensor, b: torch.Tensor, neuron_major: bool) -> torch.Tensor:
     """``a @ b`` (``[units, T]``), written neuron-major or token-major (as the transposed view of ``b^T a^T``)."""
     return torch.mm(a, b) if neuron_major else torch.mm(b.t(), a.t()).t()
@@ -115,12 +129,14 @@ class SATMLPFunction(torch.autograd.Function):
     every neuron; the backward is unchanged. ``backward="exact_input"`` (only with a selector and
     ``forward="dense"``) saves the full pre-activations and computes ``dx`` through every neuron; the weight
     gradients stay over the kept neurons (scaled by the priority weights, if any; ``dx`` is exact and is not).
+    ``backward="dense_tokens"`` (only with a selector, ``forward="dense"`` and unweighted selections) takes
+    ``dense_rows``, the ``LongTensor`` of rows of ``x`` whose backward runs through every neuron.
     """
 
     @staticmethod
     def forward(ctx, x, w_gate, w_up, w_down, select, act: str, ops, forward: str = "sparse",
-                backward: str = "sparse"):
-        weight, nm = None, neuron_major(x)
+                backward: str = "sparse", dense_rows=None):
+        weight, nm, omit, g_o, u_o = None, neuron_major(x), None, None, None
         if isinstance(select, torch.Tensor):
             idx = select
             g_s = _units_mm(ops.gather_rows(w_gate, idx), x.t(), nm)  # [k, T]
@@ -138,6 +154,10 @@ class SATMLPFunction(torch.autograd.Function):
                 g_s, u_s = g, u                                        # [I, T]
             else:
                 g_s, u_s = ops.gather_rows(g, idx), ops.gather_rows(u, idx)   # [k, T]
+            if backward == "dense_tokens":
+                omit = omitted_neurons(idx, g.shape[0])                # [I-k]
+                g_o = ops.gather_cols(ops.gather_rows(g, omit), dense_rows)   # [I-k, |D|]
+                u_o = ops.gather_cols(ops.gather_rows(u, omit), dense_rows)   # [I-k, |D|]
             del g, u
             if forward == "dense":
                 y = torch.mm(a.t(), w_down.t())                        # [T, h]
@@ -148,20 +168,20 @@ class SATMLPFunction(torch.autograd.Function):
             del a
         if forward != "dense":
             y = torch.mm(a_s.t(), ops.gather_cols(w_down, idx).t())   # [T, h]
-        ctx.save_for_backward(x, w_gate, w_up, w_down, idx, g_s, u_s, weight)
+        ctx.save_for_backward(x, w_gate, w_up, w_down, idx, g_s, u_s, weight, dense_rows, omit, g_o, u_o)
         ctx.act, ctx.ops, ctx.backward = act, ops, backward
         ctx.mark_non_differentiable(idx)
         return y, idx
 
     @staticmethod
     def backward(ctx, dy, _didx):
-        x, w_gate, w_up, w_down, idx, g_s, u_s, weight = ctx.saved_tensors
+        x, w_gate, w_up, w_down, idx, g_s, u_s, weight, dense_rows, omit, g_o, u_o = ctx.saved_tensors
         ops = ctx.ops
         dy = dy.contiguous()
         if ctx.backward == "exact_input":
             if ctx.needs_input_grad[0]:
                 grads = _exact_input_grads(ctx, dy, x, w_gate, w_up, w_down, idx, g_s, u_s, weight)
-                return (*grads, None, None, None, None, None)
+                return (*grads, None, None, None, None, None, None)
             # no dx: the kept neurons' weight gradients are all there is, and the sparse backward computes them
             g_s, u_s = ops.gather_rows(g_s, idx), ops.gather_rows(u_s, idx)   # [k, T]
         act, n = ctx.act, w_gate.shape[0]
@@ -185,7 +205,31 @@ class SATMLPFunction(torch.autograd.Function):
         if need_x:
             dx = torch.mm(dg_s.t(), ops.gather_rows(w_gate, idx))     # [T, h]
             dx.addmm_(du_s.t(), ops.gather_rows(w_up, idx))
-        return dx, dwg, dwu, dwd, None, None, None, None, None
+        if ctx.backward == "dense_tokens":
+            _add_dense_rows_grads(ctx, dy, x, w_gate, w_up, w_down, dense_rows, omit, g_o, u_o, dx, dwg, dwu, dwd)
+        return dx, dwg, dwu, dwd, None, None, None, None, None, None
+
+
+def _add_dense_rows_grads(ctx, dy, x, w_gate, w_up, w_down, rows, omit, g, u, dx, dwg, dwu, dwd):
+    """Add what ``backward="dense_tokens"`` adds to the sparse backward: the omitted neurons ``omit`` at the rows
+    ``rows`` of ``x`` (``g``, ``u``: their pre-activations ``[I-k, |D|]``). Their weight gradients are written into the
+    omitted rows of ``dwg``/``dwu`` and columns of ``dwd`` (zero there so far), their input gradient added to ``dx``'s
+    rows (the gradients that are ``None`` are not needed)."""
+    act, ops = ctx.act, ctx.ops
+    dy_d, x_d = dy.index_select(0, rows), x.index_select(0, rows)    # [|D|, h]
+    da = _units_mm(ops.gather_cols(w_down, omit).t(), dy_d.t(), neuron_major(dy))   # [I-k, |D|]
+    act_g = act_fwd(g, act)                                            # [I-k, |D|]
+    if dwd is not None:
+        dwd.index_copy_(1, omit, torch.mm(dy_d.t(), (act_g * u).t()).to(dwd.dtype))
+    dg = act_bwd(da * u, g, act)                                       # [I-k, |D|]
+    du = da.mul_(act_g)                                                # [I-k, |D|]
+    if dwg is not None:
+        dwg.index_copy_(0, omit, torch.mm(dg, x_d).to(dwg.dtype))
+    if dwu is not None:
+        dwu.index_copy_(0, omit, torch.mm(du, x_d).to(dwu.dtype))
+    if dx is not None:
+        dx_d = torch.mm(dg.t(), ops.gather_rows(w_gate, omit))        # [|D|, h]
+        dx.index_add_(0, rows, dx_d.addmm_(du.t(), ops.gather_rows(w_up, omit)))
 
 
 def _exact_input_grads(ctx, dy, x, w_gate, w_up, w_down, idx, g, u, weight):
@@ -221,7 +265,8 @@ def _exact_input_grads(ctx, dy, x, w_gate, w_up, w_down, idx, g, u, weight):
 
 
 def sat_mlp_torch(x2: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                  select, act: str, forward: str = "sparse", backward: str = "sparse"):
-    """Launcher of the torch backend: ``x2`` is ``[T, h]``; returns ``(y [T, h], idx [k])``. ``backward``: the
-    torch backend's own option (``"exact_input"``), which the other launchers do not take."""
-    return SATMLPFunction.apply(x2, w_gate, w_up, w_down, select, act, TorchIndexOps, forward, backward)
+                  select, act: str, forward: str = "sparse", backward: str = "sparse", dense_rows=None):
+    """Launcher of the torch backend: ``x2`` is ``[T, h]``; returns ``(y [T, h], idx [k])``. ``backward`` and
+    ``dense_rows``: the torch backend's own options (``"exact_input"``, ``"dense_tokens"`` with the rows of ``x2``
+    whose backward is dense), which the other launchers do not take."""
+    return SATMLPFunction.apply(x2, w_gate, w_up, w_down, select, act, TorchIndexOps, forward, backward, dense_rows)

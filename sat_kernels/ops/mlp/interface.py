@@ -41,22 +41,27 @@ def check_mlp_inputs(x, w_gate, w_up, w_down):
     return inter, hidden
 
 
-def check_backward(backward: str, forward: str, backend: str = "auto") -> str:
+def check_backward(backward: str, forward: str, backend: str = "auto", strategy: Optional[str] = None) -> str:
     """Validate the ``backward`` mode of an MLP op against its ``forward`` mode and ``backend``; returns ``backward``.
 
-    ``"exact_input"`` needs ``forward="dense"`` (with the sparse forward the omitted neurons are not in the output,
-    so the input gradient through them is zero by definition: ``"sparse"`` computes that) and the torch backend:
-    ``"auto"`` runs it there, an explicit ``"triton"`` / ``"cuda"`` is refused.
+    ``"exact_input"`` and ``"dense_tokens"`` need ``forward="dense"`` (with the sparse forward the omitted neurons are
+    not in the output, so every gradient through them is zero by definition: ``"sparse"`` computes that) and the
+    torch backend: ``"auto"`` runs them there, an explicit ``"triton"`` / ``"cuda"`` is refused. ``"dense_tokens"``
+    also refuses ``strategy="priority"`` (when ``strategy`` is given).
     """
     check_choice(backward, BACKWARD_MODES, "backward")
-    if backward == "exact_input":
+    if backward != "sparse":
         if forward != "dense":
-            raise ValueError(f"backward='exact_input' needs forward='dense', got forward={forward!r}: with the sparse "
-                             f"forward the omitted neurons are not in the output, so their input gradient is zero "
-                             f"by definition (use backward='sparse')")
+            raise ValueError(f"backward={backward!r} needs forward='dense', got forward={forward!r}: with the sparse "
+                             f"forward the omitted neurons are not in the output, so every gradient through them is "
+                             f"zero by definition (use backward='sparse')")
         if backend in ("triton", "cuda"):
-            raise ValueError(f"backward='exact_input' is implemented by the torch backend only, got "
+            raise ValueError(f"backward={backward!r} is implemented by the torch backend only, got "
                              f"backend={backend!r}; use backend='torch' or 'auto'")
+    if backward == "dense_tokens" and strategy == "priority":
+        raise ValueError("backward='dense_tokens' does not support strategy='priority': its weights scale the kept "
+                         "neurons' gradient, which the dense tokens must take unscaled; use 'topk', 'sample' or "
+                         "'random'")
     return backward
 
 
@@ -70,15 +75,19 @@ def check_kept_call(x, w_gate, w_up, w_down, k, *, metric: str, strategy: str, a
     check_choice(strategy, STRATEGIES, "strategy")
     check_choice(act, ACTIVATIONS, "act")
     check_choice(forward, FORWARD_MODES, "forward")
-    check_backward(backward, forward, backend)
+    check_backward(backward, forward, backend, strategy)
     return inter, hidden
 
 
-def _run(launcher, x, w_gate, w_up, w_down, select, act, forward="sparse", backward="sparse"):
+def _run(launcher, x, w_gate, w_up, w_down, select, act, forward="sparse", backward="sparse", dense_rows=None):
     hidden = w_gate.shape[1]
     (x, w_gate, w_up, w_down), autocast_device = autocast_operands((x, w_gate, w_up, w_down))
     x2 = x.reshape(-1, hidden).contiguous()
-    extra = {} if backward == "sparse" else {"backward": backward}   # an option of the torch launcher only
+    extra = {}                                                       # options of the torch launcher only
+    if backward != "sparse":
+        extra["backward"] = backward
+    if dense_rows is not None:
+        extra["dense_rows"] = dense_rows
     if autocast_device is None:
         y2, idx = launcher(x2, w_gate, w_up, w_down, select, act, forward, **extra)
     else:
@@ -91,7 +100,7 @@ def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: t
             *, metric: str = "l2", strategy: str = "topk", generator: Optional[torch.Generator] = None,
             act: str = "silu", backend: str = "auto", return_indices: bool = False, sync_selection=False,
             forward: str = "sparse", backward: str = "sparse", stats: Optional[dict] = None,
-            token_mask: Optional[torch.Tensor] = None):
+            token_mask: Optional[torch.Tensor] = None, dense_token_mask: Optional[torch.Tensor] = None):
     """SAT SwiGLU MLP with in-step neuron selection, differentiable w.r.t. ``x`` and all three weights.
 
     Computes gate/up for all ``I`` neurons once, scores them (``metric``), keeps ``k = num_kept(I, omission_rate)``
@@ -102,7 +111,9 @@ def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: t
     gradient as ``"sparse"`` at the same kept set, taken at the dense model's loss. At ``omission_rate`` 0 (or whenever
     ``k == I``) this is the dense MLP. With ``forward="dense"``, ``backward="exact_input"`` also makes the input
     gradient exact (through every neuron, the dense MLP's ``dx``) and skips only the omitted neurons' weight
-    gradients (the same zero rows/columns; the kept ones are those of ``backward="sparse"``).
+    gradients (the same zero rows/columns; the kept ones are those of ``backward="sparse"``). With
+    ``forward="dense"``, ``backward="dense_tokens"`` runs the backward of the tokens of ``dense_token_mask`` through
+    every neuron (their gradient is the dense MLP's) and that of the others through the kept neurons.
 
     Args:
         x: ``[..., h]`` activations.
@@ -130,7 +141,14 @@ def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: t
             the priority weights with ``strategy="priority"``, ``dx`` not). It saves the gate/up pre-activations of
             all ``I`` neurons for the backward (``2*T*I`` elements, against ``2*T*k``) and costs
             ``12 + 6*(1 - omission_rate)`` FLOPs per ``T*h*I``: less saving, but the gradient that reaches the
-            earlier layers is the dense one.
+            earlier layers is the dense one. Or ``"dense_tokens"`` (needs ``forward="dense"`` and
+            ``dense_token_mask``; torch backend; not with ``strategy="priority"``): the gradient of the masked-dense
+            MLP whose mask keeps neuron ``i`` at token ``t`` when ``i`` is kept or ``t`` is in ``dense_token_mask``,
+            so the marked tokens (e.g. those whose logits enter the loss) get their dense gradient and every other
+            token the sparse one. It saves the omitted neurons' gate/up pre-activations at the marked tokens too and
+            costs ``6 + 12*(1 - omission_rate) + 12*omission_rate*D/T`` FLOPs per ``T*h*I`` (``D`` marked tokens of
+            ``T``). Finding the marked rows reads the mask on the host (one synchronisation on a GPU); under
+            ``torch.compile`` their data-dependent count is refused.
         stats: a dict that receives the statistics of this call's selection, without a host sync (see
             :func:`sat_kernels.sat_stats`): ``kept`` (``k``, an int), ``kept_mass`` (share of the finite score mass
             kept, fp32 0-dim tensor) and ``nonfinite`` (NaN/inf neuron scores, which rank lowest and are omitted;
@@ -141,6 +159,9 @@ def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: t
             tokens still go through the MLP (``y`` is computed for every token) and their gradients are those of the
             kept neurons; only the choice of the kept set ignores them: the scores are those of the masked-in tokens
             alone. Every backend supports it.
+        dense_token_mask: with ``backward="dense_tokens"`` (and only then), the tokens whose backward runs through
+            every neuron: a bool or integer tensor of shape ``x.shape[:-1]`` on ``x``'s device, True / nonzero for
+            those tokens.
 
     Returns:
         ``y`` of shape ``[..., h]``, or ``(y, indices)``.
@@ -153,14 +174,15 @@ def sat_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: t
     return sat_mlp_kept(x, w_gate, w_up, w_down, num_kept(inter, check_omission_rate(omission_rate)), metric=metric,
                         strategy=strategy, generator=generator, act=act, backend=backend,
                         return_indices=return_indices, sync_selection=sync_selection, forward=forward,
-                        backward=backward, stats=stats, token_mask=token_mask)
+                        backward=backward, stats=stats, token_mask=token_mask, dense_token_mask=dense_token_mask)
 
 
 def sat_mlp_kept(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, k: int, *,
                  metric: str = "l2", strategy: str = "topk", generator: Optional[torch.Generator] = None,
                  act: str = "silu", backend: str = "auto", return_indices: bool = False, sync_selection=False,
                  forward: str = "sparse", backward: str = "sparse", stats: Optional[dict] = None,
-                 token_mask: Optional[torch.Tensor] = None, hold: Optional[SelectionHold] = None):
+                 token_mask: Optional[torch.Tensor] = None, hold: Optional[SelectionHold] = None,
+                 dense_token_mask: Optional[torch.Tensor] = None):
     """:func:`sat_mlp` keeping ``k`` neurons, an int in ``[1, I]``, instead of an omission rate.
 
     ``hold``: a :class:`~sat_kernels.ops.selector.SelectionHold` whose selection of ``k`` neurons is reused instead of
@@ -173,10 +195,11 @@ def sat_mlp_kept(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
     inter, _ = check_kept_call(x, w_gate, w_up, w_down, k, metric=metric, strategy=strategy, act=act,
                                forward=forward, backward=backward, backend=backend)
     mask = check_token_mask(token_mask, x)
+    dense = _check_dense_token_mask(dense_token_mask, x, backward)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     from ...backends import resolve_backend
-    launcher = resolve_backend("torch" if backward == "exact_input" else backend, x)
+    launcher = resolve_backend("torch" if backward != "sparse" else backend, x)
     group = default_sync_group(sync_selection)
     if k == inter:
         y = dense_mlp(x, w_gate, w_up, w_down, act)
@@ -187,8 +210,28 @@ def sat_mlp_kept(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
                          f"backend={backend!r}; use backend='torch' (or 'auto')")
     select = mlp_selector(k, metric=metric, strategy=strategy, generator=generator, group=group, w_down=w_down,
                           stats=stats, token_mask=mask, hold=hold)
-    y, idx = _run(launcher, x, w_gate, w_up, w_down, select, act, forward, backward)
+    dense_rows = None if dense is None else dense.reshape(-1).nonzero().squeeze(1)   # a host sync on a GPU
+    y, idx = _run(launcher, x, w_gate, w_up, w_down, select, act, forward, backward, dense_rows)
     return (y, idx) if return_indices else y
+
+
+def _check_dense_token_mask(dense_token_mask, x: torch.Tensor, backward: str) -> Optional[torch.Tensor]:
+    """``dense_token_mask`` as a bool tensor of shape ``x.shape[:-1]`` (``backward="dense_tokens"``, which needs
+    it), or ``None`` for the other modes, which take none."""
+    if backward != "dense_tokens":
+        if dense_token_mask is not None:
+            raise ValueError(f"dense_token_mask is an argument of backward='dense_tokens', got backward={backward!r}")
+        return None
+    if dense_token_mask is None:
+        raise ValueError("backward='dense_tokens' needs dense_token_mask: a bool tensor of shape x.shape[:-1], True "
+                         "for the tokens whose backward runs through every neuron")
+    mask = check_token_mask(dense_token_mask, x, name="dense_token_mask",
+                            role="the tokens whose backward runs through every neuron")
+    if torch.compiler.is_compiling():
+        raise ValueError("backward='dense_tokens' is not supported under torch.compile: the number of tokens of "
+                         "dense_token_mask decides the shapes of its backward (a data-dependent shape); run it "
+                         "eagerly or use backward='sparse' / 'exact_input'")
+    return mask
 
 
 def mlp_selector(k: int, *, metric: str, strategy: str, generator: Optional[torch.Generator], group,
@@ -220,16 +263,16 @@ def gathered_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
             indices from :func:`select_neurons` or ``sat_mlp(..., return_indices=True)``, which are valid by
             construction. No training path of the package calls ``gathered_mlp`` (``SATMLP``, ``replace_mlp`` and
             ``sat-train`` run :func:`sat_mlp`, which selects without a host sync).
-        backward: ``"sparse"`` only. ``"exact_input"`` is refused: it needs the exact forward over every neuron,
-            and ``gathered_mlp`` computes the given neurons only (its forward is the sparse one); use
-            ``sat_mlp(..., forward="dense", backward="exact_input")``.
+        backward: ``"sparse"`` only. ``"exact_input"`` and ``"dense_tokens"`` are refused: they need the exact
+            forward over every neuron, and ``gathered_mlp`` computes the given neurons only (its forward is the
+            sparse one); use ``sat_mlp(..., forward="dense", backward=...)``.
     """
     inter, _ = check_mlp_inputs(x, w_gate, w_up, w_down)
     check_choice(act, ACTIVATIONS, "act")
     if check_choice(backward, BACKWARD_MODES, "backward") != "sparse":
         raise ValueError(f"gathered_mlp: backward={backward!r} needs the exact forward over every neuron, and "
                          f"gathered_mlp computes the given neurons only (a sparse forward); use "
-                         f"sat_mlp(..., forward='dense', backward='exact_input')")
+                         f"sat_mlp(..., forward='dense', backward={backward!r})")
     from ...backends import resolve_backend
     launcher = resolve_backend(backend, x)
     idx = check_indices(indices, inter, x.device) if validate else indices.long()

@@ -203,6 +203,14 @@ def _down_noise(down: Optional[LoRA]):
     return noise
 
 
+def lora_backward_reason(backward: str) -> str:
+    """Why the SAT MLP on LoRA projections refuses ``backward`` (every mode but ``"sparse"``), for error messages."""
+    if backward == "exact_input":
+        return ("the base weights are frozen, so it would skip no weight gradient and save nothing over the dense "
+                "backward")
+    return "the LoRA op implements the sparse backward only"
+
+
 def sat_lora_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                  adapters: Tuple[Optional[LoRA], Optional[LoRA], Optional[LoRA]], k: int, *,
                  metric: str = "l2", strategy: str = "topk", act: str = "silu", sync_selection=False,
@@ -221,7 +229,8 @@ def sat_lora_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
             :func:`sat_kernels.sat_mlp`.
             ``"contrib"`` weighs the scores by the column norms of the adapted down weight ``W_d + s_d B_d A_d``.
         backward: ``"sparse"`` only. ``"exact_input"`` (:func:`sat_kernels.sat_mlp`) is refused: on a frozen base it
-            would skip no base weight gradient, so it would cost the dense ``dx`` and save nothing.
+            would skip no base weight gradient, so it would cost the dense ``dx`` and save nothing; so is
+            ``"dense_tokens"``, which this op does not implement.
         hold: as in :func:`sat_kernels.ops.mlp.interface.sat_mlp_kept`.
 
     Returns:
@@ -234,9 +243,8 @@ def sat_lora_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_do
     inter, hidden = check_kept_call(x, w_gate, w_up, w_down, k, metric=metric, strategy=strategy, act=act,
                                     forward=forward, backward=backward)
     if backward != "sparse":
-        raise ValueError(f"sat_lora_mlp: backward={backward!r} is not supported on LoRA MLPs: the base weights are "
-                         f"frozen, so it would skip no weight gradient and save nothing over the dense backward; use "
-                         f"backward='sparse'")
+        raise ValueError(f"sat_lora_mlp: backward={backward!r} is not supported on LoRA MLPs: "
+                         f"{lora_backward_reason(backward)}; use backward='sparse'")
     if strategy == "priority":
         raise ValueError("sat_lora_mlp: strategy='priority' is not supported on LoRA MLPs (the weighted kept neurons "
                          "exist on the plain MLP only); use 'topk', 'sample' or 'random'")
