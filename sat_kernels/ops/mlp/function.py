@@ -113,6 +113,12 @@ def omitted_neurons(idx: torch.Tensor, n: int) -> torch.Tensor:
     return torch.sort(kept, stable=True).indices[: n - idx.numel()]
 
 
+def _in_layout(t: torch.Tensor, neuron_major: bool) -> torch.Tensor:
+    """``t`` ``[units, T]`` stored neuron-major or token-major (a gather can return either): the elementwise kernels
+    of the backward run 2-3x slower per element on operands of mixed layouts (bf16 SiLU backward, CPU)."""
+    return t.contiguous() if neuron_major else t.t().contiguous().t()
+
+
 def _units_mm(a: torch.Tensor, b: torch.Tensor, neuron_major: bool) -> torch.Tensor:
     """``a @ b`` (``[units, T]``), written neuron-major or token-major (as the transposed view of ``b^T a^T``)."""
     return torch.mm(a, b) if neuron_major else torch.mm(b.t(), a.t()).t()
@@ -156,8 +162,12 @@ class SATMLPFunction(torch.autograd.Function):
                 g_s, u_s = ops.gather_rows(g, idx), ops.gather_rows(u, idx)   # [k, T]
             if backward == "dense_tokens":
                 omit = omitted_neurons(idx, g.shape[0])                # [I-k]
-                g_o = ops.gather_cols(ops.gather_rows(g, omit), dense_rows)   # [I-k, |D|]
-                u_o = ops.gather_cols(ops.gather_rows(u, omit), dense_rows)   # [I-k, |D|]
+                ctx.dense_count = dense_rows.numel()
+                dense_rows = _pad_rows(dense_rows)                     # [|D|] on CPU: padded, see _pad_rows
+                g_o, u_o = (_in_layout(ops.gather_cols(ops.gather_rows(t, omit), dense_rows), nm)
+                            for t in (g, u))                           # [I-k, |D|]
+                g_o[:, ctx.dense_count:] = 0                           # padding: act(0) * 0 = 0, no gradient
+                u_o[:, ctx.dense_count:] = 0
             del g, u
             if forward == "dense":
                 y = torch.mm(a.t(), w_down.t())                        # [T, h]
@@ -210,13 +220,30 @@ class SATMLPFunction(torch.autograd.Function):
         return dx, dwg, dwu, dwd, None, None, None, None, None, None
 
 
+# On CPU oneDNN builds a GEMM kernel for every new shape (0.5-0.65 ms more for a bf16 [768, ~300] x [~300, 576]
+# product than for a shape seen before, which took 0.56 ms; EPYC, 1 thread, torch 2.13, another job on the machine),
+# and the marked-token count changes from batch to batch: padded to a multiple of this, the six GEMMs over the marked
+# tokens reuse a few shapes.
+DENSE_ROWS_MULTIPLE = 64
+
+
+def _pad_rows(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` padded with row 0 to a multiple of ``DENSE_ROWS_MULTIPLE`` on CPU (the padding's activations and
+    gradients are zeroed where they are used), unchanged on other devices."""
+    pad = -rows.numel() % DENSE_ROWS_MULTIPLE if rows.device.type == "cpu" else 0
+    return torch.cat([rows, rows.new_zeros(pad)]) if pad else rows
+
+
 def _add_dense_rows_grads(ctx, dy, x, w_gate, w_up, w_down, rows, omit, g, u, dx, dwg, dwu, dwd):
     """Add what ``backward="dense_tokens"`` adds to the sparse backward: the omitted neurons ``omit`` at the rows
-    ``rows`` of ``x`` (``g``, ``u``: their pre-activations ``[I-k, |D|]``). Their weight gradients are written into the
-    omitted rows of ``dwg``/``dwu`` and columns of ``dwd`` (zero there so far), their input gradient added to ``dx``'s
-    rows (the gradients that are ``None`` are not needed)."""
+    ``rows`` of ``x`` (``g``, ``u``: their pre-activations ``[I-k, |D|]``; the rows from ``ctx.dense_count`` on are
+    padding, their ``g`` and ``u`` zero). Their weight gradients are written into the omitted rows of ``dwg``/``dwu``
+    and columns of ``dwd`` (zero there so far), their input gradient added to ``dx``'s rows (the gradients that are
+    ``None`` are not needed)."""
     act, ops = ctx.act, ctx.ops
     dy_d, x_d = dy.index_select(0, rows), x.index_select(0, rows)    # [|D|, h]
+    dy_d[ctx.dense_count:] = 0                                         # padding rows: zero gradients everywhere
+    x_d[ctx.dense_count:] = 0
     da = _units_mm(ops.gather_cols(w_down, omit).t(), dy_d.t(), neuron_major(dy))   # [I-k, |D|]
     act_g = act_fwd(g, act)                                            # [I-k, |D|]
     if dwd is not None:
