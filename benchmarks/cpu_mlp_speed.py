@@ -15,12 +15,14 @@ and down, gradients for ``x`` and the adapters): ``dense`` is the PEFT forward (
 The arms run in turn, in an order reversed every round, so a slow phase of a shared machine hits all of them; each
 figure is the median over rounds of the per-round ratio to ``dense``, printed beside the FLOP limit of
 docs/design.md section 5: ``(4 + 14 rho) / 18`` sparse forward, ``(6 + 12 rho) / 18`` exact forward,
-``(12 + 6 rho) / 18`` exact forward with ``--backward exact_input``; on a frozen base ``(4 + 8 rho) / 12`` and
-``(6 + 6 rho) / 12``. ``vs limit`` = ratio / limit (1.0: as fast as the FLOPs allow). ``exact_input`` rows are made
-for the exact forward only.
+``(12 + 6 rho) / 18`` exact forward with ``--backward exact_input``, ``(6 + 12 rho + 12 (1 - rho) delta) / 18``
+with ``--backward dense_tokens`` (``delta`` = ``--dense-fraction``, the share of tokens marked: a fixed random set);
+on a frozen base ``(4 + 8 rho) / 12`` and ``(6 + 6 rho) / 12``. ``vs limit`` = ratio / limit (1.0: as fast as the
+FLOPs allow). ``exact_input`` and ``dense_tokens`` rows are made for the exact forward only.
 
     python benchmarks/cpu_mlp_speed.py --dtype bf16 fp32 --forward sparse dense --threads 1
     python benchmarks/cpu_mlp_speed.py --forward dense --backward sparse exact_input --shapes 2048x576x1536
+    python benchmarks/cpu_mlp_speed.py --forward dense --backward sparse dense_tokens --dense-fraction 0.28
     python benchmarks/cpu_mlp_speed.py --baseline HEAD~1 --out benchmarks/results/cpu_mlp_speed.json
     python benchmarks/cpu_mlp_speed.py --lora-rank 16 --shapes 2048x576x1536
 """
@@ -54,15 +56,17 @@ def _base_lora(base):
     raise ImportError("the baseline has no LoRA MLP op")
 
 
-def limit(rho: float, forward: str, lora: bool, backward: str = "sparse") -> float:
+def limit(rho: float, forward: str, lora: bool, backward: str = "sparse", dense_fraction: float = 0.0) -> float:
     if lora:
         return (4 + 8 * rho) / 12 if forward == "sparse" else (6 + 6 * rho) / 12
     if backward == "exact_input":
         return (12 + 6 * rho) / 18
+    if backward == "dense_tokens":
+        return (6 + 12 * rho + 12 * (1 - rho) * dense_fraction) / 18
     return (4 + 14 * rho) / 18 if forward == "sparse" else (6 + 12 * rho) / 18
 
 
-def make_arms(T, h, inter, rate, forward, dtype, lora_rank, base, backward="sparse"):
+def make_arms(T, h, inter, rate, forward, dtype, lora_rank, base, backward="sparse", dense_fraction=0.0):
     """``{arm: step()}``: each step runs one forward + backward and drops the gradients."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(T, h, generator=g).to(dtype)
@@ -82,8 +86,13 @@ def make_arms(T, h, inter, rate, forward, dtype, lora_rank, base, backward="spar
             fns["base"] = lambda: mod.sat_lora_mlp(x, *ws, base_adapters, k, forward=forward)
     else:
         leaves = [x.requires_grad_()] + [w.requires_grad_() for w in ws]
+        marked = None
+        if backward == "dense_tokens":
+            marked = torch.zeros(T, dtype=torch.bool)
+            marked[torch.randperm(T, generator=g)[:round(dense_fraction * T)]] = True
         fns = {"dense": lambda: dense_mlp(x, *ws),
-               "sat": lambda: sk.sat_mlp(x, *ws, rate, backend="torch", forward=forward, backward=backward)}
+               "sat": lambda: sk.sat_mlp(x, *ws, rate, backend="torch", forward=forward, backward=backward,
+                                         dense_token_mask=marked)}
         if base is not None and backward == "sparse":
             fns["base"] = lambda: base.sat_mlp(x, *ws, rate, backend="torch", forward=forward)
 
@@ -117,8 +126,12 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--shapes", nargs="+", default=SHAPES, help="TxHxI, e.g. 2048x576x1536")
     p.add_argument("--forward", nargs="+", choices=["sparse", "dense"], default=["sparse", "dense"])
-    p.add_argument("--backward", nargs="+", choices=["sparse", "exact_input"], default=["sparse"],
-                   help="MLP backward modes (exact_input: with the dense forward only; not with --lora-rank)")
+    p.add_argument("--backward", nargs="+", choices=["sparse", "exact_input", "dense_tokens"], default=["sparse"],
+                   help="MLP backward modes (exact_input, dense_tokens: with the dense forward only; not with "
+                        "--lora-rank)")
+    p.add_argument("--dense-fraction", type=float, default=0.28,
+                   help="dense_tokens: the share of the tokens marked (default 0.28, the loss tokens of sat-train's "
+                        "packed sft data)")
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["bf16", "fp32"])
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA MLP on a frozen base with adapters of this rank")
     p.add_argument("--baseline", default=None, help="git revision whose sat_mlp is timed in the same rounds")
@@ -126,7 +139,9 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write the rows and the environment to this JSON file")
     args = p.parse_args(argv)
     if args.lora_rank and args.backward != ["sparse"]:
-        p.error("--backward exact_input does not apply to the LoRA MLP (--lora-rank)")
+        p.error("--backward exact_input / dense_tokens do not apply to the LoRA MLP (--lora-rank)")
+    if not 0.0 <= args.dense_fraction <= 1.0:
+        p.error(f"--dense-fraction must be in [0, 1], got {args.dense_fraction}")
     torch.set_num_threads(args.threads)
     base = load_baseline(args.baseline) if args.baseline else None
     env = dict(environment(torch.device("cpu")), threads=args.threads,
@@ -143,12 +158,14 @@ def main(argv=None):
             for rate in args.rates:
                 for forward, backward in [(f, b) for f in args.forward for b in args.backward
                                           if b == "sparse" or f == "dense"]:
-                    arms, k = make_arms(T, h, inter, rate, forward, DTYPES[dname], args.lora_rank, base, backward)
+                    arms, k = make_arms(T, h, inter, rate, forward, DTYPES[dname], args.lora_rank, base, backward,
+                                        args.dense_fraction)
                     ms, ratio = measure(arms, args.repeats)
-                    lim = limit(k / inter, forward, bool(args.lora_rank), backward)
+                    delta = round(args.dense_fraction * T) / T if backward == "dense_tokens" else 0.0
+                    lim = limit(k / inter, forward, bool(args.lora_rank), backward, delta)
                     row = dict(dtype=dname, T=T, h=h, I=inter, omission=rate, forward=forward, backward=backward,
-                               k=k, dense_ms=ms["dense"], sat_ms=ms["sat"], ratio=ratio["sat"], limit=lim,
-                               vs_limit=ratio["sat"] / lim)
+                               k=k, dense_fraction=delta, dense_ms=ms["dense"], sat_ms=ms["sat"],
+                               ratio=ratio["sat"], limit=lim, vs_limit=ratio["sat"] / lim)
                     line = (f"| {dname} | {T} | {h} | {inter} | {rate} | {forward} | {backward} | "
                             f"{ms['dense']:.1f} | {ms['sat']:.1f} | {ratio['sat']:.3f} | {lim:.3f} | "
                             f"{ratio['sat'] / lim:.3f} |")
