@@ -63,6 +63,25 @@ def assert_matches_reference(fn, operands, dy, indices, act="silu", forward="spa
     return ours
 
 
+def parse_train_cli(argv):
+    """The ``TrainConfig`` of ``sat-train argv``, through the CLI's own checks."""
+    from sat_kernels.train.cli import _check_args, build_parser, config_from_args
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    return config_from_args(args)
+
+
+def assert_cli_refused(argv, message, capsys):
+    """``sat-train argv`` exits with status 2 and ``message`` in its error output."""
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        parse_train_cli(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def check_zero_tokens(dtype, backend="auto", device="cpu"):
     """``sat_mlp`` (in-step and dense), ``gathered_mlp`` and ``neuron_scores`` on an empty batch and an empty
     sequence: empty ``y``, exact zero gradients of ``x`` and every weight, a valid kept set, zero scores."""

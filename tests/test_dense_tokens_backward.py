@@ -13,7 +13,8 @@ import sat_kernels.modules as sat_modules_module
 from sat_kernels.ops.mlp import LoRA, sat_lora_mlp, sat_mlp_kept
 from sat_kernels.ops.reference import reference_mlp
 
-from helpers import NAMES, assert_matches_reference, fp64_copies, make_operands, out_and_grads, rel_rms, tiny_model
+from helpers import NAMES, assert_cli_refused, assert_matches_reference, fp64_copies, make_operands, out_and_grads, \
+    parse_train_cli, rel_rms, tiny_model
 
 SHAPES = [(1, 8, 5), (7, 13, 9), (63, 97, 123), (130, 64, 431)]   # T = 1, odd h, I not a multiple of 8
 DENSE_TOKENS = dict(forward="dense", backward="dense_tokens")
@@ -343,17 +344,8 @@ def test_torch_backend_equals_auto():
 # the training CLI
 
 
-def _parse(argv):
-    from sat_kernels.train.cli import _check_args, build_parser, config_from_args
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _check_args(parser, args)
-    return config_from_args(args)
-
-
 def test_cli_backward_option():
-    cfg = _parse(["--backward", "dense_tokens"])
+    cfg = parse_train_cli(["--backward", "dense_tokens"])
     assert cfg.backward == "dense_tokens" and cfg.forward == "dense"
 
 
@@ -364,6 +356,4 @@ def test_cli_backward_option():
      "--backward dense_tokens is not supported with --strategy priority"),
 ])
 def test_cli_refusals(argv, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        _parse(argv)
-    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert_cli_refused(argv, message, capsys)

@@ -11,7 +11,8 @@ from sat_kernels.ops.mlp import LoRA, sat_lora_mlp, sat_mlp_kept
 from sat_kernels.ops.reference import reference_mlp
 from sat_kernels.selection import priority_weights
 
-from helpers import NAMES, assert_matches_reference, fp64_copies, make_operands, out_and_grads, rel_rms, tiny_model
+from helpers import NAMES, assert_cli_refused, assert_matches_reference, fp64_copies, make_operands, out_and_grads, \
+    parse_train_cli, rel_rms, tiny_model
 
 SHAPES = [(1, 8, 5), (1, 7, 13), (63, 97, 123), (97, 64, 431), (130, 123, 63)]   # T = 1, odd h, I not a multiple of 8
 EXACT = dict(forward="dense", backward="exact_input")
@@ -304,18 +305,9 @@ def test_peft_lora_projections_are_refused():
 # the training CLI
 
 
-def _parse(argv):
-    from sat_kernels.train.cli import _check_args, build_parser, config_from_args
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _check_args(parser, args)
-    return config_from_args(args)
-
-
 def test_cli_backward_option():
-    assert _parse([]).backward == "sparse"
-    cfg = _parse(["--backward", "exact_input"])
+    assert parse_train_cli([]).backward == "sparse"
+    cfg = parse_train_cli(["--backward", "exact_input"])
     assert cfg.backward == "exact_input" and cfg.forward == "dense"
 
 
@@ -325,6 +317,4 @@ def test_cli_backward_option():
     (["--backward", "exact_input", "--lora-rank", "4"], "--backward exact_input is not supported with --lora-rank"),
 ])
 def test_cli_refusals(argv, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        _parse(argv)
-    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert_cli_refused(argv, message, capsys)
