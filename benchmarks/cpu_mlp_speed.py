@@ -6,7 +6,8 @@ Arms (each one forward + backward of one ``[T, h]`` batch):
 - ``sat``: ``sk.sat_mlp(..., backend="torch")`` of this checkout at the omission rate, forward and backward mode
   asked;
 - ``base``: the same call from the package as it was at ``--baseline REV`` (extracted with ``git archive`` and imported
-  under another name), so a change is measured against its parent in the same run (``--backward sparse`` rows only).
+  under another name), so a change is measured against its parent in the same run (``--backward sparse`` and
+  ``dense_tokens`` rows).
 
 With ``--lora-rank r`` the three arms are the LoRA MLP on a frozen base instead (adapters of rank ``r`` on gate, up
 and down, gradients for ``x`` and the adapters): ``dense`` is the PEFT forward (``reference_lora_mlp``), ``sat`` and
@@ -16,7 +17,9 @@ The arms run in turn, in an order reversed every round, so a slow phase of a sha
 figure is the median over rounds of the per-round ratio to ``dense``, printed beside the FLOP limit of
 docs/design.md section 5: ``(4 + 14 rho) / 18`` sparse forward, ``(6 + 12 rho) / 18`` exact forward,
 ``(12 + 6 rho) / 18`` exact forward with ``--backward exact_input``, ``(6 + 12 rho + 12 (1 - rho) delta) / 18``
-with ``--backward dense_tokens`` (``delta`` = ``--dense-fraction``, the share of tokens marked: a fixed random set);
+with ``--backward dense_tokens`` (``delta`` = ``--dense-fraction``, the share of tokens marked: a fixed random set,
+or with ``--vary-marked`` a count that changes every call, cycling through 16 counts within 10% of it, as the loss
+tokens of sft batches do);
 on a frozen base ``(4 + 8 rho) / 12`` and ``(6 + 6 rho) / 12``. ``vs limit`` = ratio / limit (1.0: as fast as the
 FLOPs allow). ``exact_input`` and ``dense_tokens`` rows are made for the exact forward only.
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
 import statistics
 import time
@@ -66,7 +70,20 @@ def limit(rho: float, forward: str, lora: bool, backward: str = "sparse", dense_
     return (4 + 14 * rho) / 18 if forward == "sparse" else (6 + 12 * rho) / 18
 
 
-def make_arms(T, h, inter, rate, forward, dtype, lora_rank, base, backward="sparse", dense_fraction=0.0):
+def marked_masks(T: int, fraction: float, vary: bool, g: torch.Generator):
+    """The token masks of ``--backward dense_tokens``: one random set of ``round(fraction * T)`` tokens, or 16 sets
+    whose counts spread over 10% of it (``vary``), used in turn."""
+    counts = [round(fraction * T * (0.9 + 0.2 * i / 15)) for i in range(16)] if vary else [round(fraction * T)]
+    masks = []
+    for n in counts:
+        m = torch.zeros(T, dtype=torch.bool)
+        m[torch.randperm(T, generator=g)[:min(n, T)]] = True
+        masks.append(m)
+    return masks
+
+
+def make_arms(T, h, inter, rate, forward, dtype, lora_rank, base, backward="sparse", dense_fraction=0.0,
+              vary_marked=False):
     """``{arm: step()}``: each step runs one forward + backward and drops the gradients."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(T, h, generator=g).to(dtype)
@@ -86,15 +103,21 @@ def make_arms(T, h, inter, rate, forward, dtype, lora_rank, base, backward="spar
             fns["base"] = lambda: mod.sat_lora_mlp(x, *ws, base_adapters, k, forward=forward)
     else:
         leaves = [x.requires_grad_()] + [w.requires_grad_() for w in ws]
-        marked = None
+        fns = {"dense": lambda: dense_mlp(x, *ws)}
         if backward == "dense_tokens":
-            marked = torch.zeros(T, dtype=torch.bool)
-            marked[torch.randperm(T, generator=g)[:round(dense_fraction * T)]] = True
-        fns = {"dense": lambda: dense_mlp(x, *ws),
-               "sat": lambda: sk.sat_mlp(x, *ws, rate, backend="torch", forward=forward, backward=backward,
-                                         dense_token_mask=marked)}
-        if base is not None and backward == "sparse":
-            fns["base"] = lambda: base.sat_mlp(x, *ws, rate, backend="torch", forward=forward)
+            masks = marked_masks(T, dense_fraction, vary_marked, g)
+
+            def marked_call(op):   # each arm walks through the masks in the same order
+                turn = itertools.cycle(masks)
+                return lambda: op(x, *ws, rate, backend="torch", forward=forward, backward=backward,
+                                  dense_token_mask=next(turn))
+            fns["sat"] = marked_call(sk.sat_mlp)
+            if base is not None:
+                fns["base"] = marked_call(base.sat_mlp)
+        else:
+            fns["sat"] = lambda: sk.sat_mlp(x, *ws, rate, backend="torch", forward=forward, backward=backward)
+            if base is not None and backward == "sparse":
+                fns["base"] = lambda: base.sat_mlp(x, *ws, rate, backend="torch", forward=forward)
 
     def step(fn):
         def run():
@@ -132,6 +155,8 @@ def main(argv=None):
     p.add_argument("--dense-fraction", type=float, default=0.28,
                    help="dense_tokens: the share of the tokens marked (default 0.28, the loss tokens of sat-train's "
                         "packed sft data)")
+    p.add_argument("--vary-marked", action="store_true",
+                   help="dense_tokens: change the marked count at every call (16 counts within 10%% of the fraction)")
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["bf16", "fp32"])
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA MLP on a frozen base with adapters of this rank")
     p.add_argument("--baseline", default=None, help="git revision whose sat_mlp is timed in the same rounds")
@@ -145,7 +170,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     base = load_baseline(args.baseline) if args.baseline else None
     env = dict(environment(torch.device("cpu")), threads=args.threads,
-               baseline=args.baseline, lora_rank=args.lora_rank, repeats=args.repeats)
+               baseline=args.baseline, lora_rank=args.lora_rank, repeats=args.repeats,
+               dense_fraction=args.dense_fraction, vary_marked=args.vary_marked)
     print(f"# {env['device']}, bf16 ISA {env['cpu_bf16']}, torch {env['torch']}, git {env['git']}, "
           f"median of {args.repeats} rounds" + (f", LoRA r{args.lora_rank}" if args.lora_rank else ""))
     cols = "| dtype | T | h | I | omission | forward | backward | dense ms | SAT ms | SAT/dense | limit | vs limit |"
@@ -159,7 +185,7 @@ def main(argv=None):
                 for forward, backward in [(f, b) for f in args.forward for b in args.backward
                                           if b == "sparse" or f == "dense"]:
                     arms, k = make_arms(T, h, inter, rate, forward, DTYPES[dname], args.lora_rank, base, backward,
-                                        args.dense_fraction)
+                                        args.dense_fraction, args.vary_marked)
                     ms, ratio = measure(arms, args.repeats)
                     delta = round(args.dense_fraction * T) / T if backward == "dense_tokens" else 0.0
                     lim = limit(k / inter, forward, bool(args.lora_rank), backward, delta)

@@ -110,8 +110,11 @@ def test_train_step_bench_bf16_autocast_and_ladder(monkeypatch):
     assert ladder["step_ms"] == pytest.approx(sum(v["share"] * v["step_ms"] for v in ladder["ladder"].values()))
 
 
-def test_train_step_bench_exact_input_backward(monkeypatch):
-    """--backward exact_input reaches the SAT modules and its ceiling is the one of (12 + 6 rho) / 18."""
+@pytest.mark.parametrize("backward, limit", [("exact_input", (12 + 6 * 0.5) / 18),
+                                             ("dense_tokens", (6 + 12 * 0.5 + 12 * 0.5 * 0.25) / 18)])
+def test_train_step_bench_backward_modes(monkeypatch, backward, limit):
+    """--backward exact_input / dense_tokens reach the SAT modules and set the ceiling to their FLOP limit; with
+    dense_tokens the labels mark the last --dense-fraction of each sequence, whose backward is dense."""
     from sat_kernels.bench import train_step
 
     monkeypatch.setitem(train_step.CONFIGS, "tiny", dict(vocab_size=64, hidden_size=32, intermediate_size=96,
@@ -125,13 +128,26 @@ def test_train_step_bench_exact_input_backward(monkeypatch):
         return replace_mlp(*args, **kwargs)
 
     monkeypatch.setattr(train_step.sk, "replace_mlp", recording_replace_mlp)
+    import sat_kernels.modules as modules
+    masks, run = [], modules.sat_mlp_kept
+
+    def recording_op(*args, **kwargs):
+        masks.append(kwargs["dense_token_mask"])
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(modules, "sat_mlp_kept", recording_op)
     dense, sat = train_step.run_train_step("tiny", batch=2, seq=16, steps=1, rate=0.5, dtype=torch.float32,
                                            device=torch.device("cpu"), repeats=1, backend="torch", forward="dense",
-                                           backward="exact_input")
-    assert seen == ["exact_input"] and sat["backward"] == "exact_input"
-    limit = (12 + 6 * 0.5) / 18
+                                           backward=backward, dense_fraction=0.25)
+    assert seen == [backward] and sat["backward"] == backward
     ceiling = dense["step_ms"] / (dense["step_ms"] - dense["mlp_ms"] * (1 - limit))
     assert sat["mlp_only_ceiling"] == pytest.approx(ceiling)
+    if backward == "dense_tokens":   # labels on the last 4 of 16 tokens: the loss tokens are 11-14
+        assert sat["dense_fraction"] == 0.25 and masks
+        expected = (torch.arange(16) >= 11) & (torch.arange(16) <= 14)
+        assert all(torch.equal(m, expected.expand(2, 16)) for m in masks)
+    else:
+        assert masks and all(m is None for m in masks)
 
 
 def test_flop_model_matches_design():

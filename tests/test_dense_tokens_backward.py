@@ -357,3 +357,43 @@ def test_cli_backward_option():
 ])
 def test_cli_refusals(argv, message, capsys):
     assert_cli_refused(argv, message, capsys)
+
+
+# with what users combine it: TRL's SFTTrainer (its labels mark the completion tokens; gradient checkpointing on)
+
+
+def test_trl_sft_trainer_marks_the_completion_tokens(tmp_path, monkeypatch):
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from helpers import word_tokenizer
+
+    gen = torch.Generator().manual_seed(0)
+
+    def words(n):
+        return " ".join(f"w{int(t)}" for t in torch.randint(0, 92, (n,), generator=gen))
+
+    data = Dataset.from_dict({"prompt": [words(12) for _ in range(8)], "completion": [words(5) for _ in range(8)]})
+    model = sk.replace_mlp(tiny_model("llama"), 0.5, backward="dense_tokens")
+    marked = []
+    run = sat_modules_module.sat_mlp_kept
+
+    def recording(x, *args, **kwargs):
+        marked.append(kwargs["dense_token_mask"].float().mean().item())
+        return run(x, *args, **kwargs)
+
+    monkeypatch.setattr(sat_modules_module, "sat_mlp_kept", recording)
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                     logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, max_length=24, seed=0)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=word_tokenizer(),
+                         callbacks=[sk.SATCallback(sk.LadderOmissionScheduler(0.5))])
+    assert args.gradient_checkpointing and args.completion_only_loss is not False
+    before = model.model.layers[0].mlp.gate_proj.weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)   # labels reach the model: no "found no labels" warning
+        trainer.train()
+    assert marked and all(0.0 < share < 0.6 for share in marked), marked   # the completions, not the prompts
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor(e["loss"])) for e in logs)
+    assert not torch.equal(model.model.layers[0].mlp.gate_proj.weight.detach(), before)

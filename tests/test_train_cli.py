@@ -402,6 +402,25 @@ def test_cli_exact_input_backward(tiny_dir, tmp_path, capsys):
     assert sat["losses"][2] != pytest.approx(dense["losses"][2], rel=1e-6)
 
 
+def test_cli_dense_tokens_backward(tiny_dir, tmp_path, capsys):
+    """--backward dense_tokens on sft through the Trainer: recorded in the JSON config; the Trainer's batches carry
+    labels, so the answers are marked (no "found no labels" warning); the exact forward keeps the first loss, the
+    prompt tokens' sparse backward changes the later ones."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*found no labels.*")
+        _run_cli(["--task", "sft", "--model", str(tiny_dir / "llama"), "--data", str(tiny_dir / "pairs.jsonl"),
+                  "--compare", "--steps", "3", "--seq-len", "48", "--batch-size", "3", "--scheduler", "constant",
+                  "--backward", "dense_tokens", "--output-dir", str(tmp_path), "--timing-repeats", "0",
+                  "--no-progress"], capsys)
+    report = json.loads((tmp_path / "train_sft.json").read_text())
+    assert report["config"]["backward"] == "dense_tokens" and report["config"]["forward"] == "dense"
+    sat, dense = report["runs"]["SAT"], report["runs"]["dense"]
+    assert sat["losses"][0] == pytest.approx(dense["losses"][0], rel=1e-6)
+    assert sat["losses"][2] != pytest.approx(dense["losses"][2], rel=1e-6)
+
+
 def test_cli_score_tokens(tiny_dir, tmp_path, capsys):
     """--score-tokens: in the JSON config and in the SAT modules; on padded sft batches the three choices keep
     different neurons: the same first loss (exact forward), different later ones. The default is recorded too."""

@@ -104,7 +104,7 @@ def cmd_train_step(args) -> int:
                                                  attention_rate=args.attention_rate, dtype=dtype, device=device,
                                                  backend=args.backend, autocast_dtype=autocast,
                                                  forward=args.forward, backward=args.backward,
-                                                 ladder=args.ladder)]
+                                                 ladder=args.ladder, dense_fraction=args.dense_fraction)]
     print(f"\n# training step, {env['device']}, bf16 ISA {env.get('cpu_bf16', '-')}, {dtype}"
           f"{f' under {autocast} autocast' if autocast else ''}, torch {env['torch']}, git {env['git']}")
     print(markdown_table(rows, STEP_COLUMNS, FORMATS))
@@ -161,8 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--autocast", choices=["bf16", "fp16"], default=None,
                    help="run the forward under torch.autocast with this dtype (fp32 weights unless --dtype)")
     t.add_argument("--forward", choices=FORWARD_MODES, default=DEFAULT_FORWARD, help="the SAT modules' forward mode")
-    t.add_argument("--backward", choices=["sparse", "exact_input"], default="sparse",
-                   help="the SAT MLP's backward (exact_input: with --forward dense; FLOP limit (12 + 6 rho) / 18)")
+    t.add_argument("--backward", choices=["sparse", "exact_input", "dense_tokens"], default="sparse",
+                   help="the SAT MLP's backward (exact_input, dense_tokens: with --forward dense; FLOP limits "
+                        "(12 + 6 rho) / 18 and (6 + 12 rho + 12 (1 - rho) delta) / 18)")
+    t.add_argument("--dense-fraction", type=float, default=0.28,
+                   help="dense_tokens: the share of each sequence with labels, its end, as the answer of an sft pair "
+                        "(delta; default 0.28)")
     t.add_argument("--ladder", action="store_true",
                    help="also time every rate of the default ladder from --rate and report the schedule's mean step")
     pl = sub.add_parser("plot", help="PNGs from benchmarks/results/mlp.jsonl")

@@ -92,14 +92,17 @@ def ladder_fractions(rate: float) -> Dict[float, float]:
     return {r: c / 10000 for r, c in counts.items()}
 
 
-def mlp_limit(rho: float, forward: str, backward: str = "sparse") -> float:
-    """SAT/dense FLOPs of the MLP (docs/design.md section 5); ``rho`` is the kept fraction."""
+def mlp_limit(rho: float, forward: str, backward: str = "sparse", dense_fraction: float = 0.0) -> float:
+    """SAT/dense FLOPs of the MLP (docs/design.md section 5); ``rho`` is the kept fraction, ``dense_fraction`` the
+    share of tokens whose backward is dense with ``backward="dense_tokens"``."""
     if backward == "exact_input":
         return (12 + 6 * rho) / 18
+    if backward == "dense_tokens":
+        return (6 + 12 * rho + 12 * (1 - rho) * dense_fraction) / 18
     return (4 + 14 * rho) / 18 if forward == "sparse" else (6 + 12 * rho) / 18
 
 
-def _time_steps(models, optimizers, ids, steps, device, autocast_dtype, order):
+def _time_steps(models, optimizers, ids, labels, steps, device, autocast_dtype, order):
     """``{run: [seconds]}``: ``steps`` optimizer steps per run after 2 warm-ups, the runs of ``order`` in turn (an
     entry is ``(run, model name, rate)``: the model is set to that rate first), the order reversed every step."""
     times = {run: [] for run, _, _ in order}
@@ -111,7 +114,7 @@ def _time_steps(models, optimizers, ids, steps, device, autocast_dtype, order):
             _sync(device)
             t0 = time.perf_counter()
             with _autocast(device, autocast_dtype):
-                loss = model(input_ids=ids, labels=ids).loss
+                loss = model(input_ids=ids, labels=labels).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -124,12 +127,13 @@ def _time_steps(models, optimizers, ids, steps, device, autocast_dtype, order):
 def run_train_step(config_name: str, *, batch: int, seq: int, steps: int, rate: float, dtype, device,
                    attention_rate: Optional[float] = None, repeats: int = 5, backend: str = "auto",
                    autocast_dtype=None, forward: str = DEFAULT_FORWARD, backward: str = "sparse",
-                   ladder: bool = False) -> List[Dict]:
+                   ladder: bool = False, dense_fraction: float = 0.28) -> List[Dict]:
     """Dense and SAT (MLP omission ``rate``, with ``ladder`` also every rate of the default ladder from ``rate``):
     ``steps`` timed optimizer steps each after 2 warm-ups, interleaved so all see the same machine state; one row
     per run, step time = median. ``dtype``: the weights' dtype; ``autocast_dtype``: run the forward under
     ``torch.autocast`` with it (fp32 weights, e.g. bf16 autocast); ``backend``, ``forward``, ``backward``: the SAT
-    MLP's.
+    MLP's. With ``backward="dense_tokens"`` the labels are -100 on the first ``1 - dense_fraction`` of each
+    sequence, as on the prompt of an sft pair, so the last ``dense_fraction`` of the tokens take the dense backward.
 
     The SAT row at ``rate`` gets ``speedup`` (dense step / SAT step), ``mlp_only_ceiling`` (Amdahl: the speedup if
     the MLP share of the dense step ran at SAT's FLOP limit and the rest did not change) and ``of_ceiling``
@@ -145,13 +149,19 @@ def run_train_step(config_name: str, *, batch: int, seq: int, steps: int, rate: 
     order += [(f"sat@{r:g}", "sat", r) for r in fractions if r != rate]
     gen = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, models["dense"].config.vocab_size, (batch, seq), generator=gen, device=device)
-    times = _time_steps(models, optimizers, ids, steps, device, autocast_dtype, order)
+    labels = ids
+    if backward == "dense_tokens":
+        labels = ids.clone()
+        labels[:, :seq - round(dense_fraction * seq)] = -100
+    times = _time_steps(models, optimizers, ids, labels, steps, device, autocast_dtype, order)
     del optimizers
     median_ms = {run: 1e3 * statistics.median(t) for run, t in times.items()}
     inter, layers = CONFIGS[config_name]["intermediate_size"], CONFIGS[config_name]["num_hidden_layers"]
     common = {"config": config_name, "batch": batch, "seq": seq, "dtype": str(dtype).replace("torch.", ""),
               "autocast": str(autocast_dtype).replace("torch.", "") if autocast_dtype else "none",
               "forward": forward, "backward": backward, "interleaved": True}
+    if backward == "dense_tokens":
+        common["dense_fraction"] = dense_fraction
     rows = []
     for name, run_rate in (("dense", 0.0), ("sat", rate)):
         model = models[name]
@@ -167,7 +177,7 @@ def run_train_step(config_name: str, *, batch: int, seq: int, steps: int, rate: 
                      "mlp_share": mlp_ms / step_ms, "attention_share": attn_ms / step_ms})
     dense, sat = rows
     sat["speedup"] = dense["step_ms"] / sat["step_ms"]
-    limit = mlp_limit(sk.num_kept(inter, rate) / inter, forward, backward)
+    limit = mlp_limit(sk.num_kept(inter, rate) / inter, forward, backward, dense_fraction)
     sat["mlp_only_ceiling"] = dense["step_ms"] / (dense["step_ms"] - dense["mlp_ms"] * (1 - limit))
     sat["of_ceiling"] = sat["speedup"] / sat["mlp_only_ceiling"]
     if ladder:
