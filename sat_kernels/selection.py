@@ -174,6 +174,13 @@ def draw_uniform(n: int, strategy: str, device: torch.device,
     return torch.rand(n, device=generator.device, generator=generator).to(device, non_blocking=True)
 
 
+def omitted_neurons(indices: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n - k`` units of ``n`` not in the kept ``indices`` ``[k]``, int64, ascending, without a host sync: a
+    stable sort of the kept flags puts the omitted units first, in index order."""
+    kept = torch.zeros(n, dtype=torch.uint8, device=indices.device).index_fill_(0, indices, 1)
+    return torch.sort(kept, stable=True).indices[:n - indices.numel()]
+
+
 def select_neurons(scores: torch.Tensor, k: int, *, strategy: str = "topk",
                    generator: Optional[torch.Generator] = None, uniform: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Indices of the ``k`` kept neurons, sorted ascending (int64, on ``scores.device``).

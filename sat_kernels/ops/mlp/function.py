@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...selection import select_neurons
+from ...selection import omitted_neurons, select_neurons
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 
@@ -104,13 +104,6 @@ def neuron_major(x: torch.Tensor) -> bool:
     torch 2.13), which cost the fp32 op 2-6% over the token-major layout at the Llama-2-7B shape. Compiled graphs are
     neuron-major throughout (a saved activation must not be a view of an intermediate there)."""
     return x.element_size() <= 2 or x.device.type != "cpu" or torch.compiler.is_compiling()
-
-
-def omitted_neurons(idx: torch.Tensor, n: int) -> torch.Tensor:
-    """The ``n - k`` neurons not in ``idx`` (``[k]``), ascending, without a host sync: a stable sort of the kept flags
-    puts the omitted neurons first, in index order."""
-    kept = torch.zeros(n, dtype=torch.int32, device=idx.device).index_fill_(0, idx, 1)
-    return torch.sort(kept, stable=True).indices[: n - idx.numel()]
 
 
 def _in_layout(t: torch.Tensor, neuron_major: bool) -> torch.Tensor:

@@ -32,7 +32,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ....selection import _norm
+from ....selection import _norm, omitted_neurons
 from ..function import sat_mlp_torch
 from .down import down_bwd, down_fwd, down_weight_bwd
 from .gate_up import gate_up_fwd, gate_up_input_bwd, gate_up_weight_bwd, kept_act_fwd
@@ -66,8 +66,7 @@ def kept_positions(indices: Tensor, n: int) -> Tuple[Tensor, Tensor]:
     k = indices.numel()
     pos = torch.full((n,), -1, dtype=torch.int32, device=indices.device)
     pos[indices] = torch.arange(k, dtype=torch.int32, device=indices.device)
-    omitted = torch.sort((pos >= 0).to(torch.uint8), stable=True).indices[:n - k]
-    return pos, omitted
+    return pos, omitted_neurons(indices, n)
 
 
 def _compact(tensors, k: int) -> Tuple[Tensor, ...]:
